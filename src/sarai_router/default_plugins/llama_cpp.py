@@ -1,0 +1,141 @@
+"""Default backend ``llama_cpp``: GGUF models in process through llama-cpp-python, streaming.
+
+``llama_cpp`` is imported on the first load only, so ``route`` and ``--help`` stay instant.
+A model whose config lists ``image`` needs ``mmproj`` (its vision projector GGUF); audio
+input is not supported by this backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+from ..backend import BackendError, Delta, GenerationParams, Usage
+from ..config import ModelSpec
+from ..hookspecs import hookimpl
+from ..types import AudioInput, ImageInput
+
+
+def default_threads() -> int:
+    # llama-cpp-python's own default is half the cores, which leaves a 2-core box at 1.
+    return max(1, os.cpu_count() or 1)
+
+
+class LlamaCppModel:
+    """One loaded ``llama_cpp.Llama``. Not safe for concurrent use: the pool serialises it."""
+
+    def __init__(self, spec: ModelSpec, llama: Any):
+        self.spec = spec
+        self.llama = llama
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams,
+        *,
+        images: Sequence[ImageInput] = (),
+        audio: AudioInput | None = None,
+    ) -> Iterator[Delta]:
+        if audio is not None:
+            raise BackendError(f"model {self.spec.name!r}: the llama_cpp backend cannot take audio input")
+        if images:
+            if self.llama.chat_handler is None:
+                raise BackendError(f"model {self.spec.name!r} has no vision projector (mmproj); "
+                                   "it cannot take images")
+            messages = _with_images(messages, images)
+        sampled = 0
+
+        def count_sampling(_input_ids, scores):
+            nonlocal sampled
+            sampled += 1
+            return scores
+
+        from llama_cpp import LogitsProcessorList
+
+        stream = self.llama.create_chat_completion(
+            messages=list(messages),
+            max_tokens=params.max_tokens or self.spec.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stream=True,
+            logits_processor=LogitsProcessorList([count_sampling]),
+        )
+        finish_reason = None
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text = choice.get("delta", {}).get("content")
+            if text:
+                yield Delta(text=text)
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
+        # Every sampled token but the last was evaluated into the context after the prompt.
+        prompt_tokens = max(0, self.llama.n_tokens - max(0, sampled - 1))
+        completion_tokens = sampled if finish_reason == "length" else max(0, sampled - 1)
+        yield Delta(
+            text="",
+            finish_reason=finish_reason or "stop",
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+        )
+
+    def close(self) -> None:
+        llama, self.llama = self.llama, None
+        if llama is not None:
+            llama.close()
+
+
+def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
+    """Attach CLI images to the last user message as OpenAI ``image_url`` data: URIs."""
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") == "user":
+            content = message.get("content")
+            parts = list(content) if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            for image in images:
+                uri = f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
+                parts.append({"type": "image_url", "image_url": {"url": uri}})
+            message["content"] = parts
+            break
+    return out
+
+
+class LlamaCppBackend:
+    modalities = ("text", "image")
+
+    def load(self, spec: ModelSpec) -> LlamaCppModel:
+        if not os.path.isfile(spec.path):
+            raise BackendError(f"model {spec.name!r}: file not found: {spec.path}")
+        try:
+            import llama_cpp
+        except ImportError as exc:  # pragma: no cover - a broken install
+            raise BackendError(f"llama-cpp-python is not importable: {exc}") from None
+        kwargs: dict[str, Any] = dict(
+            model_path=spec.path,
+            n_ctx=spec.n_ctx,
+            n_batch=spec.n_batch,
+            n_threads=spec.n_threads or default_threads(),
+            verbose=False,
+        )
+        if spec.chat_format:
+            kwargs["chat_format"] = spec.chat_format
+        if spec.mmproj:
+            handler_name = spec.options.get("chat_handler", "MTMDChatHandler")
+            handler_cls = getattr(llama_cpp.llama_chat_format, handler_name, None)
+            if handler_cls is None:
+                raise BackendError(f"model {spec.name!r}: options.chat_handler {handler_name!r} "
+                                   "is not a llama_cpp.llama_chat_format handler")
+            kwargs["chat_handler"] = handler_cls(clip_model_path=spec.mmproj, verbose=False)
+        kwargs.update({k: v for k, v in spec.options.items() if k != "chat_handler"})
+        try:
+            llama = llama_cpp.Llama(**kwargs)
+        except Exception as exc:
+            raise BackendError(f"model {spec.name!r}: llama-cpp-python could not load "
+                               f"{spec.path}: {exc}") from None
+        return LlamaCppModel(spec, llama)
+
+
+@hookimpl(trylast=True)
+def register_backends(register):
+    register("llama_cpp", LlamaCppBackend())

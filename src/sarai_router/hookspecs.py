@@ -1,0 +1,109 @@
+"""Every hook sarai-router calls, one place, each typed and documented.
+
+Three families:
+
+* routing policy: ``register_signals`` (what we know about a request) and
+  ``select_route`` (which model answers it);
+* model backends: ``register_backends`` (how a model of a given ``backend`` kind loads);
+* cache (residency) policy: ``select_eviction`` (which resident model makes room) and
+  ``model_expired`` (when an idle model is unloaded).
+
+Collecting hooks take a ``register`` callback. Decision hooks are ``firstresult``: the
+first implementation that returns something other than ``None`` decides. Defaults live in
+``sarai_router.default_plugins`` and are ``trylast``, so any user plugin runs before them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .backend import BackendFactory
+    from .config import CacheConfig, Config, ModelSpec
+    from .pool import Resident
+    from .types import ChatRequest, Route
+
+PROJECT_NAME = "sarai_router"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_signals(
+    register: Callable[[str, Callable[["ChatRequest"], Any]], None], config: "Config"
+) -> None:
+    """Register signal functions: ``register(name, fn)``, ``fn(request) -> value``.
+
+    Every signal is computed once per request, before routing, and handed to
+    ``select_route`` in the ``signals`` dict. When two plugins register the same name, the
+    one called first (a user plugin before a ``trylast`` default) wins.
+
+    :param register: call it once per signal.
+    :param config: the loaded config, for plugins that read their settings from it.
+    """
+
+
+@hookspec(firstresult=True)
+def select_route(
+    request: "ChatRequest",
+    signals: Mapping[str, Any],
+    models: Mapping[str, "ModelSpec"],
+    config: "Config",
+) -> "str | Route | None":
+    """Choose the model that answers ``request``. Stops at first non-None result.
+
+    :param request: the chat request (``.text``, ``.messages``, ``.images``, ``.audio``).
+    :param signals: every registered signal's value, e.g. ``empathy``, ``chars``, ``modality``.
+    :param models: configured model specs by name.
+    :param config: the loaded config (``config.routing`` holds the routing settings).
+    :returns: a model name, a :class:`sarai_router.Route` (``.model``, ``.reason``), or
+        ``None`` to let the next plugin decide.
+    """
+
+
+@hookspec
+def register_backends(register: Callable[[str, "BackendFactory"], None], config: "Config") -> None:
+    """Register model backends by kind: ``register(kind, factory)``.
+
+    ``factory.load(spec)`` returns a loaded model with ``chat(...)`` and ``close()``; see
+    :mod:`sarai_router.backend`. A model's ``backend`` key in the config names its kind.
+    When two plugins register the same kind, the one called first wins.
+
+    :param register: call it once per backend kind.
+    :param config: the loaded config.
+    """
+
+
+@hookspec(firstresult=True)
+def select_eviction(
+    candidates: Sequence["Resident"],
+    needed_mb: float,
+    loading: "ModelSpec",
+) -> "str | None":
+    """Pick the resident model to unload to make room for ``loading``. Stops at first non-None result.
+
+    Only idle, unpinned, loaded models are candidates: the pool never offers a model that a
+    request uses or waits for.
+
+    :param candidates: the evictable residents (``.name``, ``.last_used``, ``.ram_mb``, ...).
+    :param needed_mb: how many MB over the RAM budget the load would go (0 when only
+        ``max_loaded`` is the limit).
+    :param loading: the spec of the model about to load.
+    :returns: the name of the model to evict, or ``None`` to pass.
+    """
+
+
+@hookspec(firstresult=True)
+def model_expired(resident: "Resident", now: float, cache: "CacheConfig") -> "bool | None":
+    """Say whether an idle resident model should be unloaded now. Stops at first non-None result.
+
+    Asked by the reaper for every loaded model that no request uses or waits for.
+
+    :param resident: the resident model (``.spec``, ``.last_used`` on the monotonic clock).
+    :param now: the current ``time.monotonic()``.
+    :param cache: the ``[cache]`` config section.
+    :returns: ``True`` to unload, ``False`` to keep, ``None`` to pass.
+    """

@@ -1,0 +1,261 @@
+"""Plugin discovery and the one typed class through which the core calls hooks.
+
+Order of registration: the default plugins (all ``trylast``), then entry points in the
+``sarai_router`` group, then ``*.py`` files in ``[plugins] dirs``. Any of them can be
+blocked by name with ``[plugins] disable``. ``SARAI_ROUTER_NO_PLUGINS=1`` skips entry
+points and plugin dirs; ``SARAI_ROUTER_TRACE_PLUGINS=1`` logs every hook call.
+
+A plugin that raises is logged and skipped: the next plugin's answer is used. That is why
+``Hooks`` calls implementations one by one instead of through ``pm.hook``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .hookspecs import PROJECT_NAME
+
+if TYPE_CHECKING:
+    from .backend import BackendFactory
+    from .config import Config
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = PROJECT_NAME
+NO_PLUGINS_ENV = "SARAI_ROUTER_NO_PLUGINS"
+TRACE_ENV = "SARAI_ROUTER_TRACE_PLUGINS"
+
+#: name -> module of the default plugins, registered under these names.
+DEFAULT_PLUGINS = {
+    "signals": "sarai_router.default_plugins.signals",
+    "empathy": "sarai_router.default_plugins.empathy",
+    "heuristic": "sarai_router.default_plugins.heuristic",
+    "llama_cpp": "sarai_router.default_plugins.llama_cpp",
+    "lru_ttl": "sarai_router.default_plugins.lru_ttl",
+}
+
+
+class PluginError(Exception):
+    """A plugin broke a contract (e.g. routed to a model that isn't configured)."""
+
+
+@attrs.frozen
+class PluginFailure:
+    name: str
+    source: str
+    error: str
+
+
+@attrs.define
+class PluginSet:
+    """The plugin manager plus what discovery found, for ``sarai-router plugins``."""
+
+    pm: pluggy.PluginManager
+    sources: dict[str, str] = attrs.field(factory=dict)
+    failures: list[PluginFailure] = attrs.field(factory=list)
+    blocked: tuple[str, ...] = ()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) -> PluginSet:
+    """Create the plugin manager for ``config``; ``extra`` plugins are registered last."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    plugins = PluginSet(pm=pm, blocked=tuple(config.plugins.disable))
+    for name in config.plugins.disable:
+        pm.set_blocked(name)
+    for name, module_name in DEFAULT_PLUGINS.items():
+        if pm.is_blocked(name):
+            continue
+        pm.register(importlib.import_module(module_name), name=name)
+        plugins.sources[name] = "default"
+    if not _env_flag(NO_PLUGINS_ENV):
+        _load_entry_points(plugins)
+        for directory in config.plugins.dirs:
+            _load_plugin_dir(plugins, Path(directory))
+    for name, plugin in extra:
+        if not pm.is_blocked(name):
+            pm.register(plugin, name=name)
+            plugins.sources[name] = "registered"
+    if _env_flag(TRACE_ENV):
+        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+        pm.enable_tracing()
+    known = set(plugins.sources) | {f.name for f in plugins.failures}
+    for name in config.plugins.disable:
+        if name not in known and name not in DEFAULT_PLUGINS:
+            log.warning("[plugins] disable names %r, but no plugin has that name", name)
+    return plugins
+
+
+def _load_entry_points(plugins: PluginSet) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if plugins.pm.is_blocked(ep.name) or plugins.pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            plugins.pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            _record_failure(plugins, ep.name, f"entry point {ep.value}", exc)
+            continue
+        plugins.sources[ep.name] = f"entry point {ep.value}"
+
+
+def _load_plugin_dir(plugins: PluginSet, directory: Path) -> None:
+    if not directory.is_dir():
+        _record_failure(plugins, directory.name, str(directory),
+                        FileNotFoundError("[plugins] dirs: not a directory"))
+        return
+    for file in sorted(directory.glob("*.py")):
+        name = file.stem
+        if file.name.startswith("_") or plugins.pm.is_blocked(name):
+            continue
+        if plugins.pm.has_plugin(name):
+            _record_failure(plugins, name, str(file),
+                            ValueError(f"a plugin named {name!r} is already registered"))
+            continue
+        module_name = f"sarai_router_plugins_dir.{name}"
+        try:
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+            plugins.pm.register(module, name=name)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            _record_failure(plugins, name, str(file), exc)
+            continue
+        plugins.sources[name] = str(file)
+
+
+def _record_failure(plugins: PluginSet, name: str, source: str, exc: BaseException) -> None:
+    message = f"{type(exc).__name__}: {exc}"
+    log.warning("plugin %s (%s) was not loaded: %s", name, source, message)
+    plugins.failures.append(PluginFailure(name=name, source=source, error=message))
+
+
+@attrs.frozen
+class Answer:
+    """A firstresult hook's answer and the plugin that gave it."""
+
+    value: Any
+    plugin: str
+
+
+class Hooks:
+    """Calls every hook with keyword arguments, isolating plugins that raise."""
+
+    def __init__(self, plugins: PluginSet, config: "Config"):
+        self.plugins = plugins
+        self.pm = plugins.pm
+        self.config = config
+        self.errors: list[str] = []
+        self._backends: dict[str, tuple[str, "BackendFactory"]] | None = None
+        self._signals: dict[str, tuple[str, Callable[..., Any]]] | None = None
+
+    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
+        # pluggy calls the last-registered, non-trylast implementation first.
+        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+
+    def _call(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:
+        args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
+        return impl.function(**args)
+
+    def _skip(self, impl: pluggy.HookImpl, hook_name: str, exc: Exception) -> None:
+        message = f"plugin {impl.plugin_name!r} raised in {hook_name}: {type(exc).__name__}: {exc}"
+        log.warning("%s; skipped it", message)
+        self.errors.append(message)
+
+    def call_first(self, hook_name: str, **kwargs: Any) -> Answer | None:
+        for impl in self._impls(hook_name):
+            try:
+                value = self._call(impl, hook_name, kwargs)
+            except Exception as exc:
+                self._skip(impl, hook_name, exc)
+                continue
+            if value is not None:
+                return Answer(value=value, plugin=impl.plugin_name)
+        return None
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        for impl in self._impls(hook_name):
+            try:
+                self._call(impl, hook_name, kwargs)
+            except Exception as exc:
+                self._skip(impl, hook_name, exc)
+
+    def _collect(self, hook_name: str) -> dict[str, tuple[str, Any]]:
+        collected: dict[str, tuple[str, Any]] = {}
+        for impl in self._impls(hook_name):
+            def register(name: str, thing: Any, _plugin: str = impl.plugin_name) -> None:
+                # First registration wins: user plugins run before trylast defaults.
+                collected.setdefault(name, (_plugin, thing))
+
+            try:
+                self._call(impl, hook_name, {"register": register, "config": self.config})
+            except Exception as exc:
+                self._skip(impl, hook_name, exc)
+        return collected
+
+    # -- the typed surface the core uses ---------------------------------------------
+
+    def signal_functions(self) -> dict[str, tuple[str, Callable[..., Any]]]:
+        if self._signals is None:
+            self._signals = self._collect("register_signals")
+        return self._signals
+
+    def backends(self) -> dict[str, tuple[str, "BackendFactory"]]:
+        if self._backends is None:
+            self._backends = self._collect("register_backends")
+        return self._backends
+
+    def backend(self, kind: str) -> "BackendFactory":
+        found = self.backends().get(kind)
+        if found is None:
+            known = ", ".join(sorted(self.backends())) or "none"
+            raise PluginError(f"no plugin registers backend {kind!r} (registered: {known}); "
+                              "is its plugin disabled in [plugins] disable?")
+        return found[1]
+
+    def select_route(self, *, request, signals, models) -> Answer | None:
+        return self.call_first("select_route", request=request, signals=signals,
+                               models=models, config=self.config)
+
+    def select_eviction(self, *, candidates, needed_mb, loading) -> str | None:
+        answer = self.call_first("select_eviction", candidates=candidates,
+                                 needed_mb=needed_mb, loading=loading)
+        return None if answer is None else answer.value
+
+    def model_expired(self, *, resident, now, cache) -> bool:
+        answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
+        return bool(answer and answer.value)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every registered plugin with its hooks, for ``sarai-router plugins``."""
+        rows = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
+            hooks = sorted(
+                caller.name for caller in (self.pm.get_hookcallers(plugin) or [])
+            )
+            rows.append({
+                "name": name,
+                "source": self.plugins.sources.get(name, "registered"),
+                "hooks": hooks,
+                "default": name in DEFAULT_PLUGINS,
+            })
+        return rows

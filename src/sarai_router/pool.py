@@ -1,0 +1,353 @@
+"""The model pool: which models are resident, loading them lazily, unloading them by policy.
+
+Rules the pool keeps whatever the cache plugins say:
+
+* a pinned model is never evicted or expired;
+* a model that a request uses or waits for (``users > 0``) is never unloaded;
+* one generation at a time per loaded instance (``Resident.gen_lock``);
+* the idle clock (``last_used``) starts when a generation ends.
+
+Which idle model to evict and when an idle model has expired are asked of the cache hooks
+(``select_eviction``, ``model_expired``); the default plugin is LRU with a TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import attrs
+
+from .backend import BackendError, LoadedModel
+from .config import Config, ModelSpec
+from .gguf_info import GGUFError, estimate_ram, read_info
+
+if TYPE_CHECKING:
+    from .plugins import Hooks
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(Exception):
+    """A model cannot be made resident (budget, limits, or every other model busy)."""
+
+
+@attrs.define(eq=False)
+class Resident:
+    """A model the pool holds, loading or loaded."""
+
+    name: str
+    spec: ModelSpec
+    ram_mb: float
+    estimated_mb: float
+    state: str = "loading"  # "loading" | "loaded"
+    model: LoadedModel | None = None
+    users: int = 0
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    load_seconds: float = 0.0
+    measured_mb: float | None = None
+    gen_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    @property
+    def pinned(self) -> bool:
+        return self.spec.pinned
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "loaded" and self.users == 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pinned": self.pinned,
+            "users": self.users,
+            "ram_mb": round(self.ram_mb, 1),
+            "estimated_mb": round(self.estimated_mb, 1),
+            "measured_mb": None if self.measured_mb is None else round(self.measured_mb, 1),
+            "load_seconds": round(self.load_seconds, 3),
+            "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
+        }
+
+
+@attrs.frozen
+class PoolEvent:
+    """What the pool did, for logs and metrics: kind is load, unload, evict, expire, load_failed."""
+
+    kind: str
+    model: str
+    seconds: float = 0.0
+    ram_mb: float = 0.0
+    detail: str = ""
+
+
+def estimate_model_mb(spec: ModelSpec) -> float:
+    """Weights + KV cache for ``spec.n_ctx`` from the GGUF header; 0 when the file can't be read."""
+    try:
+        return estimate_ram(read_info(spec.path), spec.n_ctx, spec.n_batch).total_mb
+    except GGUFError:
+        return 0.0
+
+
+def process_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+class ModelPool:
+    def __init__(
+        self,
+        config: Config,
+        hooks: "Hooks",
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        estimator: Callable[[ModelSpec], float] = estimate_model_mb,
+        wait_seconds: float = 120.0,
+    ):
+        self.config = config
+        self.hooks = hooks
+        self.clock = clock
+        self.estimator = estimator
+        self.wait_seconds = wait_seconds
+        self.listeners: list[Callable[[PoolEvent], None]] = []
+        self._residents: dict[str, Resident] = {}
+        self._cond = threading.Condition()
+        self._reaper: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- queries -----------------------------------------------------------------------
+
+    def is_loaded(self, name: str) -> bool:
+        with self._cond:
+            resident = self._residents.get(name)
+            return resident is not None and resident.state == "loaded"
+
+    def residents(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [r.snapshot() for r in self._residents.values()]
+
+    def resident_mb(self) -> float:
+        with self._cond:
+            return sum(r.ram_mb for r in self._residents.values())
+
+    # -- using a model -------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[Resident]:
+        """Hold model ``name`` for one generation: load it if needed, then lock its instance."""
+        resident = self._acquire(name)
+        try:
+            with resident.gen_lock:
+                yield resident
+        finally:
+            with self._cond:
+                resident.users -= 1
+                resident.last_used = self.clock()
+                self._cond.notify_all()
+
+    def ensure_loaded(self, name: str) -> Resident:
+        """Load ``name`` (if it is not) without holding it; used for pinned models and pre-warm."""
+        resident = self._acquire(name)
+        with self._cond:
+            resident.users -= 1
+            self._cond.notify_all()
+        return resident
+
+    def load_pinned(self) -> list[str]:
+        pinned = [name for name, spec in self.config.models.items() if spec.pinned]
+        for name in pinned:
+            self.ensure_loaded(name)
+        return pinned
+
+    def _acquire(self, name: str) -> Resident:
+        spec = self.config.models.get(name)
+        if spec is None:
+            raise PoolError(f"model {name!r} is not configured")
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None:
+                resident = self._reserve(spec)
+                resident.users += 1
+                loader = True
+            else:
+                resident.users += 1
+                loader = False
+        if loader:
+            self._load(resident)
+            return resident
+        with self._cond:
+            while resident.state == "loading" and self._residents.get(name) is resident:
+                self._cond.wait()
+            if self._residents.get(name) is not resident:
+                # The load we waited for failed; report it as ours.
+                resident.users -= 1
+                raise PoolError(f"model {name!r} failed to load (see the log above)")
+        return resident
+
+    def _reserve(self, spec: ModelSpec) -> Resident:
+        """Make room for ``spec`` (evicting idle models) and reserve its slot. Holds the lock."""
+        estimated = self.estimator(spec)
+        budget = self.config.cache.ram_budget_mb
+        if estimated > budget:
+            raise PoolError(
+                f"model {spec.name!r} needs about {estimated:.0f} MB, more than "
+                f"[cache] ram_budget_mb = {budget:.0f}"
+            )
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            over_count = len(self._residents) + 1 > self.config.cache.max_loaded
+            over_mb = self._resident_mb_locked() + estimated - budget
+            if not over_count and over_mb <= 0:
+                break
+            candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
+            if candidates:
+                victim = self.hooks.select_eviction(
+                    candidates=candidates, needed_mb=max(0.0, over_mb), loading=spec
+                )
+                by_name = {r.name: r for r in candidates}
+                if victim not in by_name:
+                    raise PoolError(
+                        f"no cache plugin chose a model to evict for {spec.name!r} "
+                        f"(answer: {victim!r}; candidates: {', '.join(by_name)}); "
+                        "is the default 'lru_ttl' plugin disabled?"
+                    )
+                self._unload_locked(by_name[victim], kind="evict", detail=f"to load {spec.name}")
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._others_busy_locked():
+                raise PoolError(self._why_full(spec, estimated, over_count))
+            # Every other model is busy: wait for one to finish rather than fail.
+            self._cond.wait(timeout=min(remaining, 1.0))
+        resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated)
+        self._residents[spec.name] = resident
+        return resident
+
+    def _why_full(self, spec: ModelSpec, estimated: float, over_count: bool) -> str:
+        held = ", ".join(
+            f"{r.name} ({'pinned' if r.pinned else 'busy'}, {r.ram_mb:.0f} MB)"
+            for r in self._residents.values()
+        )
+        limit = (
+            f"[cache] max_loaded = {self.config.cache.max_loaded}"
+            if over_count
+            else f"[cache] ram_budget_mb = {self.config.cache.ram_budget_mb:.0f}"
+        )
+        return (f"cannot load model {spec.name!r} (~{estimated:.0f} MB): {limit} is reached and "
+                f"no resident model can be evicted (held: {held})")
+
+    def _others_busy_locked(self) -> bool:
+        return any(not r.pinned and not r.idle for r in self._residents.values())
+
+    def _resident_mb_locked(self) -> float:
+        return sum(r.ram_mb for r in self._residents.values())
+
+    def _load(self, resident: Resident) -> None:
+        spec = resident.spec
+        rss_before = process_rss_mb()
+        started = time.perf_counter()
+        try:
+            factory = self.hooks.backend(spec.backend)
+            model = factory.load(spec)
+        except BaseException as exc:
+            with self._cond:
+                self._residents.pop(resident.name, None)
+                resident.users -= 1
+                self._cond.notify_all()
+            self._emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
+            if isinstance(exc, (BackendError, PoolError)):
+                raise
+            if isinstance(exc, Exception):
+                raise BackendError(f"backend {spec.backend!r} failed to load model "
+                                   f"{spec.name!r}: {exc}") from exc
+            raise
+        seconds = time.perf_counter() - started
+        measured = max(0.0, process_rss_mb() - rss_before)
+        with self._cond:
+            resident.model = model
+            resident.state = "loaded"
+            resident.load_seconds = seconds
+            resident.measured_mb = measured
+            # Budget with what we saw, when the load cost more than the header said.
+            resident.ram_mb = max(resident.estimated_mb, measured)
+            resident.loaded_at = resident.last_used = self.clock()
+            self._cond.notify_all()
+        log.info("loaded model %s in %.2fs (estimated %.0f MB, RSS +%.0f MB)",
+                 resident.name, seconds, resident.estimated_mb, measured)
+        self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
+
+    # -- unloading ----------------------------------------------------------------------
+
+    def _unload_locked(self, resident: Resident, *, kind: str, detail: str = "") -> None:
+        assert resident.users == 0, "never unload a model in use"
+        self._residents.pop(resident.name, None)
+        model, resident.model = resident.model, None
+        if model is not None:
+            try:
+                model.close()
+            except Exception:  # a failing close must not keep the slot
+                log.exception("closing model %s failed", resident.name)
+        log.info("%s model %s%s", {"evict": "evicted", "expire": "expired",
+                                   "unload": "unloaded"}.get(kind, kind),
+                 resident.name, f" ({detail})" if detail else "")
+        self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+
+    def unload(self, name: str) -> bool:
+        """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or not resident.idle:
+                return False
+            self._unload_locked(resident, kind="unload")
+            return True
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Unload every idle model the cache policy says has expired; return their names."""
+        now = self.clock() if now is None else now
+        expired: list[str] = []
+        with self._cond:
+            for resident in list(self._residents.values()):
+                if not resident.idle or resident.pinned:
+                    continue
+                if self.hooks.model_expired(resident=resident, now=now, cache=self.config.cache):
+                    self._unload_locked(resident, kind="expire",
+                                        detail=f"idle {now - resident.last_used:.1f}s")
+                    expired.append(resident.name)
+        return expired
+
+    def start_reaper(self, interval: float | None = None) -> None:
+        """Reap in a background thread every ``interval`` seconds until ``close()``."""
+        if self._reaper is not None:
+            return
+        interval = interval or self.config.cache.reap_interval_seconds
+
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.reap()
+                except Exception:
+                    log.exception("the reaper failed; it will try again")
+
+        self._reaper = threading.Thread(target=run, name="sarai-reaper", daemon=True)
+        self._reaper.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+            self._reaper = None
+        with self._cond:
+            for resident in list(self._residents.values()):
+                if resident.state == "loaded" and resident.users == 0:
+                    self._unload_locked(resident, kind="unload", detail="shutdown")
+
+    def _emit(self, event: PoolEvent) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a pool listener failed on %s", event)

@@ -1,0 +1,108 @@
+"""The dispatcher: compute signals, ask the routing plugins, check the answer.
+
+No model is loaded here, and ``llama_cpp`` is never imported: ``sarai-router route`` runs
+only this.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from .config import Config
+from .plugins import Hooks, PluginError, PluginSet, build_plugins
+from .types import ChatRequest, Route, RouteDecision
+
+log = logging.getLogger(__name__)
+
+FALLBACK_PLUGIN = "(fallback)"
+EXPLICIT_PLUGIN = "(explicit)"
+
+
+class RoutingError(Exception):
+    """Routing produced no usable model; the message names the plugin and the model."""
+
+
+class Router:
+    def __init__(self, config: Config, plugins: PluginSet | None = None):
+        self.config = config
+        self.plugins = plugins or build_plugins(config)
+        self.hooks = Hooks(self.plugins, config)
+
+    def signals(self, request: ChatRequest) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, (plugin, function) in self.hooks.signal_functions().items():
+            try:
+                values[name] = function(request)
+            except Exception as exc:
+                message = f"signal {name!r} from plugin {plugin!r} raised {type(exc).__name__}: {exc}"
+                log.warning("%s; left it out", message)
+                self.hooks.errors.append(message)
+        return values
+
+    def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+        """Decide which model answers ``request``; ``model`` set means the caller chose."""
+        signals = self.signals(request)
+        if model is not None:
+            if model not in self.config.models:
+                raise RoutingError(self._unknown(model, "requested"))
+            decision = RouteDecision(model=model, reason="model requested explicitly",
+                                     plugin=EXPLICIT_PLUGIN, signals=signals)
+            return self._check_modality(decision, request)
+        answer = self.hooks.select_route(request=request, signals=signals,
+                                         models=self.config.models)
+        if answer is None:
+            default = self.config.routing.default_model
+            decision = RouteDecision(
+                model=default,
+                reason=f"no routing plugin chose a model; fell back to [routing] default_model {default!r}",
+                plugin=FALLBACK_PLUGIN, signals=signals, fallback=True,
+            )
+        else:
+            decision = self._decision(answer.value, answer.plugin, signals)
+        return self._check_modality(decision, request)
+
+    def _decision(self, value: Any, plugin: str, signals: Mapping[str, Any]) -> RouteDecision:
+        if isinstance(value, str):
+            name, reason = value, f"chosen by plugin {plugin!r}"
+        elif isinstance(value, Route) or (hasattr(value, "model") and hasattr(value, "reason")):
+            name, reason = value.model, value.reason or f"chosen by plugin {plugin!r}"
+        else:
+            raise RoutingError(
+                f"plugin {plugin!r} returned {type(value).__name__} from select_route; "
+                "expected a model name, a sarai_router.Route or None"
+            )
+        if name not in self.config.models:
+            raise RoutingError(self._unknown(name, f"plugin {plugin!r} routed to"))
+        return RouteDecision(model=name, reason=reason, plugin=plugin, signals=signals)
+
+    def _unknown(self, name: str, who: str) -> str:
+        configured = ", ".join(sorted(self.config.models))
+        return f"{who} model {name!r}, which is not configured (configured: {configured})"
+
+    def _check_modality(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
+        missing = missing_modalities(self.config, decision.model, request)
+        if not missing:
+            return decision
+        warnings = tuple(
+            f"model {decision.model!r} does not take {m} input (its modalities: "
+            f"{', '.join(self.config.models[decision.model].modalities)}); add {m!r} to "
+            f"[models.{decision.model}] modalities if it does"
+            for m in missing
+        )
+        import attrs
+
+        return attrs.evolve(decision, warnings=decision.warnings + warnings)
+
+
+def missing_modalities(config: Config, model: str, request: ChatRequest) -> list[str]:
+    spec = config.models[model]
+    needed = []
+    if request.images:
+        needed.append("image")
+    if request.audio is not None:
+        needed.append("audio")
+    return [m for m in needed if not spec.supports(m)]
+
+
+__all__ = ["Router", "RoutingError", "PluginError", "missing_modalities"]

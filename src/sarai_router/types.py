@@ -1,0 +1,124 @@
+"""The objects that travel through a request: the request itself and the routing decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+
+@attrs.frozen
+class ImageInput:
+    """An image attached to a request: a local file (CLI) or decoded bytes (HTTP data: URI)."""
+
+    data: bytes
+    mime: str = "image/png"
+    source: str = ""
+
+
+@attrs.frozen
+class AudioInput:
+    """An audio clip attached to a request."""
+
+    data: bytes
+    mime: str = "audio/wav"
+    source: str = ""
+
+
+@attrs.frozen
+class ChatRequest:
+    """One chat request. ``messages`` are OpenAI-style dicts; ``text`` is the latest user turn."""
+
+    messages: tuple[Mapping[str, Any], ...]
+    images: tuple[ImageInput, ...] = ()
+    audio: AudioInput | None = None
+
+    @property
+    def text(self) -> str:
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return message_text(message)
+        return ""
+
+    @classmethod
+    def from_prompt(
+        cls,
+        prompt: str,
+        images: tuple[ImageInput, ...] = (),
+        audio: AudioInput | None = None,
+        history: tuple[Mapping[str, Any], ...] = (),
+    ) -> "ChatRequest":
+        return cls(
+            messages=(*history, {"role": "user", "content": prompt}),
+            images=images,
+            audio=audio,
+        )
+
+    @classmethod
+    def from_files(
+        cls, prompt: str, image_paths: tuple[Path, ...] = (), audio_path: Path | None = None
+    ) -> "ChatRequest":
+        images = tuple(
+            ImageInput(data=p.read_bytes(), mime=_guess_mime(p, "image/png"), source=str(p))
+            for p in image_paths
+        )
+        audio = None
+        if audio_path is not None:
+            audio = AudioInput(
+                data=audio_path.read_bytes(),
+                mime=_guess_mime(audio_path, "audio/wav"),
+                source=str(audio_path),
+            )
+        return cls.from_prompt(prompt, images=images, audio=audio)
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a message whose content is a string or a list of OpenAI content parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, Mapping) and part.get("type") == "text"
+        )
+    return ""
+
+
+def _guess_mime(path: Path, default: str) -> str:
+    import mimetypes
+
+    guessed, _ = mimetypes.guess_type(path.name)
+    return guessed or default
+
+
+@attrs.frozen
+class Route:
+    """What a routing plugin may return: the model, and why (one short sentence)."""
+
+    model: str
+    reason: str = ""
+
+
+@attrs.frozen
+class RouteDecision:
+    """The dispatcher's full answer: the route plus who decided and on which signals."""
+
+    model: str
+    reason: str
+    plugin: str
+    signals: Mapping[str, Any]
+    warnings: tuple[str, ...] = ()
+    fallback: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "plugin": self.plugin,
+            "reason": self.reason,
+            "signals": dict(self.signals),
+            "warnings": list(self.warnings),
+            "fallback": self.fallback,
+        }
