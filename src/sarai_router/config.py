@@ -67,6 +67,30 @@ class PluginsConfig:
 
 
 @attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Requests allowed to wait for one model instance; one more is refused with 429.
+    queue_size: int = 8
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Empty: no key, unless $SARAI_ROUTER_API_KEY or --api-key sets one.
+    api_key: str = ""
+
+
+@attrs.frozen
+class BenchConfig:
+    """KPI targets for ``sarai-router bench`` (the field report's, by default)."""
+
+    target_tps_min: float = 7.0
+    target_tps_max: float = 15.0
+    target_p50_seconds: float = 15.0
+    target_speedup_min: float = 2.0
+    target_speedup_max: float = 2.5
+    target_ram_mb: float = 12288.0
+    target_overhead_ratio: float = 0.98
+
+
+@attrs.frozen
 class PathsConfig:
     # Empty: $SARAI_ROUTER_MODELS_DIR, else the per-user cache folder.
     models_dir: str = ""
@@ -106,6 +130,8 @@ class Config:
     cache: CacheConfig = CacheConfig()
     plugins: PluginsConfig = PluginsConfig()
     paths: PathsConfig = PathsConfig()
+    server: ServerConfig = ServerConfig()
+    bench: BenchConfig = BenchConfig()
     models: dict[str, ModelSpec] = attrs.field(factory=dict)
     source: str = BUILTIN_CONFIG_LABEL
     models_dir: str = ""
@@ -278,6 +304,13 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: cache.ram_budget_mb: must be > 0")
     if cache.reap_interval_seconds <= 0:
         problems.append(f"{src}: cache.reap_interval_seconds: must be > 0")
+    server = config.server
+    if not 0 < server.port < 65536:
+        problems.append(f"{src}: server.port: must be 1..65535, got {server.port}")
+    if server.queue_size < 0:
+        problems.append(f"{src}: server.queue_size: must be >= 0")
+    if server.max_body_bytes < 1024:
+        problems.append(f"{src}: server.max_body_bytes: must be >= 1024")
     pinned = [n for n, s in config.models.items() if s.pinned]
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
