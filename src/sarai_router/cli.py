@@ -353,11 +353,12 @@ def config_show(app: AppContext, as_json: bool = False) -> None:
     cfg = app.config()
     data = to_dict(cfg)
     if as_json:
-        emit_json(data)
+        emit_json({"source": cfg.source, "models_dir": cfg.models_dir, "config": data})
         return
     import tomli_w
 
-    click.echo(f"# {cfg.source}")
+    click.echo(f"# source: {cfg.source}")
+    click.echo(f"# models dir: {cfg.models_dir}")
     click.echo(tomli_w.dumps(_drop_none(data)))
 
 

@@ -207,39 +207,93 @@ def parse_config(
 
 
 def _structure(raw: Mapping[str, Any], source: str, problems: list[str]) -> Config | None:
-    raw = dict(raw)
+    """Structure ``raw``; on type errors or unknown keys, report each one, drop the bad keys
+    and structure again, so the remaining (semantic) problems are reported in the same pass."""
+    raw = _prepare(raw, source, problems)
+    for _ in range(3):
+        try:
+            return _converter.structure(raw, Config)
+        except Exception as exc:  # cattrs raises an exception group with every problem
+            bad_paths = []
+            for message in cattrs.transform_error(exc, path="$"):
+                line, paths = _describe_cattrs_message(message, raw)
+                problems.append(f"{source}: {line}")
+                bad_paths.extend(paths)
+            if not bad_paths or not all(_drop(raw, p) for p in bad_paths):
+                return None
+    return None
+
+
+def _prepare(raw: Mapping[str, Any], source: str, problems: list[str]) -> dict[str, Any]:
+    raw = _deep_copy(raw)
     for reserved in ("source", "models_dir"):
         if reserved in raw:
-            problems.append(f"{source}: {reserved}: unknown key (did you mean [paths] {reserved}?)"
-                            if reserved == "models_dir" else f"{source}: {reserved}: unknown key")
+            hint = " (did you mean [paths] models_dir?)" if reserved == "models_dir" else ""
+            problems.append(f"{source}: {reserved}: unknown key{hint}")
             raw.pop(reserved)
     models_raw = raw.get("models", {})
-    if isinstance(models_raw, Mapping):
-        raw["models"] = {
-            name: ({**table, "name": name} if isinstance(table, Mapping) else table)
-            for name, table in models_raw.items()
-        }
-    try:
-        config = _converter.structure(raw, Config)
-    except Exception as exc:  # cattrs raises an exception group with every problem
-        for message in cattrs.transform_error(exc, path="$"):
-            problems.append(f"{source}: {_tidy_cattrs_message(message)}")
-        return None
-    return config if not problems else None
+    if isinstance(models_raw, dict):
+        for name, table in models_raw.items():
+            if isinstance(table, dict):
+                table["name"] = name
+    return raw
 
 
-def _tidy_cattrs_message(message: str) -> str:
-    """``invalid value ... @ $.cache.max_loaded`` -> ``cache.max_loaded: invalid value ...``."""
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _split_path(where: str) -> list[str]:
+    """``$.models['fast'].n_ctx`` -> ``['models', 'fast', 'n_ctx']``."""
+    key = where.removeprefix("$").replace("['", ".").replace("']", "")
+    key = key.replace("[", ".").replace("]", "")
+    return [part for part in key.split(".") if part]
+
+
+def _lookup(raw: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(raw, Mapping) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
+            raw = raw[int(part)]
+        else:
+            return None
+    return raw
+
+
+def _drop(raw: dict[str, Any], parts: list[str]) -> bool:
+    parent = _lookup(raw, parts[:-1]) if parts[:-1] else raw
+    if isinstance(parent, dict) and parts and parts[-1] in parent:
+        del parent[parts[-1]]
+        return True
+    if isinstance(parent, list) and parts and parts[-1].isdigit():
+        del parent[int(parts[-1])]
+        return True
+    return False
+
+
+def _describe_cattrs_message(message: str, raw: Mapping[str, Any]) -> tuple[str, list[list[str]]]:
+    """One problem line (``cache.max_loaded: expected int, got 'x'``) and the key paths to drop."""
     text, sep, where = message.rpartition(" @ ")
     if not sep:
-        return message
-    key = where.removeprefix("$").lstrip(".")
-    key = key.replace("['", ".").replace("']", "").lstrip(".")
+        return message, []
+    parts = _split_path(where)
+    key = ".".join(parts)
     if text.startswith("extra fields found"):
-        fields = text.split("(", 1)[-1].rstrip(")")
+        fields = [f.strip() for f in text.split("(", 1)[-1].rstrip(")").split(",")]
         scope = f"{key}." if key else ""
-        return "; ".join(f"{scope}{f.strip()}: unknown key" for f in fields.split(","))
-    return f"{key or '(top level)'}: {text}"
+        return ("; ".join(f"{scope}{f}: unknown key" for f in fields),
+                [parts + [f] for f in fields])
+    if text.startswith("required field missing"):
+        # Drop the table that lacks it, so the rest can still be checked.
+        return f"{key}: required key missing", [parts[:-1]] if len(parts) > 1 else []
+    value = _lookup(raw, parts)
+    got = f", got {value!r}" if value is not None else ""
+    return f"{key or '(top level)'}: {text.replace('invalid value for type, ', '')}{got}", [parts]
 
 
 def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config:
@@ -349,6 +403,9 @@ def _pullable(spec: ModelSpec) -> bool:
 def to_dict(config: Config) -> dict[str, Any]:
     """The config as plain data (resolved paths), for ``config show``."""
     data = _converter.unstructure(config)
+    # Where the config came from is not a key a file may set.
+    data.pop("source", None)
+    data.pop("models_dir", None)
     for spec in data["models"].values():
         spec.pop("name", None)
     return data
