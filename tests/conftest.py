@@ -1,0 +1,123 @@
+"""Shared fixtures: configs written to tmp_path as real TOML files, pointing at the real models.
+
+Tests that need the models fail loudly when a file is missing (CI pulls them first with
+``sarai-router models pull``); they are never skipped.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from sarai_router.config import Config, default_models_dir, load_config
+
+FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUALITY_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+#: Two real models with small contexts so they load and answer quickly.
+BASE_TOML = """\
+[paths]
+models_dir = "{models_dir}"
+
+[routing]
+{routing}
+
+[cache]
+{cache}
+
+[models.fast]
+path = "{{models_dir}}/{fast_file}"
+n_ctx = 512
+max_tokens = 16
+{fast}
+
+[models.quality]
+path = "{{models_dir}}/{quality_file}"
+chat_format = "gemma"
+n_ctx = 512
+max_tokens = 16
+{quality}
+"""
+
+#: What the base config's open tables hold unless a test says otherwise.
+BASE_PARTS = {
+    "routing": 'default_model = "fast"',
+    "cache": "ttl_seconds = 60\nmax_loaded = 2",
+    "fast": "pinned = true",
+    "quality": "",
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own config or plugin switches must not leak into the tests."""
+    for name in ("SARAI_ROUTER_CONFIG", "SARAI_ROUTER_NO_PLUGINS", "SARAI_ROUTER_TRACE_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The folder holding the real default models; fails (not skips) if they are missing."""
+    folder = default_models_dir()
+    missing = [name for name in (FAST_FILE, QUALITY_FILE) if not (folder / name).is_file()]
+    if missing:
+        pytest.fail(f"real models missing from {folder}: {', '.join(missing)}; "
+                    "run `sarai-router models pull` first", pytrace=False)
+    return folder
+
+
+@pytest.fixture
+def fast_path(models_dir: Path) -> Path:
+    return models_dir / FAST_FILE
+
+
+@pytest.fixture
+def quality_path(models_dir: Path) -> Path:
+    return models_dir / QUALITY_FILE
+
+
+def base_toml(models_dir: Path, **parts: str) -> str:
+    """The base config; ``parts`` replace the body of [routing], [cache], [models.fast] or
+    [models.quality] (keys: routing, cache, fast, quality)."""
+    unknown = set(parts) - set(BASE_PARTS)
+    assert not unknown, f"unknown base config parts: {unknown}"
+    body = {name: textwrap.dedent(parts.get(name, default)) for name, default in BASE_PARTS.items()}
+    return BASE_TOML.format(models_dir=models_dir.as_posix(), fast_file=FAST_FILE,
+                            quality_file=QUALITY_FILE, **body)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, models_dir: Path) -> Callable[..., Path]:
+    """``write_config(extra="", base=True, name="sarai.toml", **parts)`` -> a TOML file's path.
+
+    ``extra`` (new tables only: TOML forbids redefining one) is appended to the two-model
+    base config, whose open tables ``parts`` may rewrite (see :func:`base_toml`);
+    ``base=False`` writes ``extra`` alone.
+    """
+
+    def write(extra: str = "", *, base: bool = True, name: str = "sarai.toml", **parts: str) -> Path:
+        text = (base_toml(models_dir, **parts) if base else "") + "\n" + textwrap.dedent(extra)
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def make_config(write_config: Callable[..., Path]) -> Callable[..., Config]:
+    """``make_config(...)``: ``write_config(...)``'s file, loaded."""
+
+    def make(extra: str = "", **kwargs) -> Config:
+        return load_config(write_config(extra, **kwargs))
+
+    return make
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    """The base two-model config: fast (pinned) and quality (lazy), text only."""
+    return make_config()

@@ -1,0 +1,408 @@
+"""The model pool on the real GGUF models: pinning, lazy loads, TTL, LRU, budgets, in-use safety.
+
+A fake clock drives idle times (``reap(now=...)`` and the pool's ``clock=``); loads and
+generations are real (llama-cpp-python). The only test doubles are backends that must fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sarai_router import hookimpl
+from sarai_router.backend import BackendError, GenerationParams
+from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
+from sarai_router.plugins import Hooks, build_plugins
+from sarai_router.pool import ModelPool, PoolError
+
+THIRD_MODEL = """
+[models.fast2]
+path = "{models_dir}/SmolLM2-135M-Instruct.Q4_1.gguf"
+n_ctx = 256
+max_tokens = 8
+"""
+UNPINNED = {"fast": "pinned = false"}
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_pool(clock):
+    pools: list[ModelPool] = []
+
+    def make(config, *plugins, **options) -> ModelPool:
+        options.setdefault("clock", clock)
+        plugin_set = build_plugins(config, extra=[(type(p).__name__, p) for p in plugins])
+        pool = ModelPool(config, Hooks(plugin_set, config), **options)
+        events: list = []
+        pool.listeners.append(events.append)
+        pool.events = events  # what the pool did, for the assertions
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def use(pool: ModelPool, name: str, clock: FakeClock | None = None, at: float | None = None):
+    """One (empty) generation on ``name`` ending at ``at`` on the fake clock."""
+    with pool.use(name):
+        if clock is not None and at is not None:
+            clock.now = at
+
+
+def loaded(pool: ModelPool) -> set[str]:
+    return {r["name"] for r in pool.residents() if r["state"] == "loaded"}
+
+
+def kinds(pool: ModelPool) -> list[tuple[str, str]]:
+    return [(e.kind, e.model) for e in pool.events]
+
+
+def generate(pool: ModelPool, name: str, prompt: str = "Hi") -> str:
+    with pool.use(name) as resident:
+        deltas = list(resident.model.chat([{"role": "user", "content": prompt}],
+                                          GenerationParams(max_tokens=2, temperature=0.0)))
+    assert deltas[-1].usage is not None
+    return "".join(d.text for d in deltas)
+
+
+# -- pinned and lazy ------------------------------------------------------------------
+
+
+def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
+    pool = make_pool(config)
+    assert pool.residents() == []  # nothing loads before it is needed
+    generate(pool, "quality")
+    assert loaded(pool) == {"quality"}
+    assert kinds(pool) == [("load", "quality")]
+    generate(pool, "quality")  # the second use reuses the instance
+    assert kinds(pool) == [("load", "quality")]
+    [snapshot] = pool.residents()
+    assert snapshot["estimated_mb"] > 100 and snapshot["load_seconds"] > 0
+
+
+def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, make_config, clock):
+    pool = make_pool(make_config(THIRD_MODEL))
+    assert pool.load_pinned() == ["fast"]
+    assert loaded(pool) == {"fast"}
+    use(pool, "quality", clock, at=1001)
+    use(pool, "fast2", clock, at=1002)  # max_loaded = 2: quality goes, the pinned fast stays
+    assert loaded(pool) == {"fast", "fast2"}
+    assert ("evict", "quality") in kinds(pool)
+    assert pool.reap(now=clock.now + 1e6) == ["fast2"]
+    assert loaded(pool) == {"fast"}
+
+
+def test_only_pinned_models_resident_and_limit_reached_is_a_pool_error(make_pool, make_config):
+    pool = make_pool(make_config(cache="max_loaded = 1"))
+    pool.load_pinned()
+    with pytest.raises(PoolError) as info:
+        use(pool, "quality")
+    message = str(info.value)
+    assert "'quality'" in message and "max_loaded = 1" in message and "fast (pinned" in message
+    assert loaded(pool) == {"fast"}
+
+
+# -- TTL ------------------------------------------------------------------------------
+
+
+def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
+    pool = make_pool(config)
+    with pool.use("quality") as resident:
+        model = resident.model
+    ended = clock.now
+    assert pool.reap(now=ended + 59) == []
+    assert pool.reap(now=ended + 60) == ["quality"]
+    assert loaded(pool) == set()
+    assert model.llama is None  # Llama.close() was called
+    assert kinds(pool)[-1] == ("expire", "quality")
+
+
+def test_idle_clock_starts_when_generation_ends(make_pool, config, clock):
+    pool = make_pool(config)
+    start = clock.now
+    with pool.use("quality"):
+        clock.now = start + 100  # a 100 s generation, longer than the 60 s TTL
+    assert pool.reap(now=start + 130) == []  # 130 s after the start, only 30 s idle
+    assert pool.reap(now=start + 160) == ["quality"]
+
+
+def test_per_model_ttl_overrides_the_cache_ttl(make_pool, make_config, clock):
+    pool = make_pool(make_config(quality="ttl_seconds = 5"))
+    use(pool, "quality")
+    assert pool.reap(now=clock.now + 5) == ["quality"]
+
+
+def test_reaper_thread_unloads_with_the_real_clock(make_pool, make_config):
+    pool = make_pool(make_config(quality="ttl_seconds = 0.2"), clock=time.monotonic)
+    use(pool, "quality")
+    pool.start_reaper(interval=0.05)
+    deadline = time.monotonic() + 5
+    while pool.is_loaded("quality") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pool.is_loaded("quality")
+
+
+# -- LRU eviction ---------------------------------------------------------------------
+
+
+def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
+    pool = make_pool(make_config(THIRD_MODEL, **UNPINNED))
+    use(pool, "fast", clock, at=1001)
+    use(pool, "quality", clock, at=1002)
+    use(pool, "fast", clock, at=1003)  # fast is now the most recently used
+    use(pool, "fast2", clock, at=1004)
+    assert loaded(pool) == {"fast", "fast2"}
+    assert ("evict", "quality") in kinds(pool)
+    use(pool, "quality", clock, at=1005)  # now fast (1003) is older than fast2 (1004)
+    assert loaded(pool) == {"fast2", "quality"}
+
+
+def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_config, clock):
+    # fast ~136 MB + quality ~382 MB (GGUF header estimates at n_ctx 512) exceed 450 MB.
+    pool = make_pool(make_config(cache="max_loaded = 5\nram_budget_mb = 450", **UNPINNED))
+    use(pool, "fast", clock, at=1001)
+    use(pool, "quality", clock, at=1002)
+    assert loaded(pool) == {"quality"}
+    evict = [e for e in pool.events if e.kind == "evict"]
+    assert [e.model for e in evict] == ["fast"] and "to load quality" in evict[0].detail
+    use(pool, "fast", clock, at=1003)
+    assert loaded(pool) == {"fast"}
+
+
+def test_lru_order_under_ram_budget(make_pool, make_config, clock):
+    # A 1000 MB estimate each (above any measured RSS), budget for two of them.
+    pool = make_pool(make_config(THIRD_MODEL, cache="max_loaded = 5\nram_budget_mb = 2500",
+                                 **UNPINNED), estimator=lambda spec: 1000.0)
+    use(pool, "fast", clock, at=1001)
+    use(pool, "quality", clock, at=1002)
+    use(pool, "fast", clock, at=1003)
+    use(pool, "fast2", clock, at=1004)
+    assert loaded(pool) == {"fast", "fast2"}
+    assert pool.resident_mb() == 2000.0
+
+
+def test_model_too_big_for_the_budget_is_a_clear_pool_error(make_pool, make_config):
+    pool = make_pool(make_config(cache="ram_budget_mb = 200"))
+    with pytest.raises(PoolError) as info:
+        use(pool, "quality")
+    message = str(info.value)
+    assert "'quality'" in message and "ram_budget_mb = 200" in message and "MB" in message
+    assert pool.residents() == []  # refused before loading anything
+
+
+# -- in use -----------------------------------------------------------------------------
+
+
+class Holder:
+    """Holds ``pool.use(name)`` in a thread until ``release()``."""
+
+    def __init__(self, pool: ModelPool, name: str):
+        self.entered, self.release_event, self.errors = threading.Event(), threading.Event(), []
+        self.thread = threading.Thread(target=self._run, args=(pool, name), daemon=True)
+        self.thread.start()
+        assert self.entered.wait(30), "the holder never got the model"
+
+    def _run(self, pool, name):
+        try:
+            with pool.use(name):
+                self.entered.set()
+                self.release_event.wait(30)
+        except Exception as exc:  # pragma: no cover - reported by the test
+            self.errors.append(exc)
+            self.entered.set()
+
+    def release(self):
+        self.release_event.set()
+        self.thread.join(30)
+        assert self.errors == []
+
+
+def test_no_unload_while_in_use(make_pool, make_config, clock):
+    pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=0.3)
+    holder = Holder(pool, "quality")
+    try:
+        assert pool.reap(now=clock.now + 1e6) == []
+        assert pool.unload("quality") is False
+        with pytest.raises(PoolError, match="max_loaded = 1"):
+            use(pool, "fast")  # the only slot is busy: waits 0.3 s, then refuses
+        assert loaded(pool) == {"quality"}
+    finally:
+        holder.release()
+    assert pool.reap(now=clock.now + 1e6) == ["quality"]
+
+
+def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_config):
+    pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=30)
+    holder = Holder(pool, "quality")
+    timer = threading.Timer(0.3, holder.release_event.set)
+    timer.start()
+    started = time.monotonic()
+    use(pool, "fast")
+    holder.release()
+    assert time.monotonic() - started >= 0.25
+    assert loaded(pool) == {"fast"}
+    assert ("evict", "quality") in kinds(pool)
+
+
+def test_one_generation_at_a_time_per_instance(make_pool, config):
+    pool = make_pool(config)
+    holder = Holder(pool, "fast")
+    second_in = threading.Event()
+
+    def second():
+        with pool.use("fast"):
+            second_in.set()
+
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    assert not second_in.wait(0.3)  # blocked on the instance's lock
+    holder.release()
+    assert second_in.wait(30)
+    thread.join(30)
+    assert [k for k in kinds(pool) if k[0] == "load"] == [("load", "fast")]
+
+
+# -- hooks -------------------------------------------------------------------------------
+
+
+class CountingLlamaCpp:
+    """Registers the real llama_cpp backend under its own kind and as ``llama_cpp``."""
+
+    def __init__(self):
+        self.loads: list[str] = []
+
+    @hookimpl
+    def register_backends(self, register):
+        real = LlamaCppBackend()
+        outer = self
+
+        class Counting:
+            modalities = real.modalities
+
+            def load(self, spec):
+                outer.loads.append(spec.name)
+                return real.load(spec)
+
+        register("counted", Counting())
+        register("llama_cpp", Counting())  # a user plugin wins over the default
+
+
+def test_hook_register_backends(make_pool, make_config):
+    plugin = CountingLlamaCpp()
+    pool = make_pool(make_config(fast='pinned = true\nbackend = "counted"'), plugin)
+    assert generate(pool, "fast")  # the custom kind, a real model behind it
+    generate(pool, "quality")  # kind llama_cpp, overridden by the user plugin
+    assert plugin.loads == ["fast", "quality"]
+    backends = pool.hooks.backends()
+    assert backends["counted"][0] == backends["llama_cpp"][0] == "CountingLlamaCpp"
+
+
+class FailingBackendPlugin:
+    """Forces a load failure that a real model file can't show on demand."""
+
+    @hookimpl
+    def register_backends(self, register):
+        class FailingBackend:
+            modalities = ("text",)
+
+            def load(self, spec):
+                raise RuntimeError("out of file handles")
+
+        register("failing", FailingBackend())
+
+
+def test_backend_that_fails_to_load_leaves_no_resident(make_pool, make_config):
+    pool = make_pool(make_config(quality='backend = "failing"'), FailingBackendPlugin())
+    with pytest.raises(BackendError) as info:
+        use(pool, "quality")
+    assert "'failing'" in str(info.value) and "'quality'" in str(info.value)
+    assert "out of file handles" in str(info.value)
+    assert pool.residents() == []
+    assert kinds(pool) == [("load_failed", "quality")]
+    generate(pool, "fast")  # the pool still works
+
+
+def test_unregistered_backend_kind_is_a_clear_error(make_pool, make_config):
+    pool = make_pool(make_config(quality='backend = "vllm"'))
+    with pytest.raises(BackendError, match="no plugin registers backend 'vllm'"):
+        use(pool, "quality")
+    assert pool.residents() == []
+
+
+class MostRecentlyUsed:
+    def __init__(self):
+        self.asked: list[tuple[list[str], float, str]] = []
+
+    @hookimpl
+    def select_eviction(self, candidates, needed_mb, loading):
+        self.asked.append((sorted(r.name for r in candidates), needed_mb, loading.name))
+        return max(candidates, key=lambda r: r.last_used).name
+
+
+def test_hook_select_eviction(make_pool, make_config, clock):
+    plugin = MostRecentlyUsed()
+    pool = make_pool(make_config(THIRD_MODEL, **UNPINNED), plugin)
+    use(pool, "fast", clock, at=1001)
+    use(pool, "quality", clock, at=1002)
+    use(pool, "fast2", clock, at=1003)
+    assert loaded(pool) == {"fast", "fast2"}  # MRU evicted quality; LRU would evict fast
+    assert plugin.asked == [(["fast", "quality"], 0.0, "fast2")]
+
+
+class EvictNothingKnown:
+    @hookimpl
+    def select_eviction(self, candidates):
+        return "not-a-resident"
+
+
+def test_select_eviction_naming_a_non_candidate_is_a_pool_error(make_pool, make_config):
+    pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"),
+                     EvictNothingKnown())
+    use(pool, "fast")
+    with pytest.raises(PoolError, match="'not-a-resident'"):
+        use(pool, "quality")
+    assert loaded(pool) == {"fast"}
+
+
+class ExpireOnlyQuality:
+    def __init__(self):
+        self.asked: list[str] = []
+
+    @hookimpl
+    def model_expired(self, resident, now, cache):
+        self.asked.append(resident.name)
+        return resident.name == "quality"  # at once, ignoring the TTL; never anything else
+
+
+def test_hook_model_expired(make_pool, make_config, clock):
+    plugin = ExpireOnlyQuality()
+    pool = make_pool(make_config(THIRD_MODEL), plugin)
+    pool.load_pinned()
+    use(pool, "quality")
+    assert pool.reap(now=clock.now) == ["quality"]  # 0 s idle, the plugin says go
+    use(pool, "fast2")
+    assert pool.reap(now=clock.now + 1e6) == []  # the plugin keeps fast2 past its TTL
+    assert "fast" not in plugin.asked  # pinned models are never asked about
+    holder = Holder(pool, "fast2")
+    try:
+        plugin.asked.clear()
+        pool.reap(now=clock.now)
+        assert plugin.asked == []  # nor are models in use
+    finally:
+        holder.release()
