@@ -90,14 +90,17 @@ class Engine:
 
     def stream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
-        completion: Completion | None = None,
+        completion: Completion | None = None, *, queue_limit: int | None = None,
     ) -> Iterator[str]:
-        """Yield the answer's text pieces; ``completion`` holds usage and timings at the end."""
+        """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
+
+        ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
+        """
         self.check_capabilities(decision, request)
         completion = completion if completion is not None else Completion(decision=decision)
         started = time.perf_counter()
         was_loaded = self.pool.is_loaded(decision.model)
-        with self.pool.use(decision.model) as resident:
+        with self.pool.use(decision.model, queue_limit=queue_limit) as resident:
             gen_started = time.perf_counter()
             if not was_loaded:
                 completion.timings.load_s = resident.load_seconds
@@ -128,6 +131,21 @@ class Engine:
         for _ in self.stream(request, decision, params, completion):
             pass
         return completion
+
+    def prewarm_for(self, request: ChatRequest, decision: RouteDecision) -> list[str]:
+        """Ask the ``prewarm_models`` plugins, and start loading what they name in the background."""
+        loaded = {r["name"] for r in self.pool.residents()}
+        started = []
+        for name, plugin in self.hooks.prewarm_models(
+            request=request, signals=decision.signals, decision=decision, loaded=loaded
+        ):
+            if name not in self.config.models:
+                self.hooks.errors.append(
+                    f"plugin {plugin!r} asked to pre-warm model {name!r}, which is not configured")
+                continue
+            if self.pool.prewarm(name, reason=f"asked by plugin {plugin!r}") is not None:
+                started.append(name)
+        return started
 
     def close(self) -> None:
         self.pool.close()

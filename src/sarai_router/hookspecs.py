@@ -5,8 +5,9 @@ Three families:
 * routing policy: ``register_signals`` (what we know about a request) and
   ``select_route`` (which model answers it);
 * model backends: ``register_backends`` (how a model of a given ``backend`` kind loads);
-* cache (residency) policy: ``select_eviction`` (which resident model makes room) and
-  ``model_expired`` (when an idle model is unloaded).
+* cache (residency) policy: ``select_eviction`` (which resident model makes room),
+  ``model_expired`` (when an idle model is unloaded) and ``prewarm_models`` (which models to
+  load in the background before a request needs them).
 
 Collecting hooks take a ``register`` callback. Decision hooks are ``firstresult``: the
 first implementation that returns something other than ``None`` decides. Defaults live in
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .backend import BackendFactory
     from .config import CacheConfig, Config, ModelSpec
     from .pool import Resident
-    from .types import ChatRequest, Route
+    from .types import ChatRequest, Route, RouteDecision
 
 PROJECT_NAME = "sarai_router"
 
@@ -106,4 +107,31 @@ def model_expired(resident: "Resident", now: float, cache: "CacheConfig") -> "bo
     :param now: the current ``time.monotonic()``.
     :param cache: the ``[cache]`` config section.
     :returns: ``True`` to unload, ``False`` to keep, ``None`` to pass.
+    """
+
+
+@hookspec
+def prewarm_models(
+    request: "ChatRequest",
+    signals: Mapping[str, Any],
+    decision: "RouteDecision",
+    loaded: "frozenset[str]",
+    models: Mapping[str, "ModelSpec"],
+    config: "Config",
+) -> "Sequence[str] | None":
+    """Name models to load in the background now, before a request needs them.
+
+    Called once per routed request (server and chat), after routing and before the answer
+    is generated. Every plugin is asked and the answers are merged. A model that is already
+    resident or being loaded is skipped, and a pre-warm never evicts another model; the
+    ``sarai_prewarms_total`` metric counts each pre-warm as used (a request came for the
+    model before it was unloaded) or wasted.
+
+    :param request: the chat request being answered.
+    :param signals: the signals computed for it.
+    :param decision: the routing decision (``.model`` answers this request).
+    :param loaded: names of the models resident (or loading) right now.
+    :param models: configured model specs by name.
+    :param config: the loaded config.
+    :returns: model names to pre-load, or ``None`` / ``[]`` for none.
     """

@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = {
     "heuristic": "sarai_router.default_plugins.heuristic",
     "llama_cpp": "sarai_router.default_plugins.llama_cpp",
     "lru_ttl": "sarai_router.default_plugins.lru_ttl",
+    "prewarm": "sarai_router.default_plugins.prewarm",
 }
 
 
@@ -64,6 +65,9 @@ class PluginSet:
     sources: dict[str, str] = attrs.field(factory=dict)
     failures: list[PluginFailure] = attrs.field(factory=list)
     blocked: tuple[str, ...] = ()
+    trace: bool = False
+    #: names that discovery found but did not register because they are blocked
+    skipped: set[str] = attrs.field(factory=set)
 
 
 def _env_flag(name: str) -> bool:
@@ -90,10 +94,9 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
         if not pm.is_blocked(name):
             pm.register(plugin, name=name)
             plugins.sources[name] = "registered"
-    if _env_flag(TRACE_ENV):
-        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
-        pm.enable_tracing()
-    known = set(plugins.sources) | {f.name for f in plugins.failures}
+    # Hooks calls implementations one by one, bypassing pm.hook (and pluggy's tracing).
+    plugins.trace = _env_flag(TRACE_ENV)
+    known = set(plugins.sources) | plugins.skipped | {f.name for f in plugins.failures}
     for name in config.plugins.disable:
         if name not in known and name not in DEFAULT_PLUGINS:
             log.warning("[plugins] disable names %r, but no plugin has that name", name)
@@ -104,7 +107,10 @@ def _load_entry_points(plugins: PluginSet) -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if plugins.pm.is_blocked(ep.name) or plugins.pm.has_plugin(ep.name):
+        if plugins.pm.is_blocked(ep.name):
+            plugins.skipped.add(ep.name)
+            continue
+        if plugins.pm.has_plugin(ep.name):
             continue
         try:
             plugin = ep.load()
@@ -122,7 +128,10 @@ def _load_plugin_dir(plugins: PluginSet, directory: Path) -> None:
         return
     for file in sorted(directory.glob("*.py")):
         name = file.stem
-        if file.name.startswith("_") or plugins.pm.is_blocked(name):
+        if file.name.startswith("_"):
+            continue
+        if plugins.pm.is_blocked(name):
+            plugins.skipped.add(name)
             continue
         if plugins.pm.has_plugin(name):
             _record_failure(plugins, name, str(file),
@@ -174,7 +183,12 @@ class Hooks:
 
     def _call(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:
         args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
-        return impl.function(**args)
+        if not self.plugins.trace:
+            return impl.function(**args)
+        print(f"[trace] {hook_name} -> {impl.plugin_name}({', '.join(args)})", file=sys.stderr)
+        result = impl.function(**args)
+        print(f"[trace] {hook_name} <- {impl.plugin_name}: {result!r}", file=sys.stderr)
+        return result
 
     def _skip(self, impl: pluggy.HookImpl, hook_name: str, exc: Exception) -> None:
         message = f"plugin {impl.plugin_name!r} raised in {hook_name}: {type(exc).__name__}: {exc}"
@@ -245,10 +259,29 @@ class Hooks:
         answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
         return bool(answer and answer.value)
 
+    def prewarm_models(self, *, request, signals, decision, loaded) -> list[tuple[str, str]]:
+        """Every plugin's pre-warm wishes, merged in call order: ``[(model, plugin), ...]``."""
+        wanted: dict[str, str] = {}
+        kwargs = dict(request=request, signals=signals, decision=decision,
+                      loaded=frozenset(loaded), models=self.config.models, config=self.config)
+        for impl in self._impls("prewarm_models"):
+            try:
+                names = self._call(impl, "prewarm_models", kwargs)
+            except Exception as exc:
+                self._skip(impl, "prewarm_models", exc)
+                continue
+            if isinstance(names, str):  # a lone name is a common slip; take it
+                names = [names]
+            for name in names or ():
+                wanted.setdefault(name, impl.plugin_name)
+        return list(wanted.items())
+
     def describe(self) -> list[dict[str, Any]]:
         """Every registered plugin with its hooks, for ``sarai-router plugins``."""
         rows = []
         for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
+            if plugin is None:  # pluggy keeps blocked names as None entries
+                continue
             hooks = sorted(
                 caller.name for caller in (self.pm.get_hookcallers(plugin) or [])
             )

@@ -35,6 +35,23 @@ class PoolError(Exception):
     """A model cannot be made resident (budget, limits, or every other model busy)."""
 
 
+class QueueFull(PoolError):
+    """Too many requests already wait for this model's instance (``[server] queue_size``)."""
+
+    def __init__(self, model: str, limit: int):
+        self.model = model
+        self.limit = limit
+        super().__init__(f"model {model!r} is busy and {limit} request"
+                         f"{'s' if limit != 1 else ''} already wait for it "
+                         "([server] queue_size); try again shortly")
+
+
+#: A verified unload must give back at least this share of what the load took.
+UNLOAD_VERIFY_RATIO = 0.5
+#: Below this size an unload is not checked: RSS noise is of the same order.
+UNLOAD_VERIFY_MIN_MB = 16.0
+
+
 @attrs.define(eq=False)
 class Resident:
     """A model the pool holds, loading or loaded."""
@@ -51,6 +68,10 @@ class Resident:
     load_seconds: float = 0.0
     measured_mb: float | None = None
     gen_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    # Requests inside ``use()`` (generating, or waiting for the load or the instance).
+    queued: int = 0
+    # Loaded by a pre-warm and not used by a request yet.
+    prewarm_pending: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -70,13 +91,20 @@ class Resident:
             "estimated_mb": round(self.estimated_mb, 1),
             "measured_mb": None if self.measured_mb is None else round(self.measured_mb, 1),
             "load_seconds": round(self.load_seconds, 3),
+            "queued": self.queued,
+            "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
         }
 
 
 @attrs.frozen
 class PoolEvent:
-    """What the pool did, for logs and metrics: kind is load, unload, evict, expire, load_failed."""
+    """What the pool did, for logs and metrics.
+
+    ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
+    by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
+    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped.
+    """
 
     kind: str
     model: str
@@ -97,6 +125,16 @@ def process_rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+def release_free_heap() -> None:
+    """Ask glibc to hand freed heap pages back to the OS (llama.cpp frees, glibc may keep)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class ModelPool:
@@ -138,25 +176,76 @@ class ModelPool:
     # -- using a model -------------------------------------------------------------------
 
     @contextmanager
-    def use(self, name: str) -> Iterator[Resident]:
-        """Hold model ``name`` for one generation: load it if needed, then lock its instance."""
-        resident = self._acquire(name)
+    def use(self, name: str, *, queue_limit: int | None = None) -> Iterator[Resident]:
+        """Hold model ``name`` for one generation: load it if needed, then lock its instance.
+
+        ``queue_limit``: how many requests may wait for the instance besides the one using
+        it; one more raises :class:`QueueFull` at once. ``None``: no limit.
+        """
+        resident = self._acquire(name, queue_limit=queue_limit)
         try:
             with resident.gen_lock:
                 yield resident
         finally:
             with self._cond:
                 resident.users -= 1
+                resident.queued -= 1
                 resident.last_used = self.clock()
                 self._cond.notify_all()
 
     def ensure_loaded(self, name: str) -> Resident:
-        """Load ``name`` (if it is not) without holding it; used for pinned models and pre-warm."""
-        resident = self._acquire(name)
+        """Load ``name`` (if it is not) without holding it; used for pinned models."""
+        resident = self._acquire(name, request=False)
         with self._cond:
             resident.users -= 1
             self._cond.notify_all()
         return resident
+
+    def prewarm(self, name: str, *, reason: str = "") -> threading.Thread | None:
+        """Start loading ``name`` in a background thread if it is not resident; evict nothing.
+
+        The slot is reserved before this returns (the model shows as ``loading``), so a
+        request that comes next waits for this load instead of starting another. Returns
+        the loading thread, or ``None`` when the model is resident or there is no room
+        (a ``prewarm_skipped`` event). A request for the model before it is unloaded makes
+        the pre-warm ``prewarm_used``; an unload before any request, ``prewarm_wasted``.
+        """
+        spec = self.config.models.get(name)
+        if spec is None:
+            raise PoolError(f"cannot pre-warm model {name!r}: it is not configured")
+        with self._cond:
+            if name in self._residents:
+                return None
+            try:
+                # A guess must not unload a model someone may be about to use.
+                resident = self._reserve(spec, evict=False)
+            except PoolError as exc:
+                skipped = str(exc)
+            else:
+                skipped = ""
+                resident.users += 1
+                resident.prewarm_pending = True
+        if skipped:
+            log.info("pre-warm of %s skipped: %s", name, skipped)
+            self._emit(PoolEvent("prewarm_skipped", name, detail=skipped))
+            return None
+        thread = threading.Thread(target=self._prewarm_load, args=(resident, reason),
+                                  name=f"sarai-prewarm-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    def _prewarm_load(self, resident: Resident, reason: str) -> None:
+        try:
+            self._load(resident)
+        except Exception as exc:  # _load has dropped the slot and emitted load_failed
+            log.warning("pre-warm of %s failed: %s", resident.name, exc)
+            return
+        with self._cond:
+            resident.users -= 1
+            self._cond.notify_all()
+        log.info("pre-warmed model %s (%s)", resident.name, reason or "asked by a plugin")
+        self._emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
+                             ram_mb=resident.ram_mb, detail=reason))
 
     def load_pinned(self) -> list[str]:
         pinned = [name for name, spec in self.config.models.items() if spec.pinned]
@@ -164,21 +253,46 @@ class ModelPool:
             self.ensure_loaded(name)
         return pinned
 
-    def _acquire(self, name: str) -> Resident:
+    def _acquire(self, name: str, *, queue_limit: int | None = None,
+                 request: bool = True) -> Resident:
+        """Count a user on ``name``'s resident (creating and loading it if needed).
+
+        ``request``: a generation that will lock the instance (counted in ``queued``, subject
+        to ``queue_limit``); otherwise a load-only user such as a pre-warm.
+        """
         spec = self.config.models.get(name)
         if spec is None:
             raise PoolError(f"model {name!r} is not configured")
+        prewarm_used = full = False
         with self._cond:
             resident = self._residents.get(name)
             if resident is None:
                 resident = self._reserve(spec)
-                resident.users += 1
                 loader = True
             else:
-                resident.users += 1
+                # One request uses the instance; up to ``queue_limit`` more may wait for it.
+                full = request and queue_limit is not None and resident.queued > queue_limit
                 loader = False
+            if not full:
+                resident.users += 1
+                if request:
+                    resident.queued += 1
+                    if resident.prewarm_pending:
+                        resident.prewarm_pending = False
+                        prewarm_used = True
+        if full:
+            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            raise QueueFull(name, queue_limit)
+        if prewarm_used:
+            self._emit(PoolEvent("prewarm_used", name))
         if loader:
-            self._load(resident)
+            try:
+                self._load(resident)
+            except BaseException:
+                if request:
+                    with self._cond:
+                        resident.queued -= 1
+                raise
             return resident
         with self._cond:
             while resident.state == "loading" and self._residents.get(name) is resident:
@@ -186,10 +300,12 @@ class ModelPool:
             if self._residents.get(name) is not resident:
                 # The load we waited for failed; report it as ours.
                 resident.users -= 1
+                if request:
+                    resident.queued -= 1
                 raise PoolError(f"model {name!r} failed to load (see the log above)")
         return resident
 
-    def _reserve(self, spec: ModelSpec) -> Resident:
+    def _reserve(self, spec: ModelSpec, *, evict: bool = True) -> Resident:
         """Make room for ``spec`` (evicting idle models) and reserve its slot. Holds the lock."""
         estimated = self.estimator(spec)
         budget = self.config.cache.ram_budget_mb
@@ -204,6 +320,10 @@ class ModelPool:
             over_mb = self._resident_mb_locked() + estimated - budget
             if not over_count and over_mb <= 0:
                 break
+            if not evict:
+                raise PoolError(self._why_full(spec, estimated, over_count)
+                                .replace("no resident model can be evicted",
+                                         "this load may not evict"))
             candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
             if candidates:
                 victim = self.hooks.select_eviction(
@@ -286,15 +406,34 @@ class ModelPool:
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
         model, resident.model = resident.model, None
+        rss_before = process_rss_mb()
         if model is not None:
             try:
                 model.close()
             except Exception:  # a failing close must not keep the slot
                 log.exception("closing model %s failed", resident.name)
-        log.info("%s model %s%s", {"evict": "evicted", "expire": "expired",
-                                   "unload": "unloaded"}.get(kind, kind),
-                 resident.name, f" ({detail})" if detail else "")
+            release_free_heap()
+        freed = rss_before - process_rss_mb()
+        log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
+                                                 "unload": "unloaded"}.get(kind, kind),
+                 resident.name, f" ({detail})" if detail else "", freed)
         self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+        self._verify_unload(resident, freed)
+        if resident.prewarm_pending:
+            resident.prewarm_pending = False
+            self._emit(PoolEvent("prewarm_wasted", resident.name,
+                                 detail=f"{kind} before any request used it"))
+
+    def _verify_unload(self, resident: Resident, freed_mb: float) -> None:
+        """Check that closing gave back about what loading took (measured, else estimated)."""
+        expected = resident.measured_mb if resident.measured_mb else resident.estimated_mb
+        if expected < UNLOAD_VERIFY_MIN_MB or freed_mb >= UNLOAD_VERIFY_RATIO * expected:
+            return
+        log.warning("unloading model %s freed only %.0f MB of process RSS; its load took "
+                    "%.0f MB: the backend may not release its memory", resident.name,
+                    freed_mb, expected)
+        self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
+                             detail=f"freed {freed_mb:.0f} MB"))
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""

@@ -1,0 +1,207 @@
+"""``sarai-router chat``: a multi-turn conversation in the terminal, routed turn by turn.
+
+Each turn shows, dim on one line, the model that answers and why; the answer streams.
+Models stay loaded between turns and the reaper unloads them by TTL while you idle.
+Ctrl-C stops the current generation (the partial answer stays in the history), not the
+session; Ctrl-D or ``/quit`` leaves.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+from typing import Any, Callable
+
+import click
+
+from .backend import GenerationParams
+from .config import Config
+from .engine import Engine
+from .streaming import Done, Failed, Generation, Piece
+from .types import ChatRequest
+
+PROMPT = "you> "
+
+HELP = """\
+/model NAME   answer the next turns with NAME (no routing)
+/auto         route each turn again (the default)
+/models       the configured models and whether each is loaded now
+/reset        forget the conversation so far
+/help         this list
+/quit         leave (Ctrl-D too); Ctrl-C stops an answer, not the session"""
+
+
+def dim(text: str) -> str:
+    return click.style(text, dim=True)
+
+
+class ChatSession:
+    """The REPL's state and commands; ``run()`` drives it from a terminal (or a pipe)."""
+
+    def __init__(self, engine: Engine, params: GenerationParams = GenerationParams(), *,
+                 system: str | None = None,
+                 ensure_file: Callable[[Config, str], None] | None = None,
+                 echo: Callable[..., Any] = click.echo):
+        self.engine = engine
+        self.config = engine.config
+        self.params = params
+        self.system = system
+        self.ensure_file = ensure_file
+        self.echo = echo
+        self.model: str | None = None  # None: route every turn
+        self.history: list[dict[str, str]] = []
+
+    # -- commands
+
+    def command(self, line: str) -> bool:
+        """Run a /command; return False when the session should end."""
+        name, _, arg = line[1:].strip().partition(" ")
+        arg = arg.strip()
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "model":
+            if not arg:
+                self.echo(f"answering with {self.model or 'auto (routed per turn)'}")
+            elif arg == "auto":
+                self.model = None
+                self.echo(dim("routing each turn again"))
+            elif arg not in self.config.models:
+                self.echo(click.style(f"no model {arg!r}; configured: "
+                                      f"{', '.join(self.config.models)}", fg="red"))
+            else:
+                self.model = arg
+                self.echo(dim(f"next turns go to {arg!r}; /auto to route again"))
+        elif name == "auto":
+            self.model = None
+            self.echo(dim("routing each turn again"))
+        elif name == "models":
+            self.show_models()
+        elif name == "reset":
+            self.history.clear()
+            self.echo(dim("conversation forgotten"))
+        elif name in ("help", "?"):
+            self.echo(HELP)
+        else:
+            self.echo(click.style(f"unknown command /{name}; /help lists them", fg="red"))
+        return True
+
+    def show_models(self) -> None:
+        residents = {r["name"]: r for r in self.engine.pool.residents()}
+        for name, spec in self.config.models.items():
+            row = residents.get(name)
+            state = row["state"] if row else "unloaded"
+            keep = "pinned" if spec.pinned else f"ttl {self.config.ttl_for(spec):g}s"
+            extra = ""
+            if row and row["state"] == "loaded":
+                extra = f", {row['ram_mb']:.0f} MB, idle {row['idle_seconds']:.0f}s"
+            marker = "*" if name == self.model else " "
+            self.echo(f"{marker} {name:<12} {state:<9} {keep}{extra}")
+
+    # -- turns
+
+    def messages(self, text: str) -> tuple[dict[str, str], ...]:
+        system = ({"role": "system", "content": self.system},) if self.system else ()
+        return (*system, *self.history, {"role": "user", "content": text})
+
+    def turn(self, text: str) -> None:
+        from .router import RoutingError
+
+        request = ChatRequest(messages=self.messages(text))
+        try:
+            decision = self.engine.route(request, model=self.model)
+            self.engine.check_capabilities(decision, request)
+        except Exception as exc:  # RoutingError, CapabilityError: say it, keep the session
+            kind = "routing" if isinstance(exc, RoutingError) else "error"
+            self.echo(click.style(f"{kind}: {exc}", fg="red"))
+            return
+        self.echo(dim(f"[{decision.model}] {decision.reason} ({decision.plugin})"))
+        if self.ensure_file is not None:
+            try:
+                self.ensure_file(self.config, decision.model)
+            except SystemExit:
+                return  # ensure_model_file already said why
+        try:
+            self.engine.prewarm_for(request, decision)
+        except Exception as exc:  # a guess that failed must not cost the turn
+            self.echo(dim(f"(pre-warm failed: {exc})"))
+        events: queue.Queue = queue.Queue()
+        generation = Generation(self.engine, request, decision, self.params, events.put).start()
+        pieces: list[str] = []
+        final = self._stream(generation, events, pieces)
+        self.echo()
+        if isinstance(final, Failed):
+            self.echo(click.style(f"error: {final.error}", fg="red"))
+        elif final.cancelled:
+            self.echo(dim("[stopped]"))
+        else:
+            data = final.completion.to_dict()
+            t = data["timings"]
+            self.echo(dim(f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+                          f"{t['tokens_per_second']:.0f} tok/s"
+                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
+        if pieces or not isinstance(final, Failed):
+            self.history.append({"role": "user", "content": text})
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _stream(self, generation: Generation, events: queue.Queue, pieces: list[str]):
+        """Print pieces until the generation ends; Ctrl-C (anywhere in here) cancels it."""
+        while True:
+            event = None
+            try:
+                event = events.get(timeout=0.1)  # a timeout keeps Ctrl-C deliverable
+                if not isinstance(event, Piece):
+                    return event
+                pieces.append(event.text)
+                self.echo(event.text, nl=False)
+                sys.stdout.flush()
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                generation.cancel()  # the worker stops after its current token
+                if isinstance(event, (Done, Failed)):
+                    return event
+
+    # -- the loop
+
+    def run(self, read: Callable[[str], str] = input) -> None:
+        self.echo(dim(f"sarai-router chat: models {', '.join(self.config.models)}; "
+                      "/help for commands, /quit to leave"))
+        while True:
+            try:
+                line = read(PROMPT)
+            except EOFError:
+                self.echo()
+                return
+            except KeyboardInterrupt:
+                self.echo(dim("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)"))
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            try:
+                self.turn(line)
+            except KeyboardInterrupt:  # while routing or fetching: drop the turn, keep going
+                self.echo(dim("\n[stopped]"))
+
+
+def run_chat(config: Config, params: GenerationParams, *, system: str | None = None) -> None:
+    from .cli import ensure_model_file
+
+    try:
+        import readline  # noqa: F401 - gives input() line editing and history
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+    for name, spec in config.models.items():
+        if spec.pinned:
+            ensure_model_file(config, name)
+    engine = Engine(config)
+    try:
+        engine.pool.load_pinned()
+        engine.pool.start_reaper()
+        ChatSession(engine, params, system=system, ensure_file=ensure_model_file).run()
+    finally:
+        engine.close()

@@ -1,0 +1,171 @@
+"""Prometheus metrics for a long-running router (``GET /metrics``).
+
+Request metrics are recorded by the server per answered request; model lifecycle metrics
+come from the pool's events (``ModelPool.listeners``); residency gauges are read from the
+pool at scrape time, so they are never stale. Each ``Metrics`` has its own registry, so
+two engines in one process (tests, benchmarks) never share counters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .engine import Completion
+    from .pool import ModelPool, PoolEvent
+    from .types import RouteDecision
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Latency buckets for small local models (tens of ms) up to 7B-class replies (tens of s).
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# The *_created series double the output and no dashboard here uses them.
+disable_created_metrics()
+
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+
+
+def reason_label(reason: str) -> str:
+    """A routing reason as a bounded label: its head, numbers and quoted values removed.
+
+    ``"short emotional conversation: empathy 0.93 > 0.8 and 17 < 200 chars"`` becomes
+    ``"short emotional conversation"``, so one rule is one label value whatever the input.
+    """
+    head = re.split(r"[:;(]", reason, maxsplit=1)[0]
+    head = _NUMBER.sub("#", head)
+    head = re.sub(r"'[^']*'|\"[^\"]*\"", "…", head)
+    return " ".join(head.split())[:64] or "(none)"
+
+
+class PoolCollector:
+    """Residency gauges read from the pool when scraped."""
+
+    def __init__(self, pool: "ModelPool"):
+        self.pool = pool
+
+    def collect(self):
+        residents = {r["name"]: r for r in self.pool.residents()}
+        loaded = GaugeMetricFamily("sarai_model_loaded",
+                                   "1 if the model is resident and loaded, else 0",
+                                   labels=["model"])
+        ram = GaugeMetricFamily("sarai_model_ram_mb",
+                                "RAM the pool accounts for a resident model "
+                                "(max of the GGUF estimate and the measured RSS growth)",
+                                labels=["model", "kind"])
+        queued = GaugeMetricFamily("sarai_model_queued_requests",
+                                   "requests generating with or waiting for the model",
+                                   labels=["model"])
+        for name in self.pool.config.models:
+            row = residents.get(name)
+            loaded.add_metric([name], 1.0 if row and row["state"] == "loaded" else 0.0)
+            queued.add_metric([name], float(row["queued"]) if row else 0.0)
+            if row:
+                ram.add_metric([name, "accounted"], row["ram_mb"])
+                ram.add_metric([name, "estimated"], row["estimated_mb"])
+                if row["measured_mb"] is not None:
+                    ram.add_metric([name, "measured"], row["measured_mb"])
+        yield loaded
+        yield ram
+        yield queued
+        yield GaugeMetricFamily("sarai_resident_models", "models resident now",
+                                value=float(len(residents)))
+        yield GaugeMetricFamily("sarai_resident_ram_mb",
+                                "RAM accounted to resident models, MB (the budget's view)",
+                                value=sum(r["ram_mb"] for r in residents.values()))
+
+
+class Metrics:
+    def __init__(self, pool: "ModelPool"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sarai_requests", "chat requests answered (or started), by model and routing",
+            ["model", "plugin", "reason"], registry=r)
+        self.errors = Counter(
+            "sarai_request_errors", "requests refused or failed, by HTTP status and error code",
+            ["status", "code"], registry=r)
+        self.tokens = Counter("sarai_tokens", "tokens processed, by model and kind",
+                              ["model", "kind"], registry=r)
+        self.ttft = Histogram(
+            "sarai_time_to_first_token_seconds",
+            "time from the start of generation to the first token (model load excluded)",
+            ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.generation = Histogram(
+            "sarai_generation_seconds", "generation time per request (model load excluded)",
+            ["model"], buckets=GENERATION_BUCKETS, registry=r)
+        self.loads = Counter("sarai_model_loads", "model loads", ["model"], registry=r)
+        self.load_failures = Counter("sarai_model_load_failures", "model loads that failed",
+                                     ["model"], registry=r)
+        self.load_seconds = Histogram("sarai_model_load_seconds", "model load time",
+                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.unloads = Counter(
+            "sarai_model_unloads", "model unloads, by why: expire (TTL), evict (room), unload",
+            ["model", "reason"], registry=r)
+        self.evictions = Counter("sarai_model_evictions",
+                                 "models unloaded to make room for another", ["model"], registry=r)
+        self.unverified = Counter(
+            "sarai_unload_unverified",
+            "unloads after which process RSS did not drop by about the model's size",
+            ["model"], registry=r)
+        self.queue_full = Counter("sarai_queue_full",
+                                  "requests refused because the model's queue was full",
+                                  ["model"], registry=r)
+        self.prewarms = Counter(
+            "sarai_prewarms",
+            "background pre-loads by outcome: started, used, wasted (unloaded unused), skipped",
+            ["model", "outcome"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
+        r.register(PoolCollector(pool))
+        pool.listeners.append(self.on_pool_event)
+
+    def on_pool_event(self, event: "PoolEvent") -> None:
+        model = event.model
+        if event.kind == "load":
+            self.loads.labels(model).inc()
+            self.load_seconds.labels(model).observe(event.seconds)
+        elif event.kind == "load_failed":
+            self.load_failures.labels(model).inc()
+        elif event.kind in ("unload", "expire", "evict"):
+            self.unloads.labels(model, event.kind).inc()
+            if event.kind == "evict":
+                self.evictions.labels(model).inc()
+        elif event.kind == "unload_unverified":
+            self.unverified.labels(model).inc()
+        elif event.kind == "queue_full":
+            self.queue_full.labels(model).inc()
+        elif event.kind == "prewarm":
+            self.prewarms.labels(model, "started").inc()
+        elif event.kind.startswith("prewarm_"):
+            self.prewarms.labels(model, event.kind.removeprefix("prewarm_")).inc()
+
+    def request_started(self, decision: "RouteDecision") -> None:
+        self.requests.labels(decision.model, decision.plugin, reason_label(decision.reason)).inc()
+
+    def request_finished(self, completion: "Completion") -> None:
+        model = completion.decision.model
+        self.tokens.labels(model, "prompt").inc(completion.usage.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(completion.usage.completion_tokens)
+        if completion.timings.first_token_s is not None:
+            self.ttft.labels(model).observe(completion.timings.first_token_s)
+        self.generation.labels(model).observe(completion.timings.generation_s)
+
+    def request_failed(self, status: int, code: str) -> None:
+        self.errors.labels(str(status), code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

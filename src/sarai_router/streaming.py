@@ -1,0 +1,98 @@
+"""Run one generation in its own thread and hand its pieces to whoever waits (the server's
+event loop, the chat REPL's main thread), so that the waiter can stop it between tokens.
+
+A llama.cpp generation is a blocking generator. Iterating it on the caller's thread would
+block the server's event loop, and interrupting it with Ctrl-C could leave the model in
+the middle of a token. Here the generator lives on one worker thread from start to end,
+and a cancel flag, checked between pieces, closes it cleanly: the pool releases the
+instance and the idle clock starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import attrs
+
+from .backend import GenerationParams
+from .engine import Completion, Engine
+from .types import ChatRequest, RouteDecision
+
+
+@attrs.frozen
+class Piece:
+    text: str
+
+
+@attrs.frozen
+class Done:
+    completion: Completion
+    cancelled: bool = False
+
+
+@attrs.frozen
+class Failed:
+    error: BaseException
+    #: True when no text had been produced yet (the answer can still be an error status).
+    before_first_piece: bool
+
+
+Event = Piece | Done | Failed
+
+
+class Generation:
+    """``engine.stream(...)`` on a worker thread; every event goes to ``sink``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: ChatRequest,
+        decision: RouteDecision,
+        params: GenerationParams,
+        sink: Callable[[Event], Any],
+        *,
+        queue_limit: int | None = None,
+    ):
+        self.engine = engine
+        self.request = request
+        self.decision = decision
+        self.params = params
+        self.sink = sink
+        self.queue_limit = queue_limit
+        self.completion = Completion(decision=decision)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sarai-gen-{decision.model}",
+                                        daemon=True)
+
+    def start(self) -> "Generation":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop after the current piece; the sink still gets ``Done(cancelled=True)``."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        produced = False
+        stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
+                                    queue_limit=self.queue_limit)
+        try:
+            for text in stream:
+                if self._cancel.is_set():
+                    break
+                produced = True
+                self.sink(Piece(text))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
+            self.sink(Failed(exc, before_first_piece=not produced))
+            return
+        finally:
+            stream.close()  # releases the model instance now, not at garbage collection
+        self.sink(Done(self.completion, cancelled=self._cancel.is_set()))

@@ -1,0 +1,122 @@
+"""``sarai-router chat`` driven through a real terminal (pexpect), on the real models."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from sarai_router.backend import GenerationParams
+from sarai_router.chat import PROMPT, ChatSession
+from sarai_router.engine import Engine
+
+pytestmark = pytest.mark.models
+
+SAR = str(Path(sys.executable).with_name("sarai-router"))
+# One thread: robust on a busy 2-core machine (ggml's threads spin-wait when starved).
+ONE_THREAD_PINNED = "pinned = true\nn_threads = 1"
+
+
+def spawn_chat(config_path: Path, *args: str) -> pexpect.spawn:
+    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1", "TERM": "dumb"}
+    child = pexpect.spawn(SAR, ["--config", str(config_path), "chat", *args], env=env,
+                          encoding="utf-8", timeout=90, dimensions=(50, 200))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def test_chat_turns_model_switch_models_and_ttl(write_config):
+    path = write_config(cache="ttl_seconds = 60\nmax_loaded = 2\nreap_interval_seconds = 0.2",
+                        fast=ONE_THREAD_PINNED, quality="ttl_seconds = 1\nn_threads = 1")
+    child = spawn_chat(path, "--max-tokens", "6", "--seed", "1")
+    try:
+        child.sendline("Hola, ¿cómo estás?")
+        child.expect_exact("[fast] no rule matched")  # the model and why, before the answer
+        child.expect(r"\[fast\] \d+ tokens")
+        child.expect_exact(PROMPT)
+
+        child.sendline("/model quality")
+        child.expect_exact("next turns go to 'quality'")
+        child.expect_exact(PROMPT)
+        child.sendline("And now?")
+        child.expect_exact("[quality] model requested explicitly")
+        child.expect(r"\[quality\] \d+ tokens")
+        child.expect_exact(PROMPT)
+
+        child.sendline("/models")
+        child.expect(r"\* quality\s+loaded")
+        child.expect_exact(PROMPT)
+        time.sleep(2.5)  # idle past the quality model's 1 s TTL: the reaper unloads it
+        child.sendline("/models")
+        child.expect(r"fast\s+loaded\s+pinned")
+        child.expect(r"\* quality\s+unloaded")
+        child.expect_exact(PROMPT)
+
+        child.sendline("/auto")
+        child.expect_exact("routing each turn again")
+        child.expect_exact(PROMPT)
+        child.sendline("Describe esta imagen")
+        child.expect_exact("[quality] multimodal request")
+        child.expect_exact(PROMPT)
+
+        child.sendline("/model nope")
+        child.expect_exact("no model 'nope'")
+        child.expect_exact(PROMPT)
+        child.sendline("/reset")
+        child.expect_exact("conversation forgotten")
+        child.expect_exact(PROMPT)
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        child.wait()
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, (child.exitstatus, child.signalstatus, child.before)
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(write_config):
+    child = spawn_chat(write_config(fast=ONE_THREAD_PINNED), "--max-tokens", "400",
+                       "--temperature", "0")
+    try:
+        child.sendline("Count from 1 to 300, separated by commas.")
+        child.expect_exact("[fast]")
+        child.expect(r"\d")  # the answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped]", timeout=30)
+        child.expect_exact(PROMPT)
+        child.sendline("/models")  # still alive, and the model still loaded
+        child.expect(r"fast\s+loaded")
+        child.expect_exact(PROMPT)
+        child.sendintr()  # at the prompt: a hint, not an exit
+        child.expect_exact("/quit or Ctrl-D leaves")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.wait()
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, (child.exitstatus, child.signalstatus, child.before)
+
+
+def test_history_is_kept_and_reset(make_config):
+    engine = Engine(make_config())
+    lines = iter(["Hola", "¿Y tú?", "/reset", "/quit"])
+    out: list[str] = []
+    session = ChatSession(engine, GenerationParams(max_tokens=4, temperature=0),
+                          echo=lambda text="", nl=True: out.append(str(text)))
+    history_sizes = []
+
+    def read(prompt):
+        history_sizes.append(len(session.history))
+        return next(lines)
+
+    try:
+        session.run(read=read)
+    finally:
+        engine.close()
+    # Before each line: 0 turns, 1 turn (2 messages), 2 turns, then reset.
+    assert history_sizes == [0, 2, 4, 0]
+    second = session.messages("x")
+    assert second == ({"role": "user", "content": "x"},)

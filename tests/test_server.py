@@ -1,0 +1,440 @@
+"""A real ``sarai-router serve`` process on 127.0.0.1, the real models, the official client.
+
+One server for the whole module (loading models is the slow part). Its config: the two
+real models with small contexts, the quality model expiring after QUALITY_TTL seconds,
+the reaper every REAP seconds, one waiting request per model, an API key, a small body
+limit, and a ``broken`` model whose file is not a GGUF (backend failure).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import base_toml
+
+API_KEY = "test-key-123"
+QUALITY_TTL = 4.0
+REAP = 0.25
+MAX_BODY = 8192
+SAR = str(Path(sys.executable).with_name("sarai-router"))
+
+pytestmark = pytest.mark.models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url = url
+        self.process = process
+        self.log = log
+
+    def client(self, key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def get(self, path: str, key: str | None = API_KEY) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path)
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, data: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def models(self) -> dict[str, dict]:
+        status, body = self.get("/v1/models")
+        assert status == 200, body
+        return {row["id"]: row for row in json.loads(body)["data"]}
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        status, body = self.get("/metrics")
+        assert status == 200
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    def wait_until(self, predicate, timeout: float, what: str) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if predicate():
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; log:\n"
+                             + self.log.read_text()[-3000:])
+
+
+def metric(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models_dir):
+    folder = tmp_path_factory.mktemp("server")
+    broken = folder / "broken.gguf"
+    broken.write_bytes(b"this is not a GGUF file" * 100)
+    config = folder / "sarai.toml"
+    config.write_text(
+        base_toml(models_dir,
+                  cache=f"ttl_seconds = 60\nmax_loaded = 3\nreap_interval_seconds = {REAP}",
+                  # One thread per model: two models generating at once must not
+                  # oversubscribe a 2-core machine (ggml's threads spin-wait).
+                  fast="pinned = true\nn_threads = 1",
+                  quality=f"ttl_seconds = {QUALITY_TTL}\nn_threads = 1")
+        + f"""
+[models.broken]
+path = "{broken.as_posix()}"
+ttl_seconds = 1
+
+[server]
+queue_size = 1
+max_body_bytes = {MAX_BODY}
+""", encoding="utf-8")
+    port = free_port()
+    log = folder / "server.log"
+    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
+        yield srv
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert process.returncode in (0, -15), log.read_text()[-3000:]
+
+
+def _healthy(srv: Server) -> bool:
+    try:
+        return srv.get("/health", key=None)[0] == 200
+    except OSError:
+        return False
+
+
+def ask(client: openai.OpenAI, text: str, model: str = "auto", **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    return client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": text}], **kwargs)
+
+
+def wait_quality_unloaded(server: Server) -> None:
+    server.wait_until(lambda: not server.models()["quality"]["loaded"], QUALITY_TTL + 10,
+                      "the quality model to expire")
+
+
+# -- answers -----------------------------------------------------------------------------
+
+
+def test_pinned_model_loaded_at_start_and_health_is_open(server):
+    status, body = server.get("/health", key=None)
+    assert status == 200
+    assert json.loads(body)["models"]["fast"] == "loaded"
+    models = server.models()
+    assert set(models) == {"auto", "fast", "quality", "broken"}
+    assert models["fast"]["loaded"] and models["fast"]["pinned"]
+    assert models["auto"]["loaded"]
+
+
+def test_auto_routes_conversation_to_fast(server):
+    raw = ask(server.client(), "Hola, ¿cómo estás?")
+    completion = raw.parse()
+    assert completion.model == "fast"
+    assert raw.headers["x-sarai-model"] == "fast"
+    assert raw.headers["x-sarai-route-reason"]
+    assert completion.choices[0].message.content
+    assert completion.usage.completion_tokens >= 1
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_auto_routes_image_request_to_quality(server):
+    raw = ask(server.client(), "Describe esta imagen, por favor")
+    assert raw.parse().model == "quality"
+    assert raw.headers["x-sarai-model"] == "quality"
+    assert "imagen" in raw.headers["x-sarai-route-reason"]
+    assert server.models()["quality"]["loaded"]
+
+
+@pytest.mark.parametrize("model", ["fast", "quality"])
+def test_explicit_model_bypasses_routing(server, model):
+    # The text would route to quality; the explicit name wins.
+    raw = ask(server.client(), "Describe esta imagen", model=model, seed=7, temperature=0)
+    assert raw.parse().model == model
+    assert raw.headers["x-sarai-route-reason"] == "model requested explicitly"
+
+
+def test_max_tokens_and_stop_are_honoured(server):
+    client = server.client()
+    long = client.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "Count from 1 to 50."}],
+        max_tokens=5, temperature=0)
+    assert long.usage.completion_tokens <= 5
+    assert long.choices[0].finish_reason == "length"
+    stopped = client.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "Count from 1 to 50, one per line."}],
+        max_tokens=40, temperature=0, stop=["5"])
+    assert "5" not in stopped.choices[0].message.content
+
+
+def test_seed_makes_answers_repeatable(server):
+    client = server.client()
+    answers = {
+        client.chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "Tell me a word."}],
+            max_tokens=8, temperature=1.0, seed=42).choices[0].message.content
+        for _ in range(2)
+    }
+    assert len(answers) == 1
+
+
+def test_streaming_arrives_in_pieces_and_ends_with_done(server):
+    client = server.client()
+    arrivals, pieces, models = [], [], set()
+    with client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Hola, cuéntame algo de ti."}],
+        max_tokens=24, stream=True, stream_options={"include_usage": True},
+    ) as stream:
+        usage = None
+        for chunk in stream:
+            models.add(chunk.model)
+            if chunk.usage:
+                usage = chunk.usage
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                arrivals.append(time.perf_counter())
+    assert models == {"fast"}
+    assert len(pieces) >= 3, pieces
+    # Not buffered: the first piece came well before the last.
+    assert arrivals[-1] - arrivals[0] > 0.01
+    assert usage is not None and usage.completion_tokens >= len(pieces) - 1
+
+
+def test_raw_sse_format(server):
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions", method="POST",
+        data=json.dumps({"model": "fast", "stream": True, "max_tokens": 4,
+                         "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-sarai-model"] == "fast"
+        lines = [line.decode().rstrip("\n") for line in resp]
+    events = [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
+    ask(server.client(), "hi", model="quality", max_tokens=2)
+    finished = time.monotonic()
+    assert server.models()["quality"]["loaded"]
+    # Only GET /v1/models from here on: the reaper alone unloads it.
+    server.wait_until(lambda: not server.models()["quality"]["loaded"], QUALITY_TTL + 10,
+                      "the quality model to expire")
+    idle = time.monotonic() - finished
+    assert idle >= QUALITY_TTL - 0.2
+    assert server.models()["fast"]["loaded"], "a pinned model never expires"
+    samples = server.metrics()
+    assert metric(samples, "sarai_model_unloads_total", model="quality", reason="expire") >= 1
+    assert metric(samples, "sarai_model_loaded", model="quality") == 0
+
+
+def test_concurrent_requests_to_both_models_all_answered(server):
+    client = server.client()
+    jobs = [("fast", "Hola"), ("quality", "Hello"), ("fast", "¿Qué tal?"), ("quality", "Hi")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(
+            lambda job: client.chat.completions.create(
+                model=job[0], messages=[{"role": "user", "content": job[1]}], max_tokens=8),
+            jobs))
+    assert [r.model for r in results] == [m for m, _ in jobs]
+    assert all(r.usage.completion_tokens >= 1 for r in results)
+
+
+def test_full_queue_is_refused_with_429(server):
+    client = server.client()
+    barrier = threading.Barrier(6)
+
+    def one(_):
+        barrier.wait()
+        try:
+            client.chat.completions.create(
+                model="fast", max_tokens=48, temperature=0,
+                messages=[{"role": "user", "content": "Count from 1 to 100: 1, 2, 3,"}])
+            return 200
+        except openai.RateLimitError as exc:
+            assert exc.body["code"] == "queue_full"
+            return 429
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(one, range(6)))
+    # queue_size = 1: one generating + one waiting; the rest are refused at once.
+    assert statuses.count(200) >= 2
+    assert statuses.count(429) >= 1
+    assert metric(server.metrics(), "sarai_queue_full_total", model="fast") >= 1
+    # The refused requests left nothing behind: the next one is answered.
+    assert ask(client, "Hola").parse().model == "fast"
+
+
+def test_prewarm_loads_quality_before_it_is_asked_for(server):
+    wait_quality_unloaded(server)
+    before = server.metrics()
+    # Emotional and short: answered by fast; it mentions a photo: pre-warm quality.
+    raw = ask(server.client(), "¡Muchas gracias, estoy feliz! Mira mi foto", max_tokens=1)
+    assert raw.parse().model == "fast"
+    # The pre-warm began at routing time: quality is loading or loaded by now, unasked.
+    assert server.models()["quality"]["state"] in ("loading", "loaded")
+    assert metric(server.metrics(), "sarai_model_queued_requests", model="quality") == 0
+    assert ask(server.client(), "Describe esta imagen", max_tokens=1).parse().model == "quality"
+    after = server.metrics()
+    for outcome in ("started", "used"):
+        assert (metric(after, "sarai_prewarms_total", model="quality", outcome=outcome)
+                == metric(before, "sarai_prewarms_total", model="quality", outcome=outcome) + 1)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_api_key_is_enforced(server):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert server.get("/v1/models", key=None)[0] == 401
+    assert server.get("/metrics", key="nope")[0] == 401
+    assert server.get("/health", key=None)[0] == 200
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as info:
+        ask(server.client(), "hi", model="gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_body"),
+    (b'{"model": "auto"}', 422, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 422, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+     422, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+     422, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [1]}',
+     422, "invalid_value"),
+])
+def test_bad_bodies_are_refused(server, body, status, code):
+    got, answer = server.post("/v1/chat/completions", body)
+    assert got == status, answer
+    assert answer["error"]["code"] == code
+    assert answer["error"]["message"]
+
+
+def test_body_size_limit(server):
+    text = "x" * (MAX_BODY + 10)
+    body = json.dumps({"model": "fast", "messages": [{"role": "user", "content": text}]})
+    status, answer = server.post("/v1/chat/completions", body.encode())
+    assert status == 413 and answer["error"]["code"] == "body_too_large"
+
+
+def _image_message(url: str) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_image_paths_and_remote_urls_are_refused(server):
+    client = server.client()
+    for url in ("/etc/passwd", "file:///etc/passwd", "http://example.com/cat.png"):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="auto", messages=_image_message(url))
+        assert info.value.body["code"] == "invalid_image_url"
+
+
+def test_data_uri_image_counts_as_the_image_modality(server):
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(
+            model="auto", messages=_image_message(f"data:image/png;base64,{png}"))
+    # Routed as an image request; neither test model takes images, and the error says so.
+    assert info.value.body["code"] == "unsupported_modality"
+    assert "image" in info.value.body["message"]
+
+
+def test_backend_failure_is_502_and_the_server_survives(server):
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(server.client(), "hi", model="broken")
+    assert info.value.status_code == 502
+    assert "broken" in info.value.body["message"]
+    assert server.process.poll() is None
+    assert ask(server.client(), "Hola").parse().model == "fast"
+    assert metric(server.metrics(), "sarai_model_load_failures_total", model="broken") >= 1
+
+
+def test_metrics_endpoint(server):
+    client = server.client()
+    ask(client, "Hola, ¿cómo estás?")
+    ask(client, "Describe esta imagen, por favor", max_tokens=2)
+    samples = server.metrics()
+    assert metric(samples, "sarai_requests_total", model="fast", plugin="heuristic",
+                  reason="no rule matched") >= 1
+    assert metric(samples, "sarai_requests_total", model="quality", plugin="heuristic",
+                  reason="multimodal request") >= 1
+    for model in ("fast", "quality"):
+        assert metric(samples, "sarai_tokens_total", model=model, kind="completion") >= 1
+        assert metric(samples, "sarai_time_to_first_token_seconds_count", model=model) >= 1
+        assert metric(samples, "sarai_generation_seconds_count", model=model) >= 1
+        assert metric(samples, "sarai_model_loads_total", model=model) >= 1
+        assert metric(samples, "sarai_model_load_seconds_count", model=model) >= 1
+    assert metric(samples, "sarai_model_loaded", model="fast") == 1
+    assert metric(samples, "sarai_resident_models") >= 1
+    assert metric(samples, "sarai_resident_ram_mb") > 50
+    assert metric(samples, "sarai_model_ram_mb", model="fast", kind="measured") > 0
+    assert metric(samples, "process_resident_memory_bytes") > 50e6
+    status, text = server.get("/metrics")
+    for family in ("sarai_model_unloads_total", "sarai_model_evictions_total",
+                   "sarai_unload_unverified_total", "sarai_prewarms_total",
+                   "sarai_request_errors_total", "sarai_queue_full_total"):
+        assert f"# TYPE {family} counter" in text.decode()
