@@ -1,0 +1,797 @@
+"""The field report's benchmark, run on any configured models, plus the router's own cost.
+
+``run_bench`` returns one JSON-able dict with every figure; the renderers turn it into a
+terminal report, markdown or a plot. Sections, in the order they run:
+
+* ``decision``: routing decisions per second with the default plugins, no model loaded;
+* ``models``: per model, load time and RSS, a warm-up that is not counted, then each query
+  x each iteration with a fixed seed: tok/s, latency and time to first token; the model is
+  unloaded through the pool afterwards and the RSS measured again;
+* ``overhead``: the same prompts through the Engine (route + pool + backend) and straight
+  into ``llama_cpp.Llama.create_chat_completion(stream=True)`` on the same instance,
+  interleaved, plus a third arm with a no-op logits processor (what the backend uses to
+  count tokens);
+* ``dual``: a traffic mix replayed through the real router vs everything to one model;
+* ``kpis``: targets from ``[bench]`` or options, each met or not.
+
+Only the Engine path is product code; the direct path exists here as the yardstick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import attrs
+
+from .backend import GenerationParams
+from .config import BenchConfig, Config
+from .types import ChatRequest
+
+#: Five conversational queries, Spanish and English, as in the field report's study.
+BUILTIN_QUERIES: tuple[str, ...] = (
+    "Hola, ¿cómo estás? Hoy me siento un poco cansado y necesito hablar con alguien.",
+    "Thank you so much for listening yesterday. I'm feeling much better today.",
+    "Estoy preocupado por mi examen de mañana, ¿me das algún consejo para calmarme?",
+    "I'm a bit lonely tonight. Can you tell me something nice about your day?",
+    "¡Muchas gracias! Me alegra mucho haber terminado por fin mi proyecto.",
+)
+
+#: The default traffic mix: the five conversational queries, three plain questions and
+#: two that mention an image, so the default rules send about 80 % to the fast model.
+BUILTIN_MIX: tuple[str, ...] = BUILTIN_QUERIES + (
+    "What is a good recipe for a quick vegetarian dinner?",
+    "¿Cuál es la diferencia entre un río y un arroyo?",
+    "Give me three ideas for a weekend trip near the mountains.",
+    "Describe what you would expect to see in a photo of a busy market at night.",
+    "Explica qué muestra un diagrama de flujo de un proceso de compra en línea.",
+)
+
+LONG_INPUT_CHARS = 2000
+
+
+class BenchError(Exception):
+    """The bench cannot run as asked (a bad option, an unusable model); the message says why."""
+
+
+@attrs.frozen
+class Targets:
+    """KPI targets. A range is met at or above its lower bound; the upper is the expected ceiling."""
+
+    tps_min: float
+    tps_max: float | None
+    p50_seconds: float
+    speedup_min: float
+    speedup_max: float | None
+    ram_mb: float
+    overhead_ratio: float
+
+    @classmethod
+    def from_config(cls, bench: BenchConfig) -> "Targets":
+        return cls(bench.target_tps_min, bench.target_tps_max, bench.target_p50_seconds,
+                   bench.target_speedup_min, bench.target_speedup_max, bench.target_ram_mb,
+                   bench.target_overhead_ratio)
+
+
+def parse_range(text: str) -> tuple[float, float | None]:
+    """``"7-15"`` -> (7.0, 15.0); ``"7"`` -> (7.0, None). Raise ValueError on anything else."""
+    parts = text.strip().split("-")
+    if len(parts) not in (1, 2) or not all(p.strip() for p in parts):
+        raise ValueError(f"{text!r} is not a number or a range like 7-15")
+    try:
+        low = float(parts[0])
+        high = float(parts[1]) if len(parts) == 2 else None
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number or a range like 7-15") from None
+    if low < 0 or (high is not None and high < low):
+        raise ValueError(f"{text!r}: the range must be non-negative and low-high")
+    return low, high
+
+
+def read_mix(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Prompts from a JSONL file: each line a string, or an object with ``prompt`` or ``text``."""
+    prompts: list[str] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+        if isinstance(item, dict):
+            item = item.get("prompt", item.get("text"))
+        if not isinstance(item, str) or not item.strip():
+            raise BenchError(f'{path}:{number}: expected a string or {{"prompt": "..."}}, '
+                             f"got {line.strip()[:60]}")
+        prompts.append(item)
+    if not prompts:
+        raise BenchError(f"{path}: no prompts (one JSON string or {{\"prompt\": ...}} per line)")
+    return tuple(prompts)
+
+
+@attrs.frozen
+class BenchSettings:
+    models: tuple[str, ...]
+    queries: tuple[str, ...] = BUILTIN_QUERIES
+    iterations: int = 3
+    max_tokens: int = 100
+    seed: int = 42
+    temperature: float = 0.7
+    warmup: bool = True
+    mix: tuple[str, ...] = BUILTIN_MIX
+    mix_source: str = "built-in"
+    mix_iterations: int = 1
+    baseline_model: str | None = None  # dual strategy: None = the slowest model measured
+    overhead_model: str | None = None  # None = the first llama_cpp model benched
+    overhead: bool = True
+    dual: bool = True
+    decision_seconds: float = 1.0
+    command: str = ""
+
+
+Progress = Callable[[int], None]
+
+
+# -- small statistics ---------------------------------------------------------------------
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in 0..100 (numpy's default), without numpy."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# -- machine ------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "ram_total_mb": round(psutil.virtual_memory().total / 2**20),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "llama_cpp_python": _version("llama_cpp_python") or _version("llama-cpp-python"),
+        "sarai_router": _version("sarai-router"),
+        "load_average_start": None if load is None else [round(x, 2) for x in load],
+    }
+
+
+def model_info(config: Config, name: str) -> dict[str, Any]:
+    spec = config.models[name]
+    path = Path(spec.path)
+    return {
+        "name": name,
+        "backend": spec.backend,
+        "file": path.name,
+        "path": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 1) if path.is_file() else None,
+        "sha256": spec.sha256 or None,
+        "n_ctx": spec.n_ctx,
+        "n_batch": spec.n_batch,
+        "n_threads": spec.n_threads or os.cpu_count(),
+        "chat_format": spec.chat_format or None,
+    }
+
+
+# -- decision cost ------------------------------------------------------------------------
+
+def measure_decisions(config: Config, seconds: float = 1.0) -> dict[str, Any]:
+    """Route short and 2,000-char inputs repeatedly with every default plugin, no model loaded."""
+    from .router import Router
+
+    router = Router(config)
+    short = ChatRequest.from_prompt(BUILTIN_QUERIES[0])
+    sentence = "Necesito ayuda con una pregunta larga sobre mi trabajo y mis planes. "
+    long_text = (sentence * (LONG_INPUT_CHARS // len(sentence) + 1))[:LONG_INPUT_CHARS]
+    out: dict[str, Any] = {"plugins": [row["name"] for row in router.hooks.describe()]}
+    for label, request in (("short", short), ("long", ChatRequest.from_prompt(long_text))):
+        for _ in range(20):  # warm regex caches and imports
+            router.route(request)
+        samples: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(samples) < 100:
+            t0 = time.perf_counter_ns()
+            router.route(request)
+            samples.append((time.perf_counter_ns() - t0) / 1000.0)
+        total_s = sum(samples) / 1e6
+        out[label] = {
+            "chars": len(request.text),
+            "decisions": len(samples),
+            "decisions_per_second": round(len(samples) / total_s, 1),
+            "p50_us": round(percentile(samples, 50), 1),
+            "p99_us": round(percentile(samples, 99), 1),
+            "mean_us": round(mean(samples), 1),
+            "model": router.route(request).model,
+        }
+    return out
+
+
+# -- generations --------------------------------------------------------------------------
+
+@attrs.define
+class Run:
+    """One timed generation. Latency runs from the request's start (routing included) to the end."""
+
+    model: str
+    prompt_index: int
+    tokens: int
+    pieces: int
+    latency_s: float
+    ttft_s: float | None
+    load_s: float = 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.latency_s if self.latency_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "query": self.prompt_index, "tokens": self.tokens,
+                "latency_s": _r(self.latency_s, 4), "ttft_s": _r(self.ttft_s, 4),
+                "tokens_per_second": _r(self.tps, 2)}
+
+
+def engine_run(engine, prompt: str, index: int, params: GenerationParams,
+               model: str | None = None, *, routed: bool = False) -> Run:
+    """One request through the Engine: plugins decide (``routed``), else ``model`` is asked for.
+
+    ``routed`` with a ``model`` runs the plugins' decision in full, then answers with ``model``.
+    """
+    from .engine import Completion
+
+    request = ChatRequest.from_prompt(prompt)
+    started = time.perf_counter()
+    decision = engine.route(request) if routed or model is None else engine.route(request, model=model)
+    if routed and model is not None and decision.model != model:
+        decision = attrs.evolve(decision, model=model)  # the full routing cost, a fixed model
+    completion = Completion(decision=decision)
+    first = None
+    pieces = 0
+    for _ in engine.stream(request, decision, params, completion):
+        if first is None:
+            first = time.perf_counter() - started
+        pieces += 1
+    ended = time.perf_counter()
+    load = completion.timings.load_s
+    return Run(model=decision.model, prompt_index=index,
+               tokens=completion.usage.completion_tokens, pieces=pieces,
+               latency_s=ended - started - load, ttft_s=None if first is None else first - load,
+               load_s=load)
+
+
+def summarize_runs(runs: Sequence[Run], n_prompts: int) -> dict[str, Any]:
+    per_query = []
+    for i in range(n_prompts):
+        mine = [r for r in runs if r.prompt_index == i]
+        if not mine:
+            continue
+        per_query.append({
+            "query": i,
+            "tokens_per_second": _r(mean(r.tps for r in mine), 2),
+            "latency_s": _r(mean(r.latency_s for r in mine), 3),
+            "ttft_s": _r(mean(r.ttft_s for r in mine if r.ttft_s is not None), 4),
+            "tokens": _r(mean(r.tokens for r in mine), 1),
+        })
+    latencies = [r.latency_s for r in runs]
+    return {
+        "per_query": per_query,
+        "mean_tokens_per_second": _r(mean(r.tps for r in runs), 2),
+        "mean_latency_s": _r(mean(latencies), 3),
+        "p50_latency_s": _r(percentile(latencies, 50), 3),
+        "p95_latency_s": _r(percentile(latencies, 95), 3),
+        "mean_ttft_s": _r(mean(r.ttft_s for r in runs if r.ttft_s is not None), 4),
+        "mean_tokens": _r(mean(r.tokens for r in runs), 1),
+        "runs": [r.to_dict() for r in runs],
+    }
+
+
+def bench_model(engine, name: str, settings: BenchSettings, params: GenerationParams,
+                progress: Progress) -> dict[str, Any]:
+    """Load ``name`` through the pool, warm it up, run the study, unload it; with RSS around each."""
+    from .pool import process_rss_mb
+
+    rss_before = process_rss_mb()
+    resident = engine.pool.ensure_loaded(name)
+    rss_loaded = process_rss_mb()
+    if settings.warmup:
+        engine_run(engine, settings.queries[0], 0, params, name)
+    runs = []
+    for _ in range(settings.iterations):
+        # Query-major within an iteration, so no query follows itself and hits the prompt cache.
+        for index, prompt in enumerate(settings.queries):
+            runs.append(engine_run(engine, prompt, index, params, name))
+            progress(1)
+    result = summarize_runs(runs, len(settings.queries))
+    result["memory"] = {
+        "rss_before_load_mb": round(rss_before, 1),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        "load_delta_mb": round(rss_loaded - rss_before, 1),
+        "load_s": round(resident.load_seconds, 3),
+        "rss_after_run_mb": round(process_rss_mb(), 1),
+        "estimated_mb": round(resident.estimated_mb, 1),
+    }
+    return result
+
+
+def unload_model(engine, name: str, memory: dict[str, Any]) -> None:
+    from .pool import process_rss_mb
+
+    engine.pool.unload(name)
+    memory["rss_after_unload_mb"] = round(process_rss_mb(), 1)
+    memory["released_mb"] = round(memory["rss_after_run_mb"] - memory["rss_after_unload_mb"], 1)
+
+
+# -- router overhead ----------------------------------------------------------------------
+
+def _direct_run(llama, prompt: str, index: int, params: GenerationParams,
+                with_processor: bool) -> Run:
+    kwargs: dict[str, Any] = {}
+    if with_processor:
+        from llama_cpp import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([lambda _ids, scores: scores])
+    started = time.perf_counter()
+    first = None
+    pieces = 0
+    for chunk in llama.create_chat_completion(
+        messages=[{"role": "user", "content": prompt}], max_tokens=params.max_tokens,
+        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=None,
+        stream=True, **kwargs,
+    ):
+        if chunk["choices"][0].get("delta", {}).get("content"):
+            if first is None:
+                first = time.perf_counter() - started
+            pieces += 1
+    return Run(model="direct", prompt_index=index, tokens=pieces, pieces=pieces,
+               latency_s=time.perf_counter() - started, ttft_s=first)
+
+
+def measure_overhead(engine, name: str, settings: BenchSettings, params: GenerationParams,
+                     progress: Progress) -> dict[str, Any]:
+    """A/B(/C) on one loaded llama_cpp instance; arms alternate order each round.
+
+    Throughput on every arm counts streamed text pieces over wall time from the call's
+    start (routing included for the router), so the arms are measured alike. The KV cache
+    is reset before every call so no arm gets another's prompt for free.
+    """
+    with engine.pool.use(name) as resident:
+        llama = getattr(resident.model, "llama", None)
+    if llama is None:
+        return {"model": name, "skipped": f"model {name!r} is not a llama_cpp model"}
+
+    def router_arm(prompt, index):
+        run = engine_run(engine, prompt, index, params, name, routed=True)
+        run.tokens = run.pieces
+        return run
+
+    arms: dict[str, Callable[[str, int], Run]] = {
+        "router": router_arm,
+        "direct": lambda p, i: _direct_run(llama, p, i, params, False),
+        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, params, True),
+    }
+    order = list(arms)
+    results: dict[str, list[Run]] = {arm: [] for arm in arms}
+    rounds = 0
+    for _ in range(settings.iterations):
+        for index, prompt in enumerate(settings.queries):
+            for arm in order:
+                llama.reset()
+                results[arm].append(arms[arm](prompt, index))
+            order = order[1:] + order[:1]  # rotate who goes first
+            rounds += 1
+            progress(1)
+
+    def arm_summary(runs: list[Run]) -> dict[str, Any]:
+        tokens = sum(r.tokens for r in runs)
+        seconds = sum(r.latency_s for r in runs)
+        return {"tokens": tokens, "seconds": round(seconds, 3),
+                "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
+                "median_ttft_s": _r(statistics.median(r.ttft_s or 0.0 for r in runs), 4)}
+
+    def pair_ratios(arm: str) -> list[float]:
+        return [a.tps / b.tps for a, b in zip(results[arm], results["direct"]) if b.tps > 0]
+
+    summaries = {arm: arm_summary(runs) for arm, runs in results.items()}
+    router_ratios = pair_ratios("router")
+    processor_ratios = pair_ratios("direct_logits_processor")
+    ttft_diff = [a.ttft_s - b.ttft_s for a, b in zip(results["router"], results["direct"])
+                 if a.ttft_s is not None and b.ttft_s is not None]
+    same_output = sum(a.pieces == b.pieces for a, b in zip(results["router"], results["direct"]))
+    return {
+        "model": name,
+        "rounds": rounds,
+        "arms": summaries,
+        # Headline: the median of per-round ratios, robust to a noisy neighbour hitting one round.
+        "ratio": _r(statistics.median(router_ratios), 4) if router_ratios else None,
+        "ratio_aggregate": _r(summaries["router"]["tokens_per_second"]
+                              / summaries["direct"]["tokens_per_second"], 4)
+        if summaries["direct"]["tokens_per_second"] else None,
+        "logits_processor_ratio": _r(statistics.median(processor_ratios), 4)
+        if processor_ratios else None,
+        "ttft_diff_ms": _r(statistics.median(ttft_diff) * 1000, 2) if ttft_diff else None,
+        "same_length_rounds": same_output,
+    }
+
+
+# -- dual strategy ------------------------------------------------------------------------
+
+def measure_dual(engine, baseline: str, settings: BenchSettings, params: GenerationParams,
+                 progress: Progress) -> dict[str, Any]:
+    """Replay the mix routed by the plugins and all to ``baseline``, request by request."""
+    routed: list[Run] = []
+    single: list[Run] = []
+    decisions = [engine.route(ChatRequest.from_prompt(p)).model for p in settings.mix]
+    for model in sorted(set(decisions) | {baseline}):
+        engine.pool.ensure_loaded(model)
+        engine_run(engine, settings.mix[0], 0, params, model)  # warm-up, not counted
+    flip = False
+    for _ in range(settings.mix_iterations):
+        for index, prompt in enumerate(settings.mix):
+            pair = [("routed", lambda: engine_run(engine, prompt, index, params, routed=True)),
+                    ("single", lambda: engine_run(engine, prompt, index, params, baseline))]
+            for kind, fn in (reversed(pair) if flip else pair):
+                (routed if kind == "routed" else single).append(fn())
+            flip = not flip
+            progress(1)
+
+    def strategy(runs: list[Run]) -> dict[str, Any]:
+        latencies = [r.latency_s for r in runs]
+        tokens = sum(r.tokens for r in runs)
+        seconds = sum(latencies)
+        counts: dict[str, int] = {}
+        for r in runs:
+            counts[r.model] = counts.get(r.model, 0) + 1
+        return {
+            "requests": len(runs),
+            "mean_latency_s": _r(mean(latencies), 3),
+            "p50_latency_s": _r(percentile(latencies, 50), 3),
+            "p95_latency_s": _r(percentile(latencies, 95), 3),
+            "mean_ttft_s": _r(mean(r.ttft_s for r in runs if r.ttft_s is not None), 4),
+            "tokens_per_second": _r(tokens / seconds, 2) if seconds else 0.0,
+            "mean_tokens_per_second": _r(mean(r.tps for r in runs), 2),
+            "mean_tokens": _r(tokens / len(runs), 1) if runs else 0.0,
+            "share": {m: round(c / len(runs), 4) for m, c in sorted(counts.items())},
+        }
+
+    routed_s, single_s = strategy(routed), strategy(single)
+    return {
+        "baseline_model": baseline,
+        "mix": settings.mix_source,
+        "prompts": len(settings.mix),
+        "iterations": settings.mix_iterations,
+        "routes": decisions,
+        "routed": routed_s,
+        "single": single_s,
+        "latency_speedup": _r(single_s["mean_latency_s"] / routed_s["mean_latency_s"], 3)
+        if routed_s["mean_latency_s"] else None,
+        "throughput_speedup": _r(routed_s["tokens_per_second"] / single_s["tokens_per_second"], 3)
+        if single_s["tokens_per_second"] else None,
+    }
+
+
+# -- KPIs ---------------------------------------------------------------------------------
+
+def evaluate_kpis(report: Mapping[str, Any], targets: Targets) -> list[dict[str, Any]]:
+    models = report["models"]
+    rows: list[dict[str, Any]] = []
+
+    def at_least(name, value, low, high, unit, source):
+        if value is None:
+            return
+        target = f">= {low:g}{unit}" if high is None else f"{low:g}-{high:g}{unit}"
+        note = "above the range" if high is not None and value > high else ""
+        rows.append({"kpi": name, "value": value, "target": target, "met": value >= low,
+                     "note": note, "source": source})
+
+    def at_most(name, value, high, unit, source):
+        if value is None:
+            return
+        rows.append({"kpi": name, "value": value, "target": f"<= {high:g}{unit}",
+                     "met": value <= high, "note": "", "source": source})
+
+    if models:
+        fastest = max(models, key=lambda n: models[n]["mean_tokens_per_second"])
+        at_least("fast model throughput (tok/s)", models[fastest]["mean_tokens_per_second"],
+                 targets.tps_min, targets.tps_max, "", f"models.{fastest}")
+        if len(models) > 1:
+            at_least("speedup fastest vs slowest (x)", models[fastest]["speedup"],
+                     targets.speedup_min, targets.speedup_max, "x", f"models.{fastest}.speedup")
+    dual = report.get("dual")
+    if dual:
+        at_most("P50 latency, routed traffic (s)", dual["routed"]["p50_latency_s"],
+                targets.p50_seconds, " s", "dual.routed")
+    elif models:
+        fastest = max(models, key=lambda n: models[n]["mean_tokens_per_second"])
+        at_most("P50 latency, fast model (s)", models[fastest]["p50_latency_s"],
+                targets.p50_seconds, " s", f"models.{fastest}")
+    at_most("peak RSS (MB)", report["memory"]["peak_rss_mb"], targets.ram_mb, " MB",
+            "memory.peak_rss_mb")
+    overhead = report.get("overhead")
+    if overhead and overhead.get("ratio") is not None:
+        at_least("router/direct tok/s ratio", overhead["ratio"], targets.overhead_ratio, None,
+                 "", "overhead.ratio")
+    return rows
+
+
+# -- the whole study ----------------------------------------------------------------------
+
+def planned_steps(settings: BenchSettings) -> int:
+    per_model = len(settings.queries) * settings.iterations
+    steps = per_model * len(settings.models)
+    if settings.overhead:
+        steps += per_model
+    if settings.dual:
+        steps += len(settings.mix) * settings.mix_iterations
+    return steps
+
+
+def run_bench(config: Config, settings: BenchSettings, targets: Targets,
+              progress: Progress = lambda n: None) -> dict[str, Any]:
+    from .engine import Engine
+    from .pool import process_rss_mb
+
+    report: dict[str, Any] = {
+        "command": settings.command,
+        "machine": machine_info(),
+        "settings": {
+            "models": list(settings.models), "queries": list(settings.queries),
+            "iterations": settings.iterations, "max_tokens": settings.max_tokens,
+            "seed": settings.seed, "temperature": settings.temperature,
+            "warmup": settings.warmup, "mix": settings.mix_source,
+            "mix_iterations": settings.mix_iterations,
+        },
+        "model_files": {name: model_info(config, name) for name in settings.models},
+        "targets": attrs.asdict(targets),
+    }
+    started = time.perf_counter()
+    report["decision"] = measure_decisions(config, settings.decision_seconds)
+    params = GenerationParams(max_tokens=settings.max_tokens, temperature=settings.temperature,
+                              seed=settings.seed)
+    engine = Engine(config)
+    rss_start = process_rss_mb()
+    try:
+        models: dict[str, Any] = {}
+        for name in settings.models:
+            models[name] = bench_model(engine, name, settings, params, progress)
+            if settings.overhead and name == overhead_model(config, settings):
+                report["overhead"] = measure_overhead(engine, name, settings, params, progress)
+            unload_model(engine, name, models[name]["memory"])
+        slowest = min(models.values(), key=lambda m: m["mean_tokens_per_second"])
+        for result in models.values():
+            base = slowest["mean_tokens_per_second"]
+            result["speedup"] = _r(result["mean_tokens_per_second"] / base, 3) if base else None
+        report["models"] = models
+        if settings.dual:
+            baseline = settings.baseline_model or min(
+                models, key=lambda n: models[n]["mean_tokens_per_second"])
+            report["dual"] = measure_dual(engine, baseline, settings, params, progress)
+        report["memory"] = {
+            "rss_at_start_mb": round(rss_start, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "per_model": {n: m["memory"] for n, m in models.items()},
+        }
+    finally:
+        engine.close()
+    report["memory"]["rss_at_end_mb"] = round(process_rss_mb(), 1)
+    report["kpis"] = evaluate_kpis(report, targets)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_end"] = None if load is None else [round(x, 2) for x in load]
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def overhead_model(config: Config, settings: BenchSettings) -> str | None:
+    """The model to measure overhead on: chosen, else the first llama_cpp model benched."""
+    if settings.overhead_model:
+        return settings.overhead_model
+    for name in settings.models:
+        if config.models[name].backend == "llama_cpp":
+            return name
+    return None
+
+
+# -- renderers ----------------------------------------------------------------------------
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[str]]:
+    return [list(map(str, headers))] + [[_cell(c) for c in row] for row in rows]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    """Every table of the report as (title, rows with a header row first)."""
+    out: list[tuple[str, list[list[str]]]] = []
+    models = report["models"]
+    n = len(report["settings"]["queries"])
+    qs = [f"Q{i + 1}" for i in range(n)]
+    for title, key, mean_key in (("Throughput (tok/s)", "tokens_per_second", "mean_tokens_per_second"),
+                                 ("Latency (s)", "latency_s", "mean_latency_s"),
+                                 ("Time to first token (s)", "ttft_s", "mean_ttft_s")):
+        rows = []
+        for name, m in models.items():
+            values = {q["query"]: q[key] for q in m["per_query"]}
+            rows.append([name] + [values.get(i) for i in range(n)] + [m[mean_key]])
+        out.append((title, _table(["model", *qs, "mean"], rows)))
+    rows = [[name, m["mean_tokens_per_second"], m["speedup"], m["mean_tokens"],
+             m["p50_latency_s"], m["memory"]["load_s"], m["memory"]["load_delta_mb"],
+             m["memory"].get("rss_after_unload_mb")] for name, m in models.items()]
+    out.append(("Per model", _table(["model", "tok/s", "speedup", "tokens", "P50 s", "load s",
+                                     "RSS +MB at load", "RSS MB after unload"], rows)))
+    dual = report.get("dual")
+    if dual:
+        rows = []
+        for label, key in ((f"routed ({dual['mix']} mix)", "routed"),
+                           (f"all to {dual['baseline_model']}", "single")):
+            s = dual[key]
+            share = ", ".join(f"{m} {v:.0%}" for m, v in s["share"].items())
+            rows.append([label, s["mean_latency_s"], s["p50_latency_s"], s["p95_latency_s"],
+                         s["tokens_per_second"], s["mean_ttft_s"], share])
+        out.append((f"Dual strategy (latency x{_cell(dual['latency_speedup'])}, "
+                    f"throughput x{_cell(dual['throughput_speedup'])})",
+                    _table(["strategy", "mean s", "P50 s", "P95 s", "tok/s", "TTFT s", "share"],
+                           rows)))
+    overhead = report.get("overhead")
+    if overhead and "arms" in overhead:
+        rows = [[arm, s["tokens_per_second"], s["median_ttft_s"], s["tokens"], s["seconds"]]
+                for arm, s in overhead["arms"].items()]
+        out.append((f"Router overhead on {overhead['model']} ({overhead['rounds']} interleaved "
+                    f"rounds): ratio {_cell(overhead['ratio'])}, TTFT "
+                    f"{_cell(overhead['ttft_diff_ms'])} ms, logits-processor ratio "
+                    f"{_cell(overhead['logits_processor_ratio'])}",
+                    _table(["arm", "tok/s", "median TTFT s", "tokens", "seconds"], rows)))
+    decision = report["decision"]
+    rows = [[label, d["chars"], d["decisions_per_second"], d["p50_us"], d["p99_us"], d["model"]]
+            for label, d in ((k, decision[k]) for k in ("short", "long"))]
+    out.append(("Routing decision cost (no model loaded)",
+                _table(["input", "chars", "decisions/s", "p50 µs", "p99 µs", "routed to"], rows)))
+    mem = report["memory"]
+    out.append(("Memory", _table(["RSS at start MB", "peak RSS MB", "RSS at end MB"],
+                                 [[mem["rss_at_start_mb"], mem["peak_rss_mb"],
+                                   mem["rss_at_end_mb"]]])))
+    rows = [[k["kpi"], k["value"], k["target"], ("met" if k["met"] else "NOT met")
+             + (f" ({k['note']})" if k["note"] else "")] for k in report["kpis"]]
+    out.append(("KPIs", _table(["KPI", "value", "target", "status"], rows)))
+    return out
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    lines = [_machine_line(report), ""]
+    for i, query in enumerate(report["settings"]["queries"]):
+        lines.append(f"  Q{i + 1}: {query}")
+    for title, rows in _tables(report):
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines += ["", title]
+        for j, row in enumerate(rows):
+            lines.append("  " + "  ".join(c.rjust(w) if j and k else c.ljust(w)
+                                          for k, (c, w) in enumerate(zip(row, widths))))
+            if j == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _machine_line(report: Mapping[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    return (f"{m['cpu_model']}, {m['logical_cores']} cores, llama-cpp-python "
+            f"{m['llama_cpp_python']}, load average {m['load_average_start']} -> "
+            f"{m.get('load_average_end')}; {len(s['queries'])} queries x {s['iterations']} "
+            f"iterations, max_tokens {s['max_tokens']}, seed {s['seed']}; "
+            f"{report['elapsed_s']} s")
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    lines = ["# sarai-router bench", "", _machine_line(report), ""]
+    if report.get("command"):
+        lines += ["```", report["command"], "```", ""]
+    for name, info in report["model_files"].items():
+        lines.append(f"- `{name}`: `{info['file']}` ({info['size_mb']} MB, n_ctx {info['n_ctx']}, "
+                     f"{info['n_threads']} threads)")
+    lines.append("")
+    for i, query in enumerate(report["settings"]["queries"]):
+        lines.append(f"- Q{i + 1}: {query}")
+    for title, rows in _tables(report):
+        lines += ["", f"### {title}", "", "| " + " | ".join(rows[0]) + " |",
+                  "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    names = list(models)
+    n = len(report["settings"]["queries"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / max(1, len(names))
+    for ax, key, title in ((axes[0], "tokens_per_second", "Throughput per query (tok/s)"),
+                           (axes[1], "latency_s", "Latency per query (s)")):
+        for j, name in enumerate(names):
+            values = {q["query"]: q[key] for q in models[name]["per_query"]}
+            xs = [i + j * width for i in range(n)]
+            ax.bar(xs, [values.get(i, 0) for i in range(n)], width, label=name)
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(n)])
+        ax.set_xticklabels([f"Q{i + 1}" for i in range(n)])
+        ax.set_title(title)
+        ax.legend()
+    ax = axes[2]
+    dual = report.get("dual")
+    if dual:
+        stats = ("mean_latency_s", "p50_latency_s", "p95_latency_s")
+        for j, (key, label) in enumerate((("routed", "routed"),
+                                          ("single", f"all to {dual['baseline_model']}"))):
+            ax.bar([i + j * 0.4 for i in range(3)], [dual[key][s] for s in stats], 0.4,
+                   label=f"{label}: {dual[key]['tokens_per_second']:.1f} tok/s")
+        ax.set_xticks([i + 0.2 for i in range(3)])
+        ax.set_xticklabels(["mean", "P50", "P95"])
+        ax.set_title(f"Routed vs one model: latency (s), x{dual['latency_speedup']}")
+        ax.legend()
+    else:
+        ax.set_axis_off()
+    m = report["machine"]
+    fig.suptitle(f"sarai-router bench: {m['cpu_model']}, {m['logical_cores']} cores, "
+                 f"max_tokens {report['settings']['max_tokens']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,159 @@
+"""``sarai-router bench`` on the real models with tiny settings: structure and sanity, no timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sarai_router.bench import BenchError, parse_range, percentile, read_mix, render_markdown, render_text
+from sarai_router.cli import cli
+
+from conftest import base_toml
+
+TINY = ["--iterations", "1", "--queries", "2", "--max-tokens", "16", "--decision-seconds", "0.2",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, models_dir):
+    """One tiny bench through the CLI, shared by the tests of its output."""
+    folder = tmp_path_factory.mktemp("bench")
+    config = folder / "sarai.toml"
+    config.write_text(base_toml(models_dir), encoding="utf-8")
+    md, png = folder / "bench.md", folder / "bench.png"
+    result = CliRunner().invoke(cli, ["--config", str(config), "bench", *TINY, "--json",
+                                      "--markdown", str(md), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), md, png
+
+
+def test_bench_reports_every_model_with_positive_rates(bench_run):
+    report, _, _ = bench_run
+    assert set(report["models"]) == {"fast", "quality"}
+    for model in report["models"].values():
+        assert len(model["per_query"]) == 2
+        assert len(model["runs"]) == 2  # 2 queries x 1 iteration; the warm-up is not counted
+        for run in model["runs"]:
+            assert run["tokens"] > 0 and run["tokens_per_second"] > 0 and run["latency_s"] > 0
+            assert run["tokens"] <= 16
+            assert 0 < run["ttft_s"] <= run["latency_s"]
+        assert model["mean_tokens_per_second"] > 0
+        mem = model["memory"]
+        assert mem["load_s"] > 0 and mem["rss_after_load_mb"] > mem["rss_before_load_mb"]
+        assert "rss_after_unload_mb" in mem
+
+
+def test_speedup_matches_the_per_model_means(bench_run):
+    report, _, _ = bench_run
+    means = {n: m["mean_tokens_per_second"] for n, m in report["models"].items()}
+    slowest = min(means.values())
+    for name, model in report["models"].items():
+        assert math.isclose(model["speedup"], means[name] / slowest, rel_tol=1e-2)
+    assert min(m["speedup"] for m in report["models"].values()) == 1.0
+
+
+def test_dual_strategy_shares_sum_to_one(bench_run):
+    dual = bench_run[0]["dual"]
+    assert dual["baseline_model"] == min(bench_run[0]["models"],
+                                         key=lambda n: bench_run[0]["models"][n]["mean_tokens_per_second"])
+    for key in ("routed", "single"):
+        strategy = dual[key]
+        assert strategy["requests"] == dual["prompts"] == 10
+        assert math.isclose(sum(strategy["share"].values()), 1.0, abs_tol=1e-3)
+        assert strategy["tokens_per_second"] > 0
+        assert 0 < strategy["p50_latency_s"] <= strategy["p95_latency_s"]
+    assert dual["single"]["share"] == {dual["baseline_model"]: 1.0}
+    # The built-in mix is mostly conversation: the default rules send most of it to fast.
+    assert dual["routed"]["share"]["fast"] >= 0.5
+    assert dual["latency_speedup"] > 0
+
+
+def test_overhead_and_decision_cost_are_present(bench_run):
+    report = bench_run[0]
+    overhead = report["overhead"]
+    assert overhead["model"] == "fast" and overhead["rounds"] == 2
+    assert overhead["ratio"] > 0 and overhead["logits_processor_ratio"] > 0
+    assert overhead["ttft_diff_ms"] is not None
+    assert set(overhead["arms"]) == {"router", "direct", "direct_logits_processor"}
+    for size in ("short", "long"):
+        decision = report["decision"][size]
+        assert decision["decisions_per_second"] > 0
+        assert 0 < decision["p50_us"] <= decision["p99_us"]
+    assert report["decision"]["long"]["chars"] == 2000
+
+
+def test_kpis_machine_and_files(bench_run):
+    report, md, png = bench_run
+    kpis = {k["kpi"]: k for k in report["kpis"]}
+    assert len(kpis) == 5 and all(isinstance(k["met"], bool) for k in kpis.values())
+    assert report["memory"]["peak_rss_mb"] > 0
+    machine = report["machine"]
+    assert machine["logical_cores"] >= 1 and machine["cpu_model"] and machine["llama_cpp_python"]
+    assert all(f["size_mb"] > 0 for f in report["model_files"].values())
+    assert "| fast |" in md.read_text() and "### KPIs" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert render_markdown(report) == md.read_text()
+    text = render_text(report)
+    assert "KPIs" in text and "Dual strategy" in text and "Router overhead" in text
+
+
+# -- bad input: clear errors, exit code 2, no traceback -----------------------------------
+
+def _bench(args, tmp_path, models_dir):
+    config = tmp_path / "sarai.toml"
+    config.write_text(base_toml(models_dir), encoding="utf-8")
+    return CliRunner().invoke(cli, ["--config", str(config), "bench", *TINY, *args])
+
+
+def _assert_usage_error(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for word in words:
+        assert word in result.output
+
+
+def test_unknown_model_is_a_usage_error(tmp_path, models_dir):
+    _assert_usage_error(_bench(["nope"], tmp_path, models_dir), "unknown model 'nope'",
+                        "fast, quality")
+    _assert_usage_error(_bench(["--baseline", "big"], tmp_path, models_dir), "--baseline")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "hola"}\n{not json\n', ":2: not valid JSON"),
+    ('{"other": 1}\n', ':1: expected a string or {"prompt": "..."}'),
+    ("\n\n", "no prompts"),
+])
+def test_bad_mix_file_is_a_usage_error(tmp_path, models_dir, content, message):
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text(content, encoding="utf-8")
+    _assert_usage_error(_bench(["--mix", str(mix)], tmp_path, models_dir), message)
+
+
+def test_missing_mix_file_is_a_usage_error(tmp_path, models_dir):
+    _assert_usage_error(_bench(["--mix", str(tmp_path / "none.jsonl")], tmp_path, models_dir),
+                        "does not exist")
+
+
+@pytest.mark.parametrize("value", ["15-7", "fast", "7-", "-3", "1-2-3"])
+def test_bad_target_range_is_a_usage_error(tmp_path, models_dir, value):
+    _assert_usage_error(_bench(["--target-tps", value], tmp_path, models_dir), "--target-tps")
+
+
+def test_parse_range_and_percentile():
+    assert parse_range("7-15") == (7.0, 15.0)
+    assert parse_range(" 2.5 ") == (2.5, None)
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+
+
+def test_read_mix_accepts_strings_and_objects(tmp_path):
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text('"hola"\n\n{"prompt": "describe esta imagen"}\n{"text": "hi"}\n', encoding="utf-8")
+    assert read_mix(mix) == ("hola", "describe esta imagen", "hi")
+    with pytest.raises(BenchError):
+        read_mix(tmp_path / "missing.jsonl")
