@@ -127,7 +127,17 @@ class ChatSession:
         events: queue.Queue = queue.Queue()
         generation = Generation(self.engine, request, decision, self.params, events.put).start()
         pieces: list[str] = []
-        final = self._stream(generation, events, pieces)
+        try:
+            final = self._stream(generation, events, pieces)
+        except KeyboardInterrupt:
+            # Ctrl-C can land between two turns of _stream's loop, outside its handler
+            # (Python checks for signals at loop back-edges): it means the same thing.
+            generation.cancel()
+            final = self._stream(generation, events, pieces)
+        finally:
+            # Never leave a generation running: exiting with one inside llama.cpp crashes.
+            generation.cancel()
+            generation.join()
         self.echo()
         if isinstance(final, Failed):
             self.echo(click.style(f"error: {final.error}", fg="red"))

@@ -6,6 +6,7 @@ The CLI, the server, the chat REPL and the bench all go through ``Engine``.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from typing import Any, Iterator
 
 import attrs
@@ -106,17 +107,20 @@ class Engine:
                 completion.timings.load_s = resident.load_seconds
             pieces: list[str] = []
             delta: Delta
-            for delta in resident.model.chat(
+            deltas = resident.model.chat(
                 request.messages, params, images=request.images, audio=request.audio
-            ):
-                if delta.text:
-                    if completion.timings.first_token_s is None:
-                        completion.timings.first_token_s = time.perf_counter() - gen_started
-                    pieces.append(delta.text)
-                    yield delta.text
-                if delta.usage is not None:
-                    completion.usage = delta.usage
-                    completion.finish_reason = delta.finish_reason
+            )
+            # Closed on the way out, so a stopped generation ends before the instance is free.
+            with closing(deltas):
+                for delta in deltas:
+                    if delta.text:
+                        if completion.timings.first_token_s is None:
+                            completion.timings.first_token_s = time.perf_counter() - gen_started
+                        pieces.append(delta.text)
+                        yield delta.text
+                    if delta.usage is not None:
+                        completion.usage = delta.usage
+                        completion.finish_reason = delta.finish_reason
             ended = time.perf_counter()
         completion.text = "".join(pieces)
         completion.timings.generation_s = ended - gen_started

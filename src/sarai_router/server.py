@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -264,6 +265,8 @@ class SaraiServer:
         self.load_pinned = load_pinned
         self.created = int(time.time())
         self._fetch_lock = threading.Lock()
+        # Generations still on their worker threads, stopped and joined at shutdown.
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -276,6 +279,12 @@ class SaraiServer:
         self.engine.pool.start_reaper()
 
     def shutdown(self) -> None:
+        # A process that exits with a generation inside llama.cpp crashes: stop them first.
+        live = list(self._live)
+        for generation in live:
+            generation.cancel()
+        for generation in live:
+            generation.join(timeout=30)
         self.engine.close()
 
     # -- helpers
@@ -328,7 +337,9 @@ class SaraiServer:
                 pass
 
         generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
-                                queue_limit=self.config.server.queue_size).start()
+                                queue_limit=self.config.server.queue_size)
+        self._live.add(generation)
+        generation.start()
         try:
             first = await events.get()
         except asyncio.CancelledError:

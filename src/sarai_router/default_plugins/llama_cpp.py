@@ -64,13 +64,18 @@ class LlamaCppModel:
             logits_processor=LogitsProcessorList([count_sampling]),
         )
         finish_reason = None
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            text = choice.get("delta", {}).get("content")
-            if text:
-                yield Delta(text=text)
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    yield Delta(text=text)
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+        finally:
+            # A generation stopped early must end now, while the model is alive: left to the
+            # garbage collector, it would run against a closed context (a crash at exit).
+            stream.close()
         # Every sampled token but the last was evaluated into the context after the prompt.
         prompt_tokens = max(0, self.llama.n_tokens - max(0, sampled - 1))
         completion_tokens = sampled if finish_reason == "length" else max(0, sampled - 1)
