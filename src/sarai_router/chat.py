@@ -125,23 +125,26 @@ class ChatSession:
         except Exception as exc:  # a guess that failed must not cost the turn
             self.echo(dim(f"(pre-warm failed: {exc})"))
         events: queue.Queue = queue.Queue()
-        generation = Generation(self.engine, request, decision, self.params, events.put).start()
+        generation = Generation(self.engine, request, decision, self.params, events.put)
         pieces: list[str] = []
+        final = None
         try:
+            generation.start()
             final = self._stream(generation, events, pieces)
         except KeyboardInterrupt:
-            # Ctrl-C can land between two turns of _stream's loop, outside its handler
-            # (Python checks for signals at loop back-edges): it means the same thing.
+            # Ctrl-C can land outside _stream's handler: while the worker starts, or between
+            # two turns of its loop (Python checks for signals at loop back-edges).
             generation.cancel()
-            final = self._stream(generation, events, pieces)
         finally:
             # Never leave a generation running: exiting with one inside llama.cpp crashes.
             generation.cancel()
             generation.join()
+        if final is None:  # the worker has ended: what it produced is all in the queue
+            final = self._drain(events, pieces)
         self.echo()
         if isinstance(final, Failed):
             self.echo(click.style(f"error: {final.error}", fg="red"))
-        elif final.cancelled:
+        elif final is None or final.cancelled:
             self.echo(dim("[stopped]"))
         else:
             data = final.completion.to_dict()
@@ -170,6 +173,18 @@ class ChatSession:
                 generation.cancel()  # the worker stops after its current token
                 if isinstance(event, (Done, Failed)):
                     return event
+
+    def _drain(self, events: queue.Queue, pieces: list[str]):
+        """Print what an ended generation left in the queue; return its Done/Failed, if any."""
+        while True:
+            try:
+                event = events.get_nowait()
+            except queue.Empty:
+                return None
+            if not isinstance(event, Piece):
+                return event
+            pieces.append(event.text)
+            self.echo(event.text, nl=False)
 
     # -- the loop
 

@@ -62,11 +62,20 @@ class Generation:
         self.queue_limit = queue_limit
         self.completion = Completion(decision=decision)
         self._cancel = threading.Event()
+        self._finished = threading.Event()
+        self._launched = False
         self._thread = threading.Thread(target=self._run, name=f"sarai-gen-{decision.model}",
                                         daemon=True)
 
     def start(self) -> "Generation":
-        self._thread.start()
+        self._launched = True
+        try:
+            self._thread.start()
+        except KeyboardInterrupt:
+            raise  # Thread.start() was waiting for a thread that exists: it will finish
+        except BaseException:
+            self._launched = False
+            raise
         return self
 
     def cancel(self) -> None:
@@ -78,9 +87,17 @@ class Generation:
         return self._cancel.is_set()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        """Wait for the worker to end; safe even if ``start()`` was interrupted by Ctrl-C."""
+        if self._launched:
+            self._finished.wait(timeout)
 
     def _run(self) -> None:
+        try:
+            self._generate()
+        finally:
+            self._finished.set()
+
+    def _generate(self) -> None:
         produced = False
         stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
                                     queue_limit=self.queue_limit)
