@@ -8,6 +8,8 @@ input is not supported by this backend.
 from __future__ import annotations
 
 import base64
+import ctypes
+import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -15,6 +17,38 @@ from ..backend import BackendError, Delta, GenerationParams, Usage
 from ..config import ModelSpec
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
+
+
+# ggml's log levels (ggml.h): llama-cpp-python's own callback maps them as an older ggml
+# numbered them, so llama.cpp warnings print to stderr even with verbose=False.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_llama_log = logging.getLogger("llama_cpp")
+_log_callback = None
+
+
+def route_llama_logs_to_logging(llama_cpp) -> None:
+    """Send llama.cpp's log lines to the ``llama_cpp`` logger (shown with ``-vv``).
+
+    llama.cpp's warnings are about its own internals (e.g. the SWA cache size): useful when
+    debugging, noise in a CLI answer, so they are logged at DEBUG.
+    """
+    global _log_callback
+    if _log_callback is not None:
+        return
+    last_level = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, _user_data):
+        # Level 5 (CONT) continues the previous line at its level.
+        python_level = last_level[0] if level == 5 else _GGML_LEVELS.get(level, logging.DEBUG)
+        last_level[0] = python_level
+        if _llama_log.isEnabledFor(logging.DEBUG):
+            _llama_log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+        elif python_level >= logging.ERROR:
+            _llama_log.error("%s", text.decode("utf-8", errors="replace").rstrip())
+
+    _log_callback = callback  # ctypes must keep the callback alive
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def default_threads() -> int:
@@ -116,6 +150,7 @@ class LlamaCppBackend:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a broken install
             raise BackendError(f"llama-cpp-python is not importable: {exc}") from None
+        route_llama_logs_to_logging(llama_cpp)
         kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=spec.n_ctx,
