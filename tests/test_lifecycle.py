@@ -107,7 +107,8 @@ def test_full_queue_raises_queue_full_at_once(make_engine, make_config):
         with pytest.raises(QueueFull) as info:
             with pool.use("fast", queue_limit=1):
                 pass
-        assert time.perf_counter() - started < 0.5, "refused at once, not after waiting"
+        # The holder never lets go inside this block: a refusal that waited would hang here.
+        assert time.perf_counter() - started < 5, "refused at once, not after waiting"
         assert "queue_size" in str(info.value)
         with pytest.raises(QueueFull):  # queue_size = 0: nobody may wait
             with pool.use("fast", queue_limit=0):
