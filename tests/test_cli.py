@@ -370,3 +370,10 @@ def test_trace_plugins_env_prints_every_hook_call(run, write_config, monkeypatch
     assert "[trace] select_route -> heuristic(" in result.stderr
     assert "[trace] register_signals -> empathy(" in result.stderr
     assert "Route(model='fast'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["query", "route"])
+def test_empty_prompt_is_a_usage_error(run, default_config_here, command):
+    result = run(command, "   ")
+    assert result.exit_code == 2
+    assert "PROMPT is empty" in result.stderr

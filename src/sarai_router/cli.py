@@ -76,6 +76,9 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 def _request_from_options(prompt: str, images: tuple[str, ...], audio: str | None):
     from .types import ChatRequest
 
+    if not prompt.strip() and not images and not audio:
+        fail("PROMPT is empty: give some text (or attach --image / --audio)", EXIT_USAGE)
+
     try:
         return ChatRequest.from_files(prompt, tuple(Path(p) for p in images),
                                       Path(audio) if audio else None)
