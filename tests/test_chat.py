@@ -120,3 +120,37 @@ def test_history_is_kept_and_reset(make_config):
     assert history_sizes == [0, 2, 4, 0]
     second = session.messages("x")
     assert second == ({"role": "user", "content": "x"},)
+
+
+def test_a_conversation_past_the_context_drops_its_oldest_exchanges(make_config):
+    engine = Engine(make_config())  # fast: n_ctx 512
+    out: list[str] = []
+    session = ChatSession(engine, GenerationParams(max_tokens=4, temperature=0),
+                          echo=lambda text="", nl=True: out.append(str(text)))
+    long_turn = "palabra " * 120  # about 120+ tokens each
+    for _ in range(4):
+        session.history += [{"role": "user", "content": long_turn},
+                            {"role": "assistant", "content": long_turn}]
+    try:
+        session.turn("Hola")
+    finally:
+        engine.close()
+    assert any("dropped the oldest exchange" in line for line in out)
+    assert not any(line.startswith("\x1b[31merror") or "error:" in line for line in out), out
+    # Some old exchanges were forgotten; the new one is kept, with its answer.
+    assert len(session.history) < 8 + 2
+    assert session.history[-2] == {"role": "user", "content": "Hola"}
+    assert session.history[-1]["content"].strip()
+
+
+def test_a_single_prompt_past_the_context_is_an_error_not_a_crash(make_config):
+    engine = Engine(make_config())
+    out: list[str] = []
+    session = ChatSession(engine, GenerationParams(max_tokens=4, temperature=0),
+                          echo=lambda text="", nl=True: out.append(str(text)))
+    try:
+        session.turn("palabra " * 1000)
+    finally:
+        engine.close()
+    assert any("n_ctx" in line for line in out), out
+    assert session.history == []

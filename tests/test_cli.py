@@ -377,3 +377,9 @@ def test_empty_prompt_is_a_usage_error(run, default_config_here, command):
     result = run(command, "   ")
     assert result.exit_code == 2
     assert "PROMPT is empty" in result.stderr
+
+
+def test_query_longer_than_the_context_is_a_clear_error(run, write_config):
+    result = run("--config", str(write_config()), "query", "word " * 1000, "--model", "fast")
+    assert result.exit_code == 2
+    assert "exceed context window" in result.stderr and "[models.fast] n_ctx" in result.stderr

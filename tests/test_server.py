@@ -229,7 +229,7 @@ def test_streaming_arrives_in_pieces_and_ends_with_done(server):
     arrivals, pieces, models = [], [], set()
     with client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "Hola, cuéntame algo de ti."}],
-        max_tokens=24, stream=True, stream_options={"include_usage": True},
+        max_tokens=24, temperature=0, seed=3, stream=True, stream_options={"include_usage": True},
     ) as stream:
         usage = None
         for chunk in stream:
@@ -302,7 +302,7 @@ def test_full_queue_is_refused_with_429(server):
         barrier.wait()
         try:
             client.chat.completions.create(
-                model="fast", max_tokens=48, temperature=0,
+                model="fast", max_tokens=200, temperature=0,
                 messages=[{"role": "user", "content": "Count from 1 to 100: 1, 2, 3,"}])
             return 200
         except openai.RateLimitError as exc:
@@ -401,6 +401,15 @@ def test_data_uri_image_counts_as_the_image_modality(server):
     # Routed as an image request; neither test model takes images, and the error says so.
     assert info.value.body["code"] == "unsupported_modality"
     assert "image" in info.value.body["message"]
+
+
+def test_prompt_longer_than_the_context_is_400_and_the_server_survives(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(server.client(), "word " * 1000, model="fast")  # n_ctx is 512 here
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert "n_ctx" in info.value.body["message"] and "'fast'" in info.value.body["message"]
+    assert server.process.poll() is None
+    assert ask(server.client(), "Hola").parse().model == "fast"
 
 
 def test_backend_failure_is_502_and_the_server_survives(server):

@@ -14,6 +14,10 @@ class BackendError(Exception):
     """A backend could not load a model or generate; the message says which and why."""
 
 
+class ContextLengthError(BackendError):
+    """The request does not fit the model's context window (bad input, not a fault)."""
+
+
 @attrs.frozen
 class GenerationParams:
     max_tokens: int | None = None  # None: the model's configured max_tokens

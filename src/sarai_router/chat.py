@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .backend import GenerationParams
+from .backend import ContextLengthError, GenerationParams
 from .config import Config
 from .engine import Engine
 from .streaming import Done, Failed, Generation, Piece
@@ -114,7 +114,7 @@ class ChatSession:
             kind = "routing" if isinstance(exc, RoutingError) else "error"
             self.echo(click.style(f"{kind}: {exc}", fg="red"))
             return
-        self.echo(dim(f"[{decision.model}] {decision.reason} ({decision.plugin})"))
+        self.echo(dim(decision.summary()))
         if self.ensure_file is not None:
             try:
                 self.ensure_file(self.config, decision.model)
@@ -124,6 +124,34 @@ class ChatSession:
             self.engine.prewarm_for(request, decision)
         except Exception as exc:  # a guess that failed must not cost the turn
             self.echo(dim(f"(pre-warm failed: {exc})"))
+        while True:
+            final, pieces = self._generate(request, decision)
+            if (isinstance(final, Failed) and final.before_first_piece and self.history
+                    and isinstance(final.error, ContextLengthError)):
+                # Keep the session usable: forget the oldest exchange and try again.
+                del self.history[:2]
+                self.echo(dim("(the conversation no longer fits the model's context: "
+                              "dropped the oldest exchange)"))
+                request = ChatRequest(messages=self.messages(text))
+                continue
+            break
+        self.echo()
+        if isinstance(final, Failed):
+            self.echo(click.style(f"error: {final.error}", fg="red"))
+        elif final is None or final.cancelled:
+            self.echo(dim("[stopped]"))
+        else:
+            data = final.completion.to_dict()
+            t = data["timings"]
+            self.echo(dim(f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+                          f"{t['tokens_per_second']:.0f} tok/s"
+                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
+        if pieces or not isinstance(final, Failed):
+            self.history.append({"role": "user", "content": text})
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _generate(self, request: ChatRequest, decision):
+        """Stream one answer; return its final event (None if stopped early) and pieces."""
         events: queue.Queue = queue.Queue()
         generation = Generation(self.engine, request, decision, self.params, events.put)
         pieces: list[str] = []
@@ -141,20 +169,7 @@ class ChatSession:
             generation.join()
         if final is None:  # the worker has ended: what it produced is all in the queue
             final = self._drain(events, pieces)
-        self.echo()
-        if isinstance(final, Failed):
-            self.echo(click.style(f"error: {final.error}", fg="red"))
-        elif final is None or final.cancelled:
-            self.echo(dim("[stopped]"))
-        else:
-            data = final.completion.to_dict()
-            t = data["timings"]
-            self.echo(dim(f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
-                          f"{t['tokens_per_second']:.0f} tok/s"
-                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
-        if pieces or not isinstance(final, Failed):
-            self.history.append({"role": "user", "content": text})
-            self.history.append({"role": "assistant", "content": "".join(pieces)})
+        return final, pieces
 
     def _stream(self, generation: Generation, events: queue.Queue, pieces: list[str]):
         """Print pieces until the generation ends; Ctrl-C (anywhere in here) cancels it."""

@@ -180,7 +180,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
           model: str | None, max_tokens: int | None, temperature: float, seed: int | None,
           no_stream: bool, as_json: bool) -> None:
     """Route PROMPT and stream the answer (model and reason on stderr)."""
-    from .backend import BackendError, GenerationParams
+    from .backend import BackendError, ContextLengthError, GenerationParams
     from .engine import CapabilityError, Completion, Engine
     from .pool import PoolError
 
@@ -193,7 +193,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     except CapabilityError as exc:
         fail(str(exc), EXIT_USAGE)
     if not as_json:
-        click.echo(dim(f"[{decision.model}] {decision.reason} ({decision.plugin})"), err=True)
+        click.echo(dim(decision.summary()), err=True)
     ensure_model_file(config, decision.model)
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     completion = Completion(decision=decision)
@@ -206,7 +206,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     except (BackendError, PoolError) as exc:
         if streaming:
             click.echo()
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE if isinstance(exc, ContextLengthError) else EXIT_FAILURE)
     except KeyboardInterrupt:
         click.echo()
         fail("interrupted", 130)

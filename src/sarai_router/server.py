@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .backend import BackendError, GenerationParams
+from .backend import BackendError, ContextLengthError, GenerationParams
 from .config import Config
 from .engine import CapabilityError, Engine
 from .metrics import CONTENT_TYPE, Metrics
@@ -80,6 +80,8 @@ def error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, PoolError):
         return ApiError(503, str(exc), code="model_unavailable", type="server_error",
                         headers={"retry-after": "5"})
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, BackendError):
         return ApiError(502, str(exc), code="backend_error")
     if isinstance(exc, CapabilityError):

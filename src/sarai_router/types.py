@@ -113,6 +113,11 @@ class RouteDecision:
     warnings: tuple[str, ...] = ()
     fallback: bool = False
 
+    def summary(self) -> str:
+        """One line for people: ``[fast] <reason> (heuristic)``."""
+        who = self.plugin if self.plugin.startswith("(") else f"({self.plugin})"
+        return f"[{self.model}] {self.reason} {who}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..backend import BackendError, Delta, GenerationParams, Usage
+from ..backend import BackendError, ContextLengthError, Delta, GenerationParams, Usage
 from ..config import ModelSpec
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
@@ -99,7 +99,7 @@ class LlamaCppModel:
         )
         finish_reason = None
         try:
-            for chunk in stream:
+            for chunk in _context_checked(stream, self.spec):
                 choice = chunk["choices"][0]
                 text = choice.get("delta", {}).get("content")
                 if text:
@@ -123,6 +123,23 @@ class LlamaCppModel:
         llama, self.llama = self.llama, None
         if llama is not None:
             llama.close()
+
+
+def _context_checked(stream, spec: ModelSpec):
+    """llama-cpp-python says a prompt is too long with a bare ValueError; name the model."""
+    iterator = iter(stream)
+    while True:
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        except ValueError as exc:
+            if "exceed context window" not in str(exc):
+                raise
+            raise ContextLengthError(
+                f"model {spec.name!r}: {exc}; shorten the conversation or raise "
+                f"[models.{spec.name}] n_ctx (now {spec.n_ctx})") from None
+        yield chunk
 
 
 def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
