@@ -371,13 +371,15 @@ class EvictNothingKnown:
         return "not-a-resident"
 
 
-def test_select_eviction_naming_a_non_candidate_is_a_pool_error(make_pool, make_config):
+def test_select_eviction_naming_a_non_candidate_is_skipped_for_the_next_plugin(make_pool,
+                                                                             make_config):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"),
                      EvictNothingKnown())
     use(pool, "fast")
-    with pytest.raises(PoolError, match="'not-a-resident'"):
-        use(pool, "quality")
-    assert loaded(pool) == {"fast"}
+    use(pool, "quality")  # the bad answer is logged and skipped; the default LRU evicts fast
+    assert loaded(pool) == {"quality"}
+    assert any("'not-a-resident'" in error and "select_eviction" in error
+               for error in pool.hooks.errors)
 
 
 class ExpireOnlyQuality:

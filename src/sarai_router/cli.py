@@ -118,7 +118,7 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     request = _request_from_options(prompt, images, audio)
     decision = _route_or_fail(router, request)
     if as_json:
-        emit_json({**decision.to_dict(), "plugin_errors": router.hooks.errors})
+        emit_json({**decision.to_dict(), "plugin_errors": list(router.hooks.errors)})
         return
     click.echo(f"model:   {decision.model}")
     click.echo(f"plugin:  {decision.plugin}")
@@ -332,18 +332,22 @@ def plugins(app: AppContext, as_json: bool) -> None:
         "blocked": list(router.plugins.blocked),
         "failed": [{"name": f.name, "source": f.source, "error": f.error}
                    for f in router.plugins.failures],
+        "warnings": list(router.plugins.warnings),
         "signals": {name: plugin for name, (plugin, _) in router.hooks.signal_functions().items()},
     }
     if as_json:
         emit_json(data)
         return
+    width = max([len(name) for name in [r["name"] for r in rows] + data["blocked"]] or [0]) + 1
     for row in rows:
         tag = "default" if row["default"] else row["source"]
-        click.echo(f"{row['name']:<14} {', '.join(row['hooks'])}  {dim('(' + tag + ')')}")
+        click.echo(f"{row['name']:<{width}} {', '.join(row['hooks'])}  {dim('(' + tag + ')')}")
     for name in data["blocked"]:
-        click.echo(f"{name:<14} {click.style('blocked by [plugins] disable', fg='yellow')}")
+        click.echo(f"{name:<{width}} {click.style('blocked by [plugins] disable', fg='yellow')}")
+    for warning in data["warnings"]:
+        click.echo(click.style(f"warning: {warning}", fg="yellow"))
     for failure in data["failed"]:
-        click.echo(f"{failure['name']:<14} "
+        click.echo(f"{failure['name']:<{width}} "
                    f"{click.style('failed to load: ' + failure['error'], fg='red')}  "
                    f"{dim('(' + failure['source'] + ')')}")
 

@@ -6,6 +6,7 @@ path (``cache.max_loaded``), so a user fixes them all in one go.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -203,6 +204,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
         raise ConfigError([f"{label}: file not found"]) from None
     except OSError as exc:
         raise ConfigError([f"{label}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{label}: not a UTF-8 text file (byte {exc.start}); "
+                           "a config is TOML text"]) from None
     return parse_config(text, source=label, base_dir=config_path.resolve().parent,
                         check_files=check_files)
 
@@ -350,7 +354,7 @@ def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config
 def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     """What a well-typed config can still get wrong: dangling names, bad ranges, missing files."""
     src = config.source
-    problems: list[str] = []
+    problems: list[str] = _non_finite_numbers(config)
     names = set(config.models)
     if not names:
         problems.append(f"{src}: models: no model is configured (add a [models.NAME] table)")
@@ -398,6 +402,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         elif check_files and not Path(spec.path).is_file():
             problems.append(f"{src}: {key}.path: model file not found: {spec.path}"
                             + (" (run `sarai-router models pull`)" if _pullable(spec) else ""))
+        elif check_files and spec.backend == "llama_cpp":
+            problems.extend(f"{src}: {key}.path: {p}" for p in _gguf_problems(spec.path))
         for field in ("n_ctx", "max_tokens", "n_batch"):
             if getattr(spec, field) < 1:
                 problems.append(f"{src}: {key}.{field}: must be >= 1")
@@ -413,6 +419,35 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
             problems.append(f"{src}: {key}.modalities: must include 'text'")
         if spec.mmproj and check_files and not Path(spec.mmproj).is_file():
             problems.append(f"{src}: {key}.mmproj: file not found: {spec.mmproj}")
+    if check_files:
+        for index, directory in enumerate(config.plugins.dirs):
+            if not Path(directory).is_dir():
+                problems.append(f"{src}: plugins.dirs[{index}]: not a directory: {directory}")
+    return problems
+
+
+def _gguf_problems(path: str) -> list[str]:
+    from .gguf_info import GGUFError, read_info
+
+    try:
+        read_info(path)
+    except GGUFError as exc:
+        return [str(exc)]
+    return []
+
+
+def _non_finite_numbers(config: Config) -> list[str]:
+    """TOML allows nan and inf; no setting here means anything with them."""
+    problems = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{config.source}: {key}: must be a finite number, got {value}")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else name)
+
+    walk(_converter.unstructure(config), "")
     return problems
 
 

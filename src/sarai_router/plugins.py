@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -68,6 +69,8 @@ class PluginSet:
     trace: bool = False
     #: names that discovery found but did not register because they are blocked
     skipped: set[str] = attrs.field(factory=set)
+    #: e.g. a hook implementation whose name matches no hookspec (a typo never called)
+    warnings: list[str] = attrs.field(factory=list)
 
 
 def _env_flag(name: str) -> bool:
@@ -94,6 +97,7 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
         if not pm.is_blocked(name):
             pm.register(plugin, name=name)
             plugins.sources[name] = "registered"
+    _warn_unknown_hooks(plugins)
     # Hooks calls implementations one by one, bypassing pm.hook (and pluggy's tracing).
     plugins.trace = _env_flag(TRACE_ENV)
     known = set(plugins.sources) | plugins.skipped | {f.name for f in plugins.failures}
@@ -101,6 +105,17 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
         if name not in known and name not in DEFAULT_PLUGINS:
             log.warning("[plugins] disable names %r, but no plugin has that name", name)
     return plugins
+
+
+def _warn_unknown_hooks(plugins: PluginSet) -> None:
+    for name, caller in vars(plugins.pm.hook).items():
+        if getattr(caller, "spec", True) is not None:
+            continue
+        for impl in caller.get_hookimpls():
+            message = (f"plugin {impl.plugin_name!r} implements {name!r}, which is not a "
+                       "sarai_router hook, so it is never called (a typo?)")
+            log.warning("%s", message)
+            plugins.warnings.append(message)
 
 
 def _load_entry_points(plugins: PluginSet) -> None:
@@ -173,7 +188,8 @@ class Hooks:
         self.plugins = plugins
         self.pm = plugins.pm
         self.config = config
-        self.errors: list[str] = []
+        # The latest plugin failures, for `route --json`; bounded, as a server lives long.
+        self.errors: deque[str] = deque(maxlen=100)
         self._backends: dict[str, tuple[str, "BackendFactory"]] | None = None
         self._signals: dict[str, tuple[str, Callable[..., Any]]] | None = None
 
@@ -195,15 +211,21 @@ class Hooks:
         log.warning("%s; skipped it", message)
         self.errors.append(message)
 
-    def call_first(self, hook_name: str, **kwargs: Any) -> Answer | None:
+    def call_first(self, hook_name: str, *, _valid: Callable[[Any], bool] | None = None,
+                   **kwargs: Any) -> Answer | None:
+        """The first non-None answer; with ``_valid``, an answer it rejects is skipped too."""
         for impl in self._impls(hook_name):
             try:
                 value = self._call(impl, hook_name, kwargs)
             except Exception as exc:
                 self._skip(impl, hook_name, exc)
                 continue
-            if value is not None:
-                return Answer(value=value, plugin=impl.plugin_name)
+            if value is None:
+                continue
+            if _valid is not None and not _valid(value):
+                self._skip(impl, hook_name, ValueError(f"invalid answer {value!r}"))
+                continue
+            return Answer(value=value, plugin=impl.plugin_name)
         return None
 
     def call_each(self, hook_name: str, **kwargs: Any) -> None:
@@ -251,8 +273,10 @@ class Hooks:
                                models=models, config=self.config)
 
     def select_eviction(self, *, candidates, needed_mb, loading) -> str | None:
+        names = {resident.name for resident in candidates}
         answer = self.call_first("select_eviction", candidates=candidates,
-                                 needed_mb=needed_mb, loading=loading)
+                                 needed_mb=needed_mb, loading=loading,
+                                 _valid=lambda value: value in names)
         return None if answer is None else answer.value
 
     def model_expired(self, *, resident, now, cache) -> bool:

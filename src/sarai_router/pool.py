@@ -464,8 +464,11 @@ class ModelPool:
             return
         interval = interval or self.config.cache.reap_interval_seconds
 
+        # Event.wait overflows on huge timeouts; nobody means more than an hour here.
+        period = min(interval, 3600.0)
+
         def run() -> None:
-            while not self._stop.wait(interval):
+            while not self._stop.wait(period):
                 try:
                     self.reap()
                 except Exception:
