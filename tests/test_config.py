@@ -187,3 +187,31 @@ def test_per_model_ttl_overrides_cache_ttl(make_config):
     config = make_config(quality="ttl_seconds = 5")
     assert config.ttl_for(config.models["quality"]) == 5
     assert config.ttl_for(config.models["fast"]) == 60
+
+
+def test_binary_file_is_a_config_error(tmp_path):
+    path = tmp_path / "sarai.toml"
+    path.write_bytes(b"\xd0\xcf\x11\xe0 binary")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: not a UTF-8 text file (byte 0); a config is TOML text"]
+
+
+def test_nan_and_inf_are_errors(write_config):
+    path = write_config(cache="ttl_seconds = nan\nreap_interval_seconds = inf")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}: cache.ttl_seconds: must be a finite number, got nan" in info.value.problems
+    assert any("cache.reap_interval_seconds" in p and "inf" in p for p in info.value.problems)
+
+
+def test_checked_files_must_be_gguf_and_plugin_dirs_must_exist(write_config, tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    path = write_config(f'[models.x]\npath = "{fake.as_posix()}"\n[plugins]\ndirs = ["nowhere"]\n')
+    load_config(path)  # only `config check` (check_files) reads the files
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_files=True)
+    assert any(p.startswith(f"{path}: models.x.path: not a readable GGUF file")
+               for p in info.value.problems), info.value.problems
+    assert f"{path}: plugins.dirs[0]: not a directory: {tmp_path / 'nowhere'}" in info.value.problems

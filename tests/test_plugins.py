@@ -319,3 +319,17 @@ def test_signal_that_raises_is_left_out_and_reported(config):
     assert "empathy" not in decision.signals
     assert any("'empathy'" in e and "'bad_signal'" in e and "ZeroDivisionError" in e
                for e in router.hooks.errors)
+
+
+def test_a_misspelt_hook_name_is_warned_about(make_config, tmp_path):
+    write_plugin(tmp_path / "plugs", "typo", """
+        @hookimpl
+        def select_rout(request):
+            return "quality"
+    """)
+    router = Router(plugins_dir_config(make_config, tmp_path))
+    assert router.plugins.warnings == [
+        "plugin 'typo' implements 'select_rout', which is not a sarai_router hook, "
+        "so it is never called (a typo?)"
+    ]
+    assert route(router, SAD).plugin == "heuristic"
