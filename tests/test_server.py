@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -364,6 +365,8 @@ def test_unknown_model_is_404(server):
      422, "invalid_value"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [1]}',
      422, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [""]}',
+     422, "invalid_value"),
 ])
 def test_bad_bodies_are_refused(server, body, status, code):
     got, answer = server.post("/v1/chat/completions", body)
@@ -447,3 +450,67 @@ def test_metrics_endpoint(server):
                    "sarai_unload_unverified_total", "sarai_prewarms_total",
                    "sarai_request_errors_total", "sarai_queue_full_total"):
         assert f"# TYPE {family} counter" in text.decode()
+
+
+def test_a_client_that_hangs_up_stops_its_non_streamed_answer(server):
+    import http.client
+
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "fast", "max_tokens": 400, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Count from 1 to 400: 1, 2,"}]})
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Content-Type": "application/json",
+                          "Authorization": f"Bearer {API_KEY}"})
+    server.wait_until(lambda: server.models()["fast"]["resident"]["users"] == 1, 30,
+                      "the answer to start")
+    conn.sock.close()  # hang up without reading the answer
+    conn.close()
+    # 400 tokens take seconds; the server notices within about half a second and stops.
+    server.wait_until(lambda: server.models()["fast"]["resident"]["users"] == 0, 10,
+                      "the generation to stop")
+    assert "client went away; stopped its answer from fast" in server.log.read_text()
+    assert ask(server.client(), "Hola").parse().model == "fast"
+
+
+def test_shutdown_stops_answers_in_flight_with_503(tmp_path, models_dir):
+    config = tmp_path / "sarai.toml"
+    config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1"),
+                      encoding="utf-8")
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    srv = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
+        body = json.dumps({"model": "fast", "max_tokens": 450, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Count to 500: 1, 2,"}]})
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(srv.post, "/v1/chat/completions", body.encode(), None)
+            srv.wait_until(lambda: srv.models()["fast"]["resident"]["users"] == 1, 30,
+                           "the answer to start")
+            process.send_signal(signal.SIGINT)
+            status, data = answer.result(timeout=30)
+        assert status == 503, data
+        assert data["error"]["code"] == "server_shutting_down"
+        assert process.wait(timeout=30) == 0, log.read_text()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_anything(tmp_path, models_dir):
+    config = tmp_path / "sarai.toml"
+    config.write_text(base_toml(models_dir), encoding="utf-8")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([SAR, "--config", str(config), "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr and "loaded model" not in result.stderr

@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from .cli import AppContext, dim, ensure_model_file, fail
+from .cli import EXIT_USAGE, AppContext, dim, ensure_model_file, fail
 
 
 @click.command()
@@ -25,6 +25,7 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     host = host or config.server.host
     port = port or config.server.port
     api_key = api_key or config.server.api_key
+    _check_port_free(host, port)
     if logging.getLogger().level > logging.INFO:
         # Loads, unloads and pre-warms are what a server operator wants to see.
         logging.getLogger("sarai_router").setLevel(logging.INFO)
@@ -39,6 +40,24 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
                    f"{', '.join(config.models)}; API key {'required' if api_key else 'off'})"),
                err=True)
     run_server(config, host=host, port=port, api_key=api_key or "")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading any model if the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        fail(f"--host {host!r}: cannot resolve it ({exc.strerror})", EXIT_USAGE)
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror} "
+                 "(choose another --port, or stop what uses it)", EXIT_USAGE)
 
 
 @click.command()

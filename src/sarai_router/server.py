@@ -70,6 +70,37 @@ class ApiError(Exception):
             status_code=self.status, headers=self.headers)
 
 
+class ClientGone(Exception):
+    """The client hung up before its answer was complete."""
+
+
+#: How often a handler waiting for tokens checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+async def _next_event(events: asyncio.Queue, request: Request):
+    """The worker's next event; ClientGone if the client has disconnected.
+
+    Tokens may arrive every few milliseconds, so the check runs on a clock, not only when
+    the queue is quiet.
+    """
+    state = request.scope.setdefault("sarai.last_disconnect_check", [time.monotonic()])
+    while True:
+        if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
+            state[0] = time.monotonic()
+            if await request.is_disconnected():
+                raise ClientGone
+        try:
+            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_SECONDS)
+        except asyncio.TimeoutError:
+            continue
+
+
+def _shutting_down() -> "ApiError":
+    return ApiError(503, "the server is shutting down; the answer was stopped",
+                    code="server_shutting_down", headers={"retry-after": "5"})
+
+
 def error_for(exc: BaseException) -> ApiError:
     """The status and code for an exception raised while routing, loading or generating."""
     if isinstance(exc, ApiError):
@@ -222,6 +253,8 @@ def parse_chat_body(body: Any) -> ParsedChat:
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
+    elif stop == "" or (isinstance(stop, list) and "" in stop):
+        raise _invalid("stop strings must not be empty", "stop")
     elif isinstance(stop, str):
         stops = (stop,)
     elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
@@ -267,6 +300,7 @@ class SaraiServer:
         self.load_pinned = load_pinned
         self.created = int(time.time())
         self._fetch_lock = threading.Lock()
+        self.shutting_down = False
         # Generations still on their worker threads, stopped and joined at shutdown.
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
 
@@ -280,8 +314,16 @@ class SaraiServer:
             self.engine.pool.load_pinned()
         self.engine.pool.start_reaper()
 
+    def stop_generations(self) -> None:
+        """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
+        with an error saying so, instead of being cut off by the grace timeout."""
+        self.shutting_down = True
+        for generation in list(self._live):
+            generation.cancel()
+
     def shutdown(self) -> None:
         # A process that exits with a generation inside llama.cpp crashes: stop them first.
+        self.shutting_down = True
         live = list(self._live)
         for generation in live:
             generation.cancel()
@@ -308,6 +350,12 @@ class SaraiServer:
         return {"x-sarai-model": header_value(decision.model),
                 "x-sarai-route-reason": header_value(decision.reason),
                 "x-sarai-route-plugin": header_value(decision.plugin)}
+
+    def _client_gone(self, generation: Generation, decision: RouteDecision) -> Response:
+        generation.cancel()
+        log.info("client went away; stopped its answer from %s", decision.model)
+        self.metrics.request_failed(499, "client_closed_request")
+        return Response(status_code=499)  # nginx's code; nobody reads it
 
     def _fail(self, error: ApiError) -> JSONResponse:
         self.metrics.request_failed(error.status, error.code)
@@ -343,10 +391,12 @@ class SaraiServer:
         self._live.add(generation)
         generation.start()
         try:
-            first = await events.get()
+            first = await _next_event(events, request)
         except asyncio.CancelledError:
             generation.cancel()
             raise
+        except ClientGone:
+            return self._client_gone(generation, decision)
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
             return self._fail(error_for(first.error))
@@ -363,12 +413,16 @@ class SaraiServer:
         try:
             while not isinstance(event, (Done, Failed)):
                 pieces.append(event.text)
-                event = await events.get()
-        except asyncio.CancelledError:  # server shutdown: stop generating for nobody
+                event = await _next_event(events, request)
+        except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
             raise
+        except ClientGone:
+            return self._client_gone(generation, decision)
         if isinstance(event, Failed):
             return self._fail(error_for(event.error))
+        if event.cancelled:  # only shutdown cancels a generation whose client is there
+            return self._fail(_shutting_down())
         completion = event.completion
         self.metrics.request_finished(completion)
         return JSONResponse({
@@ -388,6 +442,12 @@ class SaraiServer:
             while True:
                 if isinstance(event, Piece):
                     yield meta.chunk({"content": event.text})
+                elif isinstance(event, Done) and event.cancelled:
+                    error = _shutting_down()
+                    self.metrics.request_failed(error.status, error.code)
+                    yield meta.sse({"error": {"message": error.message, "type": error.type,
+                                              "param": None, "code": error.code}})
+                    break
                 elif isinstance(event, Done):
                     completion = event.completion
                     self.metrics.request_finished(completion)
@@ -568,5 +628,18 @@ def serve(config: Config, *, host: str, port: int, api_key: str = "",
     import uvicorn
 
     app = create_app(config, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+    state: SaraiServer = app.state.sarai
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Stop answers in flight at once (each ends with a 503 error or an error
+            # event), rather than let the grace timeout cut them off mid-reply.
+            state.stop_generations()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   access_log=False, timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+        pass
