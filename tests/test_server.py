@@ -514,3 +514,13 @@ def test_serve_on_a_port_in_use_fails_before_loading_anything(tmp_path, models_d
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr and "loaded model" not in result.stderr
+
+
+def test_serve_shares_the_cores_between_models_unless_told(make_config):
+    from sarai_router.default_plugins.llama_cpp import default_threads
+    from sarai_router.server import share_cores
+
+    config = make_config(cache="max_loaded = 2", fast="pinned = true\nn_threads = 3")
+    shared = share_cores(config)
+    assert shared.models["fast"].n_threads == 3  # set by the user: kept
+    assert shared.models["quality"].n_threads == max(1, default_threads() // 2)

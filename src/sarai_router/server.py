@@ -286,12 +286,33 @@ def header_value(text: str) -> str:
 # -- the app -------------------------------------------------------------------------------
 
 
+def share_cores(config: Config) -> Config:
+    """``n_threads = 0`` (all cores) becomes this server's share: cores / ``max_loaded``.
+
+    A server runs models side by side; llama.cpp's threads spin-wait, so two generations
+    that each take every core slow each other to a crawl (1 tok/s seen on 2 cores), and
+    even alone all cores cost the server ~10 ms a request against ~2 ms with its share
+    (docs/serving.md). A model that sets ``n_threads`` keeps it.
+    """
+    import attrs
+
+    from .default_plugins.llama_cpp import default_threads
+
+    side_by_side = max(1, min(config.cache.max_loaded, len(config.models)))
+    share = max(1, default_threads() // side_by_side)
+    models = {name: attrs.evolve(spec, n_threads=share) if spec.n_threads == 0 else spec
+              for name, spec in config.models.items()}
+    return attrs.evolve(config, models=models)
+
+
 class SaraiServer:
     """The state behind the routes: one engine, its metrics, the API key."""
 
     def __init__(self, config: Config, *, engine: Engine | None = None, api_key: str = "",
                  ensure_file: Callable[[Config, str], None] | None = None,
                  load_pinned: bool = True):
+        if engine is None:
+            config = share_cores(config)
         self.config = config
         self.engine = engine or Engine(config)
         self.metrics = Metrics(self.engine.pool)
