@@ -85,6 +85,8 @@ async def _next_event(events: asyncio.Queue, request: Request):
     the queue is quiet.
     """
     state = request.scope.setdefault("sarai.last_disconnect_check", [time.monotonic()])
+    if not events.empty() and time.monotonic() - state[0] < DISCONNECT_POLL_SECONDS:
+        return events.get_nowait()  # the common case mid-answer: no timer task per token
     while True:
         if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
             state[0] = time.monotonic()

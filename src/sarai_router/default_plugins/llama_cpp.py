@@ -99,13 +99,21 @@ class LlamaCppModel:
         )
         finish_reason = None
         try:
-            for chunk in _context_checked(stream, self.spec):
+            for chunk in stream:
                 choice = chunk["choices"][0]
                 text = choice.get("delta", {}).get("content")
                 if text:
                     yield Delta(text=text)
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
+        except ValueError as exc:
+            # llama-cpp-python says a prompt is too long (before any token) with a bare
+            # ValueError; name the model and the key to change.
+            if "exceed context window" not in str(exc):
+                raise
+            raise ContextLengthError(
+                f"model {self.spec.name!r}: {exc}; shorten the conversation or raise "
+                f"[models.{self.spec.name}] n_ctx (now {self.spec.n_ctx})") from None
         finally:
             # A generation stopped early must end now, while the model is alive: left to the
             # garbage collector, it would run against a closed context (a crash at exit).
@@ -123,23 +131,6 @@ class LlamaCppModel:
         llama, self.llama = self.llama, None
         if llama is not None:
             llama.close()
-
-
-def _context_checked(stream, spec: ModelSpec):
-    """llama-cpp-python says a prompt is too long with a bare ValueError; name the model."""
-    iterator = iter(stream)
-    while True:
-        try:
-            chunk = next(iterator)
-        except StopIteration:
-            return
-        except ValueError as exc:
-            if "exceed context window" not in str(exc):
-                raise
-            raise ContextLengthError(
-                f"model {spec.name!r}: {exc}; shorten the conversation or raise "
-                f"[models.{spec.name}] n_ctx (now {spec.n_ctx})") from None
-        yield chunk
 
 
 def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
