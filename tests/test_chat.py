@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 from sarai_router.backend import GenerationParams
-from sarai_router.chat import PROMPT, ChatSession
+from sarai_router.cli.chat import PROMPT, ChatSession
 from sarai_router.engine import Engine
 
 pytestmark = pytest.mark.models
@@ -64,7 +64,7 @@ def test_chat_turns_model_switch_models_and_ttl(write_config):
         child.expect_exact(PROMPT)
 
         child.sendline("/model nope")
-        child.expect_exact("no model 'nope'")
+        child.expect_exact("unknown model 'nope'")
         child.expect_exact(PROMPT)
         child.sendline("/reset")
         child.expect_exact("conversation forgotten")

@@ -285,7 +285,8 @@ def test_plugins_lists_defaults_blocked_and_failed(run, write_config, tmp_path):
     assert "failed to load" in result.stdout
     data = json.loads(run("--config", str(path), "plugins", "--json").stdout)
     rows = {row["name"]: row for row in data["plugins"]}
-    assert rows["heuristic"]["default"] and rows["heuristic"]["hooks"] == ["select_route"]
+    assert rows["heuristic"]["default"] and rows["heuristic"]["hooks"] == [
+        "register_config_tables", "select_route"]
     assert rows["mine"]["source"] == str(tmp_path / "plugs" / "mine.py")
     assert not rows["mine"]["default"]
     assert "empathy" not in rows and data["blocked"] == ["empathy"]

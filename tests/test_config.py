@@ -27,7 +27,7 @@ def test_base_config_loads_with_resolved_paths(config, fast_path, quality_path):
     assert config.models["fast"].name == "fast"
     assert config.models["fast"].pinned and not config.models["quality"].pinned
     assert config.models["quality"].chat_format == "gemma"
-    assert config.routing.heuristic.empathy_threshold == 0.8
+    assert config.plugin_config("heuristic")["empathy_threshold"] == 0.8
     assert config.ttl_for(config.models["quality"]) == 60
 
 

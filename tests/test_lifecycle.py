@@ -16,7 +16,7 @@ from sarai_router.backend import Delta, GenerationParams, Usage
 from sarai_router.default_plugins import prewarm as prewarm_plugin
 from sarai_router.engine import Engine
 from sarai_router.hookspecs import hookimpl
-from sarai_router.metrics import Metrics
+from sarai_router.serving.metrics import Metrics
 from sarai_router.plugins import build_plugins
 from sarai_router.pool import QueueFull, process_rss_mb
 from sarai_router.types import ChatRequest

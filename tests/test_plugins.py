@@ -85,7 +85,8 @@ def entry_point_plugin(tmp_path, monkeypatch):
     return "ep_quality"
 
 
-def test_entry_point_plugin_is_discovered_and_routes(config, entry_point_plugin):
+def test_entry_point_plugin_is_discovered_and_routes(entry_point_plugin, config):
+    # Plugins are discovered when the config loads, so the plugin is installed first.
     router = Router(config)
     decision = route(router, SAD)
     assert decision.model == "quality"

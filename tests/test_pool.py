@@ -14,6 +14,7 @@ import pytest
 from sarai_router import hookimpl
 from sarai_router.backend import BackendError, GenerationParams
 from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
+from sarai_router.config import rebind
 from sarai_router.plugins import Hooks, build_plugins
 from sarai_router.pool import ModelPool, PoolError
 
@@ -46,6 +47,7 @@ def make_pool(clock):
     def make(config, *plugins, **options) -> ModelPool:
         options.setdefault("clock", clock)
         plugin_set = build_plugins(config, extra=[(type(p).__name__, p) for p in plugins])
+        config = rebind(config, plugin_set)  # the extra plugins' backends claim their keys
         pool = ModelPool(config, Hooks(plugin_set, config), **options)
         events: list = []
         pool.listeners.append(events.append)
@@ -289,15 +291,12 @@ class CountingLlamaCpp:
 
     @hookimpl
     def register_backends(self, register):
-        real = LlamaCppBackend()
         outer = self
 
-        class Counting:
-            modalities = real.modalities
-
+        class Counting(LlamaCppBackend):  # the real backend, its keys and all, counting loads
             def load(self, spec):
                 outer.loads.append(spec.name)
-                return real.load(spec)
+                return super().load(spec)
 
         register("counted", Counting())
         register("llama_cpp", Counting())  # a user plugin wins over the default
@@ -318,9 +317,7 @@ class FailingBackendPlugin:
 
     @hookimpl
     def register_backends(self, register):
-        class FailingBackend:
-            modalities = ("text",)
-
+        class FailingBackend(LlamaCppBackend):  # takes llama_cpp's keys; its load fails
             def load(self, spec):
                 raise RuntimeError("out of file handles")
 

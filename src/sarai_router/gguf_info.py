@@ -16,12 +16,14 @@ from pathlib import Path
 
 import attrs
 
+from .errors import SaraiError
+
 MB = 1024 * 1024
 F16_BYTES = 2
 F32_BYTES = 4
 
 
-class GGUFError(Exception):
+class GGUFError(SaraiError):
     """The file is missing, unreadable or not a GGUF model."""
 
 

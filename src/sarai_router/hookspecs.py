@@ -1,7 +1,8 @@
 """Every hook sarai-router calls, one place, each typed and documented.
 
-Three families:
+Four families:
 
+* configuration: ``register_config_tables`` (the schema of a plugin's ``[plugins.NAME]``);
 * routing policy: ``register_signals`` (what we know about a request) and
   ``select_route`` (which model answers it);
 * model backends: ``register_backends`` (how a model of a given ``backend`` kind loads);
@@ -23,13 +24,27 @@ import pluggy
 if TYPE_CHECKING:
     from .backend import BackendFactory
     from .config import CacheConfig, Config, ModelSpec
-    from .pool import Resident
+    from .pool import ResidentInfo
     from .types import ChatRequest, Route, RouteDecision
 
 PROJECT_NAME = "sarai_router"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_config_tables(register: Callable[[str, type], None]) -> None:
+    """Declare the schema of a plugin's config table: ``register(name, attrs_class)``.
+
+    The ``[plugins.NAME]`` table is structured with ``attrs_class`` when the config loads:
+    unknown keys and wrong types are config errors naming the key, like any other. If the
+    class has a ``check(self, config)`` method, its ``(key, message)`` pairs are reported
+    too. The plugin reads the checked table, defaults filled in, with
+    ``config.plugin_config(NAME)``.
+
+    :param register: call it once per table.
+    """
 
 
 @hookspec
@@ -69,8 +84,10 @@ def select_route(
 def register_backends(register: Callable[[str, "BackendFactory"], None], config: "Config") -> None:
     """Register model backends by kind: ``register(kind, factory)``.
 
-    ``factory.load(spec)`` returns a loaded model with ``chat(...)`` and ``close()``; see
-    :mod:`sarai_router.backend`. A model's ``backend`` key in the config names its kind.
+    ``factory`` is a :class:`sarai_router.backend.Backend`: ``load(spec)`` returns a loaded
+    model with ``chat(...)`` and ``close()``; the rest tells the core the backend's config
+    keys (``settings_class``, ``check``), its concurrency, thread use, RAM estimate, file
+    presence and capabilities. A model's ``backend`` key in the config names its kind.
     When two plugins register the same kind, the one called first wins.
 
     :param register: call it once per backend kind.
@@ -80,7 +97,7 @@ def register_backends(register: Callable[[str, "BackendFactory"], None], config:
 
 @hookspec(firstresult=True)
 def select_eviction(
-    candidates: Sequence["Resident"],
+    candidates: Sequence["ResidentInfo"],
     needed_mb: float,
     loading: "ModelSpec",
 ) -> "str | None":
@@ -89,7 +106,8 @@ def select_eviction(
     Only idle, unpinned, loaded models are candidates: the pool never offers a model that a
     request uses or waits for.
 
-    :param candidates: the evictable residents (``.name``, ``.last_used``, ``.ram_mb``, ...).
+    :param candidates: frozen snapshots of the evictable residents (``.name``,
+        ``.last_used``, ``.ram_mb``, ``.spec``, ...).
     :param needed_mb: how many MB over the RAM budget the load would go (0 when only
         ``max_loaded`` is the limit).
     :param loading: the spec of the model about to load.
@@ -98,12 +116,13 @@ def select_eviction(
 
 
 @hookspec(firstresult=True)
-def model_expired(resident: "Resident", now: float, cache: "CacheConfig") -> "bool | None":
+def model_expired(resident: "ResidentInfo", now: float, cache: "CacheConfig") -> "bool | None":
     """Say whether an idle resident model should be unloaded now. Stops at first non-None result.
 
     Asked by the reaper for every loaded model that no request uses or waits for.
 
-    :param resident: the resident model (``.spec``, ``.last_used`` on the monotonic clock).
+    :param resident: a frozen snapshot of the resident model (``.spec``, ``.last_used`` on
+        the monotonic clock).
     :param now: the current ``time.monotonic()``.
     :param cache: the ``[cache]`` config section.
     :returns: ``True`` to unload, ``False`` to keep, ``None`` to pass.

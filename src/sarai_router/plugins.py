@@ -24,6 +24,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .errors import BackendError, PluginError
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ DEFAULT_PLUGINS = {
 }
 
 
-class PluginError(Exception):
-    """A plugin broke a contract (e.g. routed to a model that isn't configured)."""
 
 
 @attrs.frozen
@@ -97,6 +96,7 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
         if not pm.is_blocked(name):
             pm.register(plugin, name=name)
             plugins.sources[name] = "registered"
+    _refuse_wrappers(plugins)
     _warn_unknown_hooks(plugins)
     # Hooks calls implementations one by one, bypassing pm.hook (and pluggy's tracing).
     plugins.trace = _env_flag(TRACE_ENV)
@@ -105,6 +105,24 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
         if name not in known and name not in DEFAULT_PLUGINS:
             log.warning("[plugins] disable names %r, but no plugin has that name", name)
     return plugins
+
+
+def _refuse_wrappers(plugins: PluginSet) -> None:
+    """Hooks calls implementations one by one (to isolate failures), so a pluggy wrapper
+    (``wrapper=True`` / ``hookwrapper=True``) would never wrap anything: refuse its plugin."""
+    for name, plugin in list(plugins.pm.list_name_plugin()):
+        if plugin is None:
+            continue
+        wrappers = [caller.name for caller in plugins.pm.get_hookcallers(plugin) or []
+                    for impl in caller.get_hookimpls()
+                    if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)]
+        if not wrappers:
+            continue
+        plugins.pm.unregister(plugin)
+        source = plugins.sources.pop(name, "registered")
+        _record_failure(plugins, name, source, PluginError(
+            f"implements {', '.join(wrappers)} as a hook wrapper; sarai-router calls each "
+            "plugin on its own and does not support wrappers: return a value instead"))
 
 
 def _warn_unknown_hooks(plugins: PluginSet) -> None:
@@ -192,6 +210,7 @@ class Hooks:
         self.errors: deque[str] = deque(maxlen=100)
         self._backends: dict[str, tuple[str, "BackendFactory"]] | None = None
         self._signals: dict[str, tuple[str, Callable[..., Any]]] | None = None
+        self._tables: dict[str, tuple[str, type]] | None = None
 
     def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
         # pluggy calls the last-registered, non-trylast implementation first.
@@ -257,14 +276,23 @@ class Hooks:
 
     def backends(self) -> dict[str, tuple[str, "BackendFactory"]]:
         if self._backends is None:
-            self._backends = self._collect("register_backends")
+            from .backend import as_backend
+
+            self._backends = {kind: (plugin, as_backend(factory))
+                              for kind, (plugin, factory) in self._collect("register_backends").items()}
         return self._backends
+
+    def config_tables(self) -> dict[str, tuple[str, type]]:
+        """``[plugins.NAME]`` schemas by table name: ``{name: (plugin, attrs_class)}``."""
+        if self._tables is None:
+            self._tables = self._collect("register_config_tables")
+        return self._tables
 
     def backend(self, kind: str) -> "BackendFactory":
         found = self.backends().get(kind)
         if found is None:
             known = ", ".join(sorted(self.backends())) or "none"
-            raise PluginError(f"no plugin registers backend {kind!r} (registered: {known}); "
+            raise BackendError(f"no plugin registers backend {kind!r} (registered: {known}); "
                               "is its plugin disabled in [plugins] disable?")
         return found[1]
 

@@ -4,7 +4,8 @@ Rules the pool keeps whatever the cache plugins say:
 
 * a pinned model is never evicted or expired;
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
-* one generation at a time per loaded instance (``Resident.gen_lock``);
+* at most the backend's ``concurrency(spec)`` generations at once per loaded instance
+  (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server);
 * the idle clock (``last_used``) starts when a generation ends.
 
 Which idle model to evict and when an idle model has expired are asked of the cache hooks
@@ -21,29 +22,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import attrs
 
-from .backend import BackendError, LoadedModel
+from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .gguf_info import GGUFError, estimate_ram, read_info
+from .errors import BackendError, PoolError, QueueFull, not_configured
 
 if TYPE_CHECKING:
     from .plugins import Hooks
 
 log = logging.getLogger(__name__)
 
-
-class PoolError(Exception):
-    """A model cannot be made resident (budget, limits, or every other model busy)."""
-
-
-class QueueFull(PoolError):
-    """Too many requests already wait for this model's instance (``[server] queue_size``)."""
-
-    def __init__(self, model: str, limit: int):
-        self.model = model
-        self.limit = limit
-        super().__init__(f"model {model!r} is busy and {limit} request"
-                         f"{'s' if limit != 1 else ''} already wait for it "
-                         "([server] queue_size); try again shortly")
+__all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "ResidentInfo"]
 
 
 #: A verified unload must give back at least this share of what the load took.
@@ -52,9 +40,28 @@ UNLOAD_VERIFY_RATIO = 0.5
 UNLOAD_VERIFY_MIN_MB = 16.0
 
 
+@attrs.frozen
+class ResidentInfo:
+    """A frozen snapshot of a resident model: what cache plugins are shown."""
+
+    name: str
+    spec: ModelSpec
+    state: str
+    pinned: bool
+    users: int
+    queued: int
+    ram_mb: float
+    estimated_mb: float
+    measured_mb: float | None
+    last_used: float
+    loaded_at: float
+    load_seconds: float
+    prewarmed: bool
+
+
 @attrs.define(eq=False)
 class Resident:
-    """A model the pool holds, loading or loaded."""
+    """A model the pool holds, loading or loaded. Only the pool touches it, under its lock."""
 
     name: str
     spec: ModelSpec
@@ -67,7 +74,10 @@ class Resident:
     loaded_at: float = 0.0
     load_seconds: float = 0.0
     measured_mb: float | None = None
-    gen_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    #: generations the instance takes at once (the backend's ``concurrency``)
+    concurrency: int = 1
+    slots: threading.Semaphore = attrs.field(
+        default=attrs.Factory(lambda self: threading.Semaphore(self.concurrency), takes_self=True))
     # Requests inside ``use()`` (generating, or waiting for the load or the instance).
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
@@ -81,6 +91,14 @@ class Resident:
     def idle(self) -> bool:
         return self.state == "loaded" and self.users == 0
 
+    def info(self) -> ResidentInfo:
+        return ResidentInfo(
+            name=self.name, spec=self.spec, state=self.state, pinned=self.pinned,
+            users=self.users, queued=self.queued, ram_mb=self.ram_mb,
+            estimated_mb=self.estimated_mb, measured_mb=self.measured_mb,
+            last_used=self.last_used, loaded_at=self.loaded_at,
+            load_seconds=self.load_seconds, prewarmed=self.prewarm_pending)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -92,6 +110,7 @@ class Resident:
             "measured_mb": None if self.measured_mb is None else round(self.measured_mb, 1),
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
+            "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
         }
@@ -111,14 +130,6 @@ class PoolEvent:
     seconds: float = 0.0
     ram_mb: float = 0.0
     detail: str = ""
-
-
-def estimate_model_mb(spec: ModelSpec) -> float:
-    """Weights + KV cache for ``spec.n_ctx`` from the GGUF header; 0 when the file can't be read."""
-    try:
-        return estimate_ram(read_info(spec.path), spec.n_ctx, spec.n_batch).total_mb
-    except GGUFError:
-        return 0.0
 
 
 def process_rss_mb() -> float:
@@ -144,13 +155,15 @@ class ModelPool:
         hooks: "Hooks",
         *,
         clock: Callable[[], float] = time.monotonic,
-        estimator: Callable[[ModelSpec], float] = estimate_model_mb,
+        estimator: Callable[[ModelSpec], float] | None = None,
         wait_seconds: float = 120.0,
     ):
         self.config = config
         self.hooks = hooks
         self.clock = clock
-        self.estimator = estimator
+        # The backend knows what its model costs (a GGUF header, a child process, nothing).
+        self.estimator = estimator or (
+            lambda spec: self.hooks.backend(spec.backend).estimate_ram_mb(spec))
         self.wait_seconds = wait_seconds
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
@@ -177,14 +190,15 @@ class ModelPool:
 
     @contextmanager
     def use(self, name: str, *, queue_limit: int | None = None) -> Iterator[Resident]:
-        """Hold model ``name`` for one generation: load it if needed, then lock its instance.
+        """Hold model ``name`` for one generation: load it if needed, then take a slot of its
+        instance (``concurrency`` generations run at once; the others wait in turn).
 
-        ``queue_limit``: how many requests may wait for the instance besides the one using
-        it; one more raises :class:`QueueFull` at once. ``None``: no limit.
+        ``queue_limit``: how many requests may wait for a slot besides those using one; one
+        more raises :class:`QueueFull` at once. ``None``: no limit.
         """
         resident = self._acquire(name, queue_limit=queue_limit)
         try:
-            with resident.gen_lock:
+            with resident.slots:
                 yield resident
         finally:
             with self._cond:
@@ -212,7 +226,7 @@ class ModelPool:
         """
         spec = self.config.models.get(name)
         if spec is None:
-            raise PoolError(f"cannot pre-warm model {name!r}: it is not configured")
+            raise PoolError(f"cannot pre-warm {not_configured(name, self.config.models)}")
         with self._cond:
             if name in self._residents:
                 return None
@@ -262,7 +276,7 @@ class ModelPool:
         """
         spec = self.config.models.get(name)
         if spec is None:
-            raise PoolError(f"model {name!r} is not configured")
+            raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
         with self._cond:
             resident = self._residents.get(name)
@@ -270,8 +284,9 @@ class ModelPool:
                 resident = self._reserve(spec)
                 loader = True
             else:
-                # One request uses the instance; up to ``queue_limit`` more may wait for it.
-                full = request and queue_limit is not None and resident.queued > queue_limit
+                # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
+                full = (request and queue_limit is not None
+                        and resident.queued >= resident.concurrency + queue_limit)
                 loader = False
             if not full:
                 resident.users += 1
@@ -327,7 +342,8 @@ class ModelPool:
             candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
             if candidates:
                 victim = self.hooks.select_eviction(
-                    candidates=candidates, needed_mb=max(0.0, over_mb), loading=spec
+                    candidates=[r.info() for r in candidates], needed_mb=max(0.0, over_mb),
+                    loading=spec,
                 )
                 by_name = {r.name: r for r in candidates}
                 if victim not in by_name:
@@ -343,7 +359,9 @@ class ModelPool:
                 raise PoolError(self._why_full(spec, estimated, over_count))
             # Every other model is busy: wait for one to finish rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))
-        resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated)
+        concurrency = max(1, int(self.hooks.backend(spec.backend).concurrency(spec)))
+        resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated,
+                            concurrency=concurrency)
         self._residents[spec.name] = resident
         return resident
 
@@ -452,7 +470,8 @@ class ModelPool:
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
-                if self.hooks.model_expired(resident=resident, now=now, cache=self.config.cache):
+                if self.hooks.model_expired(resident=resident.info(), now=now,
+                                            cache=self.config.cache):
                     self._unload_locked(resident, kind="expire",
                                         detail=f"idle {now - resident.last_used:.1f}s")
                     expired.append(resident.name)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from .config import Config
-from .plugins import Hooks, PluginError, PluginSet, build_plugins
+import attrs
+
+from .config import Config, rebind
+from .errors import PluginError, RoutingError, not_configured
+from .plugins import Hooks, PluginSet, build_plugins
 from .types import ChatRequest, Route, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -19,14 +22,14 @@ FALLBACK_PLUGIN = "(fallback)"
 EXPLICIT_PLUGIN = "(explicit)"
 
 
-class RoutingError(Exception):
-    """Routing produced no usable model; the message names the plugin and the model."""
-
-
 class Router:
     def __init__(self, config: Config, plugins: PluginSet | None = None):
+        if plugins is not None and plugins is not config.plugin_set:
+            # Plugins registered in code may declare backends and tables of their own.
+            config = rebind(config, plugins)
         self.config = config
-        self.plugins = plugins or build_plugins(config)
+        # The plugins discovered when the config was loaded, unless the caller brings its own.
+        self.plugins = plugins or config.plugin_set or build_plugins(config)
         self.hooks = Hooks(self.plugins, config)
 
     def signals(self, request: ChatRequest) -> dict[str, Any]:
@@ -77,8 +80,7 @@ class Router:
         return RouteDecision(model=name, reason=reason, plugin=plugin, signals=signals)
 
     def _unknown(self, name: str, who: str) -> str:
-        configured = ", ".join(sorted(self.config.models))
-        return f"{who} model {name!r}, which is not configured (configured: {configured})"
+        return not_configured(name, self.config.models, who)
 
     def _check_modality(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
         missing = missing_modalities(self.config, decision.model, request)
@@ -90,8 +92,6 @@ class Router:
             f"[models.{decision.model}] modalities if it does"
             for m in missing
         )
-        import attrs
-
         return attrs.evolve(decision, warnings=decision.warnings + warnings)
 
 

@@ -11,10 +11,14 @@ import base64
 import ctypes
 import logging
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from ..backend import BackendError, ContextLengthError, Delta, GenerationParams, Usage
-from ..config import ModelSpec
+import attrs
+
+from ..backend import (Backend, BackendError, Capabilities, ContextLengthError, Delta,
+                       GenerationParams, Presence, Usage)
+from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
 
@@ -23,6 +27,7 @@ from ..types import AudioInput, ImageInput
 # numbered them, so llama.cpp warnings print to stderr even with verbose=False.
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _llama_log = logging.getLogger("llama_cpp")
+log = logging.getLogger(__name__)
 _log_callback = None
 
 
@@ -148,12 +153,79 @@ def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]
     return out
 
 
-class LlamaCppBackend:
-    modalities = ("text", "image")
+@attrs.frozen
+class LlamaCppSettings:
+    """The ``llama_cpp`` backend's own keys in ``[models.NAME]``."""
+
+    n_batch: int = 512
+    #: 0: every core for one model alone; `serve` gives each model its share.
+    n_threads: int = 0
+    chat_format: str = ""
+    #: the vision projector GGUF that lets the model take images
+    mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
+    #: extra keyword arguments for ``llama_cpp.Llama`` (``chat_handler`` names the image handler)
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+
+class LlamaCppBackend(Backend):
+    settings_class = LlamaCppSettings
+
+    def check(self, spec: ModelSpec, *, config: Config,
+              check_files: bool) -> Iterable[tuple[str, str]]:
+        settings: LlamaCppSettings = spec.settings
+        if not spec.path:
+            yield "path", "must not be empty (the GGUF file to load)"
+        elif check_files and not os.path.isfile(spec.path):
+            hint = " (run `sarai-router models pull`)" if self.presence(spec).fetchable else ""
+            yield "path", f"model file not found: {spec.path}{hint}"
+        elif check_files:
+            for problem in gguf_problems(spec.path):
+                yield "path", problem
+        if settings.n_batch < 1:
+            yield "n_batch", "must be >= 1"
+        if settings.n_threads < 0:
+            yield "n_threads", "must be >= 0 (0 = all cores)"
+        if not check_files:
+            return
+        # What would fail at the first request, caught by `config check`.
+        if "audio" in spec.modalities:
+            yield "modalities", "the llama_cpp backend cannot take audio input"
+        if "image" in spec.modalities and not settings.mmproj:
+            yield "mmproj", "a model that takes images needs its vision projector (mmproj)"
+        if settings.mmproj and not os.path.isfile(settings.mmproj):
+            yield "mmproj", f"file not found: {settings.mmproj}"
+
+    def uses_threads(self, spec: ModelSpec) -> bool:
+        return True
+
+    def with_threads(self, spec: ModelSpec, threads: int) -> ModelSpec:
+        if spec.settings.n_threads:
+            return spec
+        return attrs.evolve(spec, settings=attrs.evolve(spec.settings, n_threads=threads))
+
+    def estimate_ram_mb(self, spec: ModelSpec) -> float:
+        estimate = _ram_estimate(spec)
+        return 0.0 if estimate is None else estimate.total_mb
+
+    def describe(self, spec: ModelSpec) -> Mapping[str, Any]:
+        estimate = _ram_estimate(spec)
+        return {"estimated_ram": None if estimate is None else {
+            "weights_mb": round(estimate.weights_mb, 1),
+            "kv_cache_mb": round(estimate.kv_cache_mb, 1),
+            "compute_mb": round(estimate.compute_mb, 1),
+        }, "n_threads": spec.settings.n_threads or default_threads(),
+            "n_batch": spec.settings.n_batch, "chat_format": spec.settings.chat_format or None}
+
+    def presence(self, spec: ModelSpec) -> Presence:
+        return file_presence(spec)
+
+    def capabilities(self, spec: ModelSpec) -> Capabilities:
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
     def load(self, spec: ModelSpec) -> LlamaCppModel:
+        settings: LlamaCppSettings = spec.settings
         if not os.path.isfile(spec.path):
-            raise BackendError(f"model {spec.name!r}: file not found: {spec.path}")
+            raise BackendError(f"model {spec.name!r}: its file is missing ({Path(spec.path).name})")
         try:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a broken install
@@ -162,26 +234,49 @@ class LlamaCppBackend:
         kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=spec.n_ctx,
-            n_batch=spec.n_batch,
-            n_threads=spec.n_threads or default_threads(),
+            n_batch=settings.n_batch,
+            n_threads=settings.n_threads or default_threads(),
             verbose=False,
         )
-        if spec.chat_format:
-            kwargs["chat_format"] = spec.chat_format
-        if spec.mmproj:
-            handler_name = spec.options.get("chat_handler", "MTMDChatHandler")
+        if settings.chat_format:
+            kwargs["chat_format"] = settings.chat_format
+        if settings.mmproj:
+            handler_name = settings.options.get("chat_handler", "MTMDChatHandler")
             handler_cls = getattr(llama_cpp.llama_chat_format, handler_name, None)
             if handler_cls is None:
                 raise BackendError(f"model {spec.name!r}: options.chat_handler {handler_name!r} "
                                    "is not a llama_cpp.llama_chat_format handler")
-            kwargs["chat_handler"] = handler_cls(clip_model_path=spec.mmproj, verbose=False)
-        kwargs.update({k: v for k, v in spec.options.items() if k != "chat_handler"})
+            kwargs["chat_handler"] = handler_cls(clip_model_path=settings.mmproj, verbose=False)
+        kwargs.update({k: v for k, v in settings.options.items() if k != "chat_handler"})
         try:
             llama = llama_cpp.Llama(**kwargs)
         except Exception as exc:
+            log.debug("llama-cpp-python failed on %s", spec.path, exc_info=True)
             raise BackendError(f"model {spec.name!r}: llama-cpp-python could not load "
-                               f"{spec.path}: {exc}") from None
+                               f"{Path(spec.path).name}: {type(exc).__name__}") from None
         return LlamaCppModel(spec, llama)
+
+
+def _ram_estimate(spec: ModelSpec):
+    """Weights + KV cache for ``spec.n_ctx`` from the GGUF header; None when unreadable."""
+    from ..gguf_info import GGUFError, estimate_ram, read_info
+
+    try:
+        return estimate_ram(read_info(spec.path), spec.n_ctx, spec.settings.n_batch)
+    except GGUFError:
+        return None
+
+
+def file_presence(spec: ModelSpec) -> Presence:
+    """A model read from ``spec.path``: present when the file is, fetchable when the
+    catalog of ``models pull`` knows it."""
+    from ..fetch import catalog_entry_for
+
+    if os.path.isfile(spec.path):
+        return Presence(present=True)
+    fetchable = catalog_entry_for(spec) is not None
+    return Presence(present=False, fetchable=fetchable,
+                    detail=f"file not found: {spec.path}")
 
 
 @hookimpl(trylast=True)

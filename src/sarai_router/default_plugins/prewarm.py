@@ -2,11 +2,11 @@
 
 The seed's open item: predict which model will be needed and load it before the request
 that needs it. When a request is answered by another model, the
-``[routing.heuristic] multimodal_model`` is not resident, and either
+``[plugins.heuristic] multimodal_model`` is not resident, and either
 
 * the text mentions a multimodal keyword ("foto", "imagen", ...) yet routing chose another
   model (e.g. a short emotional message about a photo went to the conversation model), or
-* the input is long (``chars >= [routing.heuristic] max_chars``): long turns tend to lead
+* the input is long (``chars >= [plugins.heuristic] max_chars``): long turns tend to lead
   to complex requests,
 
 the quality model is loaded in the background, never evicting anything. The metrics count
@@ -31,9 +31,10 @@ def wants_quality(signals, chars_threshold: int) -> str | None:
 
 @hookimpl(trylast=True)
 def prewarm_models(signals, decision, loaded, models, config):
-    target = config.routing.heuristic.multimodal_model
+    rules = config.plugin_config("heuristic")
+    target = rules.get("multimodal_model")
     if target not in models or target == decision.model or target in loaded:
         return None
-    if wants_quality(signals, config.routing.heuristic.max_chars) is None:
+    if wants_quality(signals, rules.get("max_chars", 200)) is None:
         return None
     return [target]

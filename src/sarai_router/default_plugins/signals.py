@@ -6,6 +6,12 @@ import re
 
 from ..hookspecs import hookimpl
 
+#: The words that make a text ask for the multimodal model (``[plugins.heuristic]``).
+DEFAULT_MULTIMODAL_KEYWORDS = (
+    "imagen", "image", "foto", "photo", "picture", "fotografía", "screenshot",
+    "captura", "audio", "vídeo", "video", "diagrama", "diagram",
+)
+
 
 def chars(request) -> int:
     return len(request.text)
@@ -39,4 +45,6 @@ def keyword_matcher(keywords):
 def register_signals(register, config):
     register("chars", chars)
     register("modality", modality)
-    register("multimodal_keywords", keyword_matcher(config.routing.heuristic.multimodal_keywords))
+    keywords = config.plugin_config("heuristic").get("multimodal_keywords",
+                                                    DEFAULT_MULTIMODAL_KEYWORDS)
+    register("multimodal_keywords", keyword_matcher(keywords))

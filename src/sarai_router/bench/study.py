@@ -32,9 +32,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from .backend import GenerationParams
-from .config import BenchConfig, Config
-from .types import ChatRequest
+from ..backend import GenerationParams
+from ..config import BenchConfig, Config
+from ..errors import SaraiError
+from ..types import ChatRequest
 
 #: Five conversational queries, Spanish and English, as in the field report's study.
 BUILTIN_QUERIES: tuple[str, ...] = (
@@ -58,7 +59,7 @@ BUILTIN_MIX: tuple[str, ...] = BUILTIN_QUERIES + (
 LONG_INPUT_CHARS = 2000
 
 
-class BenchError(Exception):
+class BenchError(SaraiError):
     """The bench cannot run as asked (a bad option, an unusable model); the message says why."""
 
 
@@ -219,17 +220,23 @@ def model_info(config: Config, name: str) -> dict[str, Any]:
         "size_mb": round(path.stat().st_size / 2**20, 1) if path.is_file() else None,
         "sha256": spec.sha256 or None,
         "n_ctx": spec.n_ctx,
-        "n_batch": spec.n_batch,
-        "n_threads": spec.n_threads or os.cpu_count(),
-        "chat_format": spec.chat_format or None,
+        **{key: value for key, value in _backend_facts(config, spec).items()
+           if key in ("n_batch", "n_threads", "chat_format")},
     }
+
+
+def _backend_facts(config: Config, spec) -> Mapping[str, Any]:
+    from ..plugins import Hooks, build_plugins
+
+    hooks = Hooks(config.plugin_set or build_plugins(config), config)
+    return hooks.backend(spec.backend).describe(spec)
 
 
 # -- decision cost ------------------------------------------------------------------------
 
 def measure_decisions(config: Config, seconds: float = 1.0) -> dict[str, Any]:
     """Route short and 2,000-char inputs repeatedly with every default plugin, no model loaded."""
-    from .router import Router
+    from ..router import Router
 
     router = Router(config)
     short = ChatRequest.from_prompt(BUILTIN_QUERIES[0])
@@ -288,7 +295,7 @@ def engine_run(engine, prompt: str, index: int, params: GenerationParams,
 
     ``routed`` with a ``model`` runs the plugins' decision in full, then answers with ``model``.
     """
-    from .engine import Completion
+    from ..engine import Completion
 
     request = ChatRequest.from_prompt(prompt)
     started = time.perf_counter()
@@ -339,7 +346,7 @@ def summarize_runs(runs: Sequence[Run], n_prompts: int) -> dict[str, Any]:
 def bench_model(engine, name: str, settings: BenchSettings, params: GenerationParams,
                 progress: Progress) -> dict[str, Any]:
     """Load ``name`` through the pool, warm it up, run the study, unload it; with RSS around each."""
-    from .pool import process_rss_mb
+    from ..pool import process_rss_mb
 
     rss_before = process_rss_mb()
     resident = engine.pool.ensure_loaded(name)
@@ -365,7 +372,7 @@ def bench_model(engine, name: str, settings: BenchSettings, params: GenerationPa
 
 
 def unload_model(engine, name: str, memory: dict[str, Any]) -> None:
-    from .pool import process_rss_mb
+    from ..pool import process_rss_mb
 
     engine.pool.unload(name)
     memory["rss_after_unload_mb"] = round(process_rss_mb(), 1)
@@ -578,8 +585,8 @@ def planned_steps(settings: BenchSettings) -> int:
 
 def run_bench(config: Config, settings: BenchSettings, targets: Targets,
               progress: Progress = lambda n: None) -> dict[str, Any]:
-    from .engine import Engine
-    from .pool import process_rss_mb
+    from ..engine import Engine
+    from ..pool import process_rss_mb
 
     report: dict[str, Any] = {
         "command": settings.command,
@@ -631,167 +638,21 @@ def run_bench(config: Config, settings: BenchSettings, targets: Targets,
     return report
 
 
+def direct_peer(config: Config, name: str) -> str | None:
+    """The engine ``name`` can be measured against when called directly, if any.
+
+    The bench is where the router meets its yardsticks, so it knows backends by name.
+    """
+    return "llama-cpp-python" if config.models[name].backend == "llama_cpp" else None
+
+
 def overhead_model(config: Config, settings: BenchSettings) -> str | None:
-    """The model to measure overhead on: chosen, else the first llama_cpp model benched."""
+    """The model to measure overhead on: chosen, else the first benched model with a peer."""
     if settings.overhead_model:
         return settings.overhead_model
     for name in settings.models:
-        if config.models[name].backend == "llama_cpp":
+        if direct_peer(config, name) is not None:
             return name
     return None
 
 
-# -- renderers ----------------------------------------------------------------------------
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[str]]:
-    return [list(map(str, headers))] + [[_cell(c) for c in row] for row in rows]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
-
-
-def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
-    """Every table of the report as (title, rows with a header row first)."""
-    out: list[tuple[str, list[list[str]]]] = []
-    models = report["models"]
-    n = len(report["settings"]["queries"])
-    qs = [f"Q{i + 1}" for i in range(n)]
-    for title, key, mean_key in (("Throughput (tok/s)", "tokens_per_second", "mean_tokens_per_second"),
-                                 ("Latency (s)", "latency_s", "mean_latency_s"),
-                                 ("Time to first token (s)", "ttft_s", "mean_ttft_s")):
-        rows = []
-        for name, m in models.items():
-            values = {q["query"]: q[key] for q in m["per_query"]}
-            rows.append([name] + [values.get(i) for i in range(n)] + [m[mean_key]])
-        out.append((title, _table(["model", *qs, "mean"], rows)))
-    rows = [[name, m["mean_tokens_per_second"], m["speedup"], m["mean_tokens"],
-             m["p50_latency_s"], m["memory"]["load_s"], m["memory"]["load_delta_mb"],
-             m["memory"].get("rss_after_unload_mb")] for name, m in models.items()]
-    out.append(("Per model", _table(["model", "tok/s", "speedup", "tokens", "P50 s", "load s",
-                                     "RSS +MB at load", "RSS MB after unload"], rows)))
-    dual = report.get("dual")
-    if dual:
-        rows = []
-        for label, key in ((f"routed ({dual['mix']} mix)", "routed"),
-                           (f"all to {dual['baseline_model']}", "single")):
-            s = dual[key]
-            share = ", ".join(f"{m} {v:.0%}" for m, v in s["share"].items())
-            rows.append([label, s["mean_latency_s"], s["p50_latency_s"], s["p95_latency_s"],
-                         s["tokens_per_second"], s["mean_ttft_s"], share])
-        out.append((f"Dual strategy (latency x{_cell(dual['latency_speedup'])}, "
-                    f"throughput x{_cell(dual['throughput_speedup'])})",
-                    _table(["strategy", "mean s", "P50 s", "P95 s", "tok/s", "TTFT s", "share"],
-                           rows)))
-    overhead = report.get("overhead")
-    if overhead and "arms" in overhead:
-        rows = [[arm, s["tokens_per_second"], s["median_ttft_s"], s["tokens"], s["seconds"]]
-                for arm, s in overhead["arms"].items()]
-        out.append((f"Router overhead on {overhead['model']} ({overhead['rounds']} interleaved "
-                    f"rounds): ratio {_cell(overhead['ratio'])}, TTFT "
-                    f"{_cell(overhead['ttft_diff_ms'])} ms, logits-processor ratio "
-                    f"{_cell(overhead['logits_processor_ratio'])}",
-                    _table(["arm", "tok/s", "median TTFT s", "tokens", "seconds"], rows)))
-    decision = report["decision"]
-    rows = [[label, d["chars"], d["decisions_per_second"], d["p50_us"], d["p99_us"], d["model"]]
-            for label, d in ((k, decision[k]) for k in ("short", "long"))]
-    out.append(("Routing decision cost (no model loaded)",
-                _table(["input", "chars", "decisions/s", "p50 µs", "p99 µs", "routed to"], rows)))
-    mem = report["memory"]
-    out.append(("Memory", _table(["RSS at start MB", "peak RSS MB", "RSS at end MB"],
-                                 [[mem["rss_at_start_mb"], mem["peak_rss_mb"],
-                                   mem["rss_at_end_mb"]]])))
-    rows = [[k["kpi"], k["value"], k["target"], ("met" if k["met"] else "NOT met")
-             + (f" ({k['note']})" if k["note"] else "")] for k in report["kpis"]]
-    out.append(("KPIs", _table(["KPI", "value", "target", "status"], rows)))
-    return out
-
-
-def render_text(report: Mapping[str, Any]) -> str:
-    lines = [_machine_line(report), ""]
-    for i, query in enumerate(report["settings"]["queries"]):
-        lines.append(f"  Q{i + 1}: {query}")
-    for title, rows in _tables(report):
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines += ["", title]
-        for j, row in enumerate(rows):
-            lines.append("  " + "  ".join(c.rjust(w) if j and k else c.ljust(w)
-                                          for k, (c, w) in enumerate(zip(row, widths))))
-            if j == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _machine_line(report: Mapping[str, Any]) -> str:
-    m, s = report["machine"], report["settings"]
-    return (f"{m['cpu_model']}, {m['logical_cores']} cores, llama-cpp-python "
-            f"{m['llama_cpp_python']}, load average {m['load_average_start']} -> "
-            f"{m.get('load_average_end')}; {len(s['queries'])} queries x {s['iterations']} "
-            f"iterations, max_tokens {s['max_tokens']}, seed {s['seed']}; "
-            f"{report['elapsed_s']} s")
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    lines = ["# sarai-router bench", "", _machine_line(report), ""]
-    if report.get("command"):
-        lines += ["```", report["command"], "```", ""]
-    for name, info in report["model_files"].items():
-        lines.append(f"- `{name}`: `{info['file']}` ({info['size_mb']} MB, n_ctx {info['n_ctx']}, "
-                     f"{info['n_threads']} threads)")
-    lines.append("")
-    for i, query in enumerate(report["settings"]["queries"]):
-        lines.append(f"- Q{i + 1}: {query}")
-    for title, rows in _tables(report):
-        lines += ["", f"### {title}", "", "| " + " | ".join(rows[0]) + " |",
-                  "|" + "---|" * len(rows[0])]
-        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines) + "\n"
-
-
-def render_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = report["models"]
-    names = list(models)
-    n = len(report["settings"]["queries"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    width = 0.8 / max(1, len(names))
-    for ax, key, title in ((axes[0], "tokens_per_second", "Throughput per query (tok/s)"),
-                           (axes[1], "latency_s", "Latency per query (s)")):
-        for j, name in enumerate(names):
-            values = {q["query"]: q[key] for q in models[name]["per_query"]}
-            xs = [i + j * width for i in range(n)]
-            ax.bar(xs, [values.get(i, 0) for i in range(n)], width, label=name)
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(n)])
-        ax.set_xticklabels([f"Q{i + 1}" for i in range(n)])
-        ax.set_title(title)
-        ax.legend()
-    ax = axes[2]
-    dual = report.get("dual")
-    if dual:
-        stats = ("mean_latency_s", "p50_latency_s", "p95_latency_s")
-        for j, (key, label) in enumerate((("routed", "routed"),
-                                          ("single", f"all to {dual['baseline_model']}"))):
-            ax.bar([i + j * 0.4 for i in range(3)], [dual[key][s] for s in stats], 0.4,
-                   label=f"{label}: {dual[key]['tokens_per_second']:.1f} tok/s")
-        ax.set_xticks([i + 0.2 for i in range(3)])
-        ax.set_xticklabels(["mean", "P50", "P95"])
-        ax.set_title(f"Routed vs one model: latency (s), x{dual['latency_speedup']}")
-        ax.legend()
-    else:
-        ax.set_axis_off()
-    m = report["machine"]
-    fig.suptitle(f"sarai-router bench: {m['cpu_model']}, {m['logical_cores']} cores, "
-                 f"max_tokens {report['settings']['max_tokens']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -3,27 +3,20 @@
 Starlette + uvicorn. Each generation runs on its own worker thread (``streaming.Generation``)
 and hands its pieces to the event loop one by one, so a streamed answer goes out token by
 token and never blocks other requests. A request is admitted (or refused with a status)
-before any byte of the answer is sent: the first event from the worker decides.
-
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+before any byte of the answer is sent: the first event from the worker decides. The
+request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepare``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
 import json
+import hmac
 import logging
-import threading
 import time
-import uuid
 import weakref
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, Callable, Mapping
-from urllib.parse import quote
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -32,42 +25,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .backend import BackendError, ContextLengthError, GenerationParams
-from .config import Config
-from .engine import CapabilityError, Engine
+from ..config import Config
+from ..engine import Engine, share_cores
+from ..errors import not_configured
+from ..streaming import Done, Failed, Generation, Piece
+from ..types import RouteDecision
 from .metrics import CONTENT_TYPE, Metrics
-from .pool import PoolError, QueueFull
-from .router import RoutingError
-from .streaming import Done, Failed, Generation, Piece
-from .types import AudioInput, ChatRequest, ImageInput, RouteDecision
+from .openai import (AUTO_MODEL, ApiError, ParsedChat, _Meta, _shutting_down, _usage,
+                     error_for, header_value, parse_chat_body)
 
 log = logging.getLogger(__name__)
 
-AUTO_MODEL = "auto"
 API_KEY_ENV = "SARAI_ROUTER_API_KEY"
 #: Paths that answer without the API key (load balancers and probes have none).
 OPEN_PATHS = frozenset({"/health"})
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with ``status``."""
-
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str | None = None, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = dict(headers or {})
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.type, "param": self.param,
-                       "code": self.code}},
-            status_code=self.status, headers=self.headers)
 
 
 class ClientGone(Exception):
@@ -98,231 +69,18 @@ async def _next_event(events: asyncio.Queue, request: Request):
             continue
 
 
-def _shutting_down() -> "ApiError":
-    return ApiError(503, "the server is shutting down; the answer was stopped",
-                    code="server_shutting_down", headers={"retry-after": "5"})
-
-
-def error_for(exc: BaseException) -> ApiError:
-    """The status and code for an exception raised while routing, loading or generating."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, QueueFull):
-        return ApiError(429, str(exc), code="queue_full", type="rate_limit_error",
-                        headers={"retry-after": "1"})
-    if isinstance(exc, PoolError):
-        return ApiError(503, str(exc), code="model_unavailable", type="server_error",
-                        headers={"retry-after": "5"})
-    if isinstance(exc, ContextLengthError):
-        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
-    if isinstance(exc, BackendError):
-        return ApiError(502, str(exc), code="backend_error")
-    if isinstance(exc, CapabilityError):
-        return ApiError(400, str(exc), code="unsupported_modality", param="messages")
-    if isinstance(exc, RoutingError):
-        return ApiError(500, str(exc), code="routing_error")
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
-
-
-# -- request parsing ---------------------------------------------------------------------
-
-
-class ParsedChat:
-    """A checked chat-completions body."""
-
-    __slots__ = ("model", "request", "params", "stream", "include_usage")
-
-    def __init__(self, model: str, request: ChatRequest, params: GenerationParams,
-                 stream: bool, include_usage: bool):
-        self.model = model
-        self.request = request
-        self.params = params
-        self.stream = stream
-        self.include_usage = include_usage
-
-
-def _invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(422, message, code="invalid_value", param=param)
-
-
-def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise _invalid(f"{key} must be a number between {low:g} and {high:g}, got {value!r}", key)
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], key: str, low: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise _invalid(f"{key} must be an integer{bound}, got {value!r}", key)
-    return value
-
-
-def decode_data_uri(url: str, param: str) -> tuple[bytes, str]:
-    """``data:image/png;base64,...`` -> (bytes, mime). Anything else is refused."""
-    if not url.startswith("data:"):
-        raise ApiError(400, f"{param}: only data: URIs are accepted over HTTP (got "
-                       f"{url[:40]!r}); local paths and remote URLs are refused",
-                       code="invalid_image_url", param=param)
-    header, sep, payload = url[5:].partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise ApiError(400, f"{param}: the data: URI must be base64 "
-                       "(data:<mime>;base64,<data>)", code="invalid_image_url", param=param)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{param}: the data: URI is not valid base64",
-                       code="invalid_image_url", param=param) from None
-    return data, header.removesuffix(";base64") or "application/octet-stream"
-
-
-def _message(raw: Any, index: int, images: list[ImageInput],
-             audio: list[AudioInput]) -> dict[str, str]:
-    param = f"messages[{index}]"
-    if not isinstance(raw, Mapping):
-        raise _invalid(f"{param} must be an object with role and content", param)
-    role = raw.get("role")
-    if role not in ROLES:
-        raise _invalid(f"{param}.role must be one of {', '.join(ROLES)}, got {role!r}",
-                       f"{param}.role")
-    content = raw.get("content")
-    if content is None and role == "assistant":
-        content = ""
-    if isinstance(content, str):
-        return {"role": ROLES[role], "content": content}
-    if not isinstance(content, list):
-        raise _invalid(f"{param}.content must be a string or a list of content parts",
-                       f"{param}.content")
-    texts = []
-    for j, part in enumerate(content):
-        where = f"{param}.content[{j}]"
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, Mapping) else spec
-            if not isinstance(url, str):
-                raise _invalid(f"{where}.image_url.url must be a string", where)
-            data, mime = decode_data_uri(url, f"{where}.image_url.url")
-            images.append(ImageInput(data=data, mime=mime, source=f"{where} (data: URI)"))
-        elif kind == "input_audio":
-            spec = part.get("input_audio")
-            if not isinstance(spec, Mapping) or not isinstance(spec.get("data"), str):
-                raise _invalid(f"{where}.input_audio must have base64 data", where)
-            try:
-                data = base64.b64decode(spec["data"], validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, f"{where}.input_audio.data is not valid base64",
-                               code="invalid_audio", param=where) from None
-            audio.append(AudioInput(data=data, mime=f"audio/{spec.get('format') or 'wav'}",
-                                    source=f"{where} (input_audio)"))
-        else:
-            raise _invalid(f"{where}: unsupported content part {kind!r} (text, image_url "
-                           "with a data: URI, input_audio)", where)
-    return {"role": ROLES[role], "content": "\n".join(texts)}
-
-
-def parse_chat_body(body: Any) -> ParsedChat:
-    """Check an OpenAI chat-completions body; raise ApiError 422 naming the bad field."""
-    if not isinstance(body, Mapping):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_body")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _invalid("model is required: a configured model name or \"auto\"", "model")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("messages must be a non-empty list", "messages")
-    images: list[ImageInput] = []
-    audio: list[AudioInput] = []
-    messages = tuple(_message(m, i, images, audio) for i, m in enumerate(raw_messages))
-    if len(audio) > 1:
-        raise _invalid("at most one input_audio part per request", "messages")
-    if _integer(body, "n", low=1) not in (None, 1):
-        raise _invalid("n must be 1: one choice per request", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _invalid("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, Mapping):
-        raise _invalid("stream_options must be an object", "stream_options")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif stop == "" or (isinstance(stop, list) and "" in stop):
-        raise _invalid("stop strings must not be empty", "stop")
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise _invalid("stop must be a string or a list of up to 4 strings", "stop")
-    max_tokens = _integer(body, "max_completion_tokens", low=1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", low=1)
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    params = GenerationParams(
-        max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else temperature,
-        seed=_integer(body, "seed"),
-        stop=stops,
-        top_p=0.95 if top_p is None else top_p,
-    )
-    request = ChatRequest(messages=messages, images=tuple(images),
-                          audio=audio[0] if audio else None)
-    return ParsedChat(model, request, params, stream, bool(options.get("include_usage")))
-
-
-def header_value(text: str) -> str:
-    """HTTP headers are latin-1: keep printable ASCII, percent-encode the rest (UTF-8)."""
-    return quote(text, safe="".join(chr(c) for c in range(32, 127) if chr(c) != "%"))
-
-
-# -- the app -------------------------------------------------------------------------------
-
-
-def share_cores(config: Config) -> Config:
-    """``n_threads = 0`` (all cores) becomes this server's share: cores / ``max_loaded``.
-
-    A server runs models side by side; llama.cpp's threads spin-wait, so two generations
-    that each take every core slow each other to a crawl (1 tok/s seen on 2 cores), and
-    even alone all cores cost the server ~10 ms a request against ~2 ms with its share
-    (docs/serving.md). A model that sets ``n_threads`` keeps it.
-    """
-    import attrs
-
-    from .default_plugins.llama_cpp import default_threads
-
-    side_by_side = max(1, min(config.cache.max_loaded, len(config.models)))
-    share = max(1, default_threads() // side_by_side)
-    models = {name: attrs.evolve(spec, n_threads=share) if spec.n_threads == 0 else spec
-              for name, spec in config.models.items()}
-    return attrs.evolve(config, models=models)
 
 
 class SaraiServer:
     """The state behind the routes: one engine, its metrics, the API key."""
 
-    def __init__(self, config: Config, *, engine: Engine | None = None, api_key: str = "",
-                 ensure_file: Callable[[Config, str], None] | None = None,
-                 load_pinned: bool = True):
-        if engine is None:
-            config = share_cores(config)
-        self.config = config
-        self.engine = engine or Engine(config)
+    def __init__(self, engine: Engine, *, api_key: str = "", load_pinned: bool = True):
+        self.engine = engine
+        self.config = engine.config
         self.metrics = Metrics(self.engine.pool)
         self.api_key = api_key
-        self.ensure_file = ensure_file or _ensure_file_or_fail
         self.load_pinned = load_pinned
         self.created = int(time.time())
-        self._fetch_lock = threading.Lock()
         self.shutting_down = False
         # Generations still on their worker threads, stopped and joined at shutdown.
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
@@ -331,11 +89,9 @@ class SaraiServer:
 
     def startup(self) -> None:
         if self.load_pinned:
-            for name, spec in self.config.models.items():
-                if spec.pinned:
-                    self.ensure_file(self.config, name)
-            self.engine.pool.load_pinned()
-        self.engine.pool.start_reaper()
+            self.engine.start()
+        else:
+            self.engine.pool.start_reaper()
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
@@ -356,18 +112,9 @@ class SaraiServer:
 
     # -- helpers
 
-    def _route(self, parsed: ParsedChat) -> RouteDecision:
+    def _prepare(self, parsed: ParsedChat) -> RouteDecision:
         explicit = None if parsed.model == AUTO_MODEL else parsed.model
-        decision = self.engine.route(parsed.request, model=explicit)
-        self.engine.check_capabilities(decision, parsed.request)
-        if not Path(self.config.models[decision.model].path).is_file():
-            with self._fetch_lock:  # one pull at a time; the others find the file after it
-                self.ensure_file(self.config, decision.model)
-        try:
-            self.engine.prewarm_for(parsed.request, decision)
-        except Exception:  # a pre-warm is a guess: never fail the request for it
-            log.exception("pre-warm failed")
-        return decision
+        return self.engine.prepare(parsed.request, model=explicit)
 
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
@@ -393,10 +140,9 @@ class SaraiServer:
             body = await self._read_json(request)
             parsed = parse_chat_body(body)
             if parsed.model != AUTO_MODEL and parsed.model not in self.config.models:
-                raise ApiError(404, f"model {parsed.model!r} is not configured (models: "
-                               f"{', '.join([AUTO_MODEL, *self.config.models])})",
+                raise ApiError(404, not_configured(parsed.model, [AUTO_MODEL, *self.config.models]),
                                code="model_not_found", param="model")
-            decision = await anyio.to_thread.run_sync(self._route, parsed)
+            decision = await anyio.to_thread.run_sync(self._prepare, parsed)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
             return self._fail(error_for(exc))
 
@@ -516,7 +262,7 @@ class SaraiServer:
         for row in self._model_rows():
             if row["id"] == name:
                 return JSONResponse(row)
-        return self._fail(ApiError(404, f"model {name!r} is not configured",
+        return self._fail(ApiError(404, not_configured(name, [AUTO_MODEL, *self.config.models]),
                                    code="model_not_found", param="model"))
 
     def _model_rows(self) -> list[dict[str, Any]]:
@@ -549,43 +295,6 @@ class SaraiServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
 
-class _Meta:
-    """What every chunk of one answer shares."""
-
-    def __init__(self, decision: RouteDecision):
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = decision.model
-
-    def base(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": None}
-
-    def sse(self, data: Mapping[str, Any]) -> str:
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-    def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None) -> str:
-        return self.sse({**self.base(), "choices": [
-            {"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}]})
-
-
-def _usage(completion) -> dict[str, int]:
-    usage = completion.usage
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
-def _ensure_file_or_fail(config: Config, name: str) -> None:
-    """``cli.ensure_model_file`` (pulls known models), as an API error instead of an exit."""
-    from .cli import ensure_model_file
-
-    try:
-        ensure_model_file(config, name)
-    except SystemExit:
-        raise PoolError(f"model {name!r}: its file is missing and could not be fetched: "
-                        f"{config.models[name].path} (see the server log)") from None
-
-
 class ApiKeyMiddleware:
     """Refuse requests without ``Authorization: Bearer <key>`` (except OPEN_PATHS)."""
 
@@ -606,10 +315,15 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(config: Config, *, api_key: str = "", engine: Engine | None = None,
+def create_app(config: Config | None = None, *, api_key: str = "", engine: Engine | None = None,
                load_pinned: bool = True) -> Starlette:
-    """The ASGI app. Pinned models load and the reaper starts in the app's lifespan."""
-    state = SaraiServer(config, engine=engine, api_key=api_key, load_pinned=load_pinned)
+    """The ASGI app for ``engine`` (or a new one for ``config``, its cores shared out between
+    its models). Pinned models load and the reaper starts in the app's lifespan."""
+    if engine is None:
+        if config is None:
+            raise TypeError("create_app needs a config or an engine")
+        engine = Engine(share_cores(config))
+    state = SaraiServer(engine, api_key=api_key, load_pinned=load_pinned)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -645,12 +359,12 @@ def create_app(config: Config, *, api_key: str = "", engine: Engine | None = Non
     return app
 
 
-def serve(config: Config, *, host: str, port: int, api_key: str = "",
+def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
           log_level: str = "info") -> None:
     """Run the server until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
     import uvicorn
 
-    app = create_app(config, api_key=api_key)
+    app = create_app(engine=engine, api_key=api_key)
     state: SaraiServer = app.state.sarai
 
     class Server(uvicorn.Server):

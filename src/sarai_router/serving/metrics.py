@@ -23,9 +23,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from .engine import Completion
-    from .pool import ModelPool, PoolEvent
-    from .types import RouteDecision
+    from ..engine import Completion
+    from ..pool import ModelPool, PoolEvent
+    from ..types import RouteDecision
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

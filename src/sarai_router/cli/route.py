@@ -1,0 +1,116 @@
+"""``route`` (explain a decision, loads no model) and ``query`` (route and answer)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..errors import SaraiError
+from .common import (EXIT_INTERRUPTED, EXIT_USAGE, AppContext, CliError, audio_option,
+                     cli_error, dim, emit_json, image_option, json_option, progressbar,
+                     request_from_options, say)
+
+
+@click.command()
+@click.argument("prompt")
+@image_option
+@audio_option
+@json_option
+@click.pass_obj
+def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
+          as_json: bool) -> None:
+    """Explain the routing decision for PROMPT (loads no model)."""
+    from ..router import Router
+
+    router = Router(app.config())
+    request = request_from_options(prompt, images, audio)
+    try:
+        decision = router.route(request)
+    except SaraiError as exc:
+        raise cli_error(exc) from None
+    if as_json:
+        emit_json({**decision.to_dict(), "plugin_errors": list(router.hooks.errors)})
+        return
+    click.echo(f"model:   {decision.model}")
+    click.echo(f"plugin:  {decision.plugin}")
+    click.echo(f"reason:  {decision.reason}")
+    signals = ", ".join(f"{k}={_fmt_signal(v)}" for k, v in decision.signals.items())
+    click.echo(f"signals: {signals}")
+    for warning in decision.warnings:
+        click.echo(click.style(f"warning: {warning}", fg="yellow"))
+    for error in router.hooks.errors:
+        click.echo(click.style(f"plugin error: {error}", fg="red"), err=True)
+
+
+def _fmt_signal(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+@click.command()
+@click.argument("prompt")
+@image_option
+@audio_option
+@click.option("--model", metavar="NAME", help="Answer with this configured model, bypassing routing.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Cap the answer's length.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
+              help="Sampling temperature (0 = greedy).")
+@click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
+@click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
+@json_option
+@click.pass_obj
+def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
+          model: str | None, max_tokens: int | None, temperature: float, seed: int | None,
+          no_stream: bool, as_json: bool) -> None:
+    """Route PROMPT and stream the answer (model and reason on stderr)."""
+    from ..backend import GenerationParams
+    from ..engine import Completion, Engine
+
+    engine = Engine(app.config(), report=say, progressbar=progressbar)
+    request = request_from_options(prompt, images, audio)
+    streaming = not (no_stream or as_json)
+    printed = False
+    try:
+        # One-shot: nothing to pre-warm for; the process ends with this answer.
+        decision = engine.prepare(
+            request, model=model, prewarm=False,
+            on_route=None if as_json else lambda d: click.echo(dim(d.summary()), err=True))
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        completion = Completion(decision=decision)
+        for piece in engine.stream(request, decision, params, completion):
+            if streaming:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+                printed = True
+    except SaraiError as exc:
+        if printed:
+            click.echo()
+        raise cli_error(exc) from None
+    except KeyboardInterrupt:
+        if printed:
+            click.echo()
+        raise CliError("interrupted", EXIT_INTERRUPTED) from None
+    finally:
+        engine.close()
+    if as_json:
+        emit_json(completion.to_dict())
+        return
+    if streaming:
+        click.echo()
+    else:
+        click.echo(completion.text)
+    data = completion.to_dict()
+    t = data["timings"]
+    first = "-" if t["first_token_s"] is None else f"{t['first_token_s']:.2f}s"
+    click.echo(dim(
+        f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+        f"{t['tokens_per_second']:.1f} tok/s, first token {first}, load {t['load_s']:.2f}s, "
+        f"total {t['total_s']:.2f}s"), err=True)
+
+
+__all__ = ["route", "query", "EXIT_USAGE"]

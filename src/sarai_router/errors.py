@@ -1,0 +1,76 @@
+"""Every error sarai-router raises on purpose, under one base.
+
+Front ends catch ``SaraiError`` and translate it into their own output: the CLI into an
+exit code and a message, the chat REPL into a line, the server into an HTTP status. Each
+message names what is wrong and where (file, key, model, argument).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class SaraiError(Exception):
+    """The base of every error sarai-router raises on purpose."""
+
+
+class ConfigError(SaraiError):
+    """One or more problems in a config file; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class PluginError(SaraiError):
+    """A plugin broke a contract (e.g. routed to a model that isn't configured)."""
+
+
+class RoutingError(SaraiError):
+    """Routing produced no usable model; the message names the plugin and the model."""
+
+
+class CapabilityError(SaraiError):
+    """The chosen model cannot take what the request carries (an image, audio, tools...)."""
+
+
+class BackendError(SaraiError):
+    """A backend could not load a model or generate; the message says which and why."""
+
+
+class ContextLengthError(BackendError):
+    """The request does not fit the model's context window (bad input, not a fault)."""
+
+
+class PoolError(SaraiError):
+    """A model cannot be made resident (budget, limits, or every other model busy)."""
+
+
+class QueueFull(PoolError):
+    """Too many requests already wait for this model's instance (``[server] queue_size``)."""
+
+    def __init__(self, model: str, limit: int):
+        self.model = model
+        self.limit = limit
+        super().__init__(f"model {model!r} is busy and {limit} request"
+                         f"{'s' if limit != 1 else ''} already wait for it "
+                         "([server] queue_size); try again shortly")
+
+
+class FetchError(SaraiError):
+    """A model could not be fetched or failed verification; the message says what to do."""
+
+    def __init__(self, message: str, model: str | None = None):
+        super().__init__(message)
+        self.model = model
+
+
+class ModelFileMissing(FetchError):
+    """A model's file is not there and no known source can fetch it."""
+
+
+def not_configured(name: str, configured: Iterable[str], who: str = "") -> str:
+    """The one wording for a model name that the config does not define."""
+    known = ", ".join(sorted(configured)) or "none"
+    lead = f"{who} unknown model" if who else "unknown model"
+    return f"{lead} {name!r}, which is not configured (configured: {known})"

@@ -1,0 +1,154 @@
+"""The layout's rules, checked on the source: arrows point from the front ends to the core.
+
+* no import cycle between the package's modules (TYPE_CHECKING imports aside);
+* the core (everything outside ``cli/``, ``serving/``, ``bench/`` and ``default_plugins/``)
+  never imports a front end or a default plugin, compares a backend's name, or catches
+  ``SystemExit``;
+* nothing outside ``cli/`` exits the process.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sarai_router"
+FRONT_ENDS = ("cli", "serving", "bench")
+PLUGINS = ("default_plugins",)
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for file in PACKAGE.rglob("*.py"):
+        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = file
+    return found
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for child in ast.walk(node))
+    return skipped
+
+
+def imports_of(name: str, file: Path, known: dict[str, Path]) -> set[str]:
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    skipped = _type_checking_nodes(tree)
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            candidates = [f"{module}.{alias.name}" for alias in node.names]
+            targets.update(c if c in known else module for c in candidates)
+        elif isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+    resolved = set()
+    for target in targets:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            resolved.add(target)
+    return resolved
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports_of(name, file, known) for name, file in known.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_anywhere():
+    assert cycles(import_graph()) == []
+
+
+def _layer(module: str) -> str:
+    if module == "sarai_router.__main__":  # `python -m sarai_router`: the CLI's door
+        return "front"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in FRONT_ENDS:
+        return "front"
+    if len(parts) > 1 and parts[1] in PLUGINS:
+        return "plugin"
+    return "core"
+
+
+def test_core_imports_no_front_end_and_no_default_plugin():
+    for module, targets in import_graph().items():
+        if _layer(module) != "core":
+            continue
+        wrong = sorted(t for t in targets if _layer(t) != "core")
+        assert not wrong, f"{module} (core) imports {wrong}"
+
+
+def test_core_never_compares_a_backend_name_nor_handles_exit():
+    for module, file in modules().items():
+        if _layer(module) != "core":
+            continue
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                text = ast.unparse(node)
+                assert "backend" not in text or not any(
+                    isinstance(c, ast.Constant) and isinstance(c.value, str)
+                    for c in node.comparators), f"{module}: {text}"
+            if isinstance(node, ast.Name) and node.id == "SystemExit":
+                raise AssertionError(f"{module} mentions SystemExit at line {node.lineno}")
+            if isinstance(node, ast.Attribute) and node.attr == "exit" and \
+                    ast.unparse(node.value) == "sys":
+                raise AssertionError(f"{module} calls sys.exit at line {node.lineno}")
+
+
+def test_only_the_cli_exits_the_process():
+    for module, file in modules().items():
+        if module.startswith("sarai_router.cli") or module == "sarai_router.__main__":
+            continue
+        text = file.read_text(encoding="utf-8")
+        assert "sys.exit(" not in text and "SystemExit" not in text, module
