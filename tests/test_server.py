@@ -157,8 +157,9 @@ def ask(client: openai.OpenAI, text: str, model: str = "auto", **kwargs):
 
 
 def wait_quality_unloaded(server: Server) -> None:
-    server.wait_until(lambda: not server.models()["quality"]["loaded"], QUALITY_TTL + 10,
-                      "the quality model to expire")
+    # "unloaded", not "not loaded": an unload is over once its close is (not "unloading").
+    server.wait_until(lambda: server.models()["quality"]["state"] == "unloaded",
+                      QUALITY_TTL + 10, "the quality model to expire")
 
 
 # -- answers -----------------------------------------------------------------------------
@@ -278,9 +279,10 @@ def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
     ask(server.client(), "hi", model="quality", max_tokens=2)
     finished = time.monotonic()
     assert server.models()["quality"]["loaded"]
-    # Only GET /v1/models from here on: the reaper alone unloads it.
-    server.wait_until(lambda: not server.models()["quality"]["loaded"], QUALITY_TTL + 10,
-                      "the quality model to expire")
+    # Only GET /v1/models from here on: the reaper alone unloads it ("unloaded", not just
+    # "not loaded": the unload is over once its close is).
+    server.wait_until(lambda: server.models()["quality"]["state"] == "unloaded",
+                      QUALITY_TTL + 10, "the quality model to expire")
     idle = time.monotonic() - finished
     assert idle >= QUALITY_TTL - 0.2
     assert server.models()["fast"]["loaded"], "a pinned model never expires"

@@ -7,7 +7,8 @@ take) it asks the model's backend through :class:`Backend`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol,
+                    Sequence)
 
 import attrs
 
@@ -17,17 +18,51 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["Backend", "BackendError", "Capabilities", "ContextLengthError", "Delta",
-           "GenerationParams", "LoadedModel", "Presence", "Usage"]
+__all__ = ["Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities", "ContextLengthError",
+           "Delta", "GenerationParams", "LoadedModel", "Presence", "SAMPLING_KEYS", "Usage"]
+
+#: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                 "presence_penalty", "frequency_penalty")
+
+#: What a setting is when neither the request, the config nor the model file gives it
+#: (llama-cpp-python's own defaults, except temperature, which it puts at 0.2).
+BUILTIN_SAMPLING: Mapping[str, float] = {
+    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0,
+}
 
 
 @attrs.frozen
 class GenerationParams:
+    """What one request asks of a generation. A sampling setting left ``None`` takes the
+    model's default (``Engine.stream`` fills them in before the backend sees them:
+    ``[models.NAME]``, else the model file's recommendation, else ``BUILTIN_SAMPLING``)."""
+
     max_tokens: int | None = None  # None: the model's configured max_tokens
-    temperature: float = 0.7
+    temperature: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    top_p: float = 0.95
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: Returns True once the generation should end as soon as it can (the runaway guard
+    #: says it repeats itself). A backend that honours it ends the answer cleanly (its
+    #: usage counted); one that doesn't is closed by the engine a few pieces later.
+    stop_check: Callable[[], bool] | None = attrs.field(default=None, eq=False, repr=False)
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> "GenerationParams":
+        """These params with every unset sampling setting taken from ``defaults``."""
+        missing = {key: defaults[key] for key in SAMPLING_KEYS
+                   if getattr(self, key) is None and defaults.get(key) is not None}
+        return attrs.evolve(self, **missing) if missing else self
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings, by name (``None`` where unset)."""
+        return {key: getattr(self, key) for key in SAMPLING_KEYS}
 
 
 @attrs.frozen
@@ -131,12 +166,17 @@ class Backend:
     def capabilities(self, spec: "ModelSpec") -> Capabilities:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
+    def sampling_defaults(self, spec: "ModelSpec") -> Mapping[str, float]:
+        """The sampling the model's author recommends (names from ``SAMPLING_KEYS``), e.g.
+        from a GGUF's ``general.sampling.*`` keys; empty when the model says nothing."""
+        return {}
+
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
 BackendFactory = Backend
 
 _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
-             "estimate_ram_mb", "presence", "describe", "capabilities")
+             "estimate_ram_mb", "presence", "describe", "capabilities", "sampling_defaults")
 
 
 def as_backend(factory: Any) -> Backend:

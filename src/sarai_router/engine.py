@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from contextlib import closing
 from typing import Any, Callable, Iterator
 
 import attrs
 
-from .backend import Delta, GenerationParams, Usage
-from .config import Config
-from .errors import CapabilityError, not_configured
+from .backend import BUILTIN_SAMPLING, SAMPLING_KEYS, Delta, GenerationParams, Usage
+from .config import Config, ModelSpec
+from .errors import Cancelled, CapabilityError, not_configured
 from .fetch import ensure_present
 from .plugins import PluginSet
-from .pool import ModelPool
+from .pool import ModelPool, PoolEvent
 from .router import Router, missing_modalities
+from .runaway import RunawayGuard
 from .types import ChatRequest, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ class Completion:
     decision: RouteDecision
     text: str = ""
     finish_reason: str | None = None
+    #: cancelled while queued: the model never saw the request
+    dropped: bool = False
+    #: what ended the answer early, when not the model: "runaway_guard"
+    stopped_by: str | None = None
     usage: Usage = Usage(0, 0)
     timings: Timings = attrs.field(factory=Timings)
 
@@ -60,6 +66,7 @@ class Completion:
             "signals": dict(self.decision.signals),
             "text": self.text,
             "finish_reason": self.finish_reason,
+            "stopped_by": self.stopped_by,
             "usage": {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
@@ -88,6 +95,7 @@ class Engine:
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
+        self._sampling: dict[str, dict[str, Any]] = {}
 
     # -- the request path
 
@@ -120,7 +128,13 @@ class Engine:
         return pinned
 
     def ensure_present(self, name: str) -> bool:
-        """Fetch ``name``'s files if its backend says they are missing and can be pulled."""
+        """Fetch ``name``'s files if its backend says they are missing and can be pulled.
+
+        A resident model (loaded or loading) needs its files no more: one deleted or moved
+        after the load must not make the model refuse requests it can still answer.
+        """
+        if self.pool.is_resident(name):
+            return True
         spec = self.config.models[name]
         presence = self.hooks.backend(spec.backend).presence(spec)
         return ensure_present(spec, presence, source=self.config.source, report=self.report,
@@ -142,39 +156,115 @@ class Engine:
     def stream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
         completion: Completion | None = None, *, queue_limit: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
 
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
-        ``decision`` comes from :meth:`prepare`.
+        ``cancel``: set (then ``pool.wake()``) when nobody wants the answer any more; a
+        request still queued then ends with no piece and ``completion.dropped`` set, without
+        the model ever seeing its prompt. ``decision`` comes from :meth:`prepare`.
+
+        Unset sampling settings take the model's defaults (:meth:`sampling_for`). The
+        runaway guard (``[generation]``) stops an answer that keeps repeating itself:
+        ``completion.stopped_by`` is then ``"runaway_guard"`` and the finish reason "stop".
         """
         completion = completion if completion is not None else Completion(decision=decision)
+        model = decision.model
+        spec = self.config.models[model]
+        guard = self._guard_for(spec)
+        stop = threading.Event()
+        params = attrs.evolve(params.with_defaults(self.sampling_for(model)),
+                              stop_check=stop.is_set if guard is not None else params.stop_check)
         started = time.perf_counter()
-        was_loaded = self.pool.is_loaded(decision.model)
-        with self.pool.use(decision.model, queue_limit=queue_limit) as resident:
-            gen_started = time.perf_counter()
-            if not was_loaded:
-                completion.timings.load_s = resident.load_seconds
-            pieces: list[str] = []
-            delta: Delta
-            deltas = resident.model.chat(
-                request.messages, params, images=request.images, audio=request.audio
-            )
-            # Closed on the way out, so a stopped generation ends before the instance is free.
-            with closing(deltas):
-                for delta in deltas:
-                    if delta.text:
-                        if completion.timings.first_token_s is None:
-                            completion.timings.first_token_s = time.perf_counter() - gen_started
-                        pieces.append(delta.text)
-                        yield delta.text
-                    if delta.usage is not None:
-                        completion.usage = delta.usage
-                        completion.finish_reason = delta.finish_reason
-            ended = time.perf_counter()
+        was_loaded = self.pool.is_loaded(model)
+        pieces: list[str] = []
+        try:
+            with self.pool.use(model, queue_limit=queue_limit, cancel=cancel) as resident:
+                if cancel is not None and cancel.is_set():  # the last look before the prompt
+                    raise Cancelled(f"request for {model!r} cancelled while queued")
+                self.pool.emit(PoolEvent("generation_started", model))
+                gen_started = time.perf_counter()
+                if not was_loaded:
+                    completion.timings.load_s = resident.load_seconds
+                deltas = resident.model.chat(
+                    request.messages, params, images=request.images, audio=request.audio
+                )
+                # Closed on the way out, so a stopped generation ends before the instance is
+                # free.
+                with closing(deltas):
+                    yield from self._pieces(deltas, completion, pieces, guard, stop, gen_started)
+                ended = time.perf_counter()
+        except Cancelled:
+            completion.dropped = True
+            self.pool.emit(PoolEvent("generation_dropped", model, detail="cancelled while queued"))
+            return
         completion.text = "".join(pieces)
         completion.timings.generation_s = ended - gen_started
         completion.timings.total_s = ended - started
+        if guard is not None and guard.tripped:
+            completion.stopped_by = "runaway_guard"
+            completion.finish_reason = "stop"
+            log.info("runaway guard stopped %s after %d tokens: %s", model,
+                     completion.usage.completion_tokens, guard.reason)
+            self.pool.emit(PoolEvent("runaway_stopped", model, detail=guard.reason))
+
+    #: Pieces a backend may still send after being told to stop before it is closed.
+    STOP_GRACE_PIECES = 8
+
+    def _pieces(self, deltas: Iterator[Delta], completion: Completion, pieces: list[str],
+                guard: RunawayGuard | None, stop: threading.Event,
+                gen_started: float) -> Iterator[str]:
+        after_stop = 0
+        delta: Delta
+        for delta in deltas:
+            if delta.usage is not None:
+                completion.usage = delta.usage
+                completion.finish_reason = delta.finish_reason
+            if not delta.text:
+                continue
+            if stop.is_set():
+                # Told to stop: what still comes is the tail of the loop. A backend that
+                # ignores stop_check is closed after a few pieces (usage: pieces seen).
+                after_stop += 1
+                if after_stop > self.STOP_GRACE_PIECES:
+                    completion.usage = Usage(completion.usage.prompt_tokens, len(pieces))
+                    return
+                continue
+            if completion.timings.first_token_s is None:
+                completion.timings.first_token_s = time.perf_counter() - gen_started
+            pieces.append(delta.text)
+            yield delta.text
+            if guard is not None and guard.feed(delta.text):
+                stop.set()
+
+    def sampling_for(self, name: str) -> dict[str, Any]:
+        """Model ``name``'s sampling defaults: ``[models.NAME]`` keys, else what the model
+        file recommends (its backend's ``sampling_defaults``), else ``BUILTIN_SAMPLING``."""
+        cached = self._sampling.get(name)
+        if cached is None:
+            spec = self.config.models[name]
+            try:
+                from_file = dict(self.hooks.backend(spec.backend).sampling_defaults(spec))
+            except Exception as exc:  # a recommendation is optional: never fail for it
+                log.warning("model %s: could not read its recommended sampling: %s", name, exc)
+                log.debug("sampling_defaults failed", exc_info=True)
+                from_file = {}
+            from_config = {key: getattr(spec, key) for key in SAMPLING_KEYS
+                           if getattr(spec, key) is not None}
+            cached = {**BUILTIN_SAMPLING,
+                      **{k: v for k, v in from_file.items() if k in SAMPLING_KEYS},
+                      **from_config}
+            self._sampling[name] = cached
+        return dict(cached)
+
+    def _guard_for(self, spec: ModelSpec) -> RunawayGuard | None:
+        if not self.config.runaway_guard_for(spec):
+            return None
+        generation = self.config.generation
+        return RunawayGuard(min_chars=generation.runaway_min_chars,
+                            max_chars=generation.runaway_max_chars,
+                            repeats=generation.runaway_repeats)
 
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),

@@ -57,6 +57,11 @@ class QueueFull(PoolError):
                          "([server] queue_size); try again shortly")
 
 
+class Cancelled(SaraiError):
+    """The request was cancelled (its client left, or the server is shutting down) before
+    its generation started; the model was not touched."""
+
+
 class FetchError(SaraiError):
     """A model could not be fetched or failed verification; the message says what to do."""
 

@@ -5,8 +5,14 @@ Rules the pool keeps whatever the cache plugins say:
 * a pinned model is never evicted or expired;
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
 * at most the backend's ``concurrency(spec)`` generations at once per loaded instance
-  (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server);
-* the idle clock (``last_used``) starts when a generation ends.
+  (``Resident.active``: 1 for an in-process llama.cpp model, the slots of a llama-server),
+  the others waiting in arrival order;
+* a request cancelled while it waits (its client left, the server stops) leaves the queue
+  at once and never touches the model;
+* the idle clock (``last_used``) starts when a generation ends;
+* unloading (``close()``, ``malloc_trim``, the RSS check) runs outside the pool's lock, so
+  a status read never waits for it; a model being closed is ``unloading`` until it is done,
+  and loading it again waits for that.
 
 Which idle model to evict and when an idle model has expired are asked of the cache hooks
 (``select_eviction``, ``model_expired``); the default plugin is LRU with a TTL.
@@ -14,6 +20,7 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -24,7 +31,7 @@ import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, PoolError, QueueFull, not_configured
+from .errors import BackendError, Cancelled, PoolError, QueueFull, not_configured
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -67,7 +74,7 @@ class Resident:
     spec: ModelSpec
     ram_mb: float
     estimated_mb: float
-    state: str = "loading"  # "loading" | "loaded"
+    state: str = "loading"  # "loading" | "loaded" | "unloading" (taken out, being closed)
     model: LoadedModel | None = None
     users: int = 0
     last_used: float = 0.0
@@ -76,8 +83,10 @@ class Resident:
     measured_mb: float | None = None
     #: generations the instance takes at once (the backend's ``concurrency``)
     concurrency: int = 1
-    slots: threading.Semaphore = attrs.field(
-        default=attrs.Factory(lambda self: threading.Semaphore(self.concurrency), takes_self=True))
+    #: generations running on the instance now (at most ``concurrency``)
+    active: int = 0
+    #: requests waiting for a slot, first come first served (one token object each)
+    waiting: collections.deque = attrs.field(factory=collections.deque)
     # Requests inside ``use()`` (generating, or waiting for the load or the instance).
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
@@ -110,6 +119,7 @@ class Resident:
             "measured_mb": None if self.measured_mb is None else round(self.measured_mb, 1),
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
+            "active": self.active,
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
@@ -122,7 +132,10 @@ class PoolEvent:
 
     ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
     by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped.
+    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped; and from
+    the engine, per request: generation_started (the model took the request),
+    generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
+    (the runaway guard ended a generation that kept repeating itself).
     """
 
     kind: str
@@ -139,7 +152,8 @@ def process_rss_mb() -> float:
 
 
 def release_free_heap() -> None:
-    """Ask glibc to hand freed heap pages back to the OS (llama.cpp frees, glibc may keep)."""
+    """Ask glibc to hand freed heap pages back to the OS (llama.cpp frees, glibc may keep);
+    ``malloc_trim`` walks every arena, not only the main one."""
     try:
         import ctypes
 
@@ -167,9 +181,15 @@ class ModelPool:
         self.wait_seconds = wait_seconds
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
+        #: taken out of ``_residents`` and being closed (outside the lock)
+        self._closing: dict[str, Resident] = {}
         self._cond = threading.Condition()
+        # Closes one at a time, so each one's RSS reading is its own.
+        self._close_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
+        # A generation ended since the heap was last trimmed (the reaper trims when idle).
+        self._heap_dirty = False
 
     # -- queries -----------------------------------------------------------------------
 
@@ -178,34 +198,77 @@ class ModelPool:
             resident = self._residents.get(name)
             return resident is not None and resident.state == "loaded"
 
-    def residents(self) -> list[dict[str, Any]]:
+    def is_resident(self, name: str) -> bool:
+        """Loaded or loading: its files are not needed again for this instance."""
         with self._cond:
-            return [r.snapshot() for r in self._residents.values()]
+            return name in self._residents
+
+    def residents(self) -> list[dict[str, Any]]:
+        """Snapshots of every resident, those being unloaded included (``unloading``)."""
+        with self._cond:
+            return [r.snapshot() for r in (*self._residents.values(), *self._closing.values())]
 
     def resident_mb(self) -> float:
         with self._cond:
-            return sum(r.ram_mb for r in self._residents.values())
+            return self._resident_mb_locked() + sum(r.ram_mb for r in self._closing.values())
+
+    def wake(self) -> None:
+        """Wake every waiter to look again (a cancel flag was set)."""
+        with self._cond:
+            self._cond.notify_all()
 
     # -- using a model -------------------------------------------------------------------
 
     @contextmanager
-    def use(self, name: str, *, queue_limit: int | None = None) -> Iterator[Resident]:
+    def use(self, name: str, *, queue_limit: int | None = None,
+            cancel: threading.Event | None = None) -> Iterator[Resident]:
         """Hold model ``name`` for one generation: load it if needed, then take a slot of its
         instance (``concurrency`` generations run at once; the others wait in turn).
 
         ``queue_limit``: how many requests may wait for a slot besides those using one; one
         more raises :class:`QueueFull` at once. ``None``: no limit.
+        ``cancel``: once set (then :meth:`wake`), a request still waiting leaves the queue
+        with :class:`Cancelled`; it is checked again when the slot is taken, so a cancelled
+        request never reaches the model.
         """
-        resident = self._acquire(name, queue_limit=queue_limit)
+        resident = self._acquire(name, queue_limit=queue_limit, cancel=cancel)
         try:
-            with resident.slots:
-                yield resident
+            self._take_slot(resident, cancel)
+        except BaseException:
+            with self._cond:  # it never used the model: the idle clock is left alone
+                resident.users -= 1
+                resident.queued -= 1
+                self._cond.notify_all()
+            raise
+        try:
+            yield resident
         finally:
             with self._cond:
+                resident.active -= 1
                 resident.users -= 1
                 resident.queued -= 1
                 resident.last_used = self.clock()
+                self._heap_dirty = True
                 self._cond.notify_all()
+
+    def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
+        """Wait for a free slot of the instance, in arrival order; Cancelled if told to stop."""
+        token = object()
+        with self._cond:
+            resident.waiting.append(token)
+            try:
+                while not (resident.active < resident.concurrency
+                           and resident.waiting[0] is token):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"request for {resident.name!r} cancelled while queued")
+                    # Woken by a finished generation or a cancel; the timeout is a backstop.
+                    self._cond.wait(timeout=1.0)
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"request for {resident.name!r} cancelled while queued")
+                resident.active += 1
+            finally:
+                resident.waiting.remove(token)
+                self._cond.notify_all()  # the next in line may be at the head now
 
     def ensure_loaded(self, name: str) -> Resident:
         """Load ``name`` (if it is not) without holding it; used for pinned models."""
@@ -220,19 +283,20 @@ class ModelPool:
 
         The slot is reserved before this returns (the model shows as ``loading``), so a
         request that comes next waits for this load instead of starting another. Returns
-        the loading thread, or ``None`` when the model is resident or there is no room
-        (a ``prewarm_skipped`` event). A request for the model before it is unloaded makes
-        the pre-warm ``prewarm_used``; an unload before any request, ``prewarm_wasted``.
+        the loading thread, or ``None`` when the model is resident (or still being
+        unloaded) or there is no room (a ``prewarm_skipped`` event). A request for the
+        model before it is unloaded makes the pre-warm ``prewarm_used``; an unload before
+        any request, ``prewarm_wasted``.
         """
         spec = self.config.models.get(name)
         if spec is None:
             raise PoolError(f"cannot pre-warm {not_configured(name, self.config.models)}")
         with self._cond:
-            if name in self._residents:
+            if name in self._residents or name in self._closing:
                 return None
             try:
                 # A guess must not unload a model someone may be about to use.
-                resident = self._reserve(spec, evict=False)
+                resident = self._reserve(spec, evict=False, victims=[])
             except PoolError as exc:
                 skipped = str(exc)
             else:
@@ -241,7 +305,7 @@ class ModelPool:
                 resident.prewarm_pending = True
         if skipped:
             log.info("pre-warm of %s skipped: %s", name, skipped)
-            self._emit(PoolEvent("prewarm_skipped", name, detail=skipped))
+            self.emit(PoolEvent("prewarm_skipped", name, detail=skipped))
             return None
         thread = threading.Thread(target=self._prewarm_load, args=(resident, reason),
                                   name=f"sarai-prewarm-{name}", daemon=True)
@@ -258,8 +322,8 @@ class ModelPool:
             resident.users -= 1
             self._cond.notify_all()
         log.info("pre-warmed model %s (%s)", resident.name, reason or "asked by a plugin")
-        self._emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
-                             ram_mb=resident.ram_mb, detail=reason))
+        self.emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
+                            ram_mb=resident.ram_mb, detail=reason))
 
     def load_pinned(self) -> list[str]:
         pinned = [name for name, spec in self.config.models.items() if spec.pinned]
@@ -268,7 +332,7 @@ class ModelPool:
         return pinned
 
     def _acquire(self, name: str, *, queue_limit: int | None = None,
-                 request: bool = True) -> Resident:
+                 request: bool = True, cancel: threading.Event | None = None) -> Resident:
         """Count a user on ``name``'s resident (creating and loading it if needed).
 
         ``request``: a generation that will lock the instance (counted in ``queued``, subject
@@ -278,28 +342,38 @@ class ModelPool:
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
-        with self._cond:
-            resident = self._residents.get(name)
-            if resident is None:
-                resident = self._reserve(spec)
-                loader = True
-            else:
-                # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
-                full = (request and queue_limit is not None
-                        and resident.queued >= resident.concurrency + queue_limit)
-                loader = False
-            if not full:
-                resident.users += 1
-                if request:
-                    resident.queued += 1
-                    if resident.prewarm_pending:
-                        resident.prewarm_pending = False
-                        prewarm_used = True
+        victims: list[tuple[Resident, str, str]] = []
+        try:
+            with self._cond:
+                # A model still being closed is loaded again once the close is done.
+                while name in self._closing:
+                    _check_cancel(cancel, name)
+                    self._cond.wait(timeout=1.0)
+                resident = self._residents.get(name)
+                if resident is None:
+                    resident = self._reserve(spec, victims=victims, cancel=cancel)
+                    loader = True
+                else:
+                    # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
+                    full = (request and queue_limit is not None
+                            and resident.queued >= resident.concurrency + queue_limit)
+                    loader = False
+                if not full:
+                    resident.users += 1
+                    if request:
+                        resident.queued += 1
+                        if resident.prewarm_pending:
+                            resident.prewarm_pending = False
+                            prewarm_used = True
+        finally:
+            # Evicted to make room: closed before the new load starts, outside the lock.
+            for victim in victims:
+                self._close(*victim)
         if full:
-            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self.emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self._emit(PoolEvent("prewarm_used", name))
+            self.emit(PoolEvent("prewarm_used", name))
         if loader:
             try:
                 self._load(resident)
@@ -311,7 +385,13 @@ class ModelPool:
             return resident
         with self._cond:
             while resident.state == "loading" and self._residents.get(name) is resident:
-                self._cond.wait()
+                if cancel is not None and cancel.is_set():
+                    resident.users -= 1
+                    if request:
+                        resident.queued -= 1
+                    self._cond.notify_all()
+                    raise Cancelled(f"request for {name!r} cancelled while the model loaded")
+                self._cond.wait(timeout=1.0)
             if self._residents.get(name) is not resident:
                 # The load we waited for failed; report it as ours.
                 resident.users -= 1
@@ -320,8 +400,14 @@ class ModelPool:
                 raise PoolError(f"model {name!r} failed to load (see the log above)")
         return resident
 
-    def _reserve(self, spec: ModelSpec, *, evict: bool = True) -> Resident:
-        """Make room for ``spec`` (evicting idle models) and reserve its slot. Holds the lock."""
+    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str]],
+                 evict: bool = True, cancel: threading.Event | None = None) -> Resident:
+        """Make room for ``spec`` and reserve its slot. Holds the lock.
+
+        Idle models chosen for eviction are taken out and appended to ``victims``; the
+        caller closes them once it has let go of the lock. Models other requests are still
+        closing count against the limits until they are closed.
+        """
         estimated = self.estimator(spec)
         budget = self.config.cache.ram_budget_mb
         if estimated > budget:
@@ -331,8 +417,11 @@ class ModelPool:
             )
         deadline = time.monotonic() + self.wait_seconds
         while True:
-            over_count = len(self._residents) + 1 > self.config.cache.max_loaded
-            over_mb = self._resident_mb_locked() + estimated - budget
+            ours = {id(victim) for victim, _, _ in victims}
+            closing = [r for r in self._closing.values() if id(r) not in ours]
+            over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
+            over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
+                       + estimated - budget)
             if not over_count and over_mb <= 0:
                 break
             if not evict:
@@ -352,12 +441,14 @@ class ModelPool:
                         f"(answer: {victim!r}; candidates: {', '.join(by_name)}); "
                         "is the default 'lru_ttl' plugin disabled?"
                     )
-                self._unload_locked(by_name[victim], kind="evict", detail=f"to load {spec.name}")
+                victims.append(self._take_out_locked(by_name[victim], kind="evict",
+                                                     detail=f"to load {spec.name}"))
                 continue
+            _check_cancel(cancel, spec.name)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._others_busy_locked():
+            if remaining <= 0 or not (self._others_busy_locked() or closing):
                 raise PoolError(self._why_full(spec, estimated, over_count))
-            # Every other model is busy: wait for one to finish rather than fail.
+            # Every other model is busy (or still closing): wait for one rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))
         concurrency = max(1, int(self.hooks.backend(spec.backend).concurrency(spec)))
         resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated,
@@ -396,7 +487,7 @@ class ModelPool:
                 self._residents.pop(resident.name, None)
                 resident.users -= 1
                 self._cond.notify_all()
-            self._emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
+            self.emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
             if isinstance(exc, (BackendError, PoolError)):
                 raise
             if isinstance(exc, Exception):
@@ -416,31 +507,51 @@ class ModelPool:
             self._cond.notify_all()
         log.info("loaded model %s in %.2fs (estimated %.0f MB, RSS +%.0f MB)",
                  resident.name, seconds, resident.estimated_mb, measured)
-        self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
+        self.emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
 
     # -- unloading ----------------------------------------------------------------------
+    #
+    # In two steps: under the lock, an idle model is taken out of the residents (nobody can
+    # start using it any more; it shows as "unloading"); then, with the lock released,
+    # it is closed, the heap trimmed and the RSS drop checked. Closing a 250 MB model takes
+    # tens of milliseconds: /health, /metrics and other requests must not wait for it.
 
-    def _unload_locked(self, resident: Resident, *, kind: str, detail: str = "") -> None:
+    def _take_out_locked(self, resident: Resident, *, kind: str,
+                         detail: str = "") -> tuple[Resident, str, str]:
+        """Take an idle resident out of service; the caller must ``_close`` it, unlocked."""
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
-        model, resident.model = resident.model, None
-        rss_before = process_rss_mb()
-        if model is not None:
-            try:
-                model.close()
-            except Exception:  # a failing close must not keep the slot
-                log.exception("closing model %s failed", resident.name)
-            release_free_heap()
-        freed = rss_before - process_rss_mb()
+        resident.state = "unloading"
+        self._closing[resident.name] = resident
+        return resident, kind, detail
+
+    def _close(self, resident: Resident, kind: str, detail: str = "") -> None:
+        """Close a taken-out resident (never under the pool lock) and report it."""
+        try:
+            with self._close_lock:
+                model, resident.model = resident.model, None
+                rss_before = process_rss_mb()
+                if model is not None:
+                    try:
+                        model.close()
+                    except Exception:  # a failing close must not keep the slot
+                        log.exception("closing model %s failed", resident.name)
+                    release_free_heap()
+                freed = rss_before - process_rss_mb()
+        finally:
+            with self._cond:
+                if self._closing.get(resident.name) is resident:
+                    del self._closing[resident.name]
+                self._cond.notify_all()  # a reload of this model may go on
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
                  resident.name, f" ({detail})" if detail else "", freed)
-        self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+        self.emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
             resident.prewarm_pending = False
-            self._emit(PoolEvent("prewarm_wasted", resident.name,
-                                 detail=f"{kind} before any request used it"))
+            self.emit(PoolEvent("prewarm_wasted", resident.name,
+                                detail=f"{kind} before any request used it"))
 
     def _verify_unload(self, resident: Resident, freed_mb: float) -> None:
         """Check that closing gave back about what loading took (measured, else estimated)."""
@@ -450,8 +561,8 @@ class ModelPool:
         log.warning("unloading model %s freed only %.0f MB of process RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
-        self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
-                             detail=f"freed {freed_mb:.0f} MB"))
+        self.emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
+                            detail=f"freed {freed_mb:.0f} MB"))
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""
@@ -459,26 +570,40 @@ class ModelPool:
             resident = self._residents.get(name)
             if resident is None or not resident.idle:
                 return False
-            self._unload_locked(resident, kind="unload")
-            return True
+            taken = self._take_out_locked(resident, kind="unload")
+        self._close(*taken)
+        return True
 
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""
         now = self.clock() if now is None else now
-        expired: list[str] = []
+        taken: list[tuple[Resident, str, str]] = []
         with self._cond:
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
                 if self.hooks.model_expired(resident=resident.info(), now=now,
                                             cache=self.config.cache):
-                    self._unload_locked(resident, kind="expire",
-                                        detail=f"idle {now - resident.last_used:.1f}s")
-                    expired.append(resident.name)
-        return expired
+                    taken.append(self._take_out_locked(
+                        resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
+        for item in taken:
+            self._close(*item)
+        return [resident.name for resident, _, _ in taken]
+
+    def trim_if_idle(self) -> bool:
+        """Give freed heap back to the OS when no generation runs and one ended since the
+        last trim. Generation threads free their buffers into glibc's arenas, which keep
+        them; without this, a server's idle RSS creeps up with load."""
+        with self._cond:
+            if not self._heap_dirty or any(r.users for r in self._residents.values()):
+                return False
+            self._heap_dirty = False
+        release_free_heap()
+        return True
 
     def start_reaper(self, interval: float | None = None) -> None:
-        """Reap in a background thread every ``interval`` seconds until ``close()``."""
+        """Reap in a background thread every ``interval`` seconds until ``close()``; trim
+        the heap when idle."""
         if self._reaper is not None:
             return
         interval = interval or self.config.cache.reap_interval_seconds
@@ -490,6 +615,7 @@ class ModelPool:
             while not self._stop.wait(period):
                 try:
                     self.reap()
+                    self.trim_if_idle()
                 except Exception:
                     log.exception("the reaper failed; it will try again")
 
@@ -502,13 +628,21 @@ class ModelPool:
             self._reaper.join(timeout=5)
             self._reaper = None
         with self._cond:
-            for resident in list(self._residents.values()):
-                if resident.state == "loaded" and resident.users == 0:
-                    self._unload_locked(resident, kind="unload", detail="shutdown")
+            taken = [self._take_out_locked(resident, kind="unload", detail="shutdown")
+                     for resident in list(self._residents.values())
+                     if resident.state == "loaded" and resident.users == 0]
+        for item in taken:
+            self._close(*item)
 
-    def _emit(self, event: PoolEvent) -> None:
+    def emit(self, event: PoolEvent) -> None:
+        """Tell the listeners (logs, metrics) about ``event``."""
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("a pool listener failed on %s", event)
+
+
+def _check_cancel(cancel: threading.Event | None, name: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"request for {name!r} cancelled while queued")

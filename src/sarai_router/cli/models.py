@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import FetchError
-from .common import (EXIT_FAILURE, AppContext, CliError, check_model_names, dim, emit_json,
+from .common import (EXIT_FAILURE, TEXT, AppContext, CliError, check_model_names, dim, emit_json,
                      json_option, progressbar)
 
 
@@ -63,7 +63,7 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
 
 
 @models.command("pull")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, type=TEXT)
 @click.option("--force", is_flag=True, help="Fetch again even if the file is present.")
 @click.pass_obj
 def models_pull(app: AppContext, names: tuple[str, ...], force: bool) -> None:

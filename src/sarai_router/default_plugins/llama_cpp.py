@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from ..backend import (Backend, BackendError, Capabilities, ContextLengthError, Delta,
-                       GenerationParams, Presence, Usage)
+from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
+                       ContextLengthError, Delta, GenerationParams, Presence, Usage)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
@@ -84,23 +84,31 @@ class LlamaCppModel:
                                    "it cannot take images")
             messages = _with_images(messages, images)
         sampled = 0
+        stop_check = params.stop_check
+        end_of_text = self.llama.token_eos()
 
         def count_sampling(_input_ids, scores):
             nonlocal sampled
             sampled += 1
+            if stop_check is not None and stop_check():
+                # Told to stop (the runaway guard): the end-of-text token is the only choice
+                # left, so the answer ends at once and cleanly, its usage counted.
+                scores[:] = -float("inf")
+                scores[end_of_text] = 0.0
             return scores
 
         from llama_cpp import LogitsProcessorList
 
+        # Unset settings (a caller that bypassed Engine.stream) take the built-in defaults.
+        sampling = params.with_defaults(BUILTIN_SAMPLING).sampling()
         stream = self.llama.create_chat_completion(
             messages=list(messages),
             max_tokens=params.max_tokens or self.spec.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
             seed=params.seed,
             stop=list(params.stop) or None,
             stream=True,
             logits_processor=LogitsProcessorList([count_sampling]),
+            **sampling,
         )
         finish_reason = None
         try:
@@ -222,6 +230,16 @@ class LlamaCppBackend(Backend):
     def capabilities(self, spec: ModelSpec) -> Capabilities:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
+    def sampling_defaults(self, spec: ModelSpec) -> Mapping[str, float]:
+        """The GGUF's ``general.sampling.*`` recommendation (what llama.cpp's own tools read),
+        empty when the file has none or cannot be read."""
+        from ..gguf_info import GGUFError, read_info
+
+        try:
+            return read_info(spec.path).sampling
+        except GGUFError:
+            return {}
+
     def load(self, spec: ModelSpec) -> LlamaCppModel:
         settings: LlamaCppSettings = spec.settings
         if not os.path.isfile(spec.path):
@@ -231,11 +249,15 @@ class LlamaCppBackend(Backend):
         except ImportError as exc:  # pragma: no cover - a broken install
             raise BackendError(f"llama-cpp-python is not importable: {exc}") from None
         route_llama_logs_to_logging(llama_cpp)
+        threads = settings.n_threads or default_threads()
         kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=spec.n_ctx,
             n_batch=settings.n_batch,
-            n_threads=settings.n_threads or default_threads(),
+            n_threads=threads,
+            # Prompt evaluation too: llama-cpp-python's default is every core, which undoes
+            # the server's share of the cores (engine.share_cores) for every prompt.
+            n_threads_batch=threads,
             verbose=False,
         )
         if settings.chat_format:

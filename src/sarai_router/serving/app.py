@@ -82,6 +82,7 @@ class SaraiServer:
         self.load_pinned = load_pinned
         self.created = int(time.time())
         self.shutting_down = False
+        self.stop_deadline = float("inf")
         # Generations still on their worker threads, stopped and joined at shutdown.
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
 
@@ -95,19 +96,25 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout."""
-        self.shutting_down = True
+        with an error saying so, instead of being cut off by the grace timeout; requests
+        still queued leave the queue at once (503) without reaching the model."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.stop_deadline = time.monotonic() + self.config.server.shutdown_grace_seconds
         for generation in list(self._live):
             generation.cancel()
 
     def shutdown(self) -> None:
-        # A process that exits with a generation inside llama.cpp crashes: stop them first.
-        self.shutting_down = True
+        # A process that exits with a generation inside llama.cpp crashes: stop them first,
+        # waiting no longer than what is left of [server] shutdown_grace_seconds.
+        self.stop_generations()
         live = list(self._live)
         for generation in live:
-            generation.cancel()
-        for generation in live:
-            generation.join(timeout=30)
+            generation.join(timeout=max(0.0, self.stop_deadline - time.monotonic()))
+        busy = [g for g in live if not g.finished]
+        if busy:
+            log.warning("%d generation(s) still running after [server] shutdown_grace_seconds "
+                        "= %g; exiting anyway", len(busy), self.config.server.shutdown_grace_seconds)
         self.engine.close()
 
     # -- helpers
@@ -157,7 +164,10 @@ class SaraiServer:
 
         generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
                                 queue_limit=self.config.server.queue_size)
+        # Registered before the check: a stop that starts between the two still cancels it.
         self._live.add(generation)
+        if self.shutting_down:
+            return self._fail(_shutting_down())
         generation.start()
         try:
             first = await _next_event(events, request)
@@ -169,6 +179,8 @@ class SaraiServer:
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
             return self._fail(error_for(first.error))
+        if isinstance(first, Done) and first.cancelled:  # stopped before any byte went out
+            return self._fail(_shutting_down())
         self.metrics.request_started(decision)
         meta = _Meta(decision)
         if parsed.stream:
@@ -200,7 +212,8 @@ class SaraiServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                          "logprobs": None, "finish_reason": completion.finish_reason or "stop"}],
             "usage": _usage(completion),
-            "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"]},
+            "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
+                      "stopped_by": completion.stopped_by},
         }, headers=self._headers(decision))
 
     async def _sse(self, first, events: asyncio.Queue, generation: Generation, meta: "_Meta",
@@ -220,7 +233,12 @@ class SaraiServer:
                 elif isinstance(event, Done):
                     completion = event.completion
                     self.metrics.request_finished(completion)
-                    yield meta.chunk({}, finish_reason=completion.finish_reason or "stop")
+                    last = meta.chunk({}, finish_reason=completion.finish_reason or "stop")
+                    if completion.stopped_by:
+                        # Why the answer ended when the model did not end it (runaway guard).
+                        data = json.loads(last.removeprefix("data: "))
+                        last = meta.sse({**data, "sarai": {"stopped_by": completion.stopped_by}})
+                    yield last
                     if include_usage:
                         yield meta.sse({**meta.base(), "choices": [], "usage": _usage(completion)})
                     break
@@ -374,8 +392,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
             state.stop_generations()
             super().handle_exit(sig, frame)
 
+    grace = engine.config.server.shutdown_grace_seconds
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                   access_log=False, timeout_graceful_shutdown=5))
+                                   access_log=False, timeout_graceful_shutdown=grace))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled

@@ -129,6 +129,16 @@ class Metrics:
             "sarai_prewarms",
             "background pre-loads by outcome: started, used, wasted (unloaded unused), skipped",
             ["model", "outcome"], registry=r)
+        self.generations = Counter(
+            "sarai_generations_started", "generations the models started (prompts evaluated)",
+            ["model"], registry=r)
+        self.dropped = Counter(
+            "sarai_generations_dropped",
+            "requests cancelled while queued (client gone, shutdown): the model never saw them",
+            ["model"], registry=r)
+        self.runaway = Counter(
+            "sarai_runaway_stops", "answers the runaway guard stopped for repeating themselves",
+            ["model"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         r.register(PoolCollector(pool))
         pool.listeners.append(self.on_pool_event)
@@ -148,6 +158,12 @@ class Metrics:
             self.unverified.labels(model).inc()
         elif event.kind == "queue_full":
             self.queue_full.labels(model).inc()
+        elif event.kind == "generation_started":
+            self.generations.labels(model).inc()
+        elif event.kind == "generation_dropped":
+            self.dropped.labels(model).inc()
+        elif event.kind == "runaway_stopped":
+            self.runaway.labels(model).inc()
         elif event.kind == "prewarm":
             self.prewarms.labels(model, "started").inc()
         elif event.kind.startswith("prewarm_"):

@@ -222,14 +222,15 @@ def parse_chat_body(body: Any) -> ParsedChat:
     max_tokens = _integer(body, "max_completion_tokens", low=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", low=1)
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
+    # Sampling left out of the body takes the model's defaults ([models.NAME], the GGUF).
     params = GenerationParams(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else temperature,
+        temperature=_number(body, "temperature", 0.0, 2.0),
         seed=_integer(body, "seed"),
         stop=stops,
-        top_p=0.95 if top_p is None else top_p,
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
     )
     request = ChatRequest(messages=messages, images=tuple(images),
                           audio=audio[0] if audio else None)

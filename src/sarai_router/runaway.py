@@ -1,0 +1,97 @@
+"""The runaway guard: notice an answer that keeps repeating itself, so it can be stopped.
+
+Small models sometimes fall into a sampling loop ("Eso es la raza de los perros." again and
+again) and would run to ``max_tokens``: seconds or minutes of a busy model for nothing.
+The guard reads the answer's text as it streams, backend-agnostic, and trips when
+
+* the end of the answer is one passage of ``min_chars``..``max_chars`` characters repeated
+  ``repeats`` times in a row (whitespace collapsed), or
+* one line of at least ``min_chars`` characters has come ``repeats`` times in the answer,
+  list markers and numbering aside ("1. Eso es..." / "2. Eso es...").
+
+Shorter patterns are caught too once they repeat past ``min_chars`` (a period of 2
+repeated 40 times is also a period of 16 repeated 5 times). Engine.stream asks the
+backend to stop through ``GenerationParams.stop_check`` once it trips.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["RunawayGuard"]
+
+_SPACE = re.compile(r"\s+")
+#: What is stripped from a line before comparing: list bullets and numbering.
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•>]+|\(?\d+[.)]|[a-zA-Z][.)])\s+")
+
+
+class RunawayGuard:
+    """Feed it the answer piece by piece; ``feed`` returns True once the answer loops."""
+
+    def __init__(self, *, min_chars: int = 16, max_chars: int = 400, repeats: int = 4):
+        if min_chars < 1 or max_chars < min_chars or repeats < 2:
+            raise ValueError("need 1 <= min_chars <= max_chars and repeats >= 2")
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+        self.repeats = repeats
+        # The tail kept (whitespace collapsed): enough for max_chars x repeats.
+        self._keep = max_chars * repeats + min_chars
+        self._tail = ""
+        self._line = ""
+        self._lines: dict[str, int] = {}
+        self.tripped = False
+        #: what repeated, for the log and the trace
+        self.reason = ""
+
+    def feed(self, text: str) -> bool:
+        if self.tripped or not text:
+            return self.tripped
+        piece = _SPACE.sub(" ", text)
+        if piece.startswith(" ") and self._tail.endswith(" "):
+            piece = piece[1:]
+        self._tail += piece
+        if len(self._tail) > 2 * self._keep:  # cut now and then, not on every piece
+            self._tail = self._tail[-self._keep:]
+        if self._repeated_line(text) or self._periodic_tail():
+            self.tripped = True
+        return self.tripped
+
+    def _repeated_line(self, text: str) -> bool:
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            key = _SPACE.sub(" ", _LIST_MARKER.sub("", line)).strip()
+            if len(key) < self.min_chars:
+                continue
+            count = self._lines.get(key, 0) + 1
+            self._lines[key] = count
+            if count >= self.repeats:
+                self.reason = f"the line {key[:60]!r} came {count} times"
+                return True
+        if len(self._line) > self._keep:  # one endless line: only its tail matters
+            self._line = self._line[-self._keep:]
+        return False
+
+    def _periodic_tail(self) -> bool:
+        text = self._tail
+        size = len(text)
+        probe = text[-self.min_chars:]
+        if size < self.min_chars * self.repeats:
+            return False
+        # A tail of period p has its last min_chars characters again p characters earlier:
+        # the earlier occurrences of the probe are the only periods worth checking.
+        end = size - 1
+        # Periods longer than max_chars are not looked for: neither are their occurrences.
+        start = max(0, size - self.max_chars - self.min_chars)
+        while True:
+            found = text.rfind(probe, start, end)
+            if found < 0:
+                return False
+            period = size - (found + self.min_chars)
+            if period > self.max_chars or period * self.repeats > size:
+                return False
+            unit = text[-period:]
+            if period >= self.min_chars and text.endswith(unit * self.repeats) and unit.strip():
+                self.reason = (f"the passage {unit.strip()[:60]!r} came {self.repeats} "
+                               "times in a row")
+                return True
+            end = found + self.min_chars - 1
