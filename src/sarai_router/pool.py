@@ -345,10 +345,16 @@ class ModelPool:
         victims: list[tuple[Resident, str, str]] = []
         try:
             with self._cond:
-                # A model still being closed is loaded again once the close is done.
+                # A model still being closed is loaded again once the close is done (shown
+                # as waiting on the closing instance meanwhile).
                 while name in self._closing:
-                    _check_cancel(cancel, name)
-                    self._cond.wait(timeout=1.0)
+                    closing = self._closing[name]
+                    closing.queued += 1
+                    try:
+                        _check_cancel(cancel, name)
+                        self._cond.wait(timeout=1.0)
+                    finally:
+                        closing.queued -= 1
                 resident = self._residents.get(name)
                 if resident is None:
                     resident = self._reserve(spec, victims=victims, cancel=cancel)
