@@ -10,9 +10,11 @@ request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepar
 from __future__ import annotations
 
 import asyncio
-import json
 import hmac
+import json
 import logging
+import os
+import sys
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -83,6 +85,8 @@ class SaraiServer:
         self.created = int(time.time())
         self.shutting_down = False
         self.stop_deadline = float("inf")
+        #: generations still running when the grace ran out (serve() then exits at once)
+        self.unfinished = 0
         # Generations still on their worker threads, stopped and joined at shutdown.
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
 
@@ -111,10 +115,11 @@ class SaraiServer:
         live = list(self._live)
         for generation in live:
             generation.join(timeout=max(0.0, self.stop_deadline - time.monotonic()))
-        busy = [g for g in live if not g.finished]
-        if busy:
+        self.unfinished = sum(1 for g in live if not g.finished)
+        if self.unfinished:  # e.g. inside a long prompt's evaluation, which cannot be cut
             log.warning("%d generation(s) still running after [server] shutdown_grace_seconds "
-                        "= %g; exiting anyway", len(busy), self.config.server.shutdown_grace_seconds)
+                        "= %g; exiting anyway", self.unfinished,
+                        self.config.server.shutdown_grace_seconds)
         self.engine.close()
 
     # -- helpers
@@ -391,6 +396,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
             # event), rather than let the grace timeout cut them off mid-reply.
             state.stop_generations()
             super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has shut down, so the process dies
+            # of it (exit -15 for SIGTERM). The shutdown was clean: exit 0 instead.
+            self._captured_signals.clear()
 
     grace = engine.config.server.shutdown_grace_seconds
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -399,3 +407,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
         pass
+    if state.unfinished:
+        # A thread is still inside llama.cpp: the interpreter's normal exit would tear the
+        # model down under it (a crash). Leave now, without finalisers, saying it failed.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
