@@ -7,11 +7,14 @@ The guard reads the answer's text as it streams, backend-agnostic, and trips whe
 * the end of the answer is one passage of ``min_chars``..``max_chars`` characters repeated
   ``repeats`` times in a row (whitespace collapsed), or
 * one line of at least ``min_chars`` characters has come ``repeats`` times in the answer,
-  list markers and numbering aside ("1. Eso es..." / "2. Eso es...").
+  list markers and numbering aside ("1. Eso es..." / "2. Eso es..."), or one list item of
+  any length twice as often ("9. Erocer" ... "16. Erocer").
 
 Shorter patterns are caught too once they repeat past ``min_chars`` (a period of 2
-repeated 40 times is also a period of 16 repeated 5 times). Engine.stream asks the
-backend to stop through ``GenerationParams.stop_check`` once it trips.
+repeated 40 times is also a period of 16 repeated 5 times). A passage must be mostly words
+(at least half of ``min_chars`` in letters): table rules, separators and runs of numbers
+repeat legitimately. Engine.stream asks the backend to stop through
+``GenerationParams.stop_check`` once it trips.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class RunawayGuard:
         self.tripped = False
         #: what repeated, for the log and the trace
         self.reason = ""
+        self._min_letters = max(1, min_chars // 2)
+
+    def _wordy(self, text: str) -> bool:
+        return sum(ch.isalpha() for ch in text) >= self._min_letters
 
     def feed(self, text: str) -> bool:
         if self.tripped or not text:
@@ -59,12 +66,17 @@ class RunawayGuard:
     def _repeated_line(self, text: str) -> bool:
         *done, self._line = (self._line + text).split("\n")
         for line in done:
-            key = _SPACE.sub(" ", _LIST_MARKER.sub("", line)).strip()
-            if len(key) < self.min_chars:
+            unmarked = _LIST_MARKER.sub("", line)
+            key = _SPACE.sub(" ", unmarked).strip()
+            if len(key) >= self.min_chars and self._wordy(key):
+                needed = self.repeats
+            elif unmarked != line and sum(ch.isalpha() for ch in key) >= 4:
+                needed = 2 * self.repeats  # a short list item: "Erocer" again and again
+            else:
                 continue
             count = self._lines.get(key, 0) + 1
             self._lines[key] = count
-            if count >= self.repeats:
+            if count >= needed:
                 self.reason = f"the line {key[:60]!r} came {count} times"
                 return True
         if len(self._line) > self._keep:  # one endless line: only its tail matters
@@ -90,7 +102,8 @@ class RunawayGuard:
             if period > self.max_chars or period * self.repeats > size:
                 return False
             unit = text[-period:]
-            if period >= self.min_chars and text.endswith(unit * self.repeats) and unit.strip():
+            if (period >= self.min_chars and text.endswith(unit * self.repeats)
+                    and self._wordy(unit)):
                 self.reason = (f"the passage {unit.strip()[:60]!r} came {self.repeats} "
                                "times in a row")
                 return True
