@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
 __all__ = ["Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities", "ContextLengthError",
-           "Delta", "GenerationParams", "LoadedModel", "Presence", "SAMPLING_KEYS", "Usage"]
+           "Delta", "GenerationParams", "LoadedModel", "Presence", "SAMPLING_KEYS", "Usage",
+           "model_sampling"]
 
 #: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -170,6 +171,16 @@ class Backend:
         """The sampling the model's author recommends (names from ``SAMPLING_KEYS``), e.g.
         from a GGUF's ``general.sampling.*`` keys; empty when the model says nothing."""
         return {}
+
+
+def model_sampling(spec: "ModelSpec", backend: "Backend") -> dict[str, Any]:
+    """``spec``'s sampling defaults: its ``[models.NAME]`` keys, else what the model file
+    recommends (the backend's ``sampling_defaults``), else ``BUILTIN_SAMPLING``."""
+    from_file = {key: value for key, value in dict(backend.sampling_defaults(spec)).items()
+                 if key in SAMPLING_KEYS and value is not None}
+    from_config = {key: getattr(spec, key) for key in SAMPLING_KEYS
+                   if getattr(spec, key, None) is not None}
+    return {**BUILTIN_SAMPLING, **from_file, **from_config}
 
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 
-from .backend import BUILTIN_SAMPLING, SAMPLING_KEYS, Delta, GenerationParams, Usage
+from .backend import Backend, Delta, GenerationParams, Usage, model_sampling
 from .config import Config, ModelSpec
 from .errors import Cancelled, CapabilityError, not_configured
 from .fetch import ensure_present
@@ -239,22 +239,17 @@ class Engine:
                 stop.set()
 
     def sampling_for(self, name: str) -> dict[str, Any]:
-        """Model ``name``'s sampling defaults: ``[models.NAME]`` keys, else what the model
-        file recommends (its backend's ``sampling_defaults``), else ``BUILTIN_SAMPLING``."""
+        """Model ``name``'s sampling defaults (:func:`backend.model_sampling`), read once."""
         cached = self._sampling.get(name)
         if cached is None:
             spec = self.config.models[name]
+            backend = self.hooks.backend(spec.backend)
             try:
-                from_file = dict(self.hooks.backend(spec.backend).sampling_defaults(spec))
+                cached = model_sampling(spec, backend)
             except Exception as exc:  # a recommendation is optional: never fail for it
                 log.warning("model %s: could not read its recommended sampling: %s", name, exc)
                 log.debug("sampling_defaults failed", exc_info=True)
-                from_file = {}
-            from_config = {key: getattr(spec, key) for key in SAMPLING_KEYS
-                           if getattr(spec, key) is not None}
-            cached = {**BUILTIN_SAMPLING,
-                      **{k: v for k, v in from_file.items() if k in SAMPLING_KEYS},
-                      **from_config}
+                cached = model_sampling(spec, Backend())
             self._sampling[name] = cached
         return dict(cached)
 

@@ -22,6 +22,7 @@ def models(ctx: click.Context) -> None:
 @click.pass_obj
 def models_list(app: AppContext, as_json: bool = False) -> None:
     """Show each model: backend, presence, pinning, TTL, estimated RAM."""
+    from ..backend import model_sampling
     from ..router import Router
 
     config = app.config()
@@ -43,6 +44,9 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
             "concurrency": backend.concurrency(spec),
             "estimated_ram_mb": round(estimate, 1) if estimate else None,
             **backend.describe(spec),
+            # What an answer uses unless the request says otherwise.
+            "sampling": model_sampling(spec, backend) if present else None,
+            "runaway_guard": config.runaway_guard_for(spec),
             "description": spec.description,
         })
     if as_json:
