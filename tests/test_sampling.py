@@ -217,6 +217,18 @@ def test_guard_trips_on_a_short_list_item_repeated_twice_as_often():
     assert "'Erocer' came 8 times" in guard.reason
 
 
+def test_guard_trips_on_sentences_that_come_back_in_varied_paragraphs():
+    # Seen from the fast model: the same two sentences again and again, the line around
+    # them changing a little, never four identical lines in a row.
+    text = "".join(f"{start} blindingo por el nazio-fuego, sí. Estás fracasajos a ceros de "
+                   f"ojimito. Los niros debemos ser difiables{end}\n"
+                   for start, end in [("La vida es", "."), ("El mundo esta", " y alto."),
+                                      ("La vida es", " y alto."), ("El mundo", ".")])
+    guard = RunawayGuard(min_chars=16, repeats=4)
+    assert feed_all(guard, text) is not None
+    assert "came 4 times" in guard.reason
+
+
 @pytest.mark.parametrize("text", [
     ", ".join(str(n) for n in range(300)),                       # counting is not a loop
     "| --- " * 12 + "|\n",                                       # a table rule

@@ -6,9 +6,10 @@ The guard reads the answer's text as it streams, backend-agnostic, and trips whe
 
 * the end of the answer is one passage of ``min_chars``..``max_chars`` characters repeated
   ``repeats`` times in a row (whitespace collapsed), or
-* one line of at least ``min_chars`` characters has come ``repeats`` times in the answer,
-  list markers and numbering aside ("1. Eso es..." / "2. Eso es..."), or one list item of
-  any length twice as often ("9. Erocer" ... "16. Erocer").
+* one sentence or line of at least ``min_chars`` characters has come ``repeats`` times in
+  the answer, list markers and numbering aside ("1. Eso es..." / "2. Eso es...", or a
+  paragraph that comes back with a word changed but the same sentences), or one list item
+  of any length twice as often ("9. Erocer" ... "16. Erocer").
 
 Shorter patterns are caught too once they repeat past ``min_chars`` (a period of 2
 repeated 40 times is also a period of 16 repeated 5 times). A passage must be mostly words
@@ -24,6 +25,8 @@ import re
 __all__ = ["RunawayGuard"]
 
 _SPACE = re.compile(r"\s+")
+#: Where a sentence (a word, then . ! ? or …; not "1." of a list) or a line ends.
+_SEGMENT_END = re.compile(r"(?<=[^\W\d_][.!?…])\s+|\n")
 #: What is stripped from a line before comparing: list bullets and numbering.
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•>]+|\(?\d+[.)]|[a-zA-Z][.)])\s+")
 
@@ -59,12 +62,17 @@ class RunawayGuard:
         self._tail += piece
         if len(self._tail) > 2 * self._keep:  # cut now and then, not on every piece
             self._tail = self._tail[-self._keep:]
-        if self._repeated_line(text) or self._periodic_tail():
+        if self._repeated_segment(text) or self._periodic_tail():
             self.tripped = True
         return self.tripped
 
-    def _repeated_line(self, text: str) -> bool:
-        *done, self._line = (self._line + text).split("\n")
+    def _repeated_segment(self, text: str) -> bool:
+        if not _SEGMENT_END.search(self._line[-2:] + text):  # nothing ended: the common case
+            self._line += text
+            if len(self._line) > 2 * self._keep:  # one endless sentence: keep its tail
+                self._line = self._line[-self._keep:]
+            return False
+        *done, self._line = _SEGMENT_END.split(self._line + text)
         for line in done:
             unmarked = _LIST_MARKER.sub("", line)
             key = _SPACE.sub(" ", unmarked).strip()
@@ -77,10 +85,8 @@ class RunawayGuard:
             count = self._lines.get(key, 0) + 1
             self._lines[key] = count
             if count >= needed:
-                self.reason = f"the line {key[:60]!r} came {count} times"
+                self.reason = f"{key[:60]!r} came {count} times"
                 return True
-        if len(self._line) > self._keep:  # one endless line: only its tail matters
-            self._line = self._line[-self._keep:]
         return False
 
     def _periodic_tail(self) -> bool:
