@@ -21,6 +21,7 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import threading
 import time
@@ -160,6 +161,40 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+#: glibc mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_malloc_for_serving(arena_max: int = 2, mmap_threshold: int = 128 * 1024) -> bool:
+    """For a long-running process, before its threads start: fewer glibc malloc arenas
+    and a fixed mmap threshold, so that memory freed after a burst of requests goes back
+    to the OS instead of staying in per-thread arenas (see docs/RELIABILITY.md).
+
+    glibc gives each thread that contends for the heap an arena of its own (up to 8 per
+    core) and raises its mmap threshold after every large free, so the big buffers of a
+    later generation come from an arena and stay there once freed. A fixed threshold keeps
+    large blocks in their own mappings, returned on free. ``MALLOC_ARENA_MAX`` /
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment win (glibc read them at start).
+    Returns whether glibc took the settings.
+    """
+    import os
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    done = True
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        done = bool(mallopt(_M_ARENA_MAX, arena_max)) and done
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and done
+    return done
 
 
 class ModelPool:
@@ -597,13 +632,16 @@ class ModelPool:
         return [resident.name for resident, _, _ in taken]
 
     def trim_if_idle(self) -> bool:
-        """Give freed heap back to the OS when no generation runs and one ended since the
-        last trim. Generation threads free their buffers into glibc's arenas, which keep
-        them; without this, a server's idle RSS creeps up with load."""
+        """Give freed memory back to the OS when no generation runs and one ended since
+        the last time: collect Python's cyclic garbage (requests leave cycles: frames,
+        exceptions, generators), then ``malloc_trim``. Generation threads free their
+        buffers into glibc's arenas, which keep them; without this a server's idle RSS
+        creeps up with the requests it served."""
         with self._cond:
             if not self._heap_dirty or any(r.users for r in self._residents.values()):
                 return False
             self._heap_dirty = False
+        gc.collect()
         release_free_heap()
         return True
 

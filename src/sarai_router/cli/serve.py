@@ -23,7 +23,10 @@ from .common import EXIT_USAGE, TEXT, AppContext, CliError, cli_error, dim, prog
 def serve(app: AppContext, host: str | None, port: int | None, api_key: str | None) -> None:
     """Serve an OpenAI-compatible API (model "auto" routes) until Ctrl-C."""
     from ..engine import Engine, share_cores
+    from ..pool import tune_malloc_for_serving
 
+    # Before any thread starts: idle RSS must not creep up with the requests served.
+    tune_malloc_for_serving()
     config = app.config()
     host = host or config.server.host
     port = port or config.server.port
