@@ -1,7 +1,8 @@
 """One routed request end to end, the same for every front end.
 
-``Engine.prepare(request, model=None)`` is the request path: route, check that the model
-can take the request, make its files present, start pre-warms. ``Engine.stream`` then
+``Engine.prepare(request, model=None)`` is the request path: transcribe audio that no
+model can take, route, check that the model can take the request, make its files present,
+start pre-warms. ``Engine.stream`` then
 holds the model and streams the answer, timing it. The CLI, the chat REPL, the server and
 the bench all go through it, and only translate its errors (all ``SaraiError``) into their
 own output.
@@ -19,12 +20,12 @@ import attrs
 
 from .backend import Delta, GenerationParams, Usage
 from .config import Config
-from .errors import CapabilityError, not_configured
+from .errors import CapabilityError, TranscriptionUnavailable, not_configured
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
 from .router import Router, missing_modalities
-from .types import ChatRequest, RouteDecision
+from .types import AudioInput, ChatRequest, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ class Completion:
     timings: Timings = attrs.field(factory=Timings)
 
     def to_dict(self) -> dict[str, Any]:
+        transcript = self.decision.transcript
         return {
             "model": self.decision.model,
             "reason": self.decision.reason,
             "plugin": self.decision.plugin,
             "signals": dict(self.decision.signals),
+            "transcript": None if transcript is None else transcript.to_dict(),
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": {
@@ -93,12 +96,16 @@ class Engine:
 
     def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
                 on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
-        """Route ``request`` (or take ``model``), check the model can take it, make its
-        files present, and start any pre-warms. Raises a ``SaraiError`` naming the problem.
+        """Route ``request`` (or take ``model``), transcribing audio the model can't take,
+        check the model can take it, make its files present, and start any pre-warms.
+        Raises a ``SaraiError`` naming the problem.
 
         ``on_route`` hears the decision before any file is fetched (to say which model).
+        A transcribed request's decision carries the ``transcript``; :meth:`stream` then
+        gives the model the transcript instead of the audio (:meth:`model_request`).
         """
-        decision = self.route(request, model=model)
+        decision = self.decide(request, model=model)
+        request = self.model_request(request, decision)
         self.check_capabilities(decision, request)
         if on_route is not None:
             on_route(decision)
@@ -129,6 +136,57 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
+    def decide(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+        """The routing decision for ``request``, its audio transcribed when needed.
+
+        Audio goes to the model itself when the model takes it. Otherwise it is transcribed
+        and the request routed on the typed text plus the transcript: before routing when
+        no configured model lists ``"audio"`` (routing on an attachment nothing can take
+        would be wasted), after routing when the chosen model doesn't (and routed again).
+        """
+        if request.audio is None:
+            return self.route(request, model=model)
+        if not any(spec.supports("audio") for spec in self.config.models.values()):
+            why = "no configured model lists 'audio' in its modalities"
+        else:
+            decision = self.route(request, model=model)
+            if self.config.models[decision.model].supports("audio"):
+                return decision
+            why = (f"model {decision.model!r} (routed by {decision.plugin}: {decision.reason}) "
+                   "does not take audio")
+        transcript = self.transcribe(request.audio, request, why=why)
+        decision = self.route(request.with_transcript(transcript), model=model)
+        return attrs.evolve(decision, transcript=transcript)
+
+    def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
+                   language: str | None = None, why: str = "") -> Transcript:
+        """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
+
+        Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
+        transcribe (the message says why audio needed transcribing, and what to install).
+        """
+        request = request or ChatRequest(messages=(), audio=audio)
+        started = time.perf_counter()
+        try:
+            answer = self.hooks.transcribe(audio=audio, request=request, language=language)
+        except TranscriptionUnavailable as exc:
+            raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
+        if answer is None:
+            raise TranscriptionUnavailable(
+                (f"{why}, and " if why else "")
+                + "no plugin transcribes audio (the default, 'whisper', may be disabled in "
+                "[plugins] disable)")
+        return attrs.evolve(answer.value, plugin=answer.plugin,
+                            seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def model_request(request: ChatRequest, decision: RouteDecision) -> ChatRequest:
+        """What the model receives: ``request``, or its transcribed form when the decision
+        transcribed its audio."""
+        if decision.transcript is not None and request.audio is not None:
+            return request.with_transcript(decision.transcript)
+        return request
+
     def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> None:
         missing = missing_modalities(self.config, decision.model, request)
         if missing:
@@ -149,6 +207,7 @@ class Engine:
         ``decision`` comes from :meth:`prepare`.
         """
         completion = completion if completion is not None else Completion(decision=decision)
+        request = self.model_request(request, decision)
         started = time.perf_counter()
         was_loaded = self.pool.is_loaded(decision.model)
         with self.pool.use(decision.model, queue_limit=queue_limit) as resident:
