@@ -10,6 +10,7 @@ request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepar
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import hmac
 import logging
@@ -30,6 +31,7 @@ from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import RouteDecision
+from .audio import transcriptions
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (AUTO_MODEL, ApiError, ParsedChat, _Meta, _shutting_down, _usage,
                      error_for, header_value, parse_chat_body)
@@ -345,6 +347,8 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", functools.partial(transcriptions, state),
+                  methods=["POST"]),
             Route("/v1/models", state.list_models, methods=["GET"]),
             Route("/v1/models/{name:path}", state.get_model, methods=["GET"]),
             Route("/health", state.health, methods=["GET"]),

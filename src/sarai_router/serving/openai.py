@@ -18,11 +18,13 @@ from urllib.parse import quote
 from starlette.responses import JSONResponse
 
 from ..backend import GenerationParams
-from ..errors import (BackendError, CapabilityError, ContextLengthError, FetchError, PoolError,
-                      QueueFull, RoutingError)
+from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
+                      PoolError, QueueFull, RoutingError)
 from ..types import AudioInput, ChatRequest, ImageInput, RouteDecision
 
 AUTO_MODEL = "auto"
+#: The ``input_audio.format`` values OpenAI defines for chat requests.
+INPUT_AUDIO_FORMATS = ("wav", "mp3")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -75,6 +77,8 @@ def error_for(exc: BaseException) -> ApiError:
         return ApiError(502, str(exc), code="backend_error")
     if isinstance(exc, CapabilityError):
         return ApiError(400, str(exc), code="unsupported_modality", param="messages")
+    if isinstance(exc, AudioError):
+        return ApiError(400, str(exc), code="invalid_audio", param="messages")
     if isinstance(exc, RoutingError):
         return ApiError(500, str(exc), code="routing_error")
     return ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error")
@@ -172,13 +176,17 @@ def _message(raw: Any, index: int, images: list[ImageInput],
             spec = part.get("input_audio")
             if not isinstance(spec, Mapping) or not isinstance(spec.get("data"), str):
                 raise _invalid(f"{where}.input_audio must have base64 data", where)
+            if (spec.get("format") or "wav") not in INPUT_AUDIO_FORMATS:
+                raise ApiError(400, f"{where}.input_audio.format: unsupported audio format "
+                               f"{spec.get('format')!r} (wav, mp3)", code="invalid_audio",
+                               param=f"{where}.input_audio.format")
             try:
                 data = base64.b64decode(spec["data"], validate=True)
             except (binascii.Error, ValueError):
                 raise ApiError(400, f"{where}.input_audio.data is not valid base64",
                                code="invalid_audio", param=where) from None
             audio.append(AudioInput(data=data, mime=f"audio/{spec.get('format') or 'wav'}",
-                                    source=f"{where} (input_audio)"))
+                                    source=f"{where}.input_audio", message_index=index))
         else:
             raise _invalid(f"{where}: unsupported content part {kind!r} (text, image_url "
                            "with a data: URI, input_audio)", where)
