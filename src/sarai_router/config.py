@@ -153,6 +153,10 @@ class Config:
         """
         return MappingProxyType(self.plugins.tables.get(name, {}))
 
+    def plugin_settings(self, name: str, cls: type) -> Any:
+        """Plugin ``name``'s table structured as ``cls`` (the class it registered)."""
+        return _converter.structure(dict(self.plugins.tables.get(name, {})), cls)
+
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds
 
