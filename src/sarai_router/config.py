@@ -83,6 +83,8 @@ class BenchConfig:
     target_speedup_max: float = 2.5
     target_ram_mb: float = 12288.0
     target_overhead_ratio: float = 0.98
+    #: Speech to text: transcription time over clip length (``bench --audio``).
+    target_rtf_max: float = 0.5
 
 
 @attrs.frozen
