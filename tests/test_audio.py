@@ -459,3 +459,30 @@ def test_bad_audio_over_http_is_400_and_the_server_keeps_serving(audio_server):
 def test_transcriptions_endpoint_refuses_a_json_body(audio_server):
     status, body = audio_server.post("/v1/audio/transcriptions", b'{"model": "whisper"}', key=None)
     assert status == 400 and body["error"]["code"] == "invalid_body"
+
+
+# -- the bench ------------------------------------------------------------------------------
+
+
+def test_bench_audio_reports_transcription_time_and_real_time_factor(run, write_config, whisper_dir):
+    result = run("--config", str(write_config()), "bench", "--audio", str(SPANISH),
+                 "--audio-only", "--iterations", "1", "--max-tokens", "4",
+                 "--decision-seconds", "0.1", "--no-progress", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["models"] == {} and "dual" not in report and "overhead" not in report
+    speech = report["speech"]
+    assert speech["plugin"] == "whisper" and speech["settings"]["compute_type"] == "int8"
+    [clip] = speech["clips"]
+    assert clip["clip"] == SPANISH.name and clip["language"] == "es"
+    assert "triste" in clip["text"].lower() and clip["model"] == "fast"
+    assert clip["mean_transcribe_s"] > 0 and clip["mean_generation_s"] > 0
+    assert clip["real_time_factor"] == pytest.approx(
+        clip["mean_transcribe_s"] / clip["duration_s"], rel=0.01)
+    [kpi] = [k for k in report["kpis"] if k["source"] == "speech.real_time_factor"]
+    assert kpi["target"] == "<= 0.5" and kpi["met"] == (kpi["value"] <= 0.5)
+
+
+def test_bench_audio_only_needs_audio(run, write_config):
+    result = run("--config", str(write_config()), "bench", "--audio-only")
+    assert result.exit_code == 2 and "--audio-only needs at least one --audio FILE" in result.stderr
