@@ -16,7 +16,7 @@ import logging
 import time
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -45,12 +45,19 @@ class ClientGone(Exception):
     """The client hung up before its answer was complete."""
 
 
+class ShuttingDown(Exception):
+    """Shutdown began while the answer waited for its next piece."""
+
+
 #: How often a handler waiting for tokens checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def _next_event(events: asyncio.Queue, request: Request):
-    """The worker's next event; ClientGone if the client has disconnected.
+async def _next_event(events: asyncio.Queue, request: Request,
+                      stopping: Callable[[], bool] = lambda: False):
+    """The worker's next event; ClientGone if the client has disconnected, ShuttingDown if
+    ``stopping()`` says the server is going away (a generation still evaluating its prompt
+    may not yield for seconds, longer than the shutdown grace).
 
     Tokens may arrive every few milliseconds, so the check runs on a clock, not only when
     the queue is quiet.
@@ -59,6 +66,8 @@ async def _next_event(events: asyncio.Queue, request: Request):
     if not events.empty() and time.monotonic() - state[0] < DISCONNECT_POLL_SECONDS:
         return events.get_nowait()  # the common case mid-answer: no timer task per token
     while True:
+        if stopping() and events.empty():
+            raise ShuttingDown
         if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
             state[0] = time.monotonic()
             if await request.is_disconnected():
@@ -159,13 +168,17 @@ class SaraiServer:
                                 queue_limit=self.config.server.queue_size)
         self._live.add(generation)
         generation.start()
+        stopping = lambda: self.shutting_down  # noqa: E731
         try:
-            first = await _next_event(events, request)
+            first = await _next_event(events, request, stopping)
         except asyncio.CancelledError:
             generation.cancel()
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
             return self._fail(error_for(first.error))
@@ -182,12 +195,15 @@ class SaraiServer:
         try:
             while not isinstance(event, (Done, Failed)):
                 pieces.append(event.text)
-                event = await _next_event(events, request)
+                event = await _next_event(events, request, stopping)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         if isinstance(event, Failed):
             return self._fail(error_for(event.error))
         if event.cancelled:  # only shutdown cancels a generation whose client is there
