@@ -6,6 +6,9 @@ generations are real (llama-cpp-python). The only test doubles are backends that
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ from sarai_router import hookimpl
 from sarai_router.backend import BackendError, GenerationParams
 from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
 from sarai_router.plugins import Hooks, build_plugins
-from sarai_router.pool import ModelPool, PoolError
+from sarai_router.pool import ModelPool, PoolError, estimate_model_mb
 
 THIRD_MODEL = """
 [models.fast2]
@@ -185,16 +188,39 @@ def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_confi
     assert loaded(pool) == {"fast"}
 
 
+QUALITY2 = """
+[models.quality2]
+path = "{models_dir}/gemma-3-270m-q4_k_m.gguf"
+chat_format = "gemma"
+n_ctx = 512
+max_tokens = 8
+"""
+
+
 def test_lru_order_under_ram_budget(make_pool, make_config, clock):
-    # A 1000 MB estimate each (above any measured RSS), budget for two of them.
-    pool = make_pool(make_config(THIRD_MODEL, cache="max_loaded = 5\nram_budget_mb = 2500",
-                                 **UNPINNED), estimator=lambda spec: 1000.0)
+    # The pool's own estimator on the real files; a budget with room for two of the three
+    # models but not for all three (max_loaded is no limit here).
+    config = make_config(QUALITY2, cache="max_loaded = 5\nram_budget_mb = 1", **UNPINNED)
+    estimates = {name: estimate_model_mb(spec) for name, spec in config.models.items()}
+    assert all(mb > 50 for mb in estimates.values()), estimates
+    budget = estimates["fast"] + estimates["quality"] + estimates["quality2"] / 2
+    assert estimates["fast"] + estimates["quality2"] < budget < sum(estimates.values())
+    pool = make_pool(make_config(QUALITY2, cache=f"max_loaded = 5\nram_budget_mb = {budget}",
+                                 **UNPINNED))
     use(pool, "fast", clock, at=1001)
     use(pool, "quality", clock, at=1002)
-    use(pool, "fast", clock, at=1003)
-    use(pool, "fast2", clock, at=1004)
-    assert loaded(pool) == {"fast", "fast2"}
-    assert pool.resident_mb() == 2000.0
+    use(pool, "fast", clock, at=1003)  # quality is now the least recently used
+    assert loaded(pool) == {"fast", "quality"}, pool.events
+    use(pool, "quality2", clock, at=1004)
+    assert loaded(pool) == {"fast", "quality2"}
+    evictions = [e for e in pool.events if e.kind == "evict"]
+    assert [(e.model, e.detail) for e in evictions] == [("quality", "to load quality2")]
+    snapshots = {r["name"]: r for r in pool.residents()}
+    for name, snapshot in snapshots.items():  # budgeted at the estimate, or the measure if larger
+        assert snapshot["estimated_mb"] == pytest.approx(estimates[name], abs=0.1)
+        assert snapshot["ram_mb"] == pytest.approx(max(estimates[name], snapshot["measured_mb"]),
+                                                   abs=0.1)
+    assert pool.resident_mb() <= budget
 
 
 def test_model_too_big_for_the_budget_is_a_clear_pool_error(make_pool, make_config):
@@ -260,6 +286,16 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
     assert ("evict", "quality") in kinds(pool)
 
 
+def waiting_for_gen_lock(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking the instance's lock."""
+    frame = sys._current_frames().get(thread.ident)
+    return (frame is not None and frame.f_code is USE_CODE
+            and "gen_lock" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+
+
+USE_CODE = inspect.unwrap(ModelPool.use).__code__
+
+
 def test_one_generation_at_a_time_per_instance(make_pool, config):
     pool = make_pool(config)
     holder = Holder(pool, "fast")
@@ -271,7 +307,13 @@ def test_one_generation_at_a_time_per_instance(make_pool, config):
 
     thread = threading.Thread(target=second, daemon=True)
     thread.start()
-    assert not second_in.wait(0.3)  # blocked on the instance's lock
+    deadline = time.monotonic() + 30
+    while not waiting_for_gen_lock(thread) and not second_in.is_set():
+        assert time.monotonic() < deadline, "the second user never reached the instance's lock"
+        time.sleep(0.01)
+    # The second user is admitted (counted), parked on the lock the holder keeps, not inside.
+    assert not second_in.is_set(), "two generations on one instance at once"
+    assert pool.residents()[0]["queued"] == 2
     holder.release()
     assert second_in.wait(30)
     thread.join(30)
