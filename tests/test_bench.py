@@ -31,6 +31,7 @@ def bench_run(tmp_path_factory, models_dir):
     return json.loads(result.stdout), md, png
 
 
+@pytest.mark.models
 def test_bench_reports_every_model_with_positive_rates(bench_run):
     report, _, _ = bench_run
     assert set(report["models"]) == {"fast", "quality"}
@@ -53,6 +54,7 @@ def test_bench_reports_every_model_with_positive_rates(bench_run):
         assert mem["rss_after_unload_mb"] < mem["rss_after_load_mb"]
 
 
+@pytest.mark.models
 def test_speedup_matches_the_per_model_means(bench_run):
     report, _, _ = bench_run
     means = {n: m["mean_tokens_per_second"] for n, m in report["models"].items()}
@@ -62,6 +64,7 @@ def test_speedup_matches_the_per_model_means(bench_run):
     assert min(m["speedup"] for m in report["models"].values()) == 1.0
 
 
+@pytest.mark.models
 def test_dual_strategy_shares_sum_to_one(bench_run):
     dual = bench_run[0]["dual"]
     assert dual["baseline_model"] == min(bench_run[0]["models"],
@@ -78,6 +81,7 @@ def test_dual_strategy_shares_sum_to_one(bench_run):
     assert dual["latency_speedup"] > 0
 
 
+@pytest.mark.models
 def test_overhead_and_decision_cost_are_present(bench_run):
     report = bench_run[0]
     overhead = report["overhead"]
@@ -109,6 +113,7 @@ def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
     return tables
 
 
+@pytest.mark.models
 def test_kpis_are_judged_against_the_documented_default_targets(bench_run):
     report = bench_run[0]
     models, kpis = report["models"], {k["kpi"]: k for k in report["kpis"]}
@@ -129,6 +134,7 @@ def test_kpis_are_judged_against_the_documented_default_targets(bench_run):
         assert kpis[name]["met"] is rule(value), name
 
 
+@pytest.mark.models
 def test_machine_and_files(bench_run):
     report, md, png = bench_run
     assert report["memory"]["peak_rss_mb"] >= max(
@@ -142,6 +148,7 @@ def test_machine_and_files(bench_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.models
 def test_markdown_report_shows_the_measured_figures(bench_run):
     report, md, _ = bench_run
     tables = markdown_tables(md.read_text())

@@ -87,6 +87,7 @@ def generate(pool: ModelPool, name: str, prompt: str = "Hi") -> str:
 # -- pinned and lazy ------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
     pool = make_pool(config)
     assert pool.residents() == []  # nothing loads before it is needed
@@ -99,6 +100,7 @@ def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
     assert snapshot["estimated_mb"] > 100 and snapshot["load_seconds"] > 0
 
 
+@pytest.mark.models
 def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, make_config, clock):
     pool = make_pool(make_config(THIRD_MODEL))
     assert pool.load_pinned() == ["fast"]
@@ -111,6 +113,7 @@ def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, 
     assert loaded(pool) == {"fast"}
 
 
+@pytest.mark.models
 def test_only_pinned_models_resident_and_limit_reached_is_a_pool_error(make_pool, make_config):
     pool = make_pool(make_config(cache="max_loaded = 1"))
     pool.load_pinned()
@@ -124,6 +127,7 @@ def test_only_pinned_models_resident_and_limit_reached_is_a_pool_error(make_pool
 # -- TTL ------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
     pool = make_pool(config)
     with pool.use("quality") as resident:
@@ -136,6 +140,7 @@ def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
     assert kinds(pool)[-1] == ("expire", "quality")
 
 
+@pytest.mark.models
 def test_idle_clock_starts_when_generation_ends(make_pool, config, clock):
     pool = make_pool(config)
     start = clock.now
@@ -145,12 +150,14 @@ def test_idle_clock_starts_when_generation_ends(make_pool, config, clock):
     assert pool.reap(now=start + 160) == ["quality"]
 
 
+@pytest.mark.models
 def test_per_model_ttl_overrides_the_cache_ttl(make_pool, make_config, clock):
     pool = make_pool(make_config(quality="ttl_seconds = 5"))
     use(pool, "quality")
     assert pool.reap(now=clock.now + 5) == ["quality"]
 
 
+@pytest.mark.models
 def test_reaper_thread_unloads_with_the_real_clock(make_pool, make_config):
     pool = make_pool(make_config(quality="ttl_seconds = 0.2"), clock=time.monotonic)
     use(pool, "quality")
@@ -164,6 +171,7 @@ def test_reaper_thread_unloads_with_the_real_clock(make_pool, make_config):
 # -- LRU eviction ---------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
     pool = make_pool(make_config(THIRD_MODEL, **UNPINNED))
     use(pool, "fast", clock, at=1001)
@@ -176,6 +184,7 @@ def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
     assert loaded(pool) == {"fast2", "quality"}
 
 
+@pytest.mark.models
 def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_config, clock):
     # fast ~136 MB + quality ~382 MB (GGUF header estimates at n_ctx 512) exceed 450 MB.
     pool = make_pool(make_config(cache="max_loaded = 5\nram_budget_mb = 450", **UNPINNED))
@@ -197,6 +206,7 @@ max_tokens = 8
 """
 
 
+@pytest.mark.models
 def test_lru_order_under_ram_budget(make_pool, make_config, clock):
     # The pool's own estimator on the real files; a budget with room for two of the three
     # models but not for all three (max_loaded is no limit here).
@@ -259,6 +269,7 @@ class Holder:
         assert self.errors == []
 
 
+@pytest.mark.models
 def test_no_unload_while_in_use(make_pool, make_config, clock):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=0.3)
     holder = Holder(pool, "quality")
@@ -273,6 +284,7 @@ def test_no_unload_while_in_use(make_pool, make_config, clock):
     assert pool.reap(now=clock.now + 1e6) == ["quality"]
 
 
+@pytest.mark.models
 def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_config):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=30)
     holder = Holder(pool, "quality")
@@ -296,6 +308,7 @@ def waiting_for_gen_lock(thread: threading.Thread) -> bool:
 USE_CODE = inspect.unwrap(ModelPool.use).__code__
 
 
+@pytest.mark.models
 def test_one_generation_at_a_time_per_instance(make_pool, config):
     pool = make_pool(config)
     holder = Holder(pool, "fast")
@@ -345,6 +358,7 @@ class CountingLlamaCpp:
         register("llama_cpp", Counting())  # a user plugin wins over the default
 
 
+@pytest.mark.models
 def test_hook_register_backends(make_pool, make_config):
     plugin = CountingLlamaCpp()
     pool = make_pool(make_config(fast='pinned = true\nbackend = "counted"'), plugin)
@@ -369,6 +383,7 @@ class FailingBackendPlugin:
         register("failing", FailingBackend())
 
 
+@pytest.mark.models
 def test_backend_that_fails_to_load_leaves_no_resident(make_pool, make_config):
     pool = make_pool(make_config(quality='backend = "failing"'), FailingBackendPlugin())
     with pytest.raises(BackendError) as info:
@@ -397,6 +412,7 @@ class MostRecentlyUsed:
         return max(candidates, key=lambda r: r.last_used).name
 
 
+@pytest.mark.models
 def test_hook_select_eviction(make_pool, make_config, clock):
     plugin = MostRecentlyUsed()
     pool = make_pool(make_config(THIRD_MODEL, **UNPINNED), plugin)
@@ -413,6 +429,7 @@ class EvictNothingKnown:
         return "not-a-resident"
 
 
+@pytest.mark.models
 def test_select_eviction_naming_a_non_candidate_is_skipped_for_the_next_plugin(make_pool,
                                                                              make_config):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"),
@@ -434,6 +451,7 @@ class ExpireOnlyQuality:
         return resident.name == "quality"  # at once, ignoring the TTL; never anything else
 
 
+@pytest.mark.models
 def test_hook_model_expired(make_pool, make_config, clock):
     plugin = ExpireOnlyQuality()
     pool = make_pool(make_config(THIRD_MODEL), plugin)

@@ -34,8 +34,6 @@ REAP = 0.25
 MAX_BODY = 8192
 SAR = str(Path(sys.executable).with_name("sarai-router"))
 
-pytestmark = pytest.mark.models
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -164,6 +162,7 @@ def wait_quality_unloaded(server: Server) -> None:
 # -- answers -----------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_pinned_model_loaded_at_start_and_health_is_open(server):
     status, body = server.get("/health", key=None)
     assert status == 200
@@ -174,6 +173,7 @@ def test_pinned_model_loaded_at_start_and_health_is_open(server):
     assert models["auto"]["loaded"]
 
 
+@pytest.mark.models
 def test_auto_routes_conversation_to_fast(server):
     raw = ask(server.client(), "Hola, ¿cómo estás?")
     completion = raw.parse()
@@ -185,6 +185,7 @@ def test_auto_routes_conversation_to_fast(server):
     assert completion.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.models
 def test_auto_routes_image_request_to_quality(server):
     raw = ask(server.client(), "Describe esta imagen, por favor")
     assert raw.parse().model == "quality"
@@ -193,6 +194,7 @@ def test_auto_routes_image_request_to_quality(server):
     assert server.models()["quality"]["loaded"]
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", ["fast", "quality"])
 def test_explicit_model_bypasses_routing(server, model):
     # The text would route to quality; the explicit name wins.
@@ -201,6 +203,7 @@ def test_explicit_model_bypasses_routing(server, model):
     assert raw.headers["x-sarai-route-reason"] == "model requested explicitly"
 
 
+@pytest.mark.models
 def test_max_tokens_and_stop_are_honoured(server):
     client = server.client()
     long = client.chat.completions.create(
@@ -214,6 +217,7 @@ def test_max_tokens_and_stop_are_honoured(server):
     assert "5" not in stopped.choices[0].message.content
 
 
+@pytest.mark.models
 def test_seed_makes_answers_repeatable(server):
     client = server.client()
     answers = {
@@ -225,6 +229,7 @@ def test_seed_makes_answers_repeatable(server):
     assert len(answers) == 1
 
 
+@pytest.mark.models
 def test_streaming_arrives_in_pieces_and_ends_with_done(server):
     client = server.client()
     pieces, models = [], set()
@@ -253,6 +258,7 @@ def test_streaming_arrives_in_pieces_and_ends_with_done(server):
     assert usage is not None and usage.completion_tokens >= len(pieces) - 1
 
 
+@pytest.mark.models
 def test_raw_sse_format(server):
     req = urllib.request.Request(
         server.url + "/v1/chat/completions", method="POST",
@@ -274,6 +280,7 @@ def test_raw_sse_format(server):
 # -- lifecycle -----------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
     ask(server.client(), "hi", model="quality", max_tokens=2)
     finished = time.monotonic()
@@ -289,6 +296,7 @@ def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
     assert metric(samples, "sarai_model_loaded", model="quality") == 0
 
 
+@pytest.mark.models
 def test_concurrent_requests_to_both_models_all_answered(server):
     client = server.client()
     jobs = [("fast", "Hola"), ("quality", "Hello"), ("fast", "¿Qué tal?"), ("quality", "Hi")]
@@ -301,6 +309,7 @@ def test_concurrent_requests_to_both_models_all_answered(server):
     assert all(r.usage.completion_tokens >= 1 for r in results)
 
 
+@pytest.mark.models
 def test_full_queue_is_refused_with_429(server):
     client = server.client()
     barrier = threading.Barrier(6)
@@ -326,6 +335,7 @@ def test_full_queue_is_refused_with_429(server):
     assert ask(client, "Hola").parse().model == "fast"
 
 
+@pytest.mark.models
 def test_prewarm_loads_quality_before_it_is_asked_for(server):
     wait_quality_unloaded(server)
     before = server.metrics()
@@ -345,6 +355,7 @@ def test_prewarm_loads_quality_before_it_is_asked_for(server):
 # -- errors --------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_api_key_is_enforced(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(key="wrong").chat.completions.create(
@@ -354,12 +365,14 @@ def test_api_key_is_enforced(server):
     assert server.get("/health", key=None)[0] == 200
 
 
+@pytest.mark.models
 def test_unknown_model_is_404(server):
     with pytest.raises(openai.NotFoundError) as info:
         ask(server.client(), "hi", model="gpt-4")
     assert info.value.body["code"] == "model_not_found"
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("body, status, code", [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_body"),
@@ -381,6 +394,7 @@ def test_bad_bodies_are_refused(server, body, status, code):
     assert answer["error"]["message"]
 
 
+@pytest.mark.models
 def test_body_size_limit(server):
     text = "x" * (MAX_BODY + 10)
     body = json.dumps({"model": "fast", "messages": [{"role": "user", "content": text}]})
@@ -394,6 +408,7 @@ def _image_message(url: str) -> list[dict]:
         {"type": "image_url", "image_url": {"url": url}}]}]
 
 
+@pytest.mark.models
 def test_image_paths_and_remote_urls_are_refused(server):
     client = server.client()
     for url in ("/etc/passwd", "file:///etc/passwd", "http://example.com/cat.png"):
@@ -402,6 +417,7 @@ def test_image_paths_and_remote_urls_are_refused(server):
         assert info.value.body["code"] == "invalid_image_url"
 
 
+@pytest.mark.models
 def test_data_uri_image_counts_as_the_image_modality(server):
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
     with pytest.raises(openai.BadRequestError) as info:
@@ -412,6 +428,7 @@ def test_data_uri_image_counts_as_the_image_modality(server):
     assert "image" in info.value.body["message"]
 
 
+@pytest.mark.models
 def test_prompt_longer_than_the_context_is_400_and_the_server_survives(server):
     with pytest.raises(openai.BadRequestError) as info:
         ask(server.client(), "word " * 1000, model="fast")  # n_ctx is 512 here
@@ -421,6 +438,7 @@ def test_prompt_longer_than_the_context_is_400_and_the_server_survives(server):
     assert ask(server.client(), "Hola").parse().model == "fast"
 
 
+@pytest.mark.models
 def test_backend_failure_is_502_and_the_server_survives(server):
     with pytest.raises(openai.APIStatusError) as info:
         ask(server.client(), "hi", model="broken")
@@ -431,6 +449,7 @@ def test_backend_failure_is_502_and_the_server_survives(server):
     assert metric(server.metrics(), "sarai_model_load_failures_total", model="broken") >= 1
 
 
+@pytest.mark.models
 def test_metrics_endpoint(server):
     client = server.client()
     ask(client, "Hola, ¿cómo estás?")
@@ -458,6 +477,7 @@ def test_metrics_endpoint(server):
         assert f"# TYPE {family} counter" in text.decode()
 
 
+@pytest.mark.models
 def test_a_client_that_hangs_up_stops_its_non_streamed_answer(server):
     import http.client
 
@@ -479,6 +499,7 @@ def test_a_client_that_hangs_up_stops_its_non_streamed_answer(server):
     assert ask(server.client(), "Hola").parse().model == "fast"
 
 
+@pytest.mark.models
 def test_shutdown_stops_answers_in_flight_with_503(tmp_path, models_dir):
     config = tmp_path / "sarai.toml"
     config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1"),
