@@ -16,6 +16,7 @@ import binascii
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -662,7 +663,13 @@ def serve(config: Config, *, host: str, port: int, api_key: str = "",
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    access_log=False, timeout_graceful_shutdown=5))
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the
+    # signal again; SIGTERM's default handler would then kill the cleanly stopped process
+    # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it already handled
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
