@@ -340,7 +340,11 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout."""
+        with an error saying so, instead of being cut off by the grace timeout.
+
+        A generation stops between tokens; one still before its first token when the grace
+        timeout cancels its handler gets the same 503 from the handler (not uvicorn's
+        plain-text 500)."""
         self.shutting_down = True
         for generation in list(self._live):
             generation.cancel()
@@ -418,6 +422,8 @@ class SaraiServer:
             first = await _next_event(events, request)
         except asyncio.CancelledError:
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
@@ -440,6 +446,8 @@ class SaraiServer:
                 event = await _next_event(events, request)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
