@@ -255,6 +255,19 @@ def test_max_tokens_and_stop_are_honoured(server):
 
 
 @pytest.mark.models
+def test_max_tokens_runs_over_only_to_finish_a_split_character(server):
+    """What docs/serving.md says: llama-cpp-python finishes a character split over several
+    tokens (this greedy answer starts with an emoji), so the cap is exceeded by up to 3."""
+    answer = server.client().chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "Write three emoji: 😀🎉🚀"}],
+        max_tokens=1, temperature=0)
+    text, used = answer.choices[0].message.content, answer.usage.completion_tokens
+    assert answer.choices[0].finish_reason == "length"
+    assert 1 < used <= 1 + 3, (used, text)
+    assert text and not text[-1].isascii(), text
+
+
+@pytest.mark.models
 def test_seed_makes_answers_repeatable(server):
     client = server.client()
     answers = {
@@ -447,6 +460,15 @@ def test_bad_bodies_are_refused(server, body, status, code):
 
 
 @pytest.mark.models
+def test_wrong_method_is_405_in_openai_shape(server):
+    status, body = server.get("/v1/chat/completions")
+    answer = json.loads(body)
+    assert status == 405, answer
+    assert answer["error"]["code"] == "method_not_allowed"
+    assert "GET /v1/chat/completions" in answer["error"]["message"]
+
+
+@pytest.mark.models
 def test_body_size_limit(server):
     text = "x" * (MAX_BODY + 10)
     body = json.dumps({"model": "fast", "messages": [{"role": "user", "content": text}]})
@@ -621,3 +643,8 @@ def test_serve_shares_the_cores_between_models_unless_told(make_config):
     shared = share_cores(config)
     assert shared.models["fast"].n_threads == 3  # set by the user: kept
     assert shared.models["quality"].n_threads == max(1, default_threads() // 2)
+    # Divided by how many can generate side by side: min(max_loaded, number of models).
+    roomy = share_cores(make_config(cache="max_loaded = 5"))
+    assert roomy.models["quality"].n_threads == max(1, default_threads() // 2)
+    alone = share_cores(make_config(cache="max_loaded = 1"))
+    assert alone.models["quality"].n_threads == default_threads()
