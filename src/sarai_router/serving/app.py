@@ -13,6 +13,7 @@ import asyncio
 import json
 import hmac
 import logging
+import signal
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -104,7 +105,11 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout."""
+        with an error saying so, instead of being cut off by the grace timeout.
+
+        A generation stops between tokens; one still before its first token when the grace
+        timeout cancels its handler gets the same 503 from the handler (not uvicorn's
+        plain-text 500)."""
         self.shutting_down = True
         for generation in list(self._live):
             generation.cancel()
@@ -173,6 +178,8 @@ class SaraiServer:
             first = await _next_event(events, request, stopping)
         except asyncio.CancelledError:
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
@@ -198,6 +205,8 @@ class SaraiServer:
                 event = await _next_event(events, request, stopping)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
@@ -392,7 +401,13 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    access_log=False, timeout_graceful_shutdown=5))
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the
+    # signal again; SIGTERM's default handler would then kill the cleanly stopped process
+    # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it already handled
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
