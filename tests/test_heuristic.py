@@ -220,7 +220,7 @@ def route_with_empathy(config, score: float, text: str):
 
 def test_empathy_exactly_at_the_threshold_is_not_emotional(make_config):
     config = make_config(routing='default_model = "quality"')
-    threshold = config.routing.heuristic.empathy_threshold
+    threshold = config.plugin_config("heuristic")["empathy_threshold"]
     text = "Hola, ¿qué tal?"  # short, no multimodal keyword: only the empathy rule can pick fast
     at = route_with_empathy(config, threshold, text)
     assert at.signals["empathy"] == threshold
