@@ -34,7 +34,7 @@ from ..backend import Backend, BackendError, Capabilities, Delta, GenerationPara
 from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
-from ..types import AudioInput, ImageInput
+from ..types import CHARS_PER_TOKEN, AudioInput, ImageInput
 
 if TYPE_CHECKING:
     import httpx
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
-#: Prompt tokens estimated from characters when an upstream sends no usage (see docs).
-CHARS_PER_TOKEN = 3
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Fields of GenerationParams passed through under their OpenAI names when set.
 _PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
@@ -76,8 +74,7 @@ class OpenAISettings:
 
 
 def settings_urls(settings: OpenAISettings) -> tuple[str, ...]:
-    urls = settings.endpoints or ((settings.base_url,) if settings.base_url else ())
-    return tuple(url.rstrip("/") for url in urls)
+    return settings.endpoints or ((settings.base_url,) if settings.base_url else ())
 
 
 def redact_url(url: str) -> str:
@@ -149,12 +146,20 @@ def _install_log_filter() -> None:
 BASE_COOLDOWN_SECONDS = 1.0
 
 
+def endpoint_url(base_url: str, path: str) -> str:
+    """``{base_url}/{path}`` keeping the base URL's query (``?api-version=...``) at the end."""
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"{parts.path.rstrip('/')}/{path}",
+                       parts.query, ""))
+
+
 @attrs.define(eq=False)
 class Replica:
     """One endpoint of a model and what the router knows of its health (this process only)."""
 
     url: str
     shown: str  # the URL as it may be shown
+    chat_url: str = ""
     inflight: int = 0
     failures: int = 0  # consecutive
     cooldown_until: float = 0.0
@@ -181,7 +186,8 @@ class ReplicaSet:
 
     def __init__(self, urls: Sequence[str], *, max_cooldown: float,
                  clock=time.monotonic):
-        self.replicas = [Replica(url=u, shown=redact_url(u)) for u in urls]
+        self.replicas = [Replica(url=u, shown=redact_url(u),
+                                 chat_url=endpoint_url(u, "chat/completions")) for u in urls]
         self.max_cooldown = max_cooldown
         self.clock = clock
         self._lock = threading.Lock()
@@ -197,8 +203,11 @@ class ReplicaSet:
                 replica = self.replicas[(self._turn + i) % n]
                 if replica in exclude or now < replica.cooldown_until:
                     continue
-                if replica.failures and replica.inflight:
-                    continue  # probing: one request at a time until it answers
+                if replica.failures:
+                    if replica.inflight:
+                        continue  # probing: one request at a time until it answers
+                    best = replica  # its cooldown is over: the first request probes it
+                    break
                 if best is None or replica.inflight < best.inflight:
                     best = replica
             if best is not None:
@@ -219,14 +228,21 @@ class ReplicaSet:
             replica.cooldown_until = 0.0
 
     def failed(self, replica: Replica, error: str) -> float:
-        """Cool ``replica`` down; returns the cooldown in seconds."""
+        """Cool ``replica`` down; returns the cooldown in seconds.
+
+        Requests that were already in flight when it started failing fail together: they
+        are one outage, so a replica already cooling down keeps its cooldown.
+        """
         with self._lock:
-            replica.failures += 1
+            now = self.clock()
             replica.errors += 1
+            replica.last_error = error
+            if now < replica.cooldown_until:
+                return replica.cooldown_until - now
+            replica.failures += 1
             cooldown = min(self.max_cooldown,
                            BASE_COOLDOWN_SECONDS * 2 ** (replica.failures - 1))
-            replica.cooldown_until = self.clock() + cooldown
-            replica.last_error = error
+            replica.cooldown_until = now + cooldown
         log.warning("endpoint %s failed (%s); cooling down for %.0f s", replica.shown, error,
                     cooldown)
         return cooldown
@@ -452,7 +468,7 @@ class OpenAIModel:
             attempt = _Attempt()
             try:
                 started = time.monotonic()
-                with client.stream("POST", f"{replica.url}/chat/completions",
+                with client.stream("POST", replica.chat_url,
                                    json=body) as response:
                     if response.status_code >= 400:
                         error = self._status_error(replica, response.status_code,
@@ -506,7 +522,7 @@ class OpenAIModel:
             attempt = _Attempt()
             try:
                 started = time.monotonic()
-                async with client.stream("POST", f"{replica.url}/chat/completions",
+                async with client.stream("POST", replica.chat_url,
                                          json=body) as response:
                     if response.status_code >= 400:
                         error = self._status_error(replica, response.status_code,
@@ -711,7 +727,7 @@ class OpenAIBackend(Backend):
         with httpx.Client(timeout=timeout, headers=headers, trust_env=False) as client:
             for url in settings_urls(settings):
                 try:
-                    response = client.get(f"{url}/models")
+                    response = client.get(endpoint_url(url, "models"))
                     state = "up" if response.status_code < 400 else f"http {response.status_code}"
                 except httpx.ConnectError:
                     state = "refused"
