@@ -368,6 +368,12 @@ class OpenAIModel:
                 body[name] = value
         return body
 
+    def direct_target(self) -> tuple[str, dict[str, str], str]:
+        """Where the first endpoint takes chat requests, the headers it needs (credentials
+        included: for a caller in this process only, never to be shown) and the model name:
+        for a bench that calls the engine directly."""
+        return self.replicas.replicas[0].chat_url, dict(self.headers), self.remote_model
+
     def health(self) -> dict[str, Any]:
         replicas = self.replicas.snapshot()
         healthy = sum(1 for r in replicas if r["state"] == "healthy")
