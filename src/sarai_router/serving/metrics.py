@@ -129,6 +129,10 @@ class Metrics:
             "sarai_prewarms",
             "background pre-loads by outcome: started, used, wasted (unloaded unused), skipped",
             ["model", "outcome"], registry=r)
+        self.crashes = Counter(
+            "sarai_backend_crashes",
+            "loaded instances that died (e.g. a llama-server child killed) and were dropped; "
+            "the next request loads the model again", ["model"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         r.register(PoolCollector(pool))
         pool.listeners.append(self.on_pool_event)
@@ -146,6 +150,8 @@ class Metrics:
                 self.evictions.labels(model).inc()
         elif event.kind == "unload_unverified":
             self.unverified.labels(model).inc()
+        elif event.kind == "crash":
+            self.crashes.labels(model).inc()
         elif event.kind == "queue_full":
             self.queue_full.labels(model).inc()
         elif event.kind == "prewarm":

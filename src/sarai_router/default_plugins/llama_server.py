@@ -1,0 +1,301 @@
+"""Backend ``llama_server``: each model in a ``llama-server`` child process the router manages.
+
+One process per model, the way llama-swap runs them: started on the model's first use (or
+when the router starts, for a pinned model) on a free port of 127.0.0.1, used once
+``/health`` says the model is loaded, stopped when the pool unloads the model (TTL,
+eviction, shutdown). Its ``parallel`` slots decode together (continuous batching), so the
+pool lets ``parallel`` requests use one instance at once.
+
+The binary: ``[models.NAME] binary``, else ``$SARAI_ROUTER_LLAMA_SERVER``, else
+``llama-server`` on ``PATH``, else the build that ``python -m
+sarai_router.llama_server_install`` made from the llama-cpp-python sdist.
+
+Requests go to the child's OpenAI-compatible ``/v1/chat/completions`` through the ``openai``
+backend's client. The process side lives in ``llama_server_process``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import attrs
+
+from ..backend import Backend, BackendError, Capabilities, Presence
+from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
+from ..hookspecs import hookimpl
+from ..types import AudioInput, ImageInput
+from .llama_cpp import _with_images, default_threads, file_presence
+from .llama_server_process import ServerProcess, free_port
+
+log = logging.getLogger(__name__)
+
+#: Flags the backend sets itself; in ``server_args`` they are refused, naming the key to use.
+MANAGED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("-m", "--model"), "set by the model's `path`"),
+    **dict.fromkeys(("--host",), "the router runs the server on 127.0.0.1"),
+    **dict.fromkeys(("--port",), "the router picks a free port"),
+    **dict.fromkeys(("-c", "--ctx-size"), "use `n_ctx` (per slot; the server gets "
+                                          "n_ctx x parallel)"),
+    **dict.fromkeys(("-np", "--parallel"), "use `parallel`"),
+    **dict.fromkeys(("-t", "--threads"), "use `n_threads`"),
+    **dict.fromkeys(("-mm", "--mmproj"), "use `mmproj`"),
+    **dict.fromkeys(("--api-key", "--api-key-file"),
+                    "the router talks to the server on 127.0.0.1 without a key"),
+}
+
+INSTALL_HINT = "python -m sarai_router.llama_server_install"
+#: Bind failures (another process took the free port first) are retried on a new port.
+START_ATTEMPTS = 3
+#: llama-server's micro-batch (``-ub``) default, which sizes its compute buffers.
+SERVER_UBATCH = 512
+
+
+@attrs.frozen
+class LlamaServerSettings:
+    """The ``llama_server`` backend's own keys in ``[models.NAME]``."""
+
+    #: slots decoded together (continuous batching); each gets ``n_ctx`` tokens of context
+    parallel: int = 4
+    #: 0: every core for one model alone; `serve` gives each model its share
+    n_threads: int = 0
+    #: the multimodal projector GGUF that lets the model take images (or audio)
+    mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
+    #: the llama-server program; empty: $SARAI_ROUTER_LLAMA_SERVER, PATH, the cached build
+    binary: str = attrs.field(default="", metadata=PATH_SETTING)
+    #: more llama-server flags, e.g. ["--cache-ram", "256"]
+    server_args: tuple[str, ...] = ()
+    #: how long the model may take to load before the start is given up
+    startup_timeout_seconds: float = 120.0
+
+
+class LlamaServerBackend(Backend):
+    settings_class = LlamaServerSettings
+
+    # -- config -----------------------------------------------------------------------
+
+    def check(self, spec: ModelSpec, *, config: Config,
+              check_files: bool) -> Iterable[tuple[str, str]]:
+        settings: LlamaServerSettings = spec.settings
+        if not spec.path:
+            yield "path", "must not be empty (the GGUF file to serve)"
+        elif check_files and not os.path.isfile(spec.path):
+            hint = " (run `sarai-router models pull`)" if self.presence(spec).fetchable else ""
+            yield "path", f"model file not found: {spec.path}{hint}"
+        elif check_files:
+            for problem in gguf_problems(spec.path):
+                yield "path", problem
+        if settings.parallel < 1:
+            yield "parallel", "must be >= 1 (the number of requests the server decodes together)"
+        if settings.n_threads < 0:
+            yield "n_threads", "must be >= 0 (0 = all cores)"
+        if not settings.startup_timeout_seconds > 0:
+            yield "startup_timeout_seconds", "must be > 0"
+        for flag in settings.server_args:
+            name = flag.split("=", 1)[0]
+            if name in MANAGED_FLAGS:
+                yield "server_args", f"{name!r} is managed by the router: {MANAGED_FLAGS[name]}"
+        if not check_files:
+            return
+        # What would fail at the first request, caught by `config check`.
+        for modality in ("image", "audio"):
+            if modality in spec.modalities and not settings.mmproj:
+                yield "mmproj", (f"a model that takes {modality} input needs its multimodal "
+                                 "projector (mmproj)")
+        if settings.mmproj and not os.path.isfile(settings.mmproj):
+            yield "mmproj", f"file not found: {settings.mmproj}"
+        problem = _binary_problem(settings.binary)
+        if problem:
+            yield "binary", problem
+
+    def concurrency(self, spec: ModelSpec) -> int:
+        return max(1, spec.settings.parallel)
+
+    def uses_threads(self, spec: ModelSpec) -> bool:
+        return True
+
+    def with_threads(self, spec: ModelSpec, threads: int) -> ModelSpec:
+        if spec.settings.n_threads:
+            return spec
+        return attrs.evolve(spec, settings=attrs.evolve(spec.settings, n_threads=threads))
+
+    def estimate_ram_mb(self, spec: ModelSpec) -> float:
+        estimate = _ram_estimate(spec)
+        return 0.0 if estimate is None else estimate.total_mb + _mmproj_mb(spec)
+
+    def describe(self, spec: ModelSpec) -> Mapping[str, Any]:
+        settings: LlamaServerSettings = spec.settings
+        estimate = _ram_estimate(spec)
+        try:
+            binary = _find_binary(settings.binary)
+        except BackendError:
+            binary = None
+        return {"estimated_ram": None if estimate is None else {
+            "weights_mb": round(estimate.weights_mb, 1),
+            "kv_cache_mb": round(estimate.kv_cache_mb, 1),
+            "compute_mb": round(estimate.compute_mb, 1),
+            "mmproj_mb": round(_mmproj_mb(spec), 1),
+        }, "parallel": settings.parallel, "n_threads": settings.n_threads or default_threads(),
+            "binary": None if binary is None else str(binary)}
+
+    def presence(self, spec: ModelSpec) -> Presence:
+        return file_presence(spec)
+
+    def capabilities(self, spec: ModelSpec) -> Capabilities:
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+
+    # -- running ----------------------------------------------------------------------
+
+    def load(self, spec: ModelSpec) -> "LlamaServerModel":
+        settings: LlamaServerSettings = spec.settings
+        if not os.path.isfile(spec.path):
+            raise BackendError(f"model {spec.name!r}: its file is missing ({Path(spec.path).name})")
+        if settings.mmproj and not os.path.isfile(settings.mmproj):
+            raise BackendError(f"model {spec.name!r}: its mmproj file is missing "
+                               f"({Path(settings.mmproj).name})")
+        binary = _find_binary(settings.binary)
+        if binary is None:
+            raise BackendError(_no_binary_message(spec.name))
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            server = ServerProcess(spec.name, server_argv(spec, str(binary), port), port)
+            try:
+                server.start(timeout=settings.startup_timeout_seconds)
+            except BackendError:
+                if attempt < START_ATTEMPTS and server.bind_failed():
+                    log.info("port %d was taken before llama-server bound it; trying another",
+                             port)
+                    continue
+                raise
+            return LlamaServerModel(spec, server)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
+    """The llama-server command line for ``spec`` on ``port``."""
+    settings: LlamaServerSettings = spec.settings
+    argv = [
+        binary,
+        "--model", spec.path,
+        "--alias", spec.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        # llama-server splits its context across the slots: n_ctx is per request here.
+        "--ctx-size", str(spec.n_ctx * settings.parallel),
+        "--parallel", str(settings.parallel),
+        "--threads", str(settings.n_threads or default_threads()),
+        "--no-webui",
+        "--metrics",
+        "--log-colors", "off",
+    ]
+    if settings.mmproj:
+        argv += ["--mmproj", settings.mmproj]
+    return argv + list(settings.server_args)
+
+
+def _find_binary(explicit: str) -> Path | None:
+    """The llama-server to run (None: none found); a configured one that leads nowhere
+    raises BackendError naming it."""
+    from ..llama_server_install import LlamaServerError, find_llama_server
+
+    try:
+        return find_llama_server(explicit or None)
+    except LlamaServerError as exc:
+        raise BackendError(str(exc)) from None
+
+
+def _binary_problem(explicit: str) -> str:
+    try:
+        found = _find_binary(explicit)
+    except BackendError as exc:
+        return str(exc)
+    if found is None:
+        return ("no llama-server found ($SARAI_ROUTER_LLAMA_SERVER unset, none on PATH, no "
+                f"cached build); run `{INSTALL_HINT}` to build one, or set `binary`")
+    return ""
+
+
+def _no_binary_message(name: str) -> str:
+    return (f"model {name!r}: no llama-server found ([models.{name}] binary unset, "
+            f"$SARAI_ROUTER_LLAMA_SERVER unset, none on PATH, no cached build); run "
+            f"`{INSTALL_HINT}` to build one")
+
+
+def _ram_estimate(spec: ModelSpec):
+    """Weights + KV cache for every slot, from the GGUF header; None when unreadable."""
+    from ..gguf_info import GGUFError, estimate_ram, read_info
+
+    try:
+        return estimate_ram(read_info(spec.path), spec.n_ctx * max(1, spec.settings.parallel),
+                            SERVER_UBATCH)
+    except GGUFError:
+        return None
+
+
+def _mmproj_mb(spec: ModelSpec) -> float:
+    try:
+        return os.path.getsize(spec.settings.mmproj) / (1024 * 1024) if spec.settings.mmproj else 0.0
+    except OSError:
+        return 0.0
+
+
+def _with_audio(messages: Sequence[Mapping[str, Any]], audio: AudioInput) -> list[dict[str, Any]]:
+    """Attach an audio clip to the last user message as an OpenAI ``input_audio`` part."""
+    fmt = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
+           "audio/mpeg": "mp3", "audio/mp3": "mp3"}.get(audio.mime, "wav")
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") == "user":
+            content = message.get("content")
+            parts = (list(content) if isinstance(content, list)
+                     else [{"type": "text", "text": content or ""}])
+            parts.append({"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(audio.data).decode(), "format": fmt}})
+            message["content"] = parts
+            break
+    return out
+
+
+def with_media(messages: Sequence[Mapping[str, Any]], images: Sequence[ImageInput],
+               audio: AudioInput | None) -> Sequence[Mapping[str, Any]]:
+    """``messages`` with the request's attachments as OpenAI content parts."""
+    if images:
+        messages = _with_images(messages, images)
+    if audio is not None:
+        messages = _with_audio(messages, audio)
+    return messages
+
+
+class LlamaServerModel:
+    """A model served by its own llama-server child; ``parallel`` requests at once."""
+
+    def __init__(self, spec: ModelSpec, server: ServerProcess):
+        self.spec = spec
+        self.server = server
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    def alive(self) -> bool:
+        """False once the child has exited without being asked to (the pool then drops it)."""
+        return self.server.alive()
+
+    def rss_mb(self) -> float:
+        """The child's measured resident memory (what the pool's RAM budget counts)."""
+        return self.server.rss_mb()
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+@hookimpl(trylast=True)
+def register_backends(register):
+    register("llama_server", LlamaServerBackend())
