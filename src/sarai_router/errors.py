@@ -42,6 +42,37 @@ class ContextLengthError(BackendError):
     """The request does not fit the model's context window (bad input, not a fault)."""
 
 
+class UpstreamError(BackendError):
+    """A remote endpoint refused the request with a client error (4xx).
+
+    The server answers with the same ``status`` and the upstream's message (credentials
+    removed): the request itself is the problem, so no other model is tried.
+    """
+
+    def __init__(self, message: str, *, status: int, code: str = "upstream_error"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class UpstreamUnavailable(BackendError):
+    """A remote endpoint could not answer before the first token: refused connection, 5xx,
+    timeout, dropped connection, or every endpoint cooling down.
+
+    The engine tries the model's ``fallbacks`` on this error (never after a token was sent);
+    with none left the server answers ``status`` (502, 503 or 504). ``reason`` is a short,
+    bounded label (``refused``, ``http_503``, ``timeout``, ``cooldown``...) for the trace
+    and the ``sarai_fallbacks_total`` metric.
+    """
+
+    def __init__(self, message: str, *, reason: str, status: int = 502,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
 class PoolError(SaraiError):
     """A model cannot be made resident (budget, limits, or every other model busy)."""
 
