@@ -16,20 +16,22 @@ backend's client. The process side lives in ``llama_server_process``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
+import subprocess
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from ..backend import Backend, BackendError, Capabilities, Presence
+from ..backend import Backend, BackendError, Capabilities, Delta, GenerationParams, Presence
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
+from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
-from .llama_cpp import _with_images, default_threads, file_presence
+from .llama_cpp import default_threads, file_presence
 from .llama_server_process import ServerProcess, free_port
+from .openai import OpenAIModel, OpenAISettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ INSTALL_HINT = "python -m sarai_router.llama_server_install"
 START_ATTEMPTS = 3
 #: llama-server's micro-batch (``-ub``) default, which sizes its compute buffers.
 SERVER_UBATCH = 512
+#: The longest wait for a first token from the child: the pool never gives it more requests
+#: than it has slots, so this only trips on a hung server.
+REQUEST_TIMEOUT_SECONDS = 600.0
 
 
 @attrs.frozen
@@ -145,7 +150,13 @@ class LlamaServerBackend(Backend):
         return file_presence(spec)
 
     def capabilities(self, spec: ModelSpec) -> Capabilities:
-        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+        # llama-server takes tools (its jinja templates), response_format json_schema
+        # (grammar-constrained) and logprobs.
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx,
+                            tools=True, json_schema=True, logprobs=True)
+
+    def async_chat(self, spec: ModelSpec) -> bool:
+        return True
 
     # -- running ----------------------------------------------------------------------
 
@@ -242,39 +253,65 @@ def _mmproj_mb(spec: ModelSpec) -> float:
         return 0.0
 
 
-def _with_audio(messages: Sequence[Mapping[str, Any]], audio: AudioInput) -> list[dict[str, Any]]:
-    """Attach an audio clip to the last user message as an OpenAI ``input_audio`` part."""
-    fmt = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav",
-           "audio/mpeg": "mp3", "audio/mp3": "mp3"}.get(audio.mime, "wav")
-    out = [dict(m) for m in messages]
-    for message in reversed(out):
-        if message.get("role") == "user":
-            content = message.get("content")
-            parts = (list(content) if isinstance(content, list)
-                     else [{"type": "text", "text": content or ""}])
-            parts.append({"type": "input_audio", "input_audio": {
-                "data": base64.b64encode(audio.data).decode(), "format": fmt}})
-            message["content"] = parts
-            break
-    return out
-
-
-def with_media(messages: Sequence[Mapping[str, Any]], images: Sequence[ImageInput],
-               audio: AudioInput | None) -> Sequence[Mapping[str, Any]]:
-    """``messages`` with the request's attachments as OpenAI content parts."""
-    if images:
-        messages = _with_images(messages, images)
-    if audio is not None:
-        messages = _with_audio(messages, audio)
-    return messages
-
-
 class LlamaServerModel:
-    """A model served by its own llama-server child; ``parallel`` requests at once."""
+    """A model served by its own llama-server child; ``parallel`` requests at once.
+
+    Requests go through the ``openai`` backend's client to the child's
+    ``/v1/chat/completions``; images and audio travel as OpenAI content parts (the child
+    decodes them with its ``mmproj``). When the child has died, a failed request raises
+    :class:`InstanceDead`, and the pool starts a new child for the next request.
+    """
 
     def __init__(self, spec: ModelSpec, server: ServerProcess):
         self.spec = spec
         self.server = server
+        client_settings = OpenAISettings(
+            base_url=f"{server.base_url}/v1", remote_model=spec.name,
+            timeout_seconds=REQUEST_TIMEOUT_SECONDS,
+            max_concurrency=spec.settings.parallel,
+            # One endpoint, watched through its process: a failure is not retried later.
+            max_cooldown_seconds=1.0)
+        self.client = OpenAIModel(attrs.evolve(spec, settings=client_settings), api_key="")
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
+             images: Sequence[ImageInput] = (),
+             audio: AudioInput | None = None) -> Iterator[Delta]:
+        deltas = self.client.chat(messages, params, images=images, audio=audio)
+        try:
+            yield from deltas
+        except (UpstreamError, ContextLengthError):
+            raise  # the request's fault, the server is fine
+        except BackendError as exc:
+            raise self._dead_or(exc) from None
+        finally:
+            deltas.close()
+
+    async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
+                    images: Sequence[ImageInput] = (),
+                    audio: AudioInput | None = None) -> AsyncIterator[Delta]:
+        deltas = self.client.achat(messages, params, images=images, audio=audio)
+        try:
+            async for delta in deltas:
+                yield delta
+        except (UpstreamError, ContextLengthError):
+            raise
+        except BackendError as exc:
+            raise self._dead_or(exc) from None
+        finally:
+            await deltas.aclose()
+
+    def _dead_or(self, error: BackendError) -> BackendError:
+        """``InstanceDead`` when the child is gone (the socket closes a moment before the
+        process is reaped, so give it that moment), else ``error`` as it is."""
+        proc = self.server.proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                return error  # still running: the request failed, not the server
+        return InstanceDead(f"model {self.spec.name!r}: its llama-server (pid {self.pid}) "
+                            f"died ({self.server.exit_text()}); the next request starts it "
+                            "again")
 
     @property
     def pid(self) -> int | None:
@@ -293,7 +330,10 @@ class LlamaServerModel:
         return self.server.rss_mb()
 
     def close(self) -> None:
-        self.server.stop()
+        try:
+            self.client.close()
+        finally:
+            self.server.stop()
 
 
 @hookimpl(trylast=True)

@@ -196,7 +196,7 @@ class ServerProcess:
                 self._reader.join(timeout=5)  # the last lines explain why
                 raise BackendError(
                     f"model {self.label!r}: llama-server exited during start-up "
-                    f"({self._exit_text()}); its last output:\n{self.last_output()}")
+                    f"({self.exit_text()}); its last output:\n{self.last_output()}")
             status = self._health_status()
             if status == 200:
                 return
@@ -237,7 +237,7 @@ class ServerProcess:
         if not self._stopping:
             log.warning("llama-server for model %s (pid %d) exited unexpectedly (%s); the next "
                         "request starts it again. Its last output:\n%s", self.label, self.pid,
-                        self._exit_text(code), self.last_output())
+                        self.exit_text(code), self.last_output())
 
     def alive(self) -> bool:
         return self.proc is not None and not self.exited.is_set() and self.proc.poll() is None
@@ -257,7 +257,7 @@ class ServerProcess:
         lines = list(self.tail) or ["(no output)"]
         return "\n".join("  " + redact_paths(line) for line in lines)
 
-    def _exit_text(self, code: int | None = None) -> str:
+    def exit_text(self, code: int | None = None) -> str:
         code = self.proc.poll() if code is None else code
         if code is None:
             return "still running"
@@ -295,7 +295,7 @@ class ServerProcess:
             raise BackendError(f"model {self.label!r}: llama-server (pid {proc.pid}) is still "
                                "running after SIGKILL")
         log.info("stopped llama-server for model %s (pid %d, %s)", self.label, proc.pid,
-                 self._exit_text())
+                 self.exit_text())
 
     def _signal(self, signum: int) -> None:
         # The child leads its own process group: signal the group, in case it forked.
