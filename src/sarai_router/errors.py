@@ -31,7 +31,14 @@ class RoutingError(SaraiError):
 
 
 class CapabilityError(SaraiError):
-    """The chosen model cannot take what the request carries (an image, audio, tools...)."""
+    """The chosen model cannot take what the request carries (an image, audio, tools...).
+
+    ``missing``: what is missing, in words (``image input``, ``tools``...).
+    """
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.missing = missing
 
 
 class BackendError(SaraiError):

@@ -21,11 +21,12 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import attrs
 
@@ -45,6 +46,28 @@ __all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "Resi
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
 UNLOAD_VERIFY_MIN_MB = 16.0
+#: An event-loop waiter re-checks its slot this often even if no release woke it.
+SLOT_RECHECK_SECONDS = 1.0
+
+
+def _wake(future: "asyncio.Future") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _in_thread(work: Callable[[], Any], *, undo: Callable[[Any], None]) -> Any:
+    """``work()`` on a worker thread. If the awaiting task is cancelled meanwhile, the work
+    still finishes (it holds the pool's state) and ``undo`` is applied to its result."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def settle(done: "asyncio.Future") -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+        future.add_done_callback(settle)
+        raise
 
 
 @attrs.frozen
@@ -89,6 +112,8 @@ class Resident:
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
     prewarm_pending: bool = False
+    #: event-loop requests waiting for a slot: (loop, future), woken one per release
+    async_waiters: list = attrs.field(factory=list)
 
     @property
     def pinned(self) -> bool:
@@ -214,6 +239,13 @@ class ModelPool:
         with self._cond:
             return [r.snapshot() for r in self._residents.values()]
 
+    def health(self) -> dict[str, Any]:
+        """``{name: health}`` for loaded models that report it (remote endpoints)."""
+        with self._cond:
+            models = {r.name: r.model for r in self._residents.values()
+                      if r.state == "loaded" and hasattr(r.model, "health")}
+        return {name: model.health() for name, model in models.items()}
+
     def resident_mb(self) -> float:
         with self._cond:
             return sum(r.ram_mb for r in self._residents.values())
@@ -231,31 +263,61 @@ class ModelPool:
         resident = self._acquire(name, queue_limit=queue_limit)
         try:
             resident.slots.acquire()
-        except BaseException:
-            self._release(resident)
-            raise
-        if resident.state == "dead":
-            # The instance died while this request waited for a slot: it has sent nothing
-            # yet, so it goes to a fresh instance instead of failing.
-            resident.slots.release()
-            self._release(resident)
-            resident = self._acquire(name)
             try:
-                resident.slots.acquire()
-            except BaseException:
-                self._release(resident)
+                self._check_not_dead(resident)
+                yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
                 raise
-        try:
-            yield resident
-        except InstanceDead as exc:
-            with self._cond:
-                self._drop_dead_locked(resident, str(exc))
-            raise
+            finally:
+                self._release_slot(resident)
         finally:
-            resident.slots.release()
-            self._release(resident)
+            self._release_user(resident)
 
-    def _release(self, resident: Resident) -> None:
+    @asynccontextmanager
+    async def ause(self, name: str, *, queue_limit: int | None = None) -> AsyncIterator[Resident]:
+        """:meth:`use` for an event loop: waiting for a slot never blocks the loop.
+
+        A loaded model is taken on the loop itself (a lock and a counter); only a load, or
+        waiting for another request's load, runs on a worker thread. Waiting for a slot is a
+        future woken by the release of one, so hundreds of waiters need no thread. The
+        rules are :meth:`use`'s: the same slots, the same queue limit.
+        """
+        resident = self._acquire_loaded(name, queue_limit=queue_limit)
+        if resident is None:
+            resident = await _in_thread(
+                lambda: self._acquire(name, queue_limit=queue_limit),
+                undo=self._release_user)
+        try:
+            await self._aslot(resident)
+            try:
+                self._check_not_dead(resident)
+                yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
+            finally:
+                self._release_slot(resident)
+        finally:
+            self._release_user(resident)
+
+    @staticmethod
+    def _check_not_dead(resident: Resident) -> None:
+        if resident.state == "dead":
+            # It died while this request waited for a slot; nothing was sent yet, so the
+            # engine may try again on a fresh instance.
+            raise InstanceDead(f"model {resident.name!r}: its instance died while this "
+                               "request waited for it")
+
+    def _drop_dead(self, resident: Resident, detail: str) -> None:
+        with self._cond:
+            self._drop_dead_locked(resident, detail)
+
+    def _release_slot(self, resident: Resident) -> None:
+        resident.slots.release()
+        self._wake_next(resident)
+
+    def _release_user(self, resident: Resident) -> None:
         with self._cond:
             resident.users -= 1
             resident.queued -= 1
@@ -263,6 +325,71 @@ class ModelPool:
             if resident.state == "dead" and resident.users == 0:
                 self._close_dead_locked(resident)
             self._cond.notify_all()
+
+    async def _aslot(self, resident: Resident) -> None:
+        """Take a slot of ``resident`` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        while not resident.slots.acquire(blocking=False):
+            future = loop.create_future()
+            with self._cond:
+                resident.async_waiters.append((loop, future))
+            # A release between the failed try and the append would have woken nobody.
+            if resident.slots.acquire(blocking=False):
+                self._forget_waiter(resident, loop, future)
+                return
+            try:
+                # The timeout is a safety net only: a release wakes one waiter.
+                await asyncio.wait((future,), timeout=SLOT_RECHECK_SECONDS)
+            except BaseException:
+                self._forget_waiter(resident, loop, future)
+                raise
+            self._forget_waiter(resident, loop, future, pass_on=False)
+
+    def _forget_waiter(self, resident: Resident, loop, future, *, pass_on: bool = True) -> None:
+        with self._cond:
+            try:
+                resident.async_waiters.remove((loop, future))
+            except ValueError:
+                pass
+        if pass_on and future.done():
+            # We were woken but leave without the slot: wake the next waiter instead.
+            self._wake_next(resident)
+
+    def _wake_next(self, resident: Resident) -> None:
+        with self._cond:
+            while resident.async_waiters:
+                loop, future = resident.async_waiters.pop(0)
+                if future.done():
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # that loop is closed: nobody waits there any more
+                    continue
+                break
+
+    def _acquire_loaded(self, name: str, *, queue_limit: int | None) -> Resident | None:
+        """Count a request on ``name`` if it is loaded (never blocks); None if it is not."""
+        full = prewarm_used = False
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state != "loaded":
+                return None
+            if not model_alive(resident.model):
+                return None  # _acquire, on a worker thread, drops it and loads again
+            full = (queue_limit is not None
+                    and resident.queued >= resident.concurrency + queue_limit)
+            if not full:
+                resident.users += 1
+                resident.queued += 1
+                if resident.prewarm_pending:
+                    resident.prewarm_pending = False
+                    prewarm_used = True
+        if full:
+            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            raise QueueFull(name, queue_limit)
+        if prewarm_used:
+            self._emit(PoolEvent("prewarm_used", name))
+        return resident
 
     def ensure_loaded(self, name: str) -> Resident:
         """Load ``name`` (if it is not) without holding it; used for pinned models."""

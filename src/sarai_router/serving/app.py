@@ -28,7 +28,7 @@ from starlette.routing import Route
 from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
-from ..streaming import Done, Failed, Generation, Piece
+from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
 from ..types import RouteDecision
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (AUTO_MODEL, ApiError, ParsedChat, _Meta, _shutting_down, _usage,
@@ -78,12 +78,14 @@ class SaraiServer:
         self.engine = engine
         self.config = engine.config
         self.metrics = Metrics(self.engine.pool)
+        self.engine.fallback_listeners.append(self.metrics.on_fallback)
         self.api_key = api_key
         self.load_pinned = load_pinned
         self.created = int(time.time())
         self.shutting_down = False
-        # Generations still on their worker threads, stopped and joined at shutdown.
-        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
+        # Generations still running (worker threads or loop tasks), stopped and joined at
+        # shutdown.
+        self._live: weakref.WeakSet[Generation | AsyncGeneration] = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -119,19 +121,24 @@ class SaraiServer:
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
                 "x-sarai-route-reason": header_value(decision.reason),
-                "x-sarai-route-plugin": header_value(decision.plugin)}
+                "x-sarai-route-plugin": header_value(decision.plugin),
+                **fallback_header(decision)}
 
-    def _client_gone(self, generation: Generation, decision: RouteDecision) -> Response:
+    def _client_gone(self, generation: Generation | AsyncGeneration,
+                     decision: RouteDecision) -> Response:
         generation.cancel()
         log.info("client went away; stopped its answer from %s", decision.model)
         self.metrics.request_failed(499, "client_closed_request")
         return Response(status_code=499)  # nginx's code; nobody reads it
 
-    def _fail(self, error: ApiError) -> JSONResponse:
+    def _fail(self, error: ApiError, decision: RouteDecision | None = None) -> JSONResponse:
         self.metrics.request_failed(error.status, error.code)
         if error.status >= 500:
             log.warning("answered %d: %s", error.status, error.message)
-        return error.response()
+        response = error.response()
+        if decision is not None:  # the fallbacks tried before the error
+            response.headers.update(fallback_header(decision))
+        return response
 
     # -- routes
 
@@ -155,8 +162,15 @@ class SaraiServer:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
-                                queue_limit=self.config.server.queue_size)
+        # A remote model streams on this loop (no thread per answer); a local one on a
+        # worker thread of its own.
+        if self.engine.streams_async(decision.model):
+            generation: Generation | AsyncGeneration = AsyncGeneration(
+                self.engine, parsed.request, decision, parsed.params, events.put_nowait,
+                queue_limit=self.config.server.queue_size)
+        else:
+            generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
+                                    queue_limit=self.config.server.queue_size)
         self._live.add(generation)
         generation.start()
         try:
@@ -166,9 +180,12 @@ class SaraiServer:
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        # The model that answers: another one when the routed model failed before its first
+        # token and one of its fallbacks took over.
+        decision = generation.completion.decision
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
-            return self._fail(error_for(first.error))
+            return self._fail(error_for(first.error), decision)
         self.metrics.request_started(decision)
         meta = _Meta(decision)
         if parsed.stream:
@@ -203,7 +220,8 @@ class SaraiServer:
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"]},
         }, headers=self._headers(decision))
 
-    async def _sse(self, first, events: asyncio.Queue, generation: Generation, meta: "_Meta",
+    async def _sse(self, first, events: asyncio.Queue,
+                   generation: Generation | AsyncGeneration, meta: "_Meta",
                    include_usage: bool):
         try:
             yield meta.chunk({"role": "assistant", "content": ""})
@@ -266,6 +284,7 @@ class SaraiServer:
                                    code="model_not_found", param="model"))
 
     def _model_rows(self) -> list[dict[str, Any]]:
+        health = self.engine.pool.health()
         residents = {r["name"]: r for r in self.engine.pool.residents()}
         rows = []
         for name, spec in self.config.models.items():
@@ -277,6 +296,10 @@ class SaraiServer:
                 "pinned": spec.pinned,
                 "ttl_seconds": None if spec.pinned else self.config.ttl_for(spec),
                 "modalities": list(spec.modalities),
+                "backend": spec.backend,
+                "fallbacks": list(spec.fallbacks),
+                # a remote model's endpoints as this router sees them (None until loaded)
+                "health": health.get(name),
                 "resident": resident,
             })
         auto = {"id": AUTO_MODEL, "object": "model", "created": self.created,
@@ -293,6 +316,15 @@ class SaraiServer:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def fallback_header(decision: RouteDecision) -> dict[str, str]:
+    """``x-sarai-fallback: from=a;to=b;reason=refused, from=b;...`` when fallbacks answered."""
+    if not decision.fallbacks:
+        return {}
+    steps = ", ".join(f"from={s.from_model};to={s.to_model};reason={s.reason}"
+                      for s in decision.fallbacks)
+    return {"x-sarai-fallback": header_value(steps)}
 
 
 class ApiKeyMiddleware:

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 
 from ..backend import GenerationParams
 from ..errors import (BackendError, CapabilityError, ContextLengthError, FetchError, PoolError,
-                      QueueFull, RoutingError)
+                      QueueFull, RoutingError, UpstreamError, UpstreamUnavailable)
 from ..types import AudioInput, ChatRequest, ImageInput, RouteDecision
 
 AUTO_MODEL = "auto"
@@ -71,6 +71,13 @@ def error_for(exc: BaseException) -> ApiError:
                         code="model_unavailable", type="server_error")
     if isinstance(exc, ContextLengthError):
         return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, UpstreamError):  # a remote endpoint's 4xx, passed through
+        return ApiError(exc.status, str(exc), code=exc.code,
+                        type="rate_limit_error" if exc.status == 429 else None)
+    if isinstance(exc, UpstreamUnavailable):
+        retry = {"retry-after": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
+        return ApiError(exc.status, str(exc), headers=retry,
+                        code="upstream_timeout" if exc.status == 504 else "upstream_unavailable")
     if isinstance(exc, BackendError):
         return ApiError(502, str(exc), code="backend_error")
     if isinstance(exc, CapabilityError):
