@@ -469,3 +469,17 @@ def test_no_orphan_when_serve_is_killed_with_sigkill(tmp_path: Path, models_dir:
                  "the llama-server child to exit after its router was SIGKILLed", timeout=30)
     finally:
         server.stop()
+
+
+def test_the_example_config_checks_and_serves_four_slots():
+    example = Path(__file__).resolve().parent.parent / "config" / "llama-server.toml"
+    config = load_config(example, check_files=True)
+    assert config.models["fast"].backend == "llama_server"
+    engine = Engine(config)
+    try:
+        completion = engine.complete(HELLO, GenerationParams(max_tokens=4), model="fast")
+        assert completion.usage.completion_tokens > 0
+        status, slots = get_json(loaded_model(engine).base_url + "/slots")
+        assert [slot["n_ctx"] for slot in slots] == [2048] * 4
+    finally:
+        engine.close()
