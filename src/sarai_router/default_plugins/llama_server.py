@@ -172,7 +172,8 @@ class LlamaServerBackend(Backend):
             raise BackendError(_no_binary_message(spec.name))
         for attempt in range(1, START_ATTEMPTS + 1):
             port = free_port()
-            server = ServerProcess(spec.name, server_argv(spec, str(binary), port), port)
+            server = ServerProcess(spec.name, server_argv(spec, str(binary), port), port,
+                                   private_paths=(spec.path, settings.mmproj, str(binary)))
             try:
                 server.start(timeout=settings.startup_timeout_seconds)
             except BackendError:

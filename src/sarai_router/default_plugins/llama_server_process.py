@@ -44,8 +44,9 @@ log = logging.getLogger("sarai_router.llama_server")
 
 #: What a SIGTERM'd llama-server gets to finish its slots and exit before SIGKILL.
 STOP_GRACE_SECONDS = 10.0
-#: Lines of the child's output kept to explain a failed start.
+#: Lines of the child's output kept, and shown to explain a failed start or a crash.
 TAIL_LINES = 25
+SHOWN_LINES = 10
 #: Between two ``/health`` probes while the model loads.
 HEALTH_POLL_SECONDS = 0.05
 
@@ -132,18 +133,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(/[^\s'\"/]+)+/([^\s'\"/]+)")
 
 
-def redact_paths(text: str) -> str:
+def redact_paths(text: str, known: Sequence[str] = ()) -> str:
     """Absolute paths become their last component, so an error shows the model's file name
-    but not where the user keeps their files."""
+    but not where the user keeps their files. ``known`` paths (which may hold spaces) are
+    replaced whole first."""
+    for path in sorted((p for p in known if p), key=len, reverse=True):
+        text = text.replace(path, Path(path).name)
     return _ABSOLUTE_PATH.sub(lambda m: m.group(2), text)
 
 
 class ServerProcess:
     """A running llama-server child. ``start()`` returns once it is healthy or raises."""
 
-    def __init__(self, label: str, argv: Sequence[str], port: int, *, host: str = "127.0.0.1"):
+    def __init__(self, label: str, argv: Sequence[str], port: int, *, host: str = "127.0.0.1",
+                 private_paths: Sequence[str] = ()):
         self.label = label  # the model's name, in logs and errors
         self.argv = list(argv)
+        #: the user's file paths, shown by their last component only
+        self.private_paths = tuple(private_paths)
         self.host = host
         self.port = port
         self.proc: subprocess.Popen | None = None
@@ -152,6 +159,7 @@ class ServerProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._reader: threading.Thread | None = None
         self._stopping = False
+        self.ready = False  # /health said 200: an exit from now on is a crash
         self.exited = threading.Event()
 
     @property
@@ -199,6 +207,7 @@ class ServerProcess:
                     f"({self.exit_text()}); its last output:\n{self.last_output()}")
             status = self._health_status()
             if status == 200:
+                self.ready = True
                 return
             if time.monotonic() >= deadline:
                 raise BackendError(
@@ -234,7 +243,7 @@ class ServerProcess:
         code = self.proc.wait()
         self.exited.set()
         _live.discard(self)
-        if not self._stopping:
+        if self.ready and not self._stopping:
             log.warning("llama-server for model %s (pid %d) exited unexpectedly (%s); the next "
                         "request starts it again. Its last output:\n%s", self.label, self.pid,
                         self.exit_text(code), self.last_output())
@@ -254,8 +263,8 @@ class ServerProcess:
             return 0.0
 
     def last_output(self) -> str:
-        lines = list(self.tail) or ["(no output)"]
-        return "\n".join("  " + redact_paths(line) for line in lines)
+        lines = list(self.tail)[-SHOWN_LINES:] or ["(no output)"]
+        return "\n".join("  " + redact_paths(line, self.private_paths) for line in lines)
 
     def exit_text(self, code: int | None = None) -> str:
         code = self.proc.poll() if code is None else code
