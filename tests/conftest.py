@@ -1,11 +1,16 @@
 """Shared fixtures: configs written to tmp_path as real TOML files, pointing at the real models.
 
 Tests that need the models fail loudly when a file is missing (CI pulls them first with
-``sarai-router models pull``); they are never skipped.
+``sarai-router models pull``); they are never skipped. A test that loads a model carries
+the ``models`` marker, and one that doesn't is failed if it loads one (model_load_guard/),
+so ``pytest -m "not models"`` loads none.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -49,6 +54,50 @@ BASE_PARTS = {
     "fast": "pinned = true",
     "quality": "",
 }
+
+
+# -- the `models` marker, enforced ----------------------------------------------------------
+
+GUARD_DIR = Path(__file__).parent / "model_load_guard"
+_spec = importlib.util.spec_from_file_location("sarai_model_load_guard",
+                                               GUARD_DIR / "sarai_model_load_guard.py")
+load_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(load_guard)
+load_guard.install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test not marked ``models`` runs with model loads forbidden, here and in its children."""
+    if item.get_closest_marker("models"):
+        return
+    handle, name = tempfile.mkstemp(prefix="sarai-forbidden-loads-", suffix=".txt")
+    os.close(handle)
+    record = Path(name)
+    item._forbidden_loads = (record, os.environ.get(load_guard.ENV), os.environ.get("PYTHONPATH"))
+    os.environ[load_guard.ENV] = str(record)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(GUARD_DIR), os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem):
+    try:
+        return (yield)
+    finally:
+        saved = getattr(item, "_forbidden_loads", None)
+        if saved is not None:
+            record, env, pythonpath = saved
+            for name, value in ((load_guard.ENV, env), ("PYTHONPATH", pythonpath)):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            loads = record.read_text(encoding="utf-8").strip()
+            record.unlink()
+            if loads:
+                pytest.fail(f"{item.nodeid} loads a model but is not marked `models`:\n{loads}",
+                            pytrace=False)
 
 
 @pytest.fixture(autouse=True)

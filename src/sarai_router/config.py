@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 import cattrs
@@ -23,9 +23,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError, not_configured
-
-if TYPE_CHECKING:
-    from .plugins import PluginSet
 
 log = logging.getLogger(__name__)
 

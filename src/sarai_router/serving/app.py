@@ -13,10 +13,11 @@ import asyncio
 import json
 import hmac
 import logging
+import signal
 import time
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -45,12 +46,19 @@ class ClientGone(Exception):
     """The client hung up before its answer was complete."""
 
 
+class ShuttingDown(Exception):
+    """Shutdown began while the answer waited for its next piece."""
+
+
 #: How often a handler waiting for tokens checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def _next_event(events: asyncio.Queue, request: Request):
-    """The worker's next event; ClientGone if the client has disconnected.
+async def _next_event(events: asyncio.Queue, request: Request,
+                      stopping: Callable[[], bool] = lambda: False):
+    """The worker's next event; ClientGone if the client has disconnected, ShuttingDown if
+    ``stopping()`` says the server is going away (a generation still evaluating its prompt
+    may not yield for seconds, longer than the shutdown grace).
 
     Tokens may arrive every few milliseconds, so the check runs on a clock, not only when
     the queue is quiet.
@@ -59,6 +67,8 @@ async def _next_event(events: asyncio.Queue, request: Request):
     if not events.empty() and time.monotonic() - state[0] < DISCONNECT_POLL_SECONDS:
         return events.get_nowait()  # the common case mid-answer: no timer task per token
     while True:
+        if stopping() and events.empty():
+            raise ShuttingDown
         if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
             state[0] = time.monotonic()
             if await request.is_disconnected():
@@ -97,7 +107,11 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout."""
+        with an error saying so, instead of being cut off by the grace timeout.
+
+        A generation stops between tokens; one still before its first token when the grace
+        timeout cancels its handler gets the same 503 from the handler (not uvicorn's
+        plain-text 500)."""
         self.shutting_down = True
         for generation in list(self._live):
             generation.cancel()
@@ -173,13 +187,19 @@ class SaraiServer:
                                     queue_limit=self.config.server.queue_size)
         self._live.add(generation)
         generation.start()
+        stopping = lambda: self.shutting_down  # noqa: E731
         try:
-            first = await _next_event(events, request)
+            first = await _next_event(events, request, stopping)
         except asyncio.CancelledError:
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         # The model that answers: another one when the routed model failed before its first
         # token and one of its fallbacks took over.
         decision = generation.completion.decision
@@ -199,12 +219,17 @@ class SaraiServer:
         try:
             while not isinstance(event, (Done, Failed)):
                 pieces.append(event.text)
-                event = await _next_event(events, request)
+                event = await _next_event(events, request, stopping)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         if isinstance(event, Failed):
             return self._fail(error_for(event.error))
         if event.cancelled:  # only shutdown cancels a generation whose client is there
@@ -408,7 +433,13 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    access_log=False, timeout_graceful_shutdown=5))
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the
+    # signal again; SIGTERM's default handler would then kill the cleanly stopped process
+    # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it already handled
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
