@@ -21,8 +21,8 @@ import attrs
 
 from .backend import GenerationParams, Usage
 from .config import Config
-from .errors import (BackendError, CapabilityError, PoolError, QueueFull, SaraiError,
-                     UpstreamUnavailable, not_configured)
+from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
+                     SaraiError, UpstreamUnavailable, not_configured)
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
@@ -345,10 +345,25 @@ class _Attempts:
         self.decision = decision
         self.count = 0
         self._chain: list[str] | None = None
+        #: models already started again after their instance died under this request
+        self._restarted: set[str] = set()
 
     def next(self, completion: Completion, exc: BaseException) -> bool:
         """Move ``completion`` to the next model after ``exc``; False when none is left
-        (or ``exc`` is not a reason to fall back)."""
+        (or ``exc`` is not a reason to fall back).
+
+        An instance that died (``InstanceDead``: a crashed child) before the first piece is
+        not the model's fault: the pool has dropped it, and the same model is tried once
+        more on a fresh instance before any fallback.
+        """
+        current_model = completion.decision.model
+        if isinstance(_unwrap(exc), InstanceDead) and current_model not in self._restarted:
+            self._restarted.add(current_model)
+            log.warning("model %s: %s; trying again on a new instance", current_model,
+                        _unwrap(exc))
+            completion.pieces.clear()
+            self.count += 1
+            return True
         reason = fallback_reason(exc)
         if reason is None:
             return False

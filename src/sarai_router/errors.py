@@ -95,6 +95,14 @@ class QueueFull(PoolError):
                          "([server] queue_size); try again shortly")
 
 
+class InstanceDead(BackendError):
+    """A loaded instance is gone (its process crashed or was killed).
+
+    The pool drops the resident on this error (a ``crash`` event), so the next request
+    loads the model again instead of failing against a dead instance.
+    """
+
+
 class FetchError(SaraiError):
     """A model could not be fetched or failed verification; the message says what to do."""
 

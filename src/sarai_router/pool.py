@@ -6,7 +6,14 @@ Rules the pool keeps whatever the cache plugins say:
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
 * at most the backend's ``concurrency(spec)`` generations at once per loaded instance
   (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server);
-* the idle clock (``last_used``) starts when a generation ends.
+* the idle clock (``last_used``) starts when a generation ends;
+* an instance that died (its process crashed: the model's ``alive()`` says no, or a
+  generation raised ``InstanceDead``) is dropped at once, counted as a ``crash``, and the
+  next request loads the model again.
+
+A loaded model may offer ``rss_mb()`` (a backend that runs it in a child process): the pool
+then budgets with that measured RSS instead of its own process's RSS growth, refreshes it
+while the model is resident, and checks an unload against it.
 
 Which idle model to evict and when an idle model has expired are asked of the cache hooks
 (``select_eviction``, ``model_expired``); the default plugin is LRU with a TTL.
@@ -25,7 +32,7 @@ import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, PoolError, QueueFull, not_configured
+from .errors import BackendError, InstanceDead, PoolError, QueueFull, not_configured
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -90,7 +97,7 @@ class Resident:
     spec: ModelSpec
     ram_mb: float
     estimated_mb: float
-    state: str = "loading"  # "loading" | "loaded"
+    state: str = "loading"  # "loading" | "loaded" | "dead" (dropped, closed by its last user)
     model: LoadedModel | None = None
     users: int = 0
     last_used: float = 0.0
@@ -147,7 +154,8 @@ class PoolEvent:
 
     ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
     by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped.
+    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
+    loaded instance died and was dropped; ``detail`` says how it was found).
     """
 
     kind: str
@@ -161,6 +169,30 @@ def process_rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+def model_rss_mb(model: LoadedModel | None) -> float | None:
+    """The RSS a loaded model reports for itself (a child process), None if it offers none."""
+    measure = getattr(model, "rss_mb", None)
+    if not callable(measure):
+        return None
+    try:
+        return float(measure())
+    except Exception:  # a measurement must never break a load or an unload
+        log.debug("rss_mb() of %r failed", model, exc_info=True)
+        return None
+
+
+def model_alive(model: LoadedModel | None) -> bool:
+    """Whether a loaded model's instance still runs (True when it cannot tell)."""
+    check = getattr(model, "alive", None)
+    if model is None or not callable(check):
+        return True
+    try:
+        return bool(check())
+    except Exception:
+        log.debug("alive() of %r failed", model, exc_info=True)
+        return True
 
 
 def release_free_heap() -> None:
@@ -232,7 +264,11 @@ class ModelPool:
         try:
             resident.slots.acquire()
             try:
+                self._check_not_dead(resident)
                 yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
             finally:
                 self._release_slot(resident)
         finally:
@@ -255,11 +291,27 @@ class ModelPool:
         try:
             await self._aslot(resident)
             try:
+                self._check_not_dead(resident)
                 yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
             finally:
                 self._release_slot(resident)
         finally:
             self._release_user(resident)
+
+    @staticmethod
+    def _check_not_dead(resident: Resident) -> None:
+        if resident.state == "dead":
+            # It died while this request waited for a slot; nothing was sent yet, so the
+            # engine may try again on a fresh instance.
+            raise InstanceDead(f"model {resident.name!r}: its instance died while this "
+                               "request waited for it")
+
+    def _drop_dead(self, resident: Resident, detail: str) -> None:
+        with self._cond:
+            self._drop_dead_locked(resident, detail)
 
     def _release_slot(self, resident: Resident) -> None:
         resident.slots.release()
@@ -270,6 +322,8 @@ class ModelPool:
             resident.users -= 1
             resident.queued -= 1
             resident.last_used = self.clock()
+            if resident.state == "dead" and resident.users == 0:
+                self._close_dead_locked(resident)
             self._cond.notify_all()
 
     async def _aslot(self, resident: Resident) -> None:
@@ -320,6 +374,8 @@ class ModelPool:
             resident = self._residents.get(name)
             if resident is None or resident.state != "loaded":
                 return None
+            if not model_alive(resident.model):
+                return None  # _acquire, on a worker thread, drops it and loads again
             full = (queue_limit is not None
                     and resident.queued >= resident.concurrency + queue_limit)
             if not full:
@@ -408,6 +464,10 @@ class ModelPool:
         prewarm_used = full = False
         with self._cond:
             resident = self._residents.get(name)
+            if (resident is not None and resident.state == "loaded"
+                    and not model_alive(resident.model)):
+                self._drop_dead_locked(resident, "found dead at the next request")
+                resident = None
             if resident is None:
                 resident = self._reserve(spec)
                 loader = True
@@ -458,6 +518,7 @@ class ModelPool:
                 f"[cache] ram_budget_mb = {budget:.0f}"
             )
         deadline = time.monotonic() + self.wait_seconds
+        self._refresh_measured_locked()
         while True:
             over_count = len(self._residents) + 1 > self.config.cache.max_loaded
             over_mb = self._resident_mb_locked() + estimated - budget
@@ -532,7 +593,9 @@ class ModelPool:
                                    f"{spec.name!r}: {exc}") from exc
             raise
         seconds = time.perf_counter() - started
-        measured = max(0.0, process_rss_mb() - rss_before)
+        own = model_rss_mb(model)
+        # A model in a child process says what it holds; else our own RSS grew by it.
+        measured = own if own is not None else max(0.0, process_rss_mb() - rss_before)
         with self._cond:
             resident.model = model
             resident.state = "loaded"
@@ -542,8 +605,9 @@ class ModelPool:
             resident.ram_mb = max(resident.estimated_mb, measured)
             resident.loaded_at = resident.last_used = self.clock()
             self._cond.notify_all()
-        log.info("loaded model %s in %.2fs (estimated %.0f MB, RSS +%.0f MB)",
-                 resident.name, seconds, resident.estimated_mb, measured)
+        log.info("loaded model %s in %.2fs (estimated %.0f MB, %s %.0f MB)",
+                 resident.name, seconds, resident.estimated_mb,
+                 "its RSS" if own is not None else "RSS +", measured)
         self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
 
     # -- unloading ----------------------------------------------------------------------
@@ -552,14 +616,19 @@ class ModelPool:
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
         model, resident.model = resident.model, None
-        rss_before = process_rss_mb()
+        own_before = model_rss_mb(model)
+        rss_before = own_before if own_before is not None else process_rss_mb()
         if model is not None:
             try:
                 model.close()
             except Exception:  # a failing close must not keep the slot
                 log.exception("closing model %s failed", resident.name)
             release_free_heap()
-        freed = rss_before - process_rss_mb()
+        if own_before is not None:
+            # Its own process: what it still holds after close() (0 once it is gone).
+            freed = own_before - (model_rss_mb(model) or 0.0)
+        else:
+            freed = rss_before - process_rss_mb()
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
                  resident.name, f" ({detail})" if detail else "", freed)
@@ -575,11 +644,46 @@ class ModelPool:
         expected = resident.measured_mb if resident.measured_mb else resident.estimated_mb
         if expected < UNLOAD_VERIFY_MIN_MB or freed_mb >= UNLOAD_VERIFY_RATIO * expected:
             return
-        log.warning("unloading model %s freed only %.0f MB of process RSS; its load took "
+        log.warning("unloading model %s freed only %.0f MB of RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
         self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
                              detail=f"freed {freed_mb:.0f} MB"))
+
+    def _drop_dead_locked(self, resident: Resident, detail: str) -> None:
+        """Forget an instance that died: the next request loads the model again. Closed now
+        if nobody uses it, else by its last user (``_release``)."""
+        if resident.state == "dead":
+            return
+        if self._residents.get(resident.name) is resident:
+            self._residents.pop(resident.name)
+        resident.state = "dead"
+        log.warning("model %s: its instance died (%s); the next request loads it again",
+                    resident.name, detail)
+        self._emit(PoolEvent("crash", resident.name, ram_mb=resident.ram_mb, detail=detail))
+        if resident.users == 0:
+            self._close_dead_locked(resident)
+        self._cond.notify_all()
+
+    def _close_dead_locked(self, resident: Resident) -> None:
+        model, resident.model = resident.model, None
+        if model is None:
+            return
+        try:
+            model.close()  # reaps the dead process and whatever it left
+        except Exception:
+            log.exception("closing dead model %s failed", resident.name)
+
+    def _refresh_measured_locked(self) -> None:
+        """Budget resident models that measure themselves (child processes) with what they
+        hold now: a server's caches grow after its load."""
+        for resident in self._residents.values():
+            if resident.state != "loaded":
+                continue
+            own = model_rss_mb(resident.model)
+            if own is not None and own > 0:
+                resident.measured_mb = own
+                resident.ram_mb = max(resident.estimated_mb, own)
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""
@@ -595,6 +699,10 @@ class ModelPool:
         now = self.clock() if now is None else now
         expired: list[str] = []
         with self._cond:
+            for resident in list(self._residents.values()):
+                if resident.state == "loaded" and not model_alive(resident.model):
+                    self._drop_dead_locked(resident, "found dead by the reaper")
+            self._refresh_measured_locked()
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue

@@ -129,6 +129,10 @@ class Metrics:
             "sarai_prewarms",
             "background pre-loads by outcome: started, used, wasted (unloaded unused), skipped",
             ["model", "outcome"], registry=r)
+        self.crashes = Counter(
+            "sarai_backend_crashes",
+            "loaded instances that died (e.g. a llama-server child killed) and were dropped; "
+            "the next request loads the model again", ["model"], registry=r)
         self.fallbacks = Counter(
             "sarai_fallbacks",
             "requests answered by another model after one failed before its first token",
@@ -150,6 +154,8 @@ class Metrics:
                 self.evictions.labels(model).inc()
         elif event.kind == "unload_unverified":
             self.unverified.labels(model).inc()
+        elif event.kind == "crash":
+            self.crashes.labels(model).inc()
         elif event.kind == "queue_full":
             self.queue_full.labels(model).inc()
         elif event.kind == "prewarm":
