@@ -120,7 +120,7 @@ _QUESTION_ONLY = frozenset({"how", "why", "which", "where", "who", "whose", "wha
                             "quien", "quienes"})
 _AUXILIARIES = frozenset({"is", "are", "was", "were", "does", "do", "did", "can", "should",
                           "would", "will", "es", "son", "significa", "hago", "se", "puedo"})
-_FEELING_OPENERS = frozenset({"feeling", "felt", "feel", "sintiendome", "ando"})
+_FEELING_OPENERS = frozenset({"feeling", "felt", "feel", "been", "sintiendome", "ando", "llevo"})
 
 
 def features(text: str) -> dict[str, float]:
@@ -178,7 +178,7 @@ def features(text: str) -> dict[str, float]:
     return counts
 
 
-_SENTENCE = re.compile(r"[^.!?\u00a1\u00bf\n]+")
+_SENTENCE = re.compile(r"[^.,;:!?\u00a1\u00bf\n]+")
 #: Only the opening sentences are looked at for a question: enough for chat messages, and
 #: a 2,000-character text costs no more than a short one.
 QUESTION_SCAN_CHARS = 240
@@ -187,20 +187,22 @@ CODE_SCAN_CHARS = 400
 
 
 def _asks_question(text: str) -> bool:
-    """A sentence opens with a question word and is a question: "¿...", "...?", or a word
-    that can only ask (how, why, is, ...). "What a day" and "¡Qué bajón!" are not."""
+    """A clause is a question: opened by "¿", or opening with a question word and either
+    closed by "?" or led by a word that can only ask (how, why, is, ...). "What a day" and
+    "¡Qué bajón!" are not."""
     head = text[:QUESTION_SCAN_CHARS].lower()
     for match in _SENTENCE.finditer(head):
         words = normalize(match.group()).split()
         if not words:
             continue
+        start, end = match.start(), match.end()
+        if start and head[start - 1] == "\u00bf":
+            return True
         if words[0] in _LEADING_FILLERS and len(words) > 1:
             words = words[1:]
-        if words[0] not in _QUESTION_START:
-            continue
-        start, end = match.start(), match.end()
-        if ((start and head[start - 1] == "\u00bf") or head[end:end + 1] == "?"
-                or words[0] in _QUESTION_ONLY or (len(words) > 1 and words[1] in _AUXILIARIES)):
+        if words[0] in _QUESTION_START and (
+                head[end:end + 1] == "?" or words[0] in _QUESTION_ONLY
+                or (len(words) > 1 and words[1] in _AUXILIARIES)):
             return True
     return False
 
