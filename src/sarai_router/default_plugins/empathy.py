@@ -19,7 +19,7 @@ How it scores (docs/configuration.md has the same, with examples):
 3. **Weights**: each family's count (capped) times a weight, plus two interactions (a
    feeling cue *and* the first person; a feeling cue *and* a task word). The weights are a
    logistic regression fitted on the dev split of the evaluation set only
-   (``scripts/train_empathy.py``, stored in ``empathy_weights.py``); the score is the
+   (``scripts/train_empathy.py``, stored in ``empathy_model.json``); the score is the
    logistic of the sum, shifted so that the default ``empathy_threshold`` of 0.8 is the
    fitted boundary.
 4. **Long texts** are damped by ``sqrt(30 / words)`` past 30 words: one sad word in an essay
@@ -31,9 +31,12 @@ fitted weights are missing or unreadable).
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import re
 import unicodedata
+from pathlib import Path
 
 from ..hookspecs import hookimpl
 from . import empathy_lexicon as lex
@@ -45,10 +48,15 @@ CAP = 3
 THRESHOLD_SHIFT = math.log(0.8 / 0.2)
 #: Scores never claim certainty: the squashed value is kept inside [0, MAX_SCORE].
 MAX_SCORE = 0.99
+#: The n-gram model reads the first this many words: a chat message fits, and a long text
+#: (routed on its length, its score damped) costs no more than a short one.
+NGRAM_WORDS = 48
+NGRAM_CHARS = 320
 
 FAMILIES = ("feeling", "negated", "event", "phrase", "gratitude", "first_person",
             "second_person", "intensifier", "exclamation", "task", "question", "technical",
-            "code", "feeling_and_first", "feeling_and_task", "thanks_only", "short")
+            "code", "feeling_and_first", "feeling_and_task", "thanks_only", "statement",
+            "short")
 
 # bit flags per family, so one dict lookup tells every family a word belongs to
 _BITS = {name: 1 << i for i, name in enumerate(("feeling", "event", "phrase", "gratitude",
@@ -124,12 +132,17 @@ _FEELING_OPENERS = frozenset({"feeling", "felt", "feel", "been", "sintiendome", 
 
 
 def features(text: str) -> dict[str, float]:
-    """The cue counts of ``text`` (each family's count capped at ``CAP``)."""
+    """The cue counts of ``text`` (each family's count capped at ``CAP``), plus ``_words``."""
+    return _analyse(text)[0]
+
+
+def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
     norm = normalize(text)
     tokens = norm.split()
     counts = dict.fromkeys(FAMILIES, 0.0)
+    counts["_words"] = float(len(tokens))
     if not tokens:
-        return counts
+        return counts, tokens
     present = set(tokens)
     fb, nb, pb = _BITS["feeling"], _BITS["negator"], _BITS["positive"]
     for word in present & _WORD_SET:
@@ -152,7 +165,7 @@ def features(text: str) -> dict[str, float]:
         for phrase, family in _PHRASES[anchor]:
             if phrase in padded:
                 counts[family] += 1
-    for family in counts:
+    for family in FAMILIES:
         if counts[family] > CAP:
             counts[family] = CAP
     first = tokens[0]
@@ -173,9 +186,22 @@ def features(text: str) -> dict[str, float]:
     # thanks with no request attached: "gracias, de verdad" but not "gracias, ahora en JSON"
     counts["thanks_only"] = 1.0 if counts["gratitude"] and not (
         counts["task"] or counts["question"] or counts["technical"] or counts["code"]) else 0.0
+    # a first-person statement that asks for nothing: in a chat, that is conversation
+    counts["statement"] = 1.0 if counts["first_person"] and not (
+        counts["task"] or counts["question"] or counts["technical"] or counts["code"]) else 0.0
     counts["short"] = 1.0 if len(tokens) <= 4 else 0.0
-    counts["_words"] = float(len(tokens))
-    return counts
+    return counts, tokens
+
+
+def ngram_keys(tokens: list[str]) -> list[str]:
+    """The n-gram model's features: word unigrams (``w:``), word bigrams (``b:``) and
+    character 4-grams (``c:``) of the first ``NGRAM_WORDS`` words."""
+    words = tokens[:NGRAM_WORDS]
+    keys = ["w:" + w for w in words]
+    keys += ["b:" + a + "_" + b for a, b in zip(words, words[1:])]
+    joined = (" " + " ".join(words) + " ")[:NGRAM_CHARS]
+    keys += ["c:" + joined[i:i + 4] for i in range(len(joined) - 3)]
+    return keys
 
 
 _SENTENCE = re.compile(r"[^.,;:!?\u00a1\u00bf\n]+")
@@ -207,61 +233,111 @@ def _asks_question(text: str) -> bool:
     return False
 
 
-#: Hand-set weights of the lexical fallback (the fitted ones live in empathy_weights.py).
+#: Hand-set weights of the lexical fallback (the fitted ones live in empathy_model.json).
 LEXICAL_WEIGHTS = {
     "bias": -1.6, "feeling": 1.2, "negated": 0.6, "event": 0.5, "phrase": 1.2,
     "gratitude": 1.4, "first_person": 0.3, "second_person": 0.3, "intensifier": 0.3,
     "exclamation": 0.4, "task": -1.5, "question": -1.0, "technical": -1.5, "code": -1.5,
-    "feeling_and_first": 1.0, "feeling_and_task": -0.5, "thanks_only": 1.0, "short": 0.0,
+    "feeling_and_first": 1.0, "feeling_and_task": -0.5, "thanks_only": 1.0, "statement": 1.0,
+    "short": 0.0,
 }
 
 
-def _load_fitted() -> dict[str, float] | None:
+#: The fitted model (scripts/train_empathy.py writes it): JSON, because a Python module
+#: holding 8,000 weights takes ~100 ms to import when no bytecode cache is written.
+MODEL_FILE = Path(__file__).with_name("empathy_model.json")
+
+
+def _load_fitted(path: Path = MODEL_FILE
+                 ) -> tuple[dict[str, float] | None, float, dict[str, float] | None]:
+    """The fitted family weights and n-gram model; None for a part missing or malformed
+    (the scorer then falls back: families alone, else the hand weights)."""
     try:
-        from .empathy_weights import WEIGHTS
-    except ImportError:
-        return None
-    if not isinstance(WEIGHTS, dict) or "bias" not in WEIGHTS:
-        return None
-    return WEIGHTS
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, 0.0, None
+    family = data.get("families") if isinstance(data, dict) else None
+    if not (isinstance(family, dict) and "bias" in family
+            and all(isinstance(v, (int, float)) for v in family.values())):
+        return None, 0.0, None
+    ngrams, bias = data.get("ngrams"), data.get("ngram_bias")
+    if not isinstance(ngrams, dict) or not isinstance(bias, (int, float)):
+        return family, 0.0, None
+    return family, float(bias), ngrams
 
 
-FITTED_WEIGHTS = _load_fitted()
+FITTED_WEIGHTS, NGRAM_BIAS, NGRAM_WEIGHTS = _load_fitted()
 
 
-def _score(counts: dict[str, float], weights: dict[str, float]) -> float:
-    z = weights.get("bias", 0.0) + THRESHOLD_SHIFT
+def _family_z(counts: dict[str, float], weights: dict[str, float]) -> float:
+    z = weights.get("bias", 0.0)
     for name in FAMILIES:
         value = counts[name]
         if value:
             z += weights.get(name, 0.0) * value
+    return z
+
+
+def _ngram_z(tokens: list[str]) -> float:
+    # binary features, as trained: each distinct n-gram counts once
+    return NGRAM_BIAS + sum(map(NGRAM_WEIGHTS.get, set(ngram_keys(tokens)), itertools.repeat(0.0)))
+
+
+def _squash(z: float, words: float) -> float:
+    z += THRESHOLD_SHIFT
     score = 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
-    words = counts["_words"]
     if words > LONG_TEXT_WORDS:
         score *= math.sqrt(LONG_TEXT_WORDS / words)
     return round(min(score, MAX_SCORE), 4)
 
 
+def _parts(text: str) -> dict[str, float]:
+    """What each part adds to the sum before squashing (``bias`` included)."""
+    counts, tokens = _analyse(text)
+    if FITTED_WEIGHTS is None:
+        weights, share = LEXICAL_WEIGHTS, 1.0
+    else:
+        weights, share = FITTED_WEIGHTS, (0.5 if NGRAM_WEIGHTS is not None else 1.0)
+    parts = {"bias": share * weights.get("bias", 0.0)}
+    for name in FAMILIES:
+        if counts[name]:
+            parts[name] = share * weights.get(name, 0.0) * counts[name]
+    if share < 1.0:
+        parts["ngrams"] = 0.5 * _ngram_z(tokens)
+    parts["_words"] = counts["_words"]
+    return parts
+
+
 def lexical_score(text: str) -> float:
-    """The hand-weighted fallback score of ``text``."""
+    """The hand-weighted fallback: the cue families alone, no fitted weight."""
     if not text.strip():
         return 0.0
-    return _score(features(text), LEXICAL_WEIGHTS)
+    counts = features(text)
+    return _squash(_family_z(counts, LEXICAL_WEIGHTS), counts["_words"])
 
 
 def empathy_score(text: str) -> float:
     """0..1: how much ``text`` reads as emotional conversation (see the module docstring)."""
     if not text.strip():
         return 0.0
-    return _score(features(text), FITTED_WEIGHTS or LEXICAL_WEIGHTS)
+    counts, tokens = _analyse(text)
+    if FITTED_WEIGHTS is None:
+        z = _family_z(counts, LEXICAL_WEIGHTS)
+    elif NGRAM_WEIGHTS is None:
+        z = _family_z(counts, FITTED_WEIGHTS)
+    else:
+        z = 0.5 * (_family_z(counts, FITTED_WEIGHTS) + _ngram_z(tokens))
+    return _squash(z, counts["_words"])
 
 
 def empathy_breakdown(text: str) -> dict[str, float]:
-    """The cue families found in ``text`` and what each adds to the sum before squashing."""
-    weights = FITTED_WEIGHTS or LEXICAL_WEIGHTS
-    counts = features(text)
-    return {name: round(weights.get(name, 0.0) * counts[name], 4)
-            for name in FAMILIES if counts[name]}
+    """The cue families found in ``text`` (and ``ngrams``, the n-gram model's share) with
+    what each adds to the sum before squashing; ``bias`` is the constant term."""
+    if not text.strip():
+        return {}
+    parts = _parts(text)
+    del parts["_words"]
+    return {name: round(value, 4) for name, value in parts.items()}
 
 
 def empathy(request) -> float:
