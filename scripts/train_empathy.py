@@ -123,9 +123,14 @@ def write_weights(family: dict[str, float], ngram_bias: float, ngrams: dict[str,
         "training_accuracy": {k: round(v, 4) for k, v in accuracy.items()},
         # logistic-regression weights of empathy.FAMILIES, pulled towards LEXICAL_WEIGHTS
         "families": {k: round(v, 4) for k, v in family.items()},
-        # logistic regression over binary empathy.ngram_keys features; absent keys weigh 0
-        "ngram_bias": round(ngram_bias, 4),
-        "ngrams": {k: round(v, 4) for k, v in sorted(ngrams.items())},
+        # logistic regression over binary empathy.ngram_features (words, word pairs,
+        # character 4-grams); absent keys weigh 0
+        "ngrams": {
+            "bias": round(ngram_bias, 4),
+            **{table: {k[2:]: round(v, 4) for k, v in sorted(ngrams.items())
+                       if k.startswith(prefix)}
+               for table, prefix in (("words", "w:"), ("pairs", "b:"), ("chars", "c:"))},
+        },
     }
     WEIGHTS_FILE.write_text(json.dumps(model, ensure_ascii=True, indent=0) + "\n",
                             encoding="utf-8")

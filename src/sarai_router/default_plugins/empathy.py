@@ -50,8 +50,8 @@ THRESHOLD_SHIFT = math.log(0.8 / 0.2)
 MAX_SCORE = 0.99
 #: The n-gram model reads the first this many words: a chat message fits, and a long text
 #: (routed on its length, its score damped) costs no more than a short one.
-NGRAM_WORDS = 48
-NGRAM_CHARS = 320
+NGRAM_WORDS = 40
+NGRAM_CHARS = 200
 
 FAMILIES = ("feeling", "negated", "event", "phrase", "gratitude", "first_person",
             "second_person", "intensifier", "exclamation", "task", "question", "technical",
@@ -193,15 +193,21 @@ def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
     return counts, tokens
 
 
-def ngram_keys(tokens: list[str]) -> list[str]:
-    """The n-gram model's features: word unigrams (``w:``), word bigrams (``b:``) and
-    character 4-grams (``c:``) of the first ``NGRAM_WORDS`` words."""
+def ngram_features(tokens: list[str]) -> tuple[set[str], set[tuple[str, str]], set[str]]:
+    """The n-gram model's binary features of the first ``NGRAM_WORDS`` words (and at most
+    ``NGRAM_CHARS`` characters): words, word pairs, character 4-grams."""
     words = tokens[:NGRAM_WORDS]
-    keys = ["w:" + w for w in words]
-    keys += ["b:" + a + "_" + b for a, b in zip(words, words[1:])]
     joined = (" " + " ".join(words) + " ")[:NGRAM_CHARS]
-    keys += ["c:" + joined[i:i + 4] for i in range(len(joined) - 3)]
-    return keys
+    n = max(0, len(joined) - 3)
+    grams = set(map(joined.__getitem__, map(slice, range(n), range(4, n + 4))))
+    return set(words), set(zip(words, words[1:])), grams
+
+
+def ngram_keys(tokens: list[str]) -> list[str]:
+    """The same features as flat names (``w:word``, ``b:one two``, ``c:gram``), for training."""
+    words, pairs, grams = ngram_features(tokens)
+    return (["w:" + w for w in words] + ["b:" + a + " " + b for a, b in pairs]
+            + ["c:" + g for g in grams])
 
 
 _SENTENCE = re.compile(r"[^.,;:!?\u00a1\u00bf\n]+")
@@ -248,25 +254,29 @@ LEXICAL_WEIGHTS = {
 MODEL_FILE = Path(__file__).with_name("empathy_model.json")
 
 
-def _load_fitted(path: Path = MODEL_FILE
-                 ) -> tuple[dict[str, float] | None, float, dict[str, float] | None]:
-    """The fitted family weights and n-gram model; None for a part missing or malformed
-    (the scorer then falls back: families alone, else the hand weights)."""
+def _load_fitted(path: Path = MODEL_FILE):
+    """The fitted family weights and n-gram model (bias, word, pair and 4-gram tables);
+    None for a part missing or malformed: the scorer then falls back to the families alone,
+    else to the hand weights."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None, 0.0, None
+        return None, None
     family = data.get("families") if isinstance(data, dict) else None
     if not (isinstance(family, dict) and "bias" in family
             and all(isinstance(v, (int, float)) for v in family.values())):
-        return None, 0.0, None
-    ngrams, bias = data.get("ngrams"), data.get("ngram_bias")
-    if not isinstance(ngrams, dict) or not isinstance(bias, (int, float)):
-        return family, 0.0, None
-    return family, float(bias), ngrams
+        return None, None
+    ngrams = data.get("ngrams")
+    try:
+        model = (float(ngrams["bias"]), dict(ngrams["words"]),
+                 {tuple(k.split(" ")): v for k, v in ngrams["pairs"].items()},
+                 dict(ngrams["chars"]))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return family, None
+    return family, model
 
 
-FITTED_WEIGHTS, NGRAM_BIAS, NGRAM_WEIGHTS = _load_fitted()
+FITTED_WEIGHTS, NGRAM_MODEL = _load_fitted()
 
 
 def _family_z(counts: dict[str, float], weights: dict[str, float]) -> float:
@@ -279,8 +289,11 @@ def _family_z(counts: dict[str, float], weights: dict[str, float]) -> float:
 
 
 def _ngram_z(tokens: list[str]) -> float:
-    # binary features, as trained: each distinct n-gram counts once
-    return NGRAM_BIAS + sum(map(NGRAM_WEIGHTS.get, set(ngram_keys(tokens)), itertools.repeat(0.0)))
+    bias, word_w, pair_w, char_w = NGRAM_MODEL
+    words, pairs, grams = ngram_features(tokens)  # binary, as trained
+    zero = itertools.repeat(0.0)
+    return (bias + sum(map(word_w.get, words, zero)) + sum(map(pair_w.get, pairs, zero))
+            + sum(map(char_w.get, grams, zero)))
 
 
 def _squash(z: float, words: float) -> float:
@@ -297,7 +310,7 @@ def _parts(text: str) -> dict[str, float]:
     if FITTED_WEIGHTS is None:
         weights, share = LEXICAL_WEIGHTS, 1.0
     else:
-        weights, share = FITTED_WEIGHTS, (0.5 if NGRAM_WEIGHTS is not None else 1.0)
+        weights, share = FITTED_WEIGHTS, (0.5 if NGRAM_MODEL is not None else 1.0)
     parts = {"bias": share * weights.get("bias", 0.0)}
     for name in FAMILIES:
         if counts[name]:
@@ -323,7 +336,7 @@ def empathy_score(text: str) -> float:
     counts, tokens = _analyse(text)
     if FITTED_WEIGHTS is None:
         z = _family_z(counts, LEXICAL_WEIGHTS)
-    elif NGRAM_WEIGHTS is None:
+    elif NGRAM_MODEL is None:
         z = _family_z(counts, FITTED_WEIGHTS)
     else:
         z = 0.5 * (_family_z(counts, FITTED_WEIGHTS) + _ngram_z(tokens))
