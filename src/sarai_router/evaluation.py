@@ -556,14 +556,17 @@ def render_calibration(result: Mapping[str, Any]) -> str:
     best = result["best"]
     target = result["target"] + (f" (accuracy >= {result['min_accuracy']:.0%})"
                                  if result["target"] == "latency" else "")
+    latency = ("" if best["mean_latency_s"] is None
+               else f", estimated mean latency {best['mean_latency_s']} s")
+    current = result["current"]
     return "\n".join([
         _grid(["threshold", "max_chars", "accuracy", *(f"to {m}" for m in models),
                "mean latency s"], rows),
         "",
         f"target: {target}; best of {len(curve)} settings on {result['cases']} cases: "
         f"empathy_threshold {best['empathy_threshold']}, max_chars {best['max_chars']} "
-        f"-> accuracy {best['accuracy']:.1%}, mean latency {best['mean_latency_s']} s "
-        f"(current: {result['current']['empathy_threshold']}, {result['current']['max_chars']})",
+        f"-> accuracy {best['accuracy']:.1%}{latency} "
+        f"(current: {current['empathy_threshold']}, {current['max_chars']})",
         "",
         result["toml"].rstrip(),
     ])
