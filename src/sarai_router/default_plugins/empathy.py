@@ -72,7 +72,8 @@ def _build_tables():
 
     def add(entries, family):
         for entry in entries:
-            entry = normalize(entry).strip()
+            if not (entry.isascii() and entry.isalpha() and entry.islower()):
+                entry = normalize(entry).strip()
             if not entry:
                 continue
             if " " in entry:
@@ -193,21 +194,20 @@ def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
     return counts, tokens
 
 
-def ngram_features(tokens: list[str]) -> tuple[set[str], set[tuple[str, str]], set[str]]:
+def ngram_features(tokens: list[str]) -> tuple[set[str], set[str], set[str]]:
     """The n-gram model's binary features of the first ``NGRAM_WORDS`` words (and at most
     ``NGRAM_CHARS`` characters): words, word pairs, character 4-grams."""
     words = tokens[:NGRAM_WORDS]
     joined = (" " + " ".join(words) + " ")[:NGRAM_CHARS]
     n = max(0, len(joined) - 3)
     grams = set(map(joined.__getitem__, map(slice, range(n), range(4, n + 4))))
-    return set(words), set(zip(words, words[1:])), grams
+    return set(words), set(map(" ".join, zip(words, words[1:]))), grams
 
 
 def ngram_keys(tokens: list[str]) -> list[str]:
     """The same features as flat names (``w:word``, ``b:one two``, ``c:gram``), for training."""
     words, pairs, grams = ngram_features(tokens)
-    return (["w:" + w for w in words] + ["b:" + a + " " + b for a, b in pairs]
-            + ["c:" + g for g in grams])
+    return ["w:" + w for w in words] + ["b:" + p for p in pairs] + ["c:" + g for g in grams]
 
 
 _SENTENCE = re.compile(r"[^.,;:!?\u00a1\u00bf\n]+")
@@ -268,10 +268,10 @@ def _load_fitted(path: Path = MODEL_FILE):
         return None, None
     ngrams = data.get("ngrams")
     try:
-        model = (float(ngrams["bias"]), dict(ngrams["words"]),
-                 {tuple(k.split(" ")): v for k, v in ngrams["pairs"].items()},
-                 dict(ngrams["chars"]))
-    except (TypeError, KeyError, ValueError, AttributeError):
+        model = (float(ngrams["bias"]), ngrams["words"], ngrams["pairs"], ngrams["chars"])
+    except (TypeError, KeyError, ValueError):
+        return family, None
+    if not all(isinstance(table, dict) for table in model[1:]):
         return family, None
     return family, model
 
