@@ -3,8 +3,9 @@ wires the same functions into the CLI.
 
     python scripts/eval_routing.py eval/routing-test.jsonl                 # eval/eval.toml
     python scripts/eval_routing.py FILE.jsonl --config my.toml --json
-    python scripts/eval_routing.py eval/routing-dev.jsonl --calibrate [--target latency] [--plot curve.png]
-    python scripts/eval_routing.py FILE.jsonl --bench-report bench.json   # measured tok/s, load s, RAM
+    python scripts/eval_routing.py eval/routing-dev.jsonl --calibrate [--target latency] \
+        [--plot curve.png]
+    python scripts/eval_routing.py FILE.jsonl --bench-report bench.json  # measured tok/s, RAM
 
 Exit status: 0, or 2 with a one-line error for a bad case file or config.
 """

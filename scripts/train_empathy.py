@@ -19,7 +19,6 @@ import json
 import math
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

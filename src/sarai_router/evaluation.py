@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import attrs
 
 from .config import Config
-from .types import AudioInput, ChatRequest, ImageInput, _guess_mime, message_text
+from .types import AudioInput, ChatRequest, ImageInput, _guess_mime
 
 #: Where calibration's TOML snippet puts the heuristic's settings.
 HEURISTIC_TABLE = "plugins.heuristic"
@@ -74,7 +74,8 @@ def load_cases(path: str | os.PathLike[str], models: Iterable[str] | None = None
     except OSError as exc:
         raise CaseError(f"{file}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
-        raise CaseError(f"{file}: not UTF-8 text (byte {exc.start}); a case file is JSONL") from None
+        raise CaseError(f"{file}: not UTF-8 text (byte {exc.start}); a case file is JSONL"
+                        ) from None
     known = None if models is None else sorted(models)
     cases = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -499,7 +500,8 @@ def toml_snippet(row: Mapping[str, Any]) -> str:
 # -- rendering ----------------------------------------------------------------------------
 
 def render_text(report: Mapping[str, Any], *, max_misses: int | None = None) -> str:
-    """A report for people: accuracy, per-model precision/recall, confusion, groups, misses, cost."""
+    """A report for people: accuracy, precision/recall per model, confusion, groups, misses,
+    cost."""
     lines = [f"accuracy: {report['accuracy']:.1%} ({report['correct']}/{report['cases']})", ""]
     models = report["models"]
     lines.append(_grid(["model", "expected", "chosen", "precision", "recall"],

@@ -1,32 +1,37 @@
 """Default empathy ("soft") scorer: how much a message reads as emotional conversation, 0..1,
-Spanish and English. Pure Python, no model: a few set lookups after one normalisation pass.
+Spanish and English. Pure Python (no numpy, no language model): set and dict lookups after
+one normalisation pass, tens of microseconds a message.
 
 How it scores (docs/configuration.md has the same, with examples):
 
 1. **Normalise once**: lower-case, accents stripped ("preocupación" = "preocupacion"),
    punctuation to spaces, split into words.
-2. **Cue families** (tables in ``empathy_lexicon.py``, every inflection expanded at import so
-   a word is one set lookup; multi-word phrases are checked only when their rarest word is
-   present): feeling words (sad/triste, lonely, worried, llorar, proud, relieved, ...),
-   life events (died/murió, funeral, broke up, divorce, pregnant, grandma/abuela, dog, ...),
-   first-person feeling phrases, idioms and slang ("me siento", "I feel like", "echo de
-   menos", "se me cae el mundo encima", "over the moon", "de bajón", "ngl", ...),
+2. **Cue families** (tables in ``empathy_lexicon.py``; every inflection is expanded at import
+   so a word is one set lookup, and a multi-word phrase is looked for only when its longest
+   word is present): feeling words (sad/triste, lonely, worried, llorar, proud, relieved,
+   ...), life events (died/murió, funeral, broke up, divorce, pregnant, grandma/abuela,
+   dog, ...), first-person feeling phrases, idioms and slang ("me siento", "I feel like",
+   "echo de menos", "se me cae el mundo encima", "over the moon", "de bajón", "ngl", ...),
    gratitude, first and second person, intensifiers, "!" or an emoji; and against: task and
-   meta-language words (write/escribe, translate, explain, "what does ... mean", poem,
-   symptoms, ...), a question word at the start, technical words, code and digits.
-   A feeling word right after a negator ("not sad", "no estoy triste") counts half: it is
-   still about feelings; a negated positive word ("not great") counts as a low mood.
-3. **Weights**: each family's count (capped) times a weight, plus two interactions (a
-   feeling cue *and* the first person; a feeling cue *and* a task word). The weights are a
-   logistic regression fitted on the dev split of the evaluation set only
-   (``scripts/train_empathy.py``, stored in ``empathy_model.json``); the score is the
-   logistic of the sum, shifted so that the default ``empathy_threshold`` of 0.8 is the
-   fitted boundary.
+   meta-language words (write/escribe, translate, explain, "¿cómo se dice", poem, symptoms,
+   ...), a question (:func:`_asks_question`), technical words, code characters and digits.
+   A feeling word right after a negator ("no estoy triste") is its own, weaker family: it is
+   still about feelings; a negated positive word ("not doing great") counts as a low mood.
+   Four combinations are families too: a feeling cue with the first person, a feeling cue
+   with a task, thanks that ask for nothing, a first-person statement that asks for nothing.
+3. **Two linear models, averaged**: a logistic regression over the family counts (each
+   capped at ``CAP``), and one over the words, word pairs and character 4-grams of the
+   first ``NGRAM_WORDS`` words (:func:`ngram_features`), which catches expressions no table
+   lists. Both are fitted on the evaluation set's dev data only (``scripts/train_empathy.py``)
+   and stored in ``empathy_model.json``. The score is the logistic of the mean of the two
+   sums, shifted so that the default ``empathy_threshold`` 0.8 is the fitted boundary, and
+   capped at ``MAX_SCORE``.
 4. **Long texts** are damped by ``sqrt(30 / words)`` past 30 words: one sad word in an essay
    is not an emotional conversation.
 
-:func:`lexical_score` is the hand-weighted fallback over the same cues (used when the
-fitted weights are missing or unreadable).
+Fallbacks: without a readable ``empathy_model.json``, the family counts with the hand-set
+``LEXICAL_WEIGHTS`` (:func:`lexical_score`); without its n-gram table, the fitted family
+weights alone.
 """
 
 from __future__ import annotations
@@ -157,8 +162,8 @@ def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
                 counts["negated"] += 1
             elif bits & fb:
                 counts["feeling"] += 1
-        for family in ("event", "phrase", "gratitude", "first_person", "second_person", "intensifier",
-                       "task", "technical"):
+        for family in ("event", "phrase", "gratitude", "first_person", "second_person",
+                       "intensifier", "task", "technical"):
             if bits & _BITS[family]:
                 counts[family] += 1
     padded = f" {norm} "
@@ -169,9 +174,8 @@ def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
     for family in FAMILIES:
         if counts[family] > CAP:
             counts[family] = CAP
-    first = tokens[0]
     counts["question"] = 1.0 if _asks_question(text) else 0.0
-    if first in _FEELING_OPENERS:  # "Feeling pretty blue": the first person is implied
+    if tokens[0] in _FEELING_OPENERS:  # "Feeling pretty blue": the first person is implied
         counts["first_person"] += 1
     for family in ("first_person", "second_person"):
         counts[family] = min(counts[family], 1.0)

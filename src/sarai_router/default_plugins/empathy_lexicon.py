@@ -225,7 +225,9 @@ FEELING_PHRASES_ES = [
     "me odio", "me doy asco", "me quiero morir", "no quiero vivir", "ganas de llorar",
     "con ganas de llorar", "me dan ganas de llorar", "me puse a llorar", "rompi a llorar",
     "me falta el aire", "me oprime el pecho", "presion en el pecho",
-    "me tiemblan", "lo necesitaba", "me hacia falta", "me cuesta", "me cuesta mucho", "estoy cansado de", "estoy cansada de", "lo extrano", "la extrano", "los extrano", ]
+    "me tiemblan", "lo necesitaba", "me hacia falta", "me cuesta", "me cuesta mucho",
+    "estoy cansado de", "estoy cansada de", "lo extrano", "la extrano", "los extrano",
+]
 FEELING_PHRASES_EN = [
     "i feel", "i'm feeling", "i am feeling", "im feeling", "feel like", "feeling like",
     "i felt", "i've been feeling", "i'm so", "i am so", "im so", "i'm really", "i'm just",
@@ -252,7 +254,8 @@ FEELING_PHRASES_EN = [
     "thanks for being", "thank you for being", "thanks for listening", "thank you for listening",
     "thanks for everything", "means a lot", "means so much", "it means the world",
     "really helped", "you helped", "you've been so", "i appreciate you", "appreciate you",
-    "i love talking", "love talking to you", "cheer me up", "you're the best", "i need someone", "need someone to talk", "someone to talk to",
+    "i love talking", "love talking to you", "cheer me up", "you're the best",
+    "i need someone", "need someone to talk", "someone to talk to",
     "who else to talk", "talk to me", "talk with me", "can i vent", "need to vent",
     "i need to talk", "need a hug", "just hug me", "hug me", "i don't know what to do",
     "dont know what to do", "i don't know how", "what's wrong with me", "whats wrong with me",
@@ -282,7 +285,8 @@ FEELING_PHRASES_EN = [
     "moved out", "passed in", "passed last", "passed this", "my condolences",
     "chest gets tight", "chest is tight", "tight chest",
     "heart is racing", "heart racing", "stomach in knots", "knot in my stomach",
-    "can't stop shaking", "shaking", "needed that", "needed this", "so done", "i'm done", "this sucks", "it sucks",
+    "can't stop shaking", "shaking", "needed that", "needed this", "so done", "i'm done",
+    "this sucks", "it sucks",
     "ugh", "ngl", "lowkey", "highkey", "rn", "tbh", "lol", "kinda meh", "not great",
     "rough day", "rough week", "hard day", "hard time", "tough day", "tough time",
     "bad day", "long day", "what a day", "a lot going on", "so much going on",
