@@ -203,8 +203,7 @@ def ngram_features(tokens: list[str]) -> tuple[set[str], set[str], set[str]]:
     ``NGRAM_CHARS`` characters): words, word pairs, character 4-grams."""
     words = tokens[:NGRAM_WORDS]
     joined = (" " + " ".join(words) + " ")[:NGRAM_CHARS]
-    n = max(0, len(joined) - 3)
-    grams = set(map(joined.__getitem__, map(slice, range(n), range(4, n + 4))))
+    grams = set(map("".join, zip(joined, joined[1:], joined[2:], joined[3:])))
     return set(words), set(map(" ".join, zip(words, words[1:]))), grams
 
 
@@ -228,12 +227,16 @@ def _asks_question(text: str) -> bool:
     "¡Qué bajón!" are not."""
     head = text[:QUESTION_SCAN_CHARS].lower()
     for match in _SENTENCE.finditer(head):
-        words = normalize(match.group()).split()
-        if not words:
-            continue
-        start, end = match.start(), match.end()
+        start, end = match.span()
         if start and head[start - 1] == "\u00bf":
             return True
+        words = match.group().split(None, 3)
+        if not words:
+            continue
+        if not words[0].isascii() or not words[0].isalpha():
+            words = normalize(" ".join(words)).split()
+            if not words:
+                continue
         if words[0] in _LEADING_FILLERS and len(words) > 1:
             words = words[1:]
         if words[0] in _QUESTION_START and (
