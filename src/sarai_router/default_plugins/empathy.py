@@ -105,9 +105,24 @@ def _build_tables():
 
 # Punctuation that separates words; the apostrophe stays inside words ("i'm", "can't").
 _ASCII_PUNCT = str.maketrans({c: " " for c in "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n\r"})
-_UNICODE_PUNCT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": " ", "\u201d": " ",
-                                "\u00ab": " ", "\u00bb": " ", "\u2014": " ", "\u2013": " ",
-                                "\u2026": " ", "\u00bf": " ", "\u00a1": " "})
+_UNICODE_PUNCT = {"\u2019": "'", "\u2018": "'", "\u201c": " ", "\u201d": " ", "\u00ab": " ",
+                  "\u00bb": " ", "\u2014": " ", "\u2013": " ", "\u2026": " ", "\u00bf": " ",
+                  "\u00a1": " "}
+
+
+def _fold_table() -> dict[int, str]:
+    """Non-ASCII letters of the Latin blocks to their ASCII base ("ñ" -> "n", "é" -> "e"),
+    the punctuation above to a space or an apostrophe: one ``str.translate`` instead of an
+    NFKD pass per message."""
+    table = {ord(c): r for c, r in _UNICODE_PUNCT.items()}
+    for code in range(0x80, 0x250):
+        folded = unicodedata.normalize("NFKD", chr(code)).encode("ascii", "ignore").decode()
+        if folded and code not in table:
+            table[code] = folded
+    return table
+
+
+_FOLD = _fold_table()
 _DIGITS = str.maketrans("", "", "0123456789")
 _CODE_CHARS = "{};=<>`_|\\"
 
@@ -116,13 +131,22 @@ def normalize(text: str) -> str:
     """Lower-case, accents stripped, punctuation turned into spaces (apostrophes kept)."""
     text = text.lower()
     if not text.isascii():
-        text = unicodedata.normalize("NFKD", text.translate(_UNICODE_PUNCT))
-        text = text.encode("ascii", "ignore").decode("ascii")
+        # what the table doesn't fold (emoji, other scripts) is dropped
+        text = text.translate(_FOLD).encode("ascii", "ignore").decode("ascii")
     return text.translate(_ASCII_PUNCT)
 
 
 _WORDS, _PHRASES = _build_tables()
 _WORD_SET = frozenset(_WORDS)
+#: The families a word's hit adds to directly (feeling words go through the negation check).
+_COUNTED = ("feeling", "negated", "event", "phrase", "gratitude", "first_person",
+            "second_person", "intensifier", "task", "technical")
+_WORD_INFO = {
+    word: (bool(bits & _BITS["feeling"]), bool(bits & _BITS["positive"]),
+           tuple(f for f in _COUNTED[2:] if bits & _BITS[f]))
+    for word, bits in _WORDS.items()
+}
+_NEGATOR_WORDS = frozenset(w for w, bits in _WORDS.items() if bits & _BITS["negator"])
 _ANCHORS = frozenset(_PHRASES)
 _QUESTION_START = frozenset(w for w, bits in _WORDS.items() if bits & _BITS["question"])
 _EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
@@ -150,28 +174,28 @@ def _analyse(text: str) -> tuple[dict[str, float], list[str]]:
     if not tokens:
         return counts, tokens
     present = set(tokens)
-    fb, nb, pb = _BITS["feeling"], _BITS["negator"], _BITS["positive"]
+    negators = not present.isdisjoint(_NEGATOR_WORDS)
     for word in present & _WORD_SET:
-        bits = _WORDS[word]
-        if bits & (fb | pb):
-            i = tokens.index(word)
-            negated = any(_WORDS.get(t, 0) & nb for t in tokens[max(0, i - 2):i])
-            if negated and bits & pb and not bits & fb:
+        feeling, positive, families = _WORD_INFO[word]
+        if feeling or positive:
+            negated = False
+            if negators:
+                i = tokens.index(word)
+                negated = not _NEGATOR_WORDS.isdisjoint(tokens[max(0, i - 2):i])
+            if negated and positive and not feeling:
                 counts["feeling"] += 1  # "not great", "no estoy bien": a low mood
-            elif negated and bits & fb:
+            elif negated and feeling:
                 counts["negated"] += 1
-            elif bits & fb:
+            elif feeling:
                 counts["feeling"] += 1
-        for family in ("event", "phrase", "gratitude", "first_person", "second_person",
-                       "intensifier", "task", "technical"):
-            if bits & _BITS[family]:
-                counts[family] += 1
+        for family in families:
+            counts[family] += 1
     padded = f" {norm} "
     for anchor in present & _ANCHORS:
         for phrase, family in _PHRASES[anchor]:
             if phrase in padded:
                 counts[family] += 1
-    for family in FAMILIES:
+    for family in _COUNTED:
         if counts[family] > CAP:
             counts[family] = CAP
     counts["question"] = 1.0 if _asks_question(text) else 0.0
