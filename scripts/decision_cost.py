@@ -70,8 +70,8 @@ def main() -> None:
     for label, text in inputs().items():
         rounds = [one_round(router, text, args.seconds) for _ in range(args.rounds)]
         best = min(rounds, key=lambda r: r["wall_p99_us"])
-        out[label] = {"chars": len(text), "model": router.route(ChatRequest.from_prompt(text)).model,
-                      "best_round": best,
+        model = router.route(ChatRequest.from_prompt(text)).model
+        out[label] = {"chars": len(text), "model": model, "best_round": best,
                       "cpu_p99_us_each_round": [r["cpu_p99_us"] for r in rounds]}
     bench = measure_decisions(config, args.seconds)
     out["bench.measure_decisions"] = {k: {"p50_us": v["p50_us"], "p99_us": v["p99_us"]}
