@@ -417,17 +417,17 @@ DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 DEFAULT_MAX_CHARS = (80, 120, 160, 200, 240, 280, 320)
 
 
-def with_heuristic(config: Config, **settings: Any) -> Config:
-    """``config`` with the default heuristic's settings replaced by ``settings``.
+# These two functions are the only places here that know where the heuristic's settings
+# live in a Config, so calibration follows them when they move.
 
-    The one place that knows where those settings live, so calibration follows them when
-    they move.
-    """
+def with_heuristic(config: Config, **settings: Any) -> Config:
+    """``config`` with the default heuristic's settings replaced by ``settings``."""
     heuristic = attrs.evolve(config.routing.heuristic, **settings)
     return attrs.evolve(config, routing=attrs.evolve(config.routing, heuristic=heuristic))
 
 
 def heuristic_settings(config: Config) -> dict[str, Any]:
+    """The heuristic's current ``empathy_threshold`` and ``max_chars``."""
     rules = config.routing.heuristic
     return {"empathy_threshold": rules.empathy_threshold, "max_chars": rules.max_chars}
 
