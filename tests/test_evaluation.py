@@ -284,7 +284,7 @@ def test_with_heuristic_changes_what_the_router_decides(eval_config):
     assert Router(eval_config).route(text).model == "fast"
     strict = with_heuristic(eval_config, empathy_threshold=0.995)
     assert Router(strict).route(text).model == "quality"
-    assert eval_config.routing.heuristic.empathy_threshold == 0.8  # the original is untouched
+    assert eval_config.plugin_config("heuristic")["empathy_threshold"] == 0.8  # the original is untouched
 
 
 def test_render_plot_writes_a_png(tmp_path, eval_config):

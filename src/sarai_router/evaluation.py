@@ -421,15 +421,17 @@ DEFAULT_MAX_CHARS = (80, 120, 160, 200, 240, 280, 320)
 # live in a Config, so calibration follows them when they move.
 
 def with_heuristic(config: Config, **settings: Any) -> Config:
-    """``config`` with the default heuristic's settings replaced by ``settings``."""
-    heuristic = attrs.evolve(config.routing.heuristic, **settings)
-    return attrs.evolve(config, routing=attrs.evolve(config.routing, heuristic=heuristic))
+    """``config`` with the default heuristic's settings (``[plugins.heuristic]``) replaced
+    by ``settings``; the plugins already discovered for ``config`` are kept."""
+    tables = dict(config.plugins.tables)
+    tables["heuristic"] = {**tables.get("heuristic", {}), **settings}
+    return attrs.evolve(config, plugins=attrs.evolve(config.plugins, tables=tables))
 
 
 def heuristic_settings(config: Config) -> dict[str, Any]:
     """The heuristic's current ``empathy_threshold`` and ``max_chars``."""
-    rules = config.routing.heuristic
-    return {"empathy_threshold": rules.empathy_threshold, "max_chars": rules.max_chars}
+    rules = config.plugin_config("heuristic")
+    return {"empathy_threshold": rules["empathy_threshold"], "max_chars": rules["max_chars"]}
 
 
 def calibrate(config: Config, cases: Sequence[Case], *, target: str = "accuracy",
