@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 
-from .backend import Delta, GenerationParams, Usage
+from .backend import Delta, GenerationParams, TokenLogprob, ToolCall, Usage
 from .config import Config
 from .errors import CapabilityError, not_configured
 from .fetch import ensure_present
@@ -51,6 +51,10 @@ class Completion:
     finish_reason: str | None = None
     usage: Usage = Usage(0, 0)
     timings: Timings = attrs.field(factory=Timings)
+    #: the functions the model called (finish reason "tool_calls")
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: the answer's tokens with their log probabilities, when the request asked
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +167,8 @@ class Engine:
             # Closed on the way out, so a stopped generation ends before the instance is free.
             with closing(deltas):
                 for delta in deltas:
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
                     if delta.text:
                         if completion.timings.first_token_s is None:
                             completion.timings.first_token_s = time.perf_counter() - gen_started
@@ -171,6 +177,7 @@ class Engine:
                     if delta.usage is not None:
                         completion.usage = delta.usage
                         completion.finish_reason = delta.finish_reason
+                        completion.tool_calls = delta.tool_calls
             ended = time.perf_counter()
         completion.text = "".join(pieces)
         completion.timings.generation_s = ended - gen_started

@@ -26,13 +26,25 @@ class AudioInput:
     source: str = ""
 
 
+#: What a request may need beyond text, in ``ChatRequest.needs``.
+NEEDS = ("tools", "json_schema", "logprobs")
+#: The request field behind each need, to name it when a model can't give it.
+NEED_FIELDS = {"tools": "tools", "json_schema": "response_format", "logprobs": "logprobs"}
+
+
 @attrs.frozen
 class ChatRequest:
-    """One chat request. ``messages`` are OpenAI-style dicts; ``text`` is the latest user turn."""
+    """One chat request. ``messages`` are OpenAI-style dicts; ``text`` is the latest user turn.
+
+    ``needs``: features the answer must have beyond text (a subset of :data:`NEEDS`), filled
+    by the front end that parsed the request (the server's ``tools``, ``response_format``
+    with a JSON schema, ``logprobs``).
+    """
 
     messages: tuple[Mapping[str, Any], ...]
     images: tuple[ImageInput, ...] = ()
     audio: AudioInput | None = None
+    needs: frozenset[str] = frozenset()
 
     @property
     def text(self) -> str:
