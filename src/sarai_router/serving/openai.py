@@ -264,16 +264,20 @@ def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], where: str) -> N
     unknown = [key for key in raw if key not in allowed]
     if unknown:
         names = ", ".join(repr(k)[:40] for k in unknown[:5])
+        known = ("see docs/serving.md for the fields taken" if where == "body"
+                 else f"known: {', '.join(allowed)}")
         raise ApiError(400, f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
-                       f"{names} (known: {', '.join(allowed)})", code="unknown_parameter",
-                       param=f"{where}.{unknown[0]}" if where != "body" else unknown[0])
+                       f"{names} ({known})", code="unknown_parameter",
+                       param=(f"{where}.{unknown[0]}" if where != "body" else unknown[0])[:100])
 
 
 def decode_data_uri(url: str, param: str) -> tuple[bytes, str]:
     """``data:image/png;base64,...`` -> (bytes, mime). Anything else is refused."""
     if not url.startswith("data:"):
-        raise ApiError(400, f"{param}: only data: URIs are accepted over HTTP (got "
-                       f"{url[:40]!r}); local paths and remote URLs are refused",
+        kind = ("a remote URL" if re.match(r"(?i)^[a-z][a-z0-9+.-]*://", url)
+                and not url.lower().startswith("file:") else "a local file")
+        raise ApiError(400, f"{param}: only data: URIs are accepted over HTTP, not {kind}; "
+                       "local paths and remote URLs are refused",
                        code="invalid_image_url", param=param)
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
