@@ -22,6 +22,7 @@ MAX_PROMPT_CHARS = 20000
 MAX_TOKENS_CAP = 4096
 HEADER_TIMEOUT = 2
 BODY_TIMEOUT = 2
+CORS_ORIGIN = "http://allowed.example"
 
 #: [server] and the extra models of the corpus server (appended to the base config).
 SERVER_TOML = f"""
@@ -32,6 +33,7 @@ max_prompt_chars = {MAX_PROMPT_CHARS}
 max_tokens_cap = {MAX_TOKENS_CAP}
 header_timeout_seconds = {HEADER_TIMEOUT}
 body_timeout_seconds = {BODY_TIMEOUT}
+cors_origins = ["{CORS_ORIGIN}"]
 
 [models.broken]
 path = "{{broken}}"
@@ -123,6 +125,11 @@ CASES: list[Case] = [
     _get("foreign Host", "/v1/models", 421, "invalid_host", host="evil.example"),
     _get("foreign Host with a port", "/health", 421, "invalid_host", host="evil.example:8000"),
     _post("foreign Host on chat", chat(), 421, "invalid_host", host="localhost.evil.example"),
+    Case("CORS preflight from another origin", "OPTIONS", "/v1/chat/completions", {
+        "origin": "http://evil.example", "access-control-request-method": "POST",
+        "authorization": None}, b"", 400, "cors_refused"),
+    Case("OPTIONS that is no preflight", "OPTIONS", "/v1/models", {}, b"", 405,
+         "method_not_allowed"),
     # -- content type (a web page can send these without a CORS preflight)
     _post("text/plain", chat(), 415, "unsupported_media_type", content_type="text/plain"),
     _post("form", b"model=fast", 415, "unsupported_media_type",

@@ -207,3 +207,15 @@ def test_an_idle_connection_is_closed_too(corpus_server):
     port, *_ = corpus_server
     with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
         assert sock.recv(4096) == b""  # closed without a word: nothing was asked
+
+
+def test_cors_lets_the_configured_origin_in(corpus_server):
+    from http_bad_inputs import CORS_ORIGIN
+
+    port, *_ = corpus_server
+    answer = exchange(port, (f"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             f"Origin: {CORS_ORIGIN}\r\nAccess-Control-Request-Method: POST\r\n"
+                             "Access-Control-Request-Headers: authorization, content-type\r\n"
+                             "Connection: close\r\n\r\n").encode())
+    assert answer.status == 200
+    assert answer.headers["access-control-allow-origin"] == CORS_ORIGIN

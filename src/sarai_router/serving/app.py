@@ -29,7 +29,7 @@ from ..errors import not_configured
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import NEED_FIELDS, RouteDecision
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
-                    guarded_h11_protocol)
+                    cors_middleware, guarded_h11_protocol)
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, Limits, ParsedChat, _Meta,
                      _shutting_down, error_for, finish_reason, header_value, internal_error,
@@ -375,13 +375,7 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     if server.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(server.cors_origins),
-            allow_methods=["GET", "POST"], allow_headers=["*"],
-            expose_headers=["x-request-id", "x-sarai-model", "x-sarai-route-reason",
-                            "x-sarai-route-plugin"])
+        app.add_middleware(cors_middleware, origins=server.cors_origins)
     app.add_middleware(HostGuard, allowed_hosts=server.allowed_hosts)
     app.add_middleware(RequestIdMiddleware)
     app.state.sarai = state

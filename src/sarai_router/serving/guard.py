@@ -143,6 +143,27 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def cors_middleware(app, origins: Sequence[str]):
+    """Starlette's CORS middleware for ``origins``, whose refused preflights answer in
+    OpenAI's error shape like every other error."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    class Cors(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            response = super().preflight_response(request_headers)
+            if response.status_code != 400:
+                return response
+            headers = {k: v for k, v in response.headers.items()
+                       if k.lower() not in ("content-length", "content-type")}
+            return ApiError(400, f"{response.body.decode()}: see [server] cors_origins",
+                            code="cors_refused", headers=headers).response()
+
+    return Cors(app, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                allow_headers=["*"], expose_headers=["x-request-id", "x-sarai-model",
+                                                     "x-sarai-route-reason",
+                                                     "x-sarai-route-plugin"])
+
+
 def _raw_response(status: int, reason: str, error: ApiError) -> bytes:
     """A whole HTTP/1.1 response, for the protocol level where no app runs."""
     body = json.dumps(error.body()).encode()
