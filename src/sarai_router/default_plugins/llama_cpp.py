@@ -99,14 +99,11 @@ class LlamaCppModel:
             sampled += 1
             return scores
 
-        from llama_cpp import LlamaGrammar, LogitsProcessorList
-
         processors = [count_sampling]
         recorder = None
         if params.logprobs:
             recorder = features.LogprobRecorder(self.llama, params.top_logprobs)
             processors.insert(0, recorder.processor)
-            self._hear_samples(recorder.sampled)
         # A constrained tool call is only shown whole (as tool_calls); with "auto", text is
         # held back while it may still turn out to be a call.
         calls_only = bool(params.tools) and params.tool_choice != "auto"
@@ -114,20 +111,13 @@ class LlamaCppModel:
         held: list[str] = []
         emitted_bytes = 0
 
-        stream = self.llama.create_chat_completion(
-            messages=list(messages),
-            max_tokens=params.max_tokens or self.spec.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=list(params.stop) or None,
-            stream=True,
-            presence_penalty=params.presence_penalty or 0.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
-            grammar=None if grammar is None else LlamaGrammar.from_string(grammar,
-                                                                          verbose=False),
-            logits_processor=LogitsProcessorList(processors),
-        )
+        if recorder is not None:
+            self._hear_samples(recorder.sampled)
+        try:
+            stream = self._create(messages, params, grammar, processors)
+        except BaseException:
+            self._hear_samples(None)
+            raise
         finish_reason = None
         try:
             for chunk in stream:
@@ -171,6 +161,24 @@ class LlamaCppModel:
             usage=usage,
             tool_calls=calls,
             logprobs=recorder.take(emitted_bytes) if recorder else (),
+        )
+
+    def _create(self, messages, params: GenerationParams, grammar: str | None, processors):
+        from llama_cpp import LlamaGrammar, LogitsProcessorList
+
+        return self.llama.create_chat_completion(
+            messages=list(messages),
+            max_tokens=params.max_tokens or self.spec.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stream=True,
+            presence_penalty=params.presence_penalty or 0.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
+            grammar=None if grammar is None else LlamaGrammar.from_string(grammar,
+                                                                          verbose=False),
+            logits_processor=LogitsProcessorList(processors),
         )
 
     def _hear_samples(self, listener) -> None:
