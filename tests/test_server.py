@@ -441,16 +441,16 @@ def test_unknown_model_is_404(server):
 @pytest.mark.parametrize("body, status, code", [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_body"),
-    (b'{"model": "auto"}', 422, "invalid_value"),
-    (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 422, "invalid_value"),
+    (b'{"model": "auto"}', 400, "invalid_value"),
+    (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 400, "invalid_value"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
-     422, "invalid_value"),
+     400, "invalid_value"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
-     422, "invalid_value"),
+     400, "invalid_value"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [1]}',
-     422, "invalid_value"),
+     400, "invalid_value"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [""]}',
-     422, "invalid_value"),
+     400, "invalid_value"),
 ])
 def test_bad_bodies_are_refused(server, body, status, code):
     got, answer = server.post("/v1/chat/completions", body)
@@ -537,11 +537,13 @@ def test_prompt_longer_than_the_context_is_400_and_the_server_survives(server):
 
 
 @pytest.mark.models
-def test_backend_failure_is_502_and_the_server_survives(server):
+def test_a_model_file_that_fails_to_load_is_503_and_the_server_survives(server):
     with pytest.raises(openai.APIStatusError) as info:
         ask(server.client(), "hi", model="broken")
-    assert info.value.status_code == 502
-    assert "broken" in info.value.body["message"]
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "model_unavailable"
+    assert "'broken'" in info.value.body["message"]
+    assert ".gguf" not in info.value.body["message"]  # neither its path nor its name
     assert server.process.poll() is None
     assert ask(server.client(), "Hola").parse().model == "fast"
     assert metric(server.metrics(), "sarai_model_load_failures_total", model="broken") >= 1

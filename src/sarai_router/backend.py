@@ -18,17 +18,38 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "Capabilities", "ContextLengthError", "Delta",
-           "GenerationParams", "LoadedModel", "Presence", "Usage"]
+__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "Capabilities", "ContextLengthError",
+           "Delta", "GenerationParams", "LoadedModel", "Presence", "TokenLogprob", "ToolCall",
+           "Usage"]
 
 
 @attrs.frozen
 class GenerationParams:
+    """What one request asks of a generation.
+
+    ``tools``, ``tool_choice``, ``response_format`` and ``logprobs`` follow OpenAI's chat
+    shapes (plain dicts, already checked by the front end). A backend whose
+    ``capabilities`` lack one of them never sees it: the request is refused first
+    (``ChatRequest.needs``).
+    """
+
     max_tokens: int | None = None  # None: the model's configured max_tokens
     temperature: float = 0.7
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_p: float = 0.95
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
+    #: "parameters"}}``; empty when the request offers none (or ``tool_choice`` is "none")
+    tools: tuple[Mapping[str, Any], ...] = ()
+    #: "auto", "required", or ``{"type": "function", "function": {"name": NAME}}``
+    tool_choice: str | Mapping[str, Any] = "auto"
+    #: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``;
+    #: None for free text
+    response_format: Mapping[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0..20), with ``logprobs``
 
 
 @attrs.frozen
@@ -42,12 +63,38 @@ class Usage:
 
 
 @attrs.frozen
+class ToolCall:
+    """A function call the model asked for: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token with its log probability and the most likely alternatives
+    (``top``: ``(token, logprob, bytes)`` each, most likely first)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@attrs.frozen
 class Delta:
-    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``."""
+    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``,
+    and ``tool_calls`` when the model called tools (finish reason "tool_calls").
+
+    ``logprobs``: the tokens of ``text``, when the request asked for them.
+    """
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import attrs
 
-from .backend import GenerationParams, Usage
+from .backend import GenerationParams, TokenLogprob, ToolCall, Usage
 from .config import Config
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
                      SaraiError, UpstreamUnavailable, not_configured)
@@ -56,6 +56,10 @@ class Completion:
     finish_reason: str | None = None
     usage: Usage = Usage(0, 0)
     timings: Timings = attrs.field(factory=Timings)
+    #: the functions the model called (finish reason "tool_calls")
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: the answer's tokens with their log probabilities, when the request asked
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,6 +236,10 @@ class Engine:
             # Closed on the way out, so a stopped generation ends before the instance is free.
             with closing(deltas):
                 for delta in deltas:
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
                     if delta.text:
                         if timings.first_token_s is None:
                             timings.first_token_s = time.perf_counter() - gen_started
@@ -240,6 +248,7 @@ class Engine:
                     if delta.usage is not None:
                         completion.usage = delta.usage
                         completion.finish_reason = delta.finish_reason
+                        completion.tool_calls = delta.tool_calls
             timings.generation_s = time.perf_counter() - gen_started
         completion.text = "".join(completion.pieces)
 
@@ -274,6 +283,8 @@ class Engine:
                     name=f"sarai-gen-{name}")
             async with aclosing(deltas):
                 async for delta in deltas:
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
                     if delta.text:
                         if timings.first_token_s is None:
                             timings.first_token_s = time.perf_counter() - gen_started
@@ -282,6 +293,7 @@ class Engine:
                     if delta.usage is not None:
                         completion.usage = delta.usage
                         completion.finish_reason = delta.finish_reason
+                        completion.tool_calls = delta.tool_calls
             timings.generation_s = time.perf_counter() - gen_started
         completion.text = "".join(completion.pieces)
 
@@ -362,6 +374,7 @@ class _Attempts:
             log.warning("model %s: %s; trying again on a new instance", current_model,
                         _unwrap(exc))
             completion.pieces.clear()
+            completion.logprobs.clear()
             self.count += 1
             return True
         reason = fallback_reason(exc)
@@ -386,6 +399,7 @@ class _Attempts:
             current, model=following, fallbacks=current.fallbacks + (step,),
             routed_model=current.routed_model or self.decision.model)
         completion.pieces.clear()
+        completion.logprobs.clear()
         self.count += 1
         for listener in list(self.engine.fallback_listeners):
             try:

@@ -45,6 +45,27 @@ class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 
 
+class ModelLoadError(BackendError):
+    """A model's files could not be loaded (unreadable, not a model, wrong format).
+
+    ``model`` names it, so that a front end can say which without repeating the message,
+    which may name files.
+    """
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
+
+
+class InvalidRequest(SaraiError):
+    """Something in the request the model cannot work with (e.g. a JSON schema its grammar
+    converter refuses): the client's to fix. ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class ContextLengthError(BackendError):
     """The request does not fit the model's context window (bad input, not a fault)."""
 

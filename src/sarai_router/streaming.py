@@ -26,6 +26,8 @@ from .types import ChatRequest, RouteDecision
 @attrs.frozen
 class Piece:
     text: str
+    #: the tokens of ``text`` with their log probabilities (when the request asked)
+    logprobs: tuple = ()
 
 
 @attrs.frozen
@@ -104,12 +106,16 @@ class Generation:
         produced = False
         stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
                                     queue_limit=self.queue_limit)
+        sent_logprobs = 0
         try:
             for text in stream:
                 if self._cancel.is_set():
                     break
                 produced = True
-                self.sink(Piece(text))
+                # The engine adds a piece's logprobs before yielding it, on this thread.
+                logprobs = tuple(self.completion.logprobs[sent_logprobs:])
+                sent_logprobs += len(logprobs)
+                self.sink(Piece(text, logprobs))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
             self.sink(Failed(exc, before_first_piece=not produced))
             return

@@ -31,6 +31,8 @@ NEEDS = ("tools", "json_schema", "logprobs")
 #: Characters per token when a prompt's length is estimated without a tokenizer. Small
 #: vocabularies (SmolLM2, Gemma 3 on Spanish) run about 3-4: 3 errs on the long side.
 CHARS_PER_TOKEN = 3
+#: The request field behind each need, to name it when a model can't give it.
+NEED_FIELDS = {"tools": "tools", "json_schema": "response_format", "logprobs": "logprobs"}
 
 
 @attrs.frozen

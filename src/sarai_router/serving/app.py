@@ -12,8 +12,6 @@ request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepar
 from __future__ import annotations
 
 import asyncio
-import json
-import hmac
 import logging
 import signal
 import time
@@ -32,16 +30,18 @@ from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
-from ..types import RouteDecision
+from ..types import NEED_FIELDS, RouteDecision
+from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
+                    cors_middleware, guarded_h11_protocol)
 from .metrics import CONTENT_TYPE, Metrics
-from .openai import (AUTO_MODEL, ApiError, ParsedChat, _Meta, _shutting_down, _usage,
-                     error_for, header_value, parse_chat_body)
+from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, Limits, ParsedChat, _Meta,
+                     _shutting_down, error_for, finish_reason, header_value, internal_error,
+                     parse_chat_body, parse_json, tool_calls_json)
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SARAI_ROUTER_API_KEY"
-#: Paths that answer without the API key (load balancers and probes have none).
-OPEN_PATHS = frozenset({"/health"})
+__all__ = ["OPEN_PATHS", "SaraiServer", "create_app", "serve"]
 
 
 class ClientGone(Exception):
@@ -94,6 +94,9 @@ class SaraiServer:
         self.api_key = api_key
         self.load_pinned = load_pinned
         self.created = int(time.time())
+        server = self.config.server
+        self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
+                             max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
         # Generations still running (worker threads or loop tasks), stopped and joined at
         # shutdown.
@@ -132,7 +135,21 @@ class SaraiServer:
 
     def _prepare(self, parsed: ParsedChat) -> RouteDecision:
         explicit = None if parsed.model == AUTO_MODEL else parsed.model
-        return self.engine.prepare(parsed.request, model=explicit)
+        decision = self.engine.prepare(parsed.request, model=explicit)
+        self._check_needs(decision, parsed)
+        return decision
+
+    def _check_needs(self, decision: RouteDecision, parsed: ParsedChat) -> None:
+        """Refuse, naming the field, what the answering model's backend cannot honour
+        (tools, a JSON response_format, logprobs): never answer as if it wasn't asked."""
+        spec = self.config.models[decision.model]
+        capabilities = self.engine.hooks.backend(spec.backend).capabilities(spec)
+        for need in sorted(parsed.request.needs):
+            if not getattr(capabilities, need, False):
+                field = NEED_FIELDS[need]
+                raise ApiError(400, f"model {decision.model!r} cannot honour {field}: its "
+                               f"backend {spec.backend!r} does not offer {need}",
+                               code="unsupported_parameter", param=field)
 
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
@@ -147,10 +164,14 @@ class SaraiServer:
         self.metrics.request_failed(499, "client_closed_request")
         return Response(status_code=499)  # nginx's code; nobody reads it
 
-    def _fail(self, error: ApiError, decision: RouteDecision | None = None) -> JSONResponse:
+    def _fail(self, error: ApiError, exc: BaseException | None = None, *,
+              decision: RouteDecision | None = None) -> JSONResponse:
         self.metrics.request_failed(error.status, error.code)
-        if error.status >= 500:
-            log.warning("answered %d: %s", error.status, error.message)
+        if error.code == "internal_error":
+            log.error("answered 500 (request id %s)", REQUEST_ID.get(), exc_info=exc)
+        elif error.status >= 500:
+            log.warning("answered %d (request id %s): %s", error.status, REQUEST_ID.get(),
+                        exc if exc is not None else error.message)
         response = error.response()
         if decision is not None:  # the fallbacks tried before the error
             response.headers.update(fallback_header(decision))
@@ -161,13 +182,14 @@ class SaraiServer:
     async def chat_completions(self, request: Request) -> Response:
         try:
             body = await self._read_json(request)
-            parsed = parse_chat_body(body)
+            parsed = parse_chat_body(body, self.limits)
             if parsed.model != AUTO_MODEL and parsed.model not in self.config.models:
-                raise ApiError(404, not_configured(parsed.model, [AUTO_MODEL, *self.config.models]),
+                raise ApiError(404, not_configured(parsed.model[:100],
+                                                   [AUTO_MODEL, *self.config.models]),
                                code="model_not_found", param="model")
             decision = await anyio.to_thread.run_sync(self._prepare, parsed)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
-            return self._fail(error_for(exc))
+            return self._fail(error_for(exc), exc)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -207,12 +229,13 @@ class SaraiServer:
         decision = generation.completion.decision
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
-            return self._fail(error_for(first.error), decision)
+            return self._fail(error_for(first.error), first.error, decision=decision)
         self.metrics.request_started(decision)
-        meta = _Meta(decision)
+        meta = _Meta(decision, include_usage=parsed.include_usage,
+                     logprobs=parsed.params.logprobs)
         if parsed.stream:
             return StreamingResponse(
-                self._sse(first, events, generation, meta, parsed.include_usage),
+                self._sse(first, events, generation, meta),
                 media_type="text/event-stream",
                 headers={**self._headers(decision), "cache-control": "no-cache",
                          "x-accel-buffering": "no"})
@@ -233,29 +256,26 @@ class SaraiServer:
             generation.cancel()
             return self._fail(_shutting_down())
         if isinstance(event, Failed):
-            return self._fail(error_for(event.error))
+            return self._fail(error_for(event.error), event.error)
         if event.cancelled:  # only shutdown cancels a generation whose client is there
             return self._fail(_shutting_down())
         completion = event.completion
         self.metrics.request_finished(completion)
         return JSONResponse({
-            "id": meta.id, "object": "chat.completion", "created": meta.created,
-            "model": decision.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": completion.finish_reason or "stop"}],
-            "usage": _usage(completion),
+            **meta.completion(completion, "".join(pieces)),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"]},
         }, headers=self._headers(decision))
 
     async def _sse(self, first, events: asyncio.Queue,
-                   generation: Generation | AsyncGeneration, meta: "_Meta",
-                   include_usage: bool):
+                   generation: Generation | AsyncGeneration, meta: "_Meta"):
         try:
-            yield meta.chunk({"role": "assistant", "content": ""})
+            yield meta.chunk({"role": "assistant", "content": ""},
+                             logprobs=[] if meta.logprobs else None)
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield meta.chunk({"content": event.text})
+                    yield meta.chunk({"content": event.text},
+                                     logprobs=event.logprobs if meta.logprobs else None)
                 elif isinstance(event, Done) and event.cancelled:
                     error = _shutting_down()
                     self.metrics.request_failed(error.status, error.code)
@@ -265,14 +285,18 @@ class SaraiServer:
                 elif isinstance(event, Done):
                     completion = event.completion
                     self.metrics.request_finished(completion)
-                    yield meta.chunk({}, finish_reason=completion.finish_reason or "stop")
-                    if include_usage:
-                        yield meta.sse({**meta.base(), "choices": [], "usage": _usage(completion)})
+                    if completion.tool_calls:
+                        yield meta.chunk({"tool_calls": tool_calls_json(completion.tool_calls,
+                                                                        indexed=True)})
+                    yield meta.chunk({}, finish_reason=finish_reason(completion))
+                    if meta.include_usage:
+                        yield meta.usage_chunk(completion)
                     break
                 else:  # Failed mid-answer: the status is sent; say it in the stream
                     error = error_for(event.error)
                     self.metrics.request_failed(error.status, error.code)
-                    log.warning("generation failed mid-stream: %s", error.message)
+                    log.warning("generation failed mid-stream (request id %s): %s",
+                                REQUEST_ID.get(), event.error)
                     yield meta.sse({"error": {"message": error.message, "type": error.type,
                                               "param": None, "code": error.code}})
                     break
@@ -282,22 +306,33 @@ class SaraiServer:
             generation.cancel()  # a client that went away stops the generation
 
     async def _read_json(self, request: Request) -> Any:
+        """The body as JSON: ``application/json`` only (a web page can send other types
+        without the browser asking first), at most ``max_body_bytes`` (chunked too),
+        within ``body_timeout_seconds``."""
+        media, _, options = request.headers.get("content-type", "").partition(";")
+        charset = dict(part.strip().partition("=")[::2] for part in options.split(";")
+                       if "=" in part).get("charset", "utf-8").strip('"').lower()
+        if media.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+            raise ApiError(415, "the body must be JSON: send 'Content-Type: application/json'",
+                           code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
+        too_large = ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
+                             code="body_too_large")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
-                           code="body_too_large")
+            raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
-                               code="body_too_large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        timeout = self.config.server.body_timeout_seconds
+        with anyio.move_on_after(timeout) as scope:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        if scope.cancelled_caught:
+            raise ApiError(408, f"the body did not arrive within [server] body_timeout_seconds "
+                           f"= {timeout:g}", code="request_timeout")
+        return parse_json(b"".join(chunks))
 
     async def list_models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": self._model_rows()})
@@ -354,26 +389,6 @@ def fallback_header(decision: RouteDecision) -> dict[str, str]:
     return {"x-sarai-fallback": header_value(steps)}
 
 
-class ApiKeyMiddleware:
-    """Refuse requests without ``Authorization: Bearer <key>`` (except OPEN_PATHS)."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = ApiError(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key", type="authentication_error",
-                    headers={"www-authenticate": "Bearer"}).response()
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(config: Config | None = None, *, api_key: str = "", engine: Engine | None = None,
                load_pinned: bool = True) -> Starlette:
     """The ASGI app for ``engine`` (or a new one for ``config``, its cores shared out between
@@ -394,12 +409,15 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return state._fail(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
-                                    f"{exc.detail}", code=code))
+        path = request.url.path[:200]
+        error = ApiError(exc.status_code, f"{request.method} {path}: {exc.detail}", code=code,
+                         headers=exc.headers)
+        return state._fail(error)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return state._fail(error_for(exc))
+        # Starlette raises the exception again after this answer: RequestIdMiddleware logs it.
+        state.metrics.request_failed(500, "internal_error")
+        return internal_error().response()
 
     app = Starlette(
         routes=[
@@ -412,8 +430,14 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+    # The last added runs first: request id, Host, CORS (preflights need no key), key.
+    server = engine.config.server
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if server.cors_origins:
+        app.add_middleware(cors_middleware, origins=server.cors_origins)
+    app.add_middleware(HostGuard, allowed_hosts=server.allowed_hosts)
+    app.add_middleware(RequestIdMiddleware)
     app.state.sarai = state
     return app
 
@@ -433,8 +457,12 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
             state.stop_generations()
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                   access_log=False, timeout_graceful_shutdown=5))
+    settings = engine.config.server
+    server = Server(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False,
+        timeout_graceful_shutdown=5,
+        http=guarded_h11_protocol(settings.header_timeout_seconds),
+        h11_max_incomplete_event_size=settings.max_header_bytes))
     # After its graceful shutdown uvicorn restores the handlers it found and raises the
     # signal again; SIGTERM's default handler would then kill the cleanly stopped process
     # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
