@@ -7,7 +7,8 @@ take) it asks the model's backend through :class:`Backend`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Protocol,
+                    Sequence)
 
 import attrs
 
@@ -17,17 +18,38 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["Backend", "BackendError", "Capabilities", "ContextLengthError", "Delta",
-           "GenerationParams", "LoadedModel", "Presence", "Usage"]
+__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "Capabilities", "ContextLengthError",
+           "Delta", "GenerationParams", "LoadedModel", "Presence", "TokenLogprob", "ToolCall",
+           "Usage"]
 
 
 @attrs.frozen
 class GenerationParams:
+    """What one request asks of a generation.
+
+    ``tools``, ``tool_choice``, ``response_format`` and ``logprobs`` follow OpenAI's chat
+    shapes (plain dicts, already checked by the front end). A backend whose
+    ``capabilities`` lack one of them never sees it: the request is refused first
+    (``ChatRequest.needs``).
+    """
+
     max_tokens: int | None = None  # None: the model's configured max_tokens
     temperature: float = 0.7
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_p: float = 0.95
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
+    #: "parameters"}}``; empty when the request offers none (or ``tool_choice`` is "none")
+    tools: tuple[Mapping[str, Any], ...] = ()
+    #: "auto", "required", or ``{"type": "function", "function": {"name": NAME}}``
+    tool_choice: str | Mapping[str, Any] = "auto"
+    #: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``;
+    #: None for free text
+    response_format: Mapping[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0..20), with ``logprobs``
 
 
 @attrs.frozen
@@ -41,12 +63,38 @@ class Usage:
 
 
 @attrs.frozen
+class ToolCall:
+    """A function call the model asked for: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token with its log probability and the most likely alternatives
+    (``top``: ``(token, logprob, bytes)`` each, most likely first)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@attrs.frozen
 class Delta:
-    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``."""
+    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``,
+    and ``tool_calls`` when the model called tools (finish reason "tool_calls").
+
+    ``logprobs``: the tokens of ``text``, when the request asked for them.
+    """
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @attrs.frozen
@@ -82,6 +130,21 @@ class LoadedModel(Protocol):
 
     def close(self) -> None:
         """Release the model's memory (or stop its process)."""
+
+
+class AsyncLoadedModel(LoadedModel, Protocol):
+    """A loaded model that can also stream on an event loop (``Backend.async_chat``)."""
+
+    def achat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams,
+        *,
+        images: Sequence[ImageInput] = (),
+        audio: AudioInput | None = None,
+    ) -> AsyncIterator[Delta]:
+        """``chat`` as an async generator; closing it (or cancelling its consumer) ends the
+        upstream request."""
 
 
 class Backend:
@@ -131,12 +194,22 @@ class Backend:
     def capabilities(self, spec: "ModelSpec") -> Capabilities:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
+    def async_chat(self, spec: "ModelSpec") -> bool:
+        """Whether the loaded model also offers ``async def achat(...)`` (an async generator
+        of Deltas, same arguments as ``chat``): the server then streams it on its event loop
+        instead of a worker thread per request."""
+        return False
+
+    def probe(self, spec: "ModelSpec") -> Mapping[str, Any]:
+        """Live health of a remote model's endpoints (``models list``); empty when local."""
+        return {}
+
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
 BackendFactory = Backend
 
 _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
-             "estimate_ram_mb", "presence", "describe", "capabilities")
+             "estimate_ram_mb", "presence", "describe", "capabilities", "async_chat", "probe")
 
 
 def as_backend(factory: Any) -> Backend:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 import cattrs
@@ -23,9 +23,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError, not_configured
-
-if TYPE_CHECKING:
-    from .plugins import PluginSet
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +67,22 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     # Empty: no key, unless $SARAI_ROUTER_API_KEY or --api-key sets one.
     api_key: str = ""
+    # A request asking for more tokens than this is refused (HTTP 400).
+    max_tokens_cap: int = 8192
+    # Longer prompts are refused before they are tokenised (HTTP 400).
+    max_prompt_chars: int = 262144
+    # Host names answered besides IP literals and localhost ("*": any; DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins a browser page may call from (CORS); empty: none.
+    cors_origins: tuple[str, ...] = ()
+    # Listen beyond loopback with no API key (else `serve` refuses to start).
+    allow_unauthenticated: bool = False
+    # A request's headers must arrive within this (slow clients are disconnected).
+    header_timeout_seconds: float = 10.0
+    # ... and its body within this (HTTP 408 after it).
+    body_timeout_seconds: float = 60.0
+    # Request line + headers larger than this get HTTP 431.
+    max_header_bytes: int = 16384
 
 
 @attrs.frozen
@@ -112,6 +125,9 @@ class ModelSpec:
     ttl_seconds: float | None = None
     sha256: str = ""
     description: str = ""
+    #: models tried in order when this one fails before its first token (load failure,
+    #: refused connection, 5xx, timeout)
+    fallbacks: tuple[str, ...] = ()
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -580,6 +596,15 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: server.queue_size: must be >= 0")
     if server.max_body_bytes < 1024:
         problems.append(f"{src}: server.max_body_bytes: must be >= 1024")
+    if server.max_tokens_cap < 1:
+        problems.append(f"{src}: server.max_tokens_cap: must be >= 1")
+    if server.max_prompt_chars < 1:
+        problems.append(f"{src}: server.max_prompt_chars: must be >= 1")
+    if server.header_timeout_seconds <= 0 or server.body_timeout_seconds <= 0:
+        problems.append(f"{src}: server.header_timeout_seconds and body_timeout_seconds: "
+                        "must be > 0")
+    if server.max_header_bytes < 1024:
+        problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
     pinned = [n for n, s in config.models.items() if s.pinned]
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
@@ -597,6 +622,14 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                             f" (known: {', '.join(MODALITIES)})")
         if "text" not in spec.modalities:
             problems.append(f"{src}: {key}.modalities: must include 'text'")
+        for index, other in enumerate(spec.fallbacks):
+            where = f"{src}: {key}.fallbacks[{index}]"
+            if other == name:
+                problems.append(f"{where}: a model cannot fall back to itself")
+            elif other not in names:
+                problems.append(f"{where}: {not_configured(other, names)}")
+            elif other in spec.fallbacks[:index]:
+                problems.append(f"{where}: {other!r} is listed twice")
     if check_files:
         for index, directory in enumerate(config.plugins.dirs):
             if not Path(directory).is_dir():

@@ -43,8 +43,20 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_form(request: Request, limit: int):
-    """The multipart form, at most ``limit`` bytes; ApiError for anything else."""
+def check_origin(request: Request, allowed: tuple[str, ...]) -> None:
+    """Refuse a form a web page posts: unlike JSON, a page can send multipart/form-data
+    without a CORS preflight, so the endpoint itself checks the ``Origin`` a browser
+    puts on it (clients outside a browser send none) against ``[server] cors_origins``."""
+    origin = request.headers.get("origin")
+    if origin is not None and "*" not in allowed and origin not in allowed:
+        raise ApiError(403, f"a form posted from the web page at {origin[:100]!r} is refused: "
+                       "list the origin in [server] cors_origins to allow it",
+                       code="origin_not_allowed", type="permission_error")
+
+
+async def read_form(request: Request, limit: int, timeout: float):
+    """The multipart form, at most ``limit`` bytes, within ``timeout`` seconds; ApiError
+    for anything else."""
     try:
         from starlette.formparsers import MultiPartException, MultiPartParser
         from starlette.requests import parse_options_header
@@ -65,11 +77,17 @@ async def read_form(request: Request, limit: int):
                        code="body_too_large")
     parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1,
                              max_fields=len(FIELDS), max_part_size=64 * 1024)
-    try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise ApiError(400, f"the multipart form cannot be read: {exc.message}",
-                       code="invalid_body") from None
+    form = None
+    with anyio.move_on_after(timeout):
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"the multipart form cannot be read: {exc.message}",
+                           code="invalid_body") from None
+    if form is None:
+        raise ApiError(408, f"the body did not arrive within [server] body_timeout_seconds "
+                       f"= {timeout:g}", code="request_timeout")
+    return form
 
 
 class ParsedTranscription:
@@ -144,8 +162,10 @@ def transcription_error(exc: BaseException) -> ApiError:
 
 async def transcriptions(state: "SaraiServer", request: Request) -> Response:
     """``POST /v1/audio/transcriptions``."""
+    server = state.config.server
     try:
-        form = await read_form(request, state.config.server.max_body_bytes)
+        check_origin(request, tuple(server.cors_origins))
+        form = await read_form(request, server.max_body_bytes, server.body_timeout_seconds)
         try:
             parsed = await parse_transcription_form(form)
         finally:
