@@ -244,7 +244,7 @@ def test_no_transcriber_is_a_capability_error_naming_the_plugin(make_config):
     config = make_config('[plugins]\ndisable = ["whisper"]\n')
     engine = Engine(config)
     try:
-        with pytest.raises(TranscriptionUnavailable, match="no configured model lists 'audio'.*"
+        with pytest.raises(TranscriptionUnavailable, match="no configured model takes audio.*"
                                                            "no plugin transcribes audio"):
             engine.prepare(ChatRequest.from_files("", audio_path=SPANISH))
     finally:
@@ -435,13 +435,14 @@ def test_bad_audio_over_http_is_400_and_the_server_keeps_serving(audio_server):
         error = caught.value.body
         assert error["code"] == "invalid_audio" and message in error["message"], error
         assert "/" not in error["message"].split(":")[0]  # names the upload, not a path
-    for fmt, data, message in [("wav", b"not audio at all" * 30, "not audio"),
-                               ("flac", SPANISH.read_bytes(), "unsupported audio format"),
-                               ("wav", long_clip, "longer than 5 s")]:
+    for fmt, data, code, message in [
+            ("wav", b"not audio at all" * 30, "invalid_audio", "not audio"),
+            ("flac", SPANISH.read_bytes(), "invalid_value", "format must be wav or mp3"),
+            ("wav", long_clip, "invalid_audio", "longer than 5 s")]:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model="auto", max_tokens=4,
                                            messages=_audio_message(data, fmt))
-        assert caught.value.body["code"] == "invalid_audio"
+        assert caught.value.body["code"] == code
         assert message in caught.value.body["message"]
         assert "input_audio" in caught.value.body["message"]
     with pytest.raises(openai.BadRequestError) as caught:
