@@ -27,18 +27,21 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     loads) and the decision is made on what was said, as `query` does.
     """
     request = request_from_options(prompt, images, audio)
-    if request.audio is None:
-        from ..router import Router
-
-        router = Router(app.config())
-        decide = router.route
-    else:
-        from ..engine import Engine
-
-        engine = Engine(app.config(), report=say, progressbar=progressbar)
-        router, decide = engine.router, engine.decide
     try:
-        decision = decide(request)
+        if request.audio is None:
+            from ..router import Router
+
+            router = Router(app.config())
+            decision = router.route(request)
+        else:
+            from ..engine import Engine
+
+            engine = Engine(app.config(), report=say, progressbar=progressbar)
+            router = engine.router
+            try:
+                decision = engine.decide(request)
+            finally:
+                engine.close()
     except SaraiError as exc:
         raise cli_error(exc) from None
     if as_json:
