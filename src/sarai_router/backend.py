@@ -7,7 +7,8 @@ take) it asks the model's backend through :class:`Backend`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Protocol,
+                    Sequence)
 
 import attrs
 
@@ -17,8 +18,9 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["Backend", "BackendError", "Capabilities", "ContextLengthError", "Delta",
-           "GenerationParams", "LoadedModel", "Presence", "TokenLogprob", "ToolCall", "Usage"]
+__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "Capabilities", "ContextLengthError",
+           "Delta", "GenerationParams", "LoadedModel", "Presence", "TokenLogprob", "ToolCall",
+           "Usage"]
 
 
 @attrs.frozen
@@ -130,6 +132,21 @@ class LoadedModel(Protocol):
         """Release the model's memory (or stop its process)."""
 
 
+class AsyncLoadedModel(LoadedModel, Protocol):
+    """A loaded model that can also stream on an event loop (``Backend.async_chat``)."""
+
+    def achat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams,
+        *,
+        images: Sequence[ImageInput] = (),
+        audio: AudioInput | None = None,
+    ) -> AsyncIterator[Delta]:
+        """``chat`` as an async generator; closing it (or cancelling its consumer) ends the
+        upstream request."""
+
+
 class Backend:
     """The base of a backend: override what differs from these defaults.
 
@@ -177,12 +194,22 @@ class Backend:
     def capabilities(self, spec: "ModelSpec") -> Capabilities:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
+    def async_chat(self, spec: "ModelSpec") -> bool:
+        """Whether the loaded model also offers ``async def achat(...)`` (an async generator
+        of Deltas, same arguments as ``chat``): the server then streams it on its event loop
+        instead of a worker thread per request."""
+        return False
+
+    def probe(self, spec: "ModelSpec") -> Mapping[str, Any]:
+        """Live health of a remote model's endpoints (``models list``); empty when local."""
+        return {}
+
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
 BackendFactory = Backend
 
 _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
-             "estimate_ram_mb", "presence", "describe", "capabilities")
+             "estimate_ram_mb", "presence", "describe", "capabilities", "async_chat", "probe")
 
 
 def as_backend(factory: Any) -> Backend:

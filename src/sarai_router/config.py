@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 import cattrs
@@ -23,9 +23,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError, not_configured
-
-if TYPE_CHECKING:
-    from .plugins import PluginSet
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +123,9 @@ class ModelSpec:
     ttl_seconds: float | None = None
     sha256: str = ""
     description: str = ""
+    #: models tried in order when this one fails before its first token (load failure,
+    #: refused connection, 5xx, timeout)
+    fallbacks: tuple[str, ...] = ()
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -616,6 +616,14 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                             f" (known: {', '.join(MODALITIES)})")
         if "text" not in spec.modalities:
             problems.append(f"{src}: {key}.modalities: must include 'text'")
+        for index, other in enumerate(spec.fallbacks):
+            where = f"{src}: {key}.fallbacks[{index}]"
+            if other == name:
+                problems.append(f"{where}: a model cannot fall back to itself")
+            elif other not in names:
+                problems.append(f"{where}: {not_configured(other, names)}")
+            elif other in spec.fallbacks[:index]:
+                problems.append(f"{where}: {other!r} is listed twice")
     if check_files:
         for index, directory in enumerate(config.plugins.dirs):
             if not Path(directory).is_dir():

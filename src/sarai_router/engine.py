@@ -9,22 +9,25 @@ own output.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
-from contextlib import closing
-from typing import Any, Callable, Iterator
+from contextlib import AsyncExitStack, ExitStack, aclosing, closing
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import attrs
 
-from .backend import Delta, GenerationParams, TokenLogprob, ToolCall, Usage
+from .backend import GenerationParams, TokenLogprob, ToolCall, Usage
 from .config import Config
-from .errors import CapabilityError, not_configured
+from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
+                     SaraiError, UpstreamUnavailable, not_configured)
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
-from .router import Router, missing_modalities
-from .types import ChatRequest, RouteDecision
+from .router import Router
+from .types import ChatRequest, FallbackStep, RouteDecision
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,10 @@ class Timings:
 class Completion:
     """Filled in while a generation streams; complete once the stream is exhausted."""
 
+    #: the decision of the model that answers (changed by a fallback)
     decision: RouteDecision
     text: str = ""
+    pieces: list[str] = attrs.field(factory=list)
     finish_reason: str | None = None
     usage: Usage = Usage(0, 0)
     timings: Timings = attrs.field(factory=Timings)
@@ -62,6 +67,7 @@ class Completion:
             "reason": self.decision.reason,
             "plugin": self.decision.plugin,
             "signals": dict(self.decision.signals),
+            "fallbacks": [step.to_dict() for step in self.decision.fallbacks],
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": {
@@ -92,6 +98,8 @@ class Engine:
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
+        #: Called with each FallbackStep taken (the server counts them in its metrics).
+        self.fallback_listeners: list[Callable[[FallbackStep], None]] = []
 
     # -- the request path
 
@@ -103,7 +111,7 @@ class Engine:
         ``on_route`` hears the decision before any file is fetched (to say which model).
         """
         decision = self.route(request, model=model)
-        self.check_capabilities(decision, request)
+        decision = self.check_capabilities(decision, request)
         if on_route is not None:
             on_route(decision)
         self.ensure_present(decision.model)
@@ -133,15 +141,20 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
-    def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> None:
-        missing = missing_modalities(self.config, decision.model, request)
-        if missing:
-            spec = self.config.models[decision.model]
-            raise CapabilityError(
-                f"model {decision.model!r} cannot take {' or '.join(missing)} input: "
-                f"[models.{decision.model}] modalities = {list(spec.modalities)} "
-                f"(routed by {decision.plugin}: {decision.reason})"
-            )
+    def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
+        """``decision``, or another model when the routed one cannot take ``request``
+        (see :meth:`Router.ensure_capable`); CapabilityError when none can."""
+        return self.router.ensure_capable(decision, request)
+
+    def streams_async(self, model: str) -> bool:
+        """Whether ``model``'s backend streams on an event loop (``Backend.async_chat``)."""
+        spec = self.config.models[model]
+        try:
+            return bool(self.hooks.backend(spec.backend).async_chat(spec))
+        except SaraiError:
+            return False
+
+    # -- generation, with fallbacks
 
     def stream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
@@ -150,38 +163,139 @@ class Engine:
         """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
 
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
-        ``decision`` comes from :meth:`prepare`.
+        ``decision`` comes from :meth:`prepare`. When the model fails before its first
+        piece (a load failure, or a remote endpoint that refused, answered 5xx or timed
+        out), the next model of its ``fallbacks`` answers instead, and
+        ``completion.decision`` says so; never once a piece was yielded.
         """
         completion = completion if completion is not None else Completion(decision=decision)
         started = time.perf_counter()
-        was_loaded = self.pool.is_loaded(decision.model)
-        with self.pool.use(decision.model, queue_limit=queue_limit) as resident:
+        attempt = _Attempts(self, request, decision)
+        while True:
+            produced = False
+            try:
+                for text in self._stream_one(request, completion, params, queue_limit,
+                                             check_presence=attempt.count > 0):
+                    produced = True
+                    yield text
+            except Exception as exc:
+                if produced or not attempt.next(completion, exc):
+                    raise _unwrap(exc) from None
+                continue
+            completion.timings.total_s = time.perf_counter() - started
+            return
+
+    async def astream(
+        self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
+        completion: Completion | None = None, *, queue_limit: int | None = None,
+    ) -> AsyncIterator[str]:
+        """:meth:`stream` on an event loop: a model with ``achat`` streams without a thread;
+        one without (a llama.cpp fallback) streams on a worker thread of its own.
+        Cancelling the consumer ends the upstream request and frees the model's slot."""
+        completion = completion if completion is not None else Completion(decision=decision)
+        started = time.perf_counter()
+        attempt = _Attempts(self, request, decision)
+        while True:
+            produced = False
+            try:
+                async with aclosing(self._astream_one(
+                        request, completion, params, queue_limit,
+                        check_presence=attempt.count > 0)) as pieces:
+                    async for text in pieces:
+                        produced = True
+                        yield text
+            except Exception as exc:
+                if produced or not attempt.next(completion, exc):
+                    raise _unwrap(exc) from None
+                continue
+            completion.timings.total_s = time.perf_counter() - started
+            return
+
+    def _stream_one(self, request: ChatRequest, completion: Completion,
+                    params: GenerationParams, queue_limit: int | None, *,
+                    check_presence: bool) -> Iterator[str]:
+        name = completion.decision.model
+        if check_presence:
+            try:
+                self.ensure_present(name)
+            except SaraiError as exc:
+                raise _LoadFailed(exc) from exc
+        was_loaded = self.pool.is_loaded(name)
+        with ExitStack() as stack:
+            try:
+                resident = stack.enter_context(self.pool.use(name, queue_limit=queue_limit))
+            except QueueFull:
+                raise
+            except (BackendError, PoolError) as exc:
+                raise _LoadFailed(exc) from exc
+            timings = completion.timings = Timings(
+                load_s=0.0 if was_loaded else resident.load_seconds)
             gen_started = time.perf_counter()
-            if not was_loaded:
-                completion.timings.load_s = resident.load_seconds
-            pieces: list[str] = []
-            delta: Delta
             deltas = resident.model.chat(
-                request.messages, params, images=request.images, audio=request.audio
-            )
+                request.messages, params, images=request.images, audio=request.audio)
             # Closed on the way out, so a stopped generation ends before the instance is free.
             with closing(deltas):
                 for delta in deltas:
                     # Before the text is yielded: a consumer reads the new logprobs with it.
                     completion.logprobs.extend(delta.logprobs)
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
                     if delta.text:
-                        if completion.timings.first_token_s is None:
-                            completion.timings.first_token_s = time.perf_counter() - gen_started
-                        pieces.append(delta.text)
+                        if timings.first_token_s is None:
+                            timings.first_token_s = time.perf_counter() - gen_started
+                        completion.pieces.append(delta.text)
                         yield delta.text
                     if delta.usage is not None:
                         completion.usage = delta.usage
                         completion.finish_reason = delta.finish_reason
                         completion.tool_calls = delta.tool_calls
-            ended = time.perf_counter()
-        completion.text = "".join(pieces)
-        completion.timings.generation_s = ended - gen_started
-        completion.timings.total_s = ended - started
+            timings.generation_s = time.perf_counter() - gen_started
+        completion.text = "".join(completion.pieces)
+
+    async def _astream_one(self, request: ChatRequest, completion: Completion,
+                           params: GenerationParams, queue_limit: int | None, *,
+                           check_presence: bool) -> AsyncIterator[str]:
+        name = completion.decision.model
+        if check_presence:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.ensure_present, name)
+            except SaraiError as exc:
+                raise _LoadFailed(exc) from exc
+        was_loaded = self.pool.is_loaded(name)
+        async with AsyncExitStack() as stack:
+            try:
+                resident = await stack.enter_async_context(
+                    self.pool.ause(name, queue_limit=queue_limit))
+            except QueueFull:
+                raise
+            except (BackendError, PoolError) as exc:
+                raise _LoadFailed(exc) from exc
+            timings = completion.timings = Timings(
+                load_s=0.0 if was_loaded else resident.load_seconds)
+            gen_started = time.perf_counter()
+            model = resident.model
+            if hasattr(model, "achat"):
+                deltas = model.achat(request.messages, params, images=request.images,
+                                     audio=request.audio)
+            else:
+                deltas = iterate_in_thread(lambda: model.chat(
+                    request.messages, params, images=request.images, audio=request.audio),
+                    name=f"sarai-gen-{name}")
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    # Before the text is yielded: a consumer reads the new logprobs with it.
+                    completion.logprobs.extend(delta.logprobs)
+                    if delta.text:
+                        if timings.first_token_s is None:
+                            timings.first_token_s = time.perf_counter() - gen_started
+                        completion.pieces.append(delta.text)
+                        yield delta.text
+                    if delta.usage is not None:
+                        completion.usage = delta.usage
+                        completion.finish_reason = delta.finish_reason
+                        completion.tool_calls = delta.tool_calls
+            timings.generation_s = time.perf_counter() - gen_started
+        completion.text = "".join(completion.pieces)
 
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
@@ -210,6 +324,141 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class _LoadFailed(Exception):
+    """A model could not be made ready (files, load): its fallbacks may answer."""
+
+    def __init__(self, error: SaraiError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.error if isinstance(exc, _LoadFailed) else exc
+
+
+def fallback_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` (raised before any piece) lets the next model answer; None if it doesn't."""
+    if isinstance(exc, _LoadFailed):
+        return "load_failed"
+    if isinstance(exc, UpstreamUnavailable):
+        return exc.reason
+    return None
+
+
+class _Attempts:
+    """The models one request may still try: the routed model's fallback chain, each model
+    that cannot take the request left out."""
+
+    def __init__(self, engine: "Engine", request: ChatRequest, decision: RouteDecision):
+        self.engine = engine
+        self.request = request
+        self.decision = decision
+        self.count = 0
+        self._chain: list[str] | None = None
+        #: models already started again after their instance died under this request
+        self._restarted: set[str] = set()
+
+    def next(self, completion: Completion, exc: BaseException) -> bool:
+        """Move ``completion`` to the next model after ``exc``; False when none is left
+        (or ``exc`` is not a reason to fall back).
+
+        An instance that died (``InstanceDead``: a crashed child) before the first piece is
+        not the model's fault: the pool has dropped it, and the same model is tried once
+        more on a fresh instance before any fallback.
+        """
+        current_model = completion.decision.model
+        if isinstance(_unwrap(exc), InstanceDead) and current_model not in self._restarted:
+            self._restarted.add(current_model)
+            log.warning("model %s: %s; trying again on a new instance", current_model,
+                        _unwrap(exc))
+            completion.pieces.clear()
+            completion.logprobs.clear()
+            self.count += 1
+            return True
+        reason = fallback_reason(exc)
+        if reason is None:
+            return False
+        router = self.engine.router
+        if self._chain is None:
+            self._chain = [name for name in router.fallback_chain(self.decision.model)
+                           if not router.unmet_needs(name, self.request)]
+        current = completion.decision
+        tried = {current.model, *(s.from_model for s in current.fallbacks)}
+        while self._chain and self._chain[0] in tried:
+            self._chain.pop(0)
+        if not self._chain:
+            return False
+        following = self._chain.pop(0)
+        step = FallbackStep(from_model=current.model, to_model=following, reason=reason,
+                            detail=str(_unwrap(exc)))
+        log.warning("model %s could not answer (%s: %s); falling back to %s",
+                    current.model, reason, step.detail, following)
+        completion.decision = attrs.evolve(
+            current, model=following, fallbacks=current.fallbacks + (step,),
+            routed_model=current.routed_model or self.decision.model)
+        completion.pieces.clear()
+        completion.logprobs.clear()
+        self.count += 1
+        for listener in list(self.engine.fallback_listeners):
+            try:
+                listener(step)
+            except Exception:
+                log.exception("a fallback listener failed")
+        return True
+
+
+_T = TypeVar("_T")
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[_T]], *,
+                            name: str = "sarai-gen") -> AsyncIterator[_T]:
+    """Iterate a blocking generator on a thread of its own, from start to end, handing its
+    items to the event loop. Closing this ends the generator between two items, and waits
+    for it (a llama.cpp model must be idle before its slot is released)."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    done = threading.Event()
+
+    def put(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone: nobody is listening
+            pass
+
+    def run() -> None:
+        try:
+            with closing(make()) as iterator:  # type: ignore[type-var]
+                for item in iterator:
+                    if stop.is_set():
+                        break
+                    put("item", item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, never lost
+            put("error", exc)
+        else:
+            put("end", None)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        while True:
+            kind, value = await items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        try:
+            await asyncio.shield(loop.run_in_executor(None, done.wait))
+        except asyncio.CancelledError:
+            done.wait()  # stopped at the next item: at most one token's time
+            raise
 
 
 def share_cores(config: Config) -> Config:

@@ -43,6 +43,8 @@ DEFAULT_PLUGINS = {
     "empathy": "sarai_router.default_plugins.empathy",
     "heuristic": "sarai_router.default_plugins.heuristic",
     "llama_cpp": "sarai_router.default_plugins.llama_cpp",
+    "llama_server": "sarai_router.default_plugins.llama_server",
+    "openai": "sarai_router.default_plugins.openai",
     "lru_ttl": "sarai_router.default_plugins.lru_ttl",
     "prewarm": "sarai_router.default_plugins.prewarm",
 }

@@ -6,7 +6,14 @@ Rules the pool keeps whatever the cache plugins say:
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
 * at most the backend's ``concurrency(spec)`` generations at once per loaded instance
   (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server);
-* the idle clock (``last_used``) starts when a generation ends.
+* the idle clock (``last_used``) starts when a generation ends;
+* an instance that died (its process crashed: the model's ``alive()`` says no, or a
+  generation raised ``InstanceDead``) is dropped at once, counted as a ``crash``, and the
+  next request loads the model again.
+
+A loaded model may offer ``rss_mb()`` (a backend that runs it in a child process): the pool
+then budgets with that measured RSS instead of its own process's RSS growth, refreshes it
+while the model is resident, and checks an unload against it.
 
 Which idle model to evict and when an idle model has expired are asked of the cache hooks
 (``select_eviction``, ``model_expired``); the default plugin is LRU with a TTL.
@@ -14,17 +21,18 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, PoolError, QueueFull, not_configured
+from .errors import BackendError, InstanceDead, PoolError, QueueFull, not_configured
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -38,6 +46,28 @@ __all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "Resi
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
 UNLOAD_VERIFY_MIN_MB = 16.0
+#: An event-loop waiter re-checks its slot this often even if no release woke it.
+SLOT_RECHECK_SECONDS = 1.0
+
+
+def _wake(future: "asyncio.Future") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _in_thread(work: Callable[[], Any], *, undo: Callable[[Any], None]) -> Any:
+    """``work()`` on a worker thread. If the awaiting task is cancelled meanwhile, the work
+    still finishes (it holds the pool's state) and ``undo`` is applied to its result."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def settle(done: "asyncio.Future") -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+        future.add_done_callback(settle)
+        raise
 
 
 @attrs.frozen
@@ -67,7 +97,7 @@ class Resident:
     spec: ModelSpec
     ram_mb: float
     estimated_mb: float
-    state: str = "loading"  # "loading" | "loaded"
+    state: str = "loading"  # "loading" | "loaded" | "dead" (dropped, closed by its last user)
     model: LoadedModel | None = None
     users: int = 0
     last_used: float = 0.0
@@ -82,6 +112,8 @@ class Resident:
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
     prewarm_pending: bool = False
+    #: event-loop requests waiting for a slot: (loop, future), woken one per release
+    async_waiters: list = attrs.field(factory=list)
 
     @property
     def pinned(self) -> bool:
@@ -122,7 +154,8 @@ class PoolEvent:
 
     ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
     by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped.
+    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
+    loaded instance died and was dropped; ``detail`` says how it was found).
     """
 
     kind: str
@@ -136,6 +169,30 @@ def process_rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+def model_rss_mb(model: LoadedModel | None) -> float | None:
+    """The RSS a loaded model reports for itself (a child process), None if it offers none."""
+    measure = getattr(model, "rss_mb", None)
+    if not callable(measure):
+        return None
+    try:
+        return float(measure())
+    except Exception:  # a measurement must never break a load or an unload
+        log.debug("rss_mb() of %r failed", model, exc_info=True)
+        return None
+
+
+def model_alive(model: LoadedModel | None) -> bool:
+    """Whether a loaded model's instance still runs (True when it cannot tell)."""
+    check = getattr(model, "alive", None)
+    if model is None or not callable(check):
+        return True
+    try:
+        return bool(check())
+    except Exception:
+        log.debug("alive() of %r failed", model, exc_info=True)
+        return True
 
 
 def release_free_heap() -> None:
@@ -182,6 +239,13 @@ class ModelPool:
         with self._cond:
             return [r.snapshot() for r in self._residents.values()]
 
+    def health(self) -> dict[str, Any]:
+        """``{name: health}`` for loaded models that report it (remote endpoints)."""
+        with self._cond:
+            models = {r.name: r.model for r in self._residents.values()
+                      if r.state == "loaded" and hasattr(r.model, "health")}
+        return {name: model.health() for name, model in models.items()}
+
     def resident_mb(self) -> float:
         with self._cond:
             return sum(r.ram_mb for r in self._residents.values())
@@ -198,14 +262,134 @@ class ModelPool:
         """
         resident = self._acquire(name, queue_limit=queue_limit)
         try:
-            with resident.slots:
+            resident.slots.acquire()
+            try:
+                self._check_not_dead(resident)
                 yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
+            finally:
+                self._release_slot(resident)
         finally:
+            self._release_user(resident)
+
+    @asynccontextmanager
+    async def ause(self, name: str, *, queue_limit: int | None = None) -> AsyncIterator[Resident]:
+        """:meth:`use` for an event loop: waiting for a slot never blocks the loop.
+
+        A loaded model is taken on the loop itself (a lock and a counter); only a load, or
+        waiting for another request's load, runs on a worker thread. Waiting for a slot is a
+        future woken by the release of one, so hundreds of waiters need no thread. The
+        rules are :meth:`use`'s: the same slots, the same queue limit.
+        """
+        resident = self._acquire_loaded(name, queue_limit=queue_limit)
+        if resident is None:
+            resident = await _in_thread(
+                lambda: self._acquire(name, queue_limit=queue_limit),
+                undo=self._release_user)
+        try:
+            await self._aslot(resident)
+            try:
+                self._check_not_dead(resident)
+                yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
+            finally:
+                self._release_slot(resident)
+        finally:
+            self._release_user(resident)
+
+    @staticmethod
+    def _check_not_dead(resident: Resident) -> None:
+        if resident.state == "dead":
+            # It died while this request waited for a slot; nothing was sent yet, so the
+            # engine may try again on a fresh instance.
+            raise InstanceDead(f"model {resident.name!r}: its instance died while this "
+                               "request waited for it")
+
+    def _drop_dead(self, resident: Resident, detail: str) -> None:
+        with self._cond:
+            self._drop_dead_locked(resident, detail)
+
+    def _release_slot(self, resident: Resident) -> None:
+        resident.slots.release()
+        self._wake_next(resident)
+
+    def _release_user(self, resident: Resident) -> None:
+        with self._cond:
+            resident.users -= 1
+            resident.queued -= 1
+            resident.last_used = self.clock()
+            if resident.state == "dead" and resident.users == 0:
+                self._close_dead_locked(resident)
+            self._cond.notify_all()
+
+    async def _aslot(self, resident: Resident) -> None:
+        """Take a slot of ``resident`` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        while not resident.slots.acquire(blocking=False):
+            future = loop.create_future()
             with self._cond:
-                resident.users -= 1
-                resident.queued -= 1
-                resident.last_used = self.clock()
-                self._cond.notify_all()
+                resident.async_waiters.append((loop, future))
+            # A release between the failed try and the append would have woken nobody.
+            if resident.slots.acquire(blocking=False):
+                self._forget_waiter(resident, loop, future)
+                return
+            try:
+                # The timeout is a safety net only: a release wakes one waiter.
+                await asyncio.wait((future,), timeout=SLOT_RECHECK_SECONDS)
+            except BaseException:
+                self._forget_waiter(resident, loop, future)
+                raise
+            self._forget_waiter(resident, loop, future, pass_on=False)
+
+    def _forget_waiter(self, resident: Resident, loop, future, *, pass_on: bool = True) -> None:
+        with self._cond:
+            try:
+                resident.async_waiters.remove((loop, future))
+            except ValueError:
+                pass
+        if pass_on and future.done():
+            # We were woken but leave without the slot: wake the next waiter instead.
+            self._wake_next(resident)
+
+    def _wake_next(self, resident: Resident) -> None:
+        with self._cond:
+            while resident.async_waiters:
+                loop, future = resident.async_waiters.pop(0)
+                if future.done():
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # that loop is closed: nobody waits there any more
+                    continue
+                break
+
+    def _acquire_loaded(self, name: str, *, queue_limit: int | None) -> Resident | None:
+        """Count a request on ``name`` if it is loaded (never blocks); None if it is not."""
+        full = prewarm_used = False
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state != "loaded":
+                return None
+            if not model_alive(resident.model):
+                return None  # _acquire, on a worker thread, drops it and loads again
+            full = (queue_limit is not None
+                    and resident.queued >= resident.concurrency + queue_limit)
+            if not full:
+                resident.users += 1
+                resident.queued += 1
+                if resident.prewarm_pending:
+                    resident.prewarm_pending = False
+                    prewarm_used = True
+        if full:
+            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            raise QueueFull(name, queue_limit)
+        if prewarm_used:
+            self._emit(PoolEvent("prewarm_used", name))
+        return resident
 
     def ensure_loaded(self, name: str) -> Resident:
         """Load ``name`` (if it is not) without holding it; used for pinned models."""
@@ -280,6 +464,10 @@ class ModelPool:
         prewarm_used = full = False
         with self._cond:
             resident = self._residents.get(name)
+            if (resident is not None and resident.state == "loaded"
+                    and not model_alive(resident.model)):
+                self._drop_dead_locked(resident, "found dead at the next request")
+                resident = None
             if resident is None:
                 resident = self._reserve(spec)
                 loader = True
@@ -330,6 +518,7 @@ class ModelPool:
                 f"[cache] ram_budget_mb = {budget:.0f}"
             )
         deadline = time.monotonic() + self.wait_seconds
+        self._refresh_measured_locked()
         while True:
             over_count = len(self._residents) + 1 > self.config.cache.max_loaded
             over_mb = self._resident_mb_locked() + estimated - budget
@@ -404,7 +593,9 @@ class ModelPool:
                                    f"{spec.name!r}: {exc}") from exc
             raise
         seconds = time.perf_counter() - started
-        measured = max(0.0, process_rss_mb() - rss_before)
+        own = model_rss_mb(model)
+        # A model in a child process says what it holds; else our own RSS grew by it.
+        measured = own if own is not None else max(0.0, process_rss_mb() - rss_before)
         with self._cond:
             resident.model = model
             resident.state = "loaded"
@@ -414,8 +605,9 @@ class ModelPool:
             resident.ram_mb = max(resident.estimated_mb, measured)
             resident.loaded_at = resident.last_used = self.clock()
             self._cond.notify_all()
-        log.info("loaded model %s in %.2fs (estimated %.0f MB, RSS +%.0f MB)",
-                 resident.name, seconds, resident.estimated_mb, measured)
+        log.info("loaded model %s in %.2fs (estimated %.0f MB, %s %.0f MB)",
+                 resident.name, seconds, resident.estimated_mb,
+                 "its RSS" if own is not None else "RSS +", measured)
         self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
 
     # -- unloading ----------------------------------------------------------------------
@@ -424,14 +616,19 @@ class ModelPool:
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
         model, resident.model = resident.model, None
-        rss_before = process_rss_mb()
+        own_before = model_rss_mb(model)
+        rss_before = own_before if own_before is not None else process_rss_mb()
         if model is not None:
             try:
                 model.close()
             except Exception:  # a failing close must not keep the slot
                 log.exception("closing model %s failed", resident.name)
             release_free_heap()
-        freed = rss_before - process_rss_mb()
+        if own_before is not None:
+            # Its own process: what it still holds after close() (0 once it is gone).
+            freed = own_before - (model_rss_mb(model) or 0.0)
+        else:
+            freed = rss_before - process_rss_mb()
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
                  resident.name, f" ({detail})" if detail else "", freed)
@@ -447,11 +644,46 @@ class ModelPool:
         expected = resident.measured_mb if resident.measured_mb else resident.estimated_mb
         if expected < UNLOAD_VERIFY_MIN_MB or freed_mb >= UNLOAD_VERIFY_RATIO * expected:
             return
-        log.warning("unloading model %s freed only %.0f MB of process RSS; its load took "
+        log.warning("unloading model %s freed only %.0f MB of RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
         self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
                              detail=f"freed {freed_mb:.0f} MB"))
+
+    def _drop_dead_locked(self, resident: Resident, detail: str) -> None:
+        """Forget an instance that died: the next request loads the model again. Closed now
+        if nobody uses it, else by its last user (``_release``)."""
+        if resident.state == "dead":
+            return
+        if self._residents.get(resident.name) is resident:
+            self._residents.pop(resident.name)
+        resident.state = "dead"
+        log.warning("model %s: its instance died (%s); the next request loads it again",
+                    resident.name, detail)
+        self._emit(PoolEvent("crash", resident.name, ram_mb=resident.ram_mb, detail=detail))
+        if resident.users == 0:
+            self._close_dead_locked(resident)
+        self._cond.notify_all()
+
+    def _close_dead_locked(self, resident: Resident) -> None:
+        model, resident.model = resident.model, None
+        if model is None:
+            return
+        try:
+            model.close()  # reaps the dead process and whatever it left
+        except Exception:
+            log.exception("closing dead model %s failed", resident.name)
+
+    def _refresh_measured_locked(self) -> None:
+        """Budget resident models that measure themselves (child processes) with what they
+        hold now: a server's caches grow after its load."""
+        for resident in self._residents.values():
+            if resident.state != "loaded":
+                continue
+            own = model_rss_mb(resident.model)
+            if own is not None and own > 0:
+                resident.measured_mb = own
+                resident.ram_mb = max(resident.estimated_mb, own)
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""
@@ -467,6 +699,10 @@ class ModelPool:
         now = self.clock() if now is None else now
         expired: list[str] = []
         with self._cond:
+            for resident in list(self._residents.values()):
+                if resident.state == "loaded" and not model_alive(resident.model):
+                    self._drop_dead_locked(resident, "found dead by the reaper")
+            self._refresh_measured_locked()
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue

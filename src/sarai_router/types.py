@@ -28,6 +28,9 @@ class AudioInput:
 
 #: What a request may need beyond text, in ``ChatRequest.needs``.
 NEEDS = ("tools", "json_schema", "logprobs")
+#: Characters per token when a prompt's length is estimated without a tokenizer. Small
+#: vocabularies (SmolLM2, Gemma 3 on Spanish) run about 3-4: 3 errs on the long side.
+CHARS_PER_TOKEN = 3
 #: The request field behind each need, to name it when a model can't give it.
 NEED_FIELDS = {"tools": "tools", "json_schema": "response_format", "logprobs": "logprobs"}
 
@@ -38,13 +41,20 @@ class ChatRequest:
 
     ``needs``: features the answer must have beyond text (a subset of :data:`NEEDS`), filled
     by the front end that parsed the request (the server's ``tools``, ``response_format``
-    with a JSON schema, ``logprobs``).
+    with a JSON schema, ``logprobs``). Images, audio and the prompt's length are read from
+    the request itself. Routing sends the request only to a model that can take all of it.
     """
 
     messages: tuple[Mapping[str, Any], ...]
     images: tuple[ImageInput, ...] = ()
     audio: AudioInput | None = None
     needs: frozenset[str] = frozenset()
+
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        """The prompt's length in tokens, estimated as characters / 3 (rounded up)."""
+        chars = sum(len(message_text(m)) for m in self.messages)
+        return -(-chars // CHARS_PER_TOKEN)
 
     @property
     def text(self) -> str:
@@ -115,8 +125,29 @@ class Route:
 
 
 @attrs.frozen
+class FallbackStep:
+    """One model that could not answer and the model tried next (``fallbacks`` in config)."""
+
+    from_model: str
+    to_model: str
+    #: a short label: refused, timeout, http_503, disconnected, cooldown, load_failed
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"from": self.from_model, "to": self.to_model, "reason": self.reason,
+                "detail": self.detail}
+
+
+@attrs.frozen
 class RouteDecision:
-    """The dispatcher's full answer: the route plus who decided and on which signals."""
+    """The dispatcher's full answer: the route plus who decided and on which signals.
+
+    ``fallback``: routing fell back to ``[routing] default_model`` (no plugin chose).
+    ``fallbacks``: the models that failed before the first token, in order, each replaced
+    by the next of its ``fallbacks``; ``model`` is then the one that answered.
+    ``routed_model``: the model routing chose, when capabilities or fallbacks changed it.
+    """
 
     model: str
     reason: str
@@ -124,6 +155,8 @@ class RouteDecision:
     signals: Mapping[str, Any]
     warnings: tuple[str, ...] = ()
     fallback: bool = False
+    fallbacks: tuple[FallbackStep, ...] = ()
+    routed_model: str | None = None
 
     def summary(self) -> str:
         """One line for people: ``[fast] <reason> (heuristic)``."""
@@ -138,4 +171,6 @@ class RouteDecision:
             "signals": dict(self.signals),
             "warnings": list(self.warnings),
             "fallback": self.fallback,
+            "fallbacks": [step.to_dict() for step in self.fallbacks],
+            "routed_model": self.routed_model,
         }

@@ -142,7 +142,8 @@ class ChatSession:
         else:
             data = final.completion.to_dict()
             t = data["timings"]
-            self.echo(dim(f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+            self.echo(dim(f"[{final.completion.decision.model}] "
+                          f"{data['usage']['completion_tokens']} tokens, "
                           f"{t['tokens_per_second']:.0f} tok/s"
                           + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
         if pieces or not isinstance(final, Failed):

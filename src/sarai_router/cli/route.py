@@ -31,7 +31,9 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     except SaraiError as exc:
         raise cli_error(exc) from None
     if as_json:
-        emit_json({**decision.to_dict(), "plugin_errors": list(router.hooks.errors)})
+        emit_json({**decision.to_dict(),
+                   "fallback_chain": router.fallback_chain(decision.model),
+                   "plugin_errors": list(router.hooks.errors)})
         return
     click.echo(f"model:   {decision.model}")
     click.echo(f"plugin:  {decision.plugin}")
@@ -107,8 +109,12 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     data = completion.to_dict()
     t = data["timings"]
     first = "-" if t["first_token_s"] is None else f"{t['first_token_s']:.2f}s"
+    answered = completion.decision  # another model if a fallback answered
+    for step in answered.fallbacks:
+        click.echo(dim(f"[{step.to_model}] fell back from {step.from_model} ({step.reason})"),
+                   err=True)
     click.echo(dim(
-        f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+        f"[{answered.model}] {data['usage']['completion_tokens']} tokens, "
         f"{t['tokens_per_second']:.1f} tok/s, first token {first}, load {t['load_s']:.2f}s, "
         f"total {t['total_s']:.2f}s"), err=True)
 

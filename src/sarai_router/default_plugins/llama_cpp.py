@@ -12,6 +12,9 @@ import base64
 import ctypes
 import logging
 import os
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -57,6 +60,63 @@ def route_llama_logs_to_logging(llama_cpp) -> None:
 
     _log_callback = callback  # ctypes must keep the callback alive
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+class _ThisThreadToLog:
+    """Stands in for ``sys.stdout`` / ``sys.stderr`` while models load: what a loading thread
+    prints goes to the ``llama_cpp`` logger at DEBUG, what any other thread prints goes
+    through to the real stream.
+
+    A load runs with ``verbose=True``, because with ``verbose=False`` llama-cpp-python
+    points file descriptors 1 and 2 at /dev/null for the whole process while it loads, and
+    every other thread's output (the server's log lines) is lost meanwhile. llama.cpp's own
+    log lines already come to ``route_llama_logs_to_logging``; only llama-cpp-python's
+    verbose ``print``s (system info, metadata, chat template) land here.
+    """
+
+    def __init__(self, real):
+        self.real = real
+        self.quiet: set[int] = set()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() not in self.quiet:
+            return self.real.write(text)
+        if text.strip() and _llama_log.isEnabledFor(logging.DEBUG):
+            _llama_log.debug("%s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+_quiet_lock = threading.Lock()
+
+
+@contextmanager
+def _prints_to_log() -> Iterator[None]:
+    """While inside, this thread's prints to stdout and stderr go to the log (see above)."""
+    me = threading.get_ident()
+    with _quiet_lock:
+        streams = []
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _ThisThreadToLog):
+                stream = _ThisThreadToLog(stream)
+                setattr(sys, name, stream)
+            stream.quiet.add(me)
+            streams.append((name, stream))
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            for name, stream in streams:
+                stream.quiet.discard(me)
+                # The last load out puts the real stream back, unless someone replaced it since.
+                if not stream.quiet and getattr(sys, name) is stream:
+                    setattr(sys, name, stream.real)
 
 
 def default_threads() -> int:
@@ -307,7 +367,9 @@ class LlamaCppBackend(Backend):
             n_ctx=spec.n_ctx,
             n_batch=settings.n_batch,
             n_threads=settings.n_threads or default_threads(),
-            verbose=False,
+            # Not False: that silences the whole process while the model loads (see
+            # _ThisThreadToLog); its notes go to the log instead.
+            verbose=True,
         )
         if settings.chat_format:
             kwargs["chat_format"] = settings.chat_format
@@ -320,12 +382,15 @@ class LlamaCppBackend(Backend):
             kwargs["chat_handler"] = handler_cls(clip_model_path=settings.mmproj, verbose=False)
         kwargs.update({k: v for k, v in settings.options.items() if k != "chat_handler"})
         try:
-            llama = llama_cpp.Llama(**kwargs)
+            with _prints_to_log():
+                llama = llama_cpp.Llama(**kwargs)
         except Exception as exc:
             log.debug("llama-cpp-python failed on %s", spec.path, exc_info=True)
             raise ModelLoadError(f"model {spec.name!r}: llama-cpp-python could not load "
                                  f"{Path(spec.path).name}: {type(exc).__name__}",
                                  spec.name) from None
+        # Loaded: from here on, verbose would only print per-request notes and timings.
+        llama.verbose = False
         return LlamaCppModel(spec, llama)
 
 

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server: ``create_app(config)`` is an ASGI app, ``serve`` runs it.
 
-Starlette + uvicorn. Each generation runs on its own worker thread (``streaming.Generation``)
-and hands its pieces to the event loop one by one, so a streamed answer goes out token by
-token and never blocks other requests. A request is admitted (or refused with a status)
+Starlette + uvicorn. A local model's generation runs on its own worker thread
+(``streaming.Generation``); a remote model's (a backend with ``async_chat``) runs as a task
+on the event loop (``streaming.AsyncGeneration``: no thread per stream). Either hands its
+pieces to the handler one by one, so a streamed answer goes out token by token and never
+blocks other requests. A request is admitted (or refused with a status)
 before any byte of the answer is sent: the first event from the worker decides. The
 request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepare``.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -26,7 +29,7 @@ from starlette.routing import Route
 from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
-from ..streaming import Done, Failed, Generation, Piece
+from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
 from ..types import NEED_FIELDS, RouteDecision
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol)
@@ -45,12 +48,19 @@ class ClientGone(Exception):
     """The client hung up before its answer was complete."""
 
 
+class ShuttingDown(Exception):
+    """Shutdown began while the answer waited for its next piece."""
+
+
 #: How often a handler waiting for tokens checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def _next_event(events: asyncio.Queue, request: Request):
-    """The worker's next event; ClientGone if the client has disconnected.
+async def _next_event(events: asyncio.Queue, request: Request,
+                      stopping: Callable[[], bool] = lambda: False):
+    """The worker's next event; ClientGone if the client has disconnected, ShuttingDown if
+    ``stopping()`` says the server is going away (a generation still evaluating its prompt
+    may not yield for seconds, longer than the shutdown grace).
 
     Tokens may arrive every few milliseconds, so the check runs on a clock, not only when
     the queue is quiet.
@@ -59,6 +69,8 @@ async def _next_event(events: asyncio.Queue, request: Request):
     if not events.empty() and time.monotonic() - state[0] < DISCONNECT_POLL_SECONDS:
         return events.get_nowait()  # the common case mid-answer: no timer task per token
     while True:
+        if stopping() and events.empty():
+            raise ShuttingDown
         if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
             state[0] = time.monotonic()
             if await request.is_disconnected():
@@ -78,6 +90,7 @@ class SaraiServer:
         self.engine = engine
         self.config = engine.config
         self.metrics = Metrics(self.engine.pool)
+        self.engine.fallback_listeners.append(self.metrics.on_fallback)
         self.api_key = api_key
         self.load_pinned = load_pinned
         self.created = int(time.time())
@@ -85,8 +98,9 @@ class SaraiServer:
         self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
                              max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
-        # Generations still on their worker threads, stopped and joined at shutdown.
-        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
+        # Generations still running (worker threads or loop tasks), stopped and joined at
+        # shutdown.
+        self._live: weakref.WeakSet[Generation | AsyncGeneration] = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -98,7 +112,11 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout."""
+        with an error saying so, instead of being cut off by the grace timeout.
+
+        A generation stops between tokens; one still before its first token when the grace
+        timeout cancels its handler gets the same 503 from the handler (not uvicorn's
+        plain-text 500)."""
         self.shutting_down = True
         for generation in list(self._live):
             generation.cancel()
@@ -136,22 +154,28 @@ class SaraiServer:
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
                 "x-sarai-route-reason": header_value(decision.reason),
-                "x-sarai-route-plugin": header_value(decision.plugin)}
+                "x-sarai-route-plugin": header_value(decision.plugin),
+                **fallback_header(decision)}
 
-    def _client_gone(self, generation: Generation, decision: RouteDecision) -> Response:
+    def _client_gone(self, generation: Generation | AsyncGeneration,
+                     decision: RouteDecision) -> Response:
         generation.cancel()
         log.info("client went away; stopped its answer from %s", decision.model)
         self.metrics.request_failed(499, "client_closed_request")
         return Response(status_code=499)  # nginx's code; nobody reads it
 
-    def _fail(self, error: ApiError, exc: BaseException | None = None) -> JSONResponse:
+    def _fail(self, error: ApiError, exc: BaseException | None = None, *,
+              decision: RouteDecision | None = None) -> JSONResponse:
         self.metrics.request_failed(error.status, error.code)
         if error.code == "internal_error":
             log.error("answered 500 (request id %s)", REQUEST_ID.get(), exc_info=exc)
         elif error.status >= 500:
             log.warning("answered %d (request id %s): %s", error.status, REQUEST_ID.get(),
                         exc if exc is not None else error.message)
-        return error.response()
+        response = error.response()
+        if decision is not None:  # the fallbacks tried before the error
+            response.headers.update(fallback_header(decision))
+        return response
 
     # -- routes
 
@@ -176,20 +200,36 @@ class SaraiServer:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
-                                queue_limit=self.config.server.queue_size)
+        # A remote model streams on this loop (no thread per answer); a local one on a
+        # worker thread of its own.
+        if self.engine.streams_async(decision.model):
+            generation: Generation | AsyncGeneration = AsyncGeneration(
+                self.engine, parsed.request, decision, parsed.params, events.put_nowait,
+                queue_limit=self.config.server.queue_size)
+        else:
+            generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
+                                    queue_limit=self.config.server.queue_size)
         self._live.add(generation)
         generation.start()
+        stopping = lambda: self.shutting_down  # noqa: E731
         try:
-            first = await _next_event(events, request)
+            first = await _next_event(events, request, stopping)
         except asyncio.CancelledError:
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
+        # The model that answers: another one when the routed model failed before its first
+        # token and one of its fallbacks took over.
+        decision = generation.completion.decision
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
-            return self._fail(error_for(first.error), first.error)
+            return self._fail(error_for(first.error), first.error, decision=decision)
         self.metrics.request_started(decision)
         meta = _Meta(decision, include_usage=parsed.include_usage,
                      logprobs=parsed.params.logprobs)
@@ -204,12 +244,17 @@ class SaraiServer:
         try:
             while not isinstance(event, (Done, Failed)):
                 pieces.append(event.text)
-                event = await _next_event(events, request)
+                event = await _next_event(events, request, stopping)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         if isinstance(event, Failed):
             return self._fail(error_for(event.error), event.error)
         if event.cancelled:  # only shutdown cancels a generation whose client is there
@@ -221,7 +266,8 @@ class SaraiServer:
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"]},
         }, headers=self._headers(decision))
 
-    async def _sse(self, first, events: asyncio.Queue, generation: Generation, meta: "_Meta"):
+    async def _sse(self, first, events: asyncio.Queue,
+                   generation: Generation | AsyncGeneration, meta: "_Meta"):
         try:
             yield meta.chunk({"role": "assistant", "content": ""},
                              logprobs=[] if meta.logprobs else None)
@@ -300,6 +346,7 @@ class SaraiServer:
                                    code="model_not_found", param="model"))
 
     def _model_rows(self) -> list[dict[str, Any]]:
+        health = self.engine.pool.health()
         residents = {r["name"]: r for r in self.engine.pool.residents()}
         rows = []
         for name, spec in self.config.models.items():
@@ -311,6 +358,10 @@ class SaraiServer:
                 "pinned": spec.pinned,
                 "ttl_seconds": None if spec.pinned else self.config.ttl_for(spec),
                 "modalities": list(spec.modalities),
+                "backend": spec.backend,
+                "fallbacks": list(spec.fallbacks),
+                # a remote model's endpoints as this router sees them (None until loaded)
+                "health": health.get(name),
                 "resident": resident,
             })
         auto = {"id": AUTO_MODEL, "object": "model", "created": self.created,
@@ -327,6 +378,15 @@ class SaraiServer:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def fallback_header(decision: RouteDecision) -> dict[str, str]:
+    """``x-sarai-fallback: from=a;to=b;reason=refused, from=b;...`` when fallbacks answered."""
+    if not decision.fallbacks:
+        return {}
+    steps = ", ".join(f"from={s.from_model};to={s.to_model};reason={s.reason}"
+                      for s in decision.fallbacks)
+    return {"x-sarai-fallback": header_value(steps)}
 
 
 def create_app(config: Config | None = None, *, api_key: str = "", engine: Engine | None = None,
@@ -403,7 +463,13 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
         timeout_graceful_shutdown=5,
         http=guarded_h11_protocol(settings.header_timeout_seconds),
         h11_max_incomplete_event_size=settings.max_header_bytes))
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the
+    # signal again; SIGTERM's default handler would then kill the cleanly stopped process
+    # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it already handled
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

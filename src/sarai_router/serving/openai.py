@@ -28,7 +28,8 @@ from starlette.responses import JSONResponse
 from .. import __version__
 from ..backend import GenerationParams, TokenLogprob, ToolCall
 from ..errors import (BackendError, CapabilityError, ContextLengthError, FetchError,
-                      InvalidRequest, ModelLoadError, PoolError, QueueFull)
+                      InvalidRequest, ModelLoadError, PoolError, QueueFull, UpstreamError,
+                      UpstreamUnavailable)
 from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ def error_for(exc: BaseException) -> ApiError:
         return ApiError(503, "the model's files are missing and could not be fetched"
                         + (f" ({model!r})" if model else "") + "; see the server log",
                         code="model_unavailable", type="server_error")
+    if isinstance(exc, UpstreamError):  # a remote endpoint's 4xx, passed through
+        return ApiError(exc.status, scrub_paths(str(exc)), code=exc.code,
+                        type="rate_limit_error" if exc.status == 429 else None)
+    if isinstance(exc, UpstreamUnavailable):
+        retry = {"retry-after": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
+        return ApiError(exc.status, scrub_paths(str(exc)), headers=retry,
+                        code="upstream_timeout" if exc.status == 504 else "upstream_unavailable")
     if isinstance(exc, PoolError):
         return ApiError(503, scrub_paths(str(exc)), code="model_unavailable",
                         type="server_error", headers={"retry-after": "5"})
