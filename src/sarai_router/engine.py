@@ -238,8 +238,6 @@ class Engine:
                 for delta in deltas:
                     # Before the text is yielded: a consumer reads the new logprobs with it.
                     completion.logprobs.extend(delta.logprobs)
-                    # Before the text is yielded: a consumer reads the new logprobs with it.
-                    completion.logprobs.extend(delta.logprobs)
                     if delta.text:
                         if timings.first_token_s is None:
                             timings.first_token_s = time.perf_counter() - gen_started
