@@ -2,13 +2,15 @@
 
 In process (``Engine``, no HTTP), the built-in config's two models at temperature 0:
 
-- speed: tokens per second for the same prompt as plain text, with a JSON-schema grammar,
-  as a constrained tool call, and with logprobs (top 5);
+- cost: process CPU time per generated token, the prompt's cost taken out (one llama
+  thread, so other processes on a busy machine cannot inflate it), for the same prompt as
+  plain text, with a JSON-schema grammar, as a constrained tool call, and with logprobs
+  (top 5);
 - quality: for a few prompts, which function the model calls when it must
   (``tool_choice`` "required"), whether it calls one when it may ("auto"), and whether
   its JSON-schema answers parse and fit (always, by the grammar) and end by themselves.
 
-    python scripts/measure_dialect.py [--json]
+    python scripts/measure_dialect.py [--json] [--speed-only]
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import argparse
 import json
 import os
 import time
+
+import attrs
 
 from sarai_router.backend import GenerationParams
 from sarai_router.config import load_config
@@ -43,22 +47,30 @@ TOOL_PROMPTS = [("What's the weather in Paris?", "get_weather"),
 
 
 def run(engine: Engine, model: str, text: str, **params) -> tuple[Completion, float]:
+    """One answer; the process CPU seconds it took (all threads: with n_threads 1, the
+    figure other processes on a busy machine cannot inflate, unlike wall time)."""
     request = ChatRequest.from_prompt(text)
     decision = engine.prepare(request, model=model, prewarm=False)
     completion = Completion(decision=decision)
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in engine.stream(request, decision, GenerationParams(temperature=0, seed=1, **params),
                            completion):
         pass
-    return completion, time.perf_counter() - started
+    return completion, time.process_time() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="skip the quality runs")
     args = parser.parse_args()
     os.environ.setdefault("SARAI_ROUTER_NO_PLUGINS", "1")
-    engine = Engine(load_config(None))
+    config = load_config(None)
+    # One thread per model: CPU time per token then measures the work, not the spinning.
+    config = attrs.evolve(config, models={
+        name: attrs.evolve(spec, settings=attrs.evolve(spec.settings, n_threads=1))
+        for name, spec in config.models.items()})
+    engine = Engine(config)
     results: dict = {"load_average": os.getloadavg()[0], "models": {}}
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     for model in ("fast", "quality"):
@@ -70,12 +82,18 @@ def main() -> None:
             "tool_required": dict(max_tokens=48, tools=(WEATHER, ADD), tool_choice="required"),
             "logprobs_top5": dict(max_tokens=48, logprobs=True, top_logprobs=5),
         }
+        prompt = "Invent a person and describe them."
         for mode, params in modes.items():
-            completion, seconds = run(engine, model, "Invent a person and describe them.",
-                                      **params)
+            run(engine, model, prompt, **params)  # warm: pages, caches
+            _, first = run(engine, model, prompt, **{**params, "max_tokens": 1})
+            completion, cpu = run(engine, model, prompt, **params)
             tokens = completion.usage.completion_tokens
-            row[f"{mode}_tok_s"] = round(tokens / completion.timings.generation_s, 1)
+            # The prompt's cost (in the one-token run) taken out: per generated token.
+            row[f"{mode}_cpu_ms_per_token"] = round(1000 * (cpu - first) / max(1, tokens - 1), 1)
             row[f"{mode}_tokens"] = tokens
+        if args.speed_only:
+            results["models"][model] = row
+            continue
         required, auto = [], []
         for text, expected in TOOL_PROMPTS:
             completion, _ = run(engine, model, text, max_tokens=64, tools=(WEATHER, ADD),
@@ -117,7 +135,10 @@ def main() -> None:
     for model, row in results["models"].items():
         print(f"\n[{model}]")
         for mode in ("plain", "json_schema", "tool_required", "logprobs_top5"):
-            print(f"  {mode:14} {row[mode + '_tok_s']:7.1f} tok/s ({row[mode + '_tokens']} tokens)")
+            print(f"  {mode:14} {row[mode + '_cpu_ms_per_token']:6.1f} CPU ms per generated "
+                  f"token ({row[mode + '_tokens']} tokens)")
+        if args.speed_only:
+            continue
         print(f"  required: right function {row['required_right_function']}/"
               f"{row['required_cases']}")
         for r in row["required"]:

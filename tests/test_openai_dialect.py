@@ -11,6 +11,7 @@ not what a 135M model decides.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def server(tmp_path_factory, models_dir):
             [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY,
              "--allowed-host", "sarai.test"],
             stdout=out, stderr=subprocess.STDOUT,
-            env={**__import__("os").environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+            env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -330,7 +331,7 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key(tmp_path, models_
     result = subprocess.run([SAR, "--config", str(config), "serve", "--host", "0.0.0.0",
                              "--port", str(free_port())],
                             capture_output=True, text=True, timeout=60,
-                            env={**__import__("os").environ, "SARAI_ROUTER_API_KEY": ""})
+                            env={**os.environ, "SARAI_ROUTER_API_KEY": ""})
     assert result.returncode == 2
     assert "--allow-unauthenticated" in result.stderr and "Traceback" not in result.stderr
 
@@ -342,3 +343,70 @@ def test_is_loopback(host, loopback):
     from sarai_router.cli.serve import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+# -- through the openai backend: sarai-router as another sarai-router's upstream -----------
+
+
+@pytest.fixture(scope="module")
+def relay(server, tmp_path_factory, models_dir):
+    """An engine whose model ``remote`` is the dialect server's ``fast`` model, reached
+    through the ``openai`` backend (which passes tools, JSON output and logprobs on)."""
+    from sarai_router.config import load_config
+    from sarai_router.engine import Engine
+
+    config = tmp_path_factory.mktemp("relay") / "sarai.toml"
+    config.write_text(f"""
+[paths]
+models_dir = "{models_dir.as_posix()}"
+[routing]
+default_model = "remote"
+[plugins.heuristic]
+conversation_model = "remote"
+multimodal_model = "remote"
+[models.remote]
+backend = "openai"
+base_url = "{server[0]}/v1"
+remote_model = "fast"
+api_key_env = "SARAI_TEST_RELAY_KEY"
+n_ctx = 1024
+max_tokens = 80
+""", encoding="utf-8")
+    os.environ["SARAI_TEST_RELAY_KEY"] = API_KEY
+    engine = Engine(load_config(config))
+    yield engine
+    engine.close()
+    os.environ.pop("SARAI_TEST_RELAY_KEY", None)
+
+
+def relayed(engine, text: str, **params):
+    from sarai_router.backend import GenerationParams
+    from sarai_router.engine import Completion
+    from sarai_router.types import ChatRequest
+
+    request = ChatRequest.from_prompt(text)
+    decision = engine.prepare(request, model="remote", prewarm=False)
+    completion = Completion(decision=decision)
+    for _ in engine.stream(request, decision,
+                           GenerationParams(temperature=0, max_tokens=80, **params), completion):
+        pass
+    return completion
+
+
+def test_tool_calls_come_back_through_the_openai_backend(relay):
+    completion = relayed(relay, "What's the weather in Paris?", tools=(WEATHER, ADD),
+                         tool_choice="required")
+    assert completion.finish_reason == "tool_calls"
+    (call,) = completion.tool_calls
+    assert call.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+
+
+def test_logprobs_and_json_come_back_through_the_openai_backend(relay):
+    completion = relayed(relay, "Say hello", logprobs=True, top_logprobs=2, max_tokens=8)
+    assert completion.logprobs
+    assert "".join(t.token for t in completion.logprobs) == completion.text
+    assert all(len(t.top) == 2 for t in completion.logprobs)
+    completion = relayed(relay, "Invent a person as JSON.", response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads(completion.text), PERSON)

@@ -180,11 +180,15 @@ class AsyncGeneration:
             async with aclosing(self.engine.astream(
                     self.request, self.decision, self.params, self.completion,
                     queue_limit=self.queue_limit)) as pieces:
+                sent_logprobs = 0
                 async for text in pieces:
                     if self._cancel.is_set():
                         break
                     produced = True
-                    self.sink(Piece(text))
+                    # The engine adds a piece's logprobs before yielding it.
+                    logprobs = tuple(self.completion.logprobs[sent_logprobs:])
+                    sent_logprobs += len(logprobs)
+                    self.sink(Piece(text, logprobs))
         except asyncio.CancelledError:
             pass  # cancel(): the upstream request is closed; say so below
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost

@@ -30,7 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from ..backend import Backend, BackendError, Capabilities, Delta, GenerationParams, Usage
+from ..backend import (Backend, BackendError, Capabilities, Delta, GenerationParams,
+                       TokenLogprob, ToolCall, Usage)
 from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
@@ -71,6 +72,45 @@ class OpenAISettings:
     capabilities: tuple[str, ...] = FEATURES
     #: the longest cooldown of a failing endpoint (it starts at 1 s and doubles)
     max_cooldown_seconds: float = 60.0
+
+
+def _collect_calls(pieces: Any, calls: dict[int, dict[str, str]]) -> bool:
+    """Add a chunk's ``delta.tool_calls`` pieces to ``calls`` (OpenAI streams a call's id
+    and name once, its arguments in pieces); whether there were any."""
+    if not isinstance(pieces, list):
+        return False
+    for piece in pieces:
+        if not isinstance(piece, Mapping):
+            continue
+        index = piece.get("index") if isinstance(piece.get("index"), int) else len(calls)
+        call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        function = piece.get("function") if isinstance(piece.get("function"), Mapping) else {}
+        if isinstance(piece.get("id"), str):
+            call["id"] = piece["id"]
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                call[key] += function[key]
+    return bool(pieces)
+
+
+def _token_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    """A chunk's ``logprobs.content`` as TokenLogprobs; () when absent or malformed."""
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    if not isinstance(content, list):
+        return ()
+
+    def raw(item: Mapping[str, Any]) -> tuple[int, ...]:
+        given = item.get("bytes")
+        return tuple(given) if isinstance(given, list) else tuple(str(item["token"]).encode())
+
+    try:
+        return tuple(TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"]),
+                                  bytes=raw(item),
+                                  top=tuple((str(t["token"]), float(t["logprob"]), raw(t))
+                                            for t in item.get("top_logprobs") or ()))
+                     for item in content)
+    except (KeyError, TypeError, ValueError):
+        return ()
 
 
 def settings_urls(settings: OpenAISettings) -> tuple[str, ...]:
@@ -264,7 +304,7 @@ class ReplicaSet:
 class _Attempt:
     """One request to one replica: what its answer taught us so far."""
 
-    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced")
+    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced", "calls")
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
@@ -273,6 +313,8 @@ class _Attempt:
         self.finish_reason: str | None = None
         self.pieces = 0
         self.produced = False
+        #: tool calls streamed so far, by index: id, name and the arguments' pieces
+        self.calls: dict[int, dict[str, str]] = {}
 
 
 class _Failover:
@@ -498,16 +540,25 @@ class OpenAIModel:
         for choice in chunk.get("choices") or ():
             if choice.get("finish_reason"):
                 attempt.finish_reason = choice["finish_reason"]
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            # Tool calls and logprobs were passed through: their answers come back too.
+            called = _collect_calls(delta.get("tool_calls"), attempt.calls)
+            logprobs = _token_logprobs(choice.get("logprobs"))
+            text = delta.get("content")
             if text:
                 attempt.pieces += 1
-                return Delta(text=text)
+            if text or called or logprobs:
+                return Delta(text=text or "", logprobs=logprobs)
         return None
 
     def _final(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
         usage = attempt.usage or Usage(prompt_tokens=estimate_prompt_tokens(messages),
                                        completion_tokens=attempt.pieces)
-        return Delta(text="", finish_reason=attempt.finish_reason or "stop", usage=usage)
+        calls = tuple(ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
+                               arguments=call["arguments"])
+                      for index, call in sorted(attempt.calls.items()) if call["name"])
+        finish = "tool_calls" if calls else attempt.finish_reason or "stop"
+        return Delta(text="", finish_reason=finish, usage=usage, tool_calls=calls)
 
     def _on_line(self, line: str, attempt: _Attempt) -> Delta | None:
         """One SSE line of ``attempt``'s answer: a text Delta, or None (and the first-token

@@ -31,7 +31,7 @@ from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
-from ..types import NEED_FIELDS, RouteDecision
+from ..types import RouteDecision
 from .audio import transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol)
@@ -137,21 +137,9 @@ class SaraiServer:
 
     def _prepare(self, parsed: ParsedChat) -> RouteDecision:
         explicit = None if parsed.model == AUTO_MODEL else parsed.model
-        decision = self.engine.prepare(parsed.request, model=explicit)
-        self._check_needs(decision, parsed)
-        return decision
-
-    def _check_needs(self, decision: RouteDecision, parsed: ParsedChat) -> None:
-        """Refuse, naming the field, what the answering model's backend cannot honour
-        (tools, a JSON response_format, logprobs): never answer as if it wasn't asked."""
-        spec = self.config.models[decision.model]
-        capabilities = self.engine.hooks.backend(spec.backend).capabilities(spec)
-        for need in sorted(parsed.request.needs):
-            if not getattr(capabilities, need, False):
-                field = NEED_FIELDS[need]
-                raise ApiError(400, f"model {decision.model!r} cannot honour {field}: its "
-                               f"backend {spec.backend!r} does not offer {need}",
-                               code="unsupported_parameter", param=field)
+        # A model that cannot honour tools, a JSON response_format or logprobs is refused
+        # here (Router.ensure_capable: 400 unsupported_parameter naming the field).
+        return self.engine.prepare(parsed.request, model=explicit)
 
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),

@@ -109,8 +109,9 @@ def error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, CapabilityError):
         missing = [m for m in getattr(exc, "missing", ()) if m in NEED_FIELDS]
         if missing:
-            return ApiError(400, str(exc), code="unsupported_parameter",
-                            param=NEED_FIELDS[missing[0]])
+            field = NEED_FIELDS[missing[0]]
+            return ApiError(400, f"{field} cannot be honoured: {exc}",
+                            code="unsupported_parameter", param=field)
         return ApiError(400, str(exc), code="unsupported_modality", param="messages")
     if isinstance(exc, ContextLengthError):
         return ApiError(400, scrub_paths(str(exc)), code="context_length_exceeded",
