@@ -471,9 +471,18 @@ def test_a_cooling_endpoint_fails_fast_and_its_fallback_answers(engine):
 
 
 def test_timeout_before_the_first_token_is_504(engine):
+    stall = engine.pool.ensure_loaded("stall").model
+    (replica,) = stall.replicas.replicas
+    # Another stream got a token from it while this request waited: busy, not dead.
+    replica.last_token_at = time.monotonic() + 3600
     with pytest.raises(UpstreamUnavailable) as info:
         answer(engine, "stall")
     assert info.value.status == 504 and info.value.reason == "timeout"
+    assert replica.failures == 0 and replica.state(stall.replicas.clock()) == "healthy"
+    replica.last_token_at = 0.0  # no progress at all: it cools down
+    with pytest.raises(UpstreamUnavailable):
+        answer(engine, "stall")
+    assert replica.failures == 1
 
 
 def test_cli_fallback_shows_in_json_and_on_stderr(remote_config):
