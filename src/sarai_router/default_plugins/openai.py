@@ -62,9 +62,11 @@ class OpenAISettings:
     remote_model: str = ""
     #: the environment variable holding the API key (sent as ``Authorization: Bearer``)
     api_key_env: str = ""
-    #: connect/read timeout, and the longest wait for the first token
-    timeout_seconds: float = 120.0
-    #: requests one endpoint takes at once (the pool admits this x the endpoints)
+    #: connect/read timeout, and the longest wait for the first token (which includes
+    #: any time the request queues inside the upstream)
+    timeout_seconds: float = 300.0
+    #: requests one endpoint takes at once (the pool admits this x the endpoints): the
+    #: upstream's own parallelism (llama-server --parallel), so that the rest queue here
     max_concurrency: int = 16
     #: extra HTTP headers sent with every request
     headers: dict[str, str] = attrs.field(factory=dict)
@@ -206,6 +208,8 @@ class Replica:
     last_error: str = ""
     requests: int = 0
     errors: int = 0
+    #: time.monotonic() of the latest token any stream got from it
+    last_token_at: float = 0.0
 
     def state(self, now: float) -> str:
         if now < self.cooldown_until:
@@ -357,8 +361,15 @@ class _Failover:
         self._failed(attempt, error)
 
     def _failed(self, attempt: _Attempt, error: UpstreamUnavailable) -> None:
-        self.model.replicas.failed(attempt.replica, str(error))
-        self.tried.append((attempt.replica, error))
+        replica = attempt.replica
+        if error.reason == "timeout" and replica.last_token_at > attempt.started:
+            # Other streams got tokens from it meanwhile: busy (its own queue), not dead.
+            # This request gives up on it; the others need not.
+            log.info("endpoint %s is busy: no first token within %g s", replica.shown,
+                     self.model.settings.timeout_seconds)
+        else:
+            self.model.replicas.failed(replica, str(error))
+        self.tried.append((replica, error))
 
     def exhausted(self) -> UpstreamUnavailable:
         return self.model._unavailable(self.tried)
@@ -569,6 +580,7 @@ class OpenAIModel:
                     and time.monotonic() - attempt.started > self.settings.timeout_seconds):
                 raise _FirstTokenTimeout()
             return None
+        attempt.replica.last_token_at = time.monotonic()
         if not attempt.produced:
             attempt.produced = True
             self.replicas.succeeded(attempt.replica)
