@@ -228,7 +228,7 @@ def build_llama_server(
 def _build(version: str, work: Path, root: Path, *, cmake: str, ninja: str,
            compilers: dict[str, str], jobs: int, report: Reporter) -> Path:
     started = time.monotonic()
-    sdist = _download_sdist(version, work / "download", report)
+    sdist = _download_sdist(version, work / "download", report, tools=(cmake, ninja))
     report(f"unpacking {sdist.name}")
     source = _unpack_llama_cpp(sdist, work / "src")
     sdist.unlink()
@@ -349,16 +349,28 @@ def _cmake_version(cmake: str) -> tuple[int, ...]:
     return (int(match.group(1)), int(match.group(2))) if match else ()
 
 
-def _download_sdist(version: str, dest: Path, report: Reporter) -> Path:
+def _download_sdist(version: str, dest: Path, report: Reporter, *,
+                    tools: tuple[str, ...] = ()) -> Path:
     requirement = f"{DISTRIBUTION}=={version}"
     report(f"downloading the {requirement} source distribution from the Python package index")
     dest.mkdir()
+    # pip prepares the sdist's metadata in an isolated build environment: its build backend
+    # asks for cmake and ninja unless it finds them on PATH, so put ours first. Only
+    # llama-cpp-python itself must be a source distribution: with `--no-binary :all:` the
+    # backend's own cmake request would be compiled from source too (many minutes).
+    tool_dirs = dict.fromkeys(str(Path(tool).parent) for tool in tools)
+    path = os.pathsep.join([*tool_dirs, os.environ.get("PATH", "")])
     command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-               "--no-deps", "--no-binary", ":all:", "-d", str(dest), requirement]
-    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--no-deps", "--no-binary", DISTRIBUTION, "-d", str(dest), requirement]
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PATH": path})
     if result.returncode != 0:
+        hint = ""
+        if "No module named pip" in result.stderr:
+            # Environments made by some tools (uv, venv --without-pip) have no pip.
+            hint = f"\nInstall pip into this environment: `{sys.executable} -m ensurepip`"
         raise LlamaServerBuildError(
-            f"`pip download {requirement}` failed:\n{_tail(result.stderr, 8)}")
+            f"`pip download {requirement}` failed:\n{_tail(result.stderr, 8)}{hint}")
     found = sorted(dest.glob("*.tar.gz"))
     if not found:
         raise LlamaServerBuildError(f"`pip download {requirement}` gave no .tar.gz sdist")
