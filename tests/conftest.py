@@ -170,3 +170,76 @@ def make_config(write_config: Callable[..., Path]) -> Callable[..., Config]:
 def config(make_config: Callable[..., Config]) -> Config:
     """The base two-model config: fast (pinned) and quality (lazy), text only."""
     return make_config()
+
+
+# -- a real remote OpenAI-compatible endpoint -------------------------------------------
+
+#: The key the remote endpoint below requires (and the env var the router reads it from).
+UPSTREAM_KEY = "sk-upstream-secret-4f9d2a"
+UPSTREAM_KEY_ENV = "SARAI_TEST_UPSTREAM_KEY"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_server(models_dir: Path, tmp_path_factory):
+    """``python -m llama_cpp.server`` with the fast model on 127.0.0.1, requiring
+    UPSTREAM_KEY: an OpenAI-compatible endpoint written by others. Yields its base URL.
+    Fails (never skips) when it does not come up."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama_cpp_server") / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(models_dir / FAST_FILE),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
+             "--n_threads", "1", "--api_key", UPSTREAM_KEY, "--verbose", "False",
+             # Its default stops a streaming answer when another request arrives; queue
+             # them instead, as the endpoints the router fronts do.
+             "--interrupt_requests", "False"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"python -m llama_cpp.server exited with {process.returncode}:\n"
+                            + log.read_text(errors="replace")[-3000:], pytrace=False)
+            try:
+                request = urllib.request.Request(
+                    url + "/models", headers={"Authorization": f"Bearer {UPSTREAM_KEY}"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("python -m llama_cpp.server did not answer within 120 s:\n"
+                            + log.read_text(errors="replace")[-3000:], pytrace=False)
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """An OpenAI base URL on a free port where nothing listens: a real refused connection."""
+    return f"http://127.0.0.1:{free_port()}/v1"

@@ -19,7 +19,7 @@ from sarai_router.backend import BackendError, GenerationParams
 from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
 from sarai_router.config import rebind
 from sarai_router.plugins import Hooks, build_plugins
-from sarai_router.pool import ModelPool, PoolError, estimate_model_mb
+from sarai_router.pool import ModelPool, PoolError
 
 THIRD_MODEL = """
 [models.fast2]
@@ -213,7 +213,8 @@ def test_lru_order_under_ram_budget(make_pool, make_config, clock):
     # The pool's own estimator on the real files; a budget with room for two of the three
     # models but not for all three (max_loaded is no limit here).
     config = make_config(QUALITY2, cache="max_loaded = 5\nram_budget_mb = 1", **UNPINNED)
-    estimates = {name: estimate_model_mb(spec) for name, spec in config.models.items()}
+    estimates = {name: LlamaCppBackend().estimate_ram_mb(spec)
+                 for name, spec in config.models.items()}
     assert all(mb > 50 for mb in estimates.values()), estimates
     budget = estimates["fast"] + estimates["quality"] + estimates["quality2"] / 2
     assert estimates["fast"] + estimates["quality2"] < budget < sum(estimates.values())

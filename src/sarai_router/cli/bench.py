@@ -177,3 +177,40 @@ def _request(prompt: str):
     from ..types import ChatRequest
 
     return ChatRequest.from_prompt(prompt)
+
+
+@click.command("bench-concurrency")
+@click.argument("model")
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Streams at once.")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1),
+              help="Requests in all (default: 4 x concurrency).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--prompt", default="Escribe un párrafo sobre el mar.", show_default=True)
+@click.option("--pairs", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Paired one-at-a-time requests, router vs direct, for the proxy overhead "
+                   "(0: skip).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_concurrency(app: AppContext, model: str, concurrency: int, n_requests: int | None,
+                      max_tokens: int, prompt: str, pairs: int, as_json: bool) -> None:
+    """N concurrent streams through `serve` (a child process) vs the engine directly."""
+    from ..bench.concurrency import format_concurrency, run_concurrency
+
+    config = app.config()
+    check_model_names(config, "MODEL", (model,))
+    try:
+        result = run_concurrency(config, app.config_path, model, concurrency=concurrency,
+                                 requests=n_requests or 4 * concurrency,
+                                 max_tokens=max_tokens, prompt=prompt, pairs=pairs,
+                                 report=say)
+    except SaraiError as exc:
+        raise cli_error(exc) from None
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted", EXIT_INTERRUPTED) from None
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(format_concurrency(result))

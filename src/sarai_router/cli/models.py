@@ -43,6 +43,9 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
             "concurrency": backend.concurrency(spec),
             "estimated_ram_mb": round(estimate, 1) if estimate else None,
             **backend.describe(spec),
+            "fallbacks": list(spec.fallbacks),
+            # a remote model's endpoints, asked now (GET /models, 2 s each)
+            "health": dict(backend.probe(spec)) or None,
             "description": spec.description,
         })
     if as_json:
@@ -58,6 +61,12 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
                    f"n_ctx {row['n_ctx']}  modalities {','.join(row['modalities'])}")
         if row["path"]:
             click.echo(f"  {row['path']}")
+        for endpoint in (row["health"] or {}).get("endpoints", ()):
+            state = endpoint["state"]
+            click.echo(f"  {endpoint['url']}  "
+                       + (state if state == "up" else click.style(state, fg="yellow")))
+        if row["fallbacks"]:
+            click.echo(f"  fallbacks: {', '.join(row['fallbacks'])}")
         if row["description"]:
             click.echo(dim(f"  {row['description']}"))
 

@@ -34,7 +34,7 @@ from ..backend import Backend, BackendError, Capabilities, Delta, GenerationPara
 from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
-from ..types import AudioInput, ImageInput
+from ..types import CHARS_PER_TOKEN, AudioInput, ImageInput
 
 if TYPE_CHECKING:
     import httpx
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
-#: Prompt tokens estimated from characters when an upstream sends no usage (see docs).
-CHARS_PER_TOKEN = 3
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Fields of GenerationParams passed through under their OpenAI names when set.
 _PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
@@ -76,8 +74,7 @@ class OpenAISettings:
 
 
 def settings_urls(settings: OpenAISettings) -> tuple[str, ...]:
-    urls = settings.endpoints or ((settings.base_url,) if settings.base_url else ())
-    return tuple(url.rstrip("/") for url in urls)
+    return settings.endpoints or ((settings.base_url,) if settings.base_url else ())
 
 
 def redact_url(url: str) -> str:
@@ -149,12 +146,20 @@ def _install_log_filter() -> None:
 BASE_COOLDOWN_SECONDS = 1.0
 
 
+def endpoint_url(base_url: str, path: str) -> str:
+    """``{base_url}/{path}`` keeping the base URL's query (``?api-version=...``) at the end."""
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"{parts.path.rstrip('/')}/{path}",
+                       parts.query, ""))
+
+
 @attrs.define(eq=False)
 class Replica:
     """One endpoint of a model and what the router knows of its health (this process only)."""
 
     url: str
     shown: str  # the URL as it may be shown
+    chat_url: str = ""
     inflight: int = 0
     failures: int = 0  # consecutive
     cooldown_until: float = 0.0
@@ -181,7 +186,8 @@ class ReplicaSet:
 
     def __init__(self, urls: Sequence[str], *, max_cooldown: float,
                  clock=time.monotonic):
-        self.replicas = [Replica(url=u, shown=redact_url(u)) for u in urls]
+        self.replicas = [Replica(url=u, shown=redact_url(u),
+                                 chat_url=endpoint_url(u, "chat/completions")) for u in urls]
         self.max_cooldown = max_cooldown
         self.clock = clock
         self._lock = threading.Lock()
@@ -197,8 +203,11 @@ class ReplicaSet:
                 replica = self.replicas[(self._turn + i) % n]
                 if replica in exclude or now < replica.cooldown_until:
                     continue
-                if replica.failures and replica.inflight:
-                    continue  # probing: one request at a time until it answers
+                if replica.failures:
+                    if replica.inflight:
+                        continue  # probing: one request at a time until it answers
+                    best = replica  # its cooldown is over: the first request probes it
+                    break
                 if best is None or replica.inflight < best.inflight:
                     best = replica
             if best is not None:
@@ -219,14 +228,21 @@ class ReplicaSet:
             replica.cooldown_until = 0.0
 
     def failed(self, replica: Replica, error: str) -> float:
-        """Cool ``replica`` down; returns the cooldown in seconds."""
+        """Cool ``replica`` down; returns the cooldown in seconds.
+
+        Requests that were already in flight when it started failing fail together: they
+        are one outage, so a replica already cooling down keeps its cooldown.
+        """
         with self._lock:
-            replica.failures += 1
+            now = self.clock()
             replica.errors += 1
+            replica.last_error = error
+            if now < replica.cooldown_until:
+                return replica.cooldown_until - now
+            replica.failures += 1
             cooldown = min(self.max_cooldown,
                            BASE_COOLDOWN_SECONDS * 2 ** (replica.failures - 1))
-            replica.cooldown_until = self.clock() + cooldown
-            replica.last_error = error
+            replica.cooldown_until = now + cooldown
         log.warning("endpoint %s failed (%s); cooling down for %.0f s", replica.shown, error,
                     cooldown)
         return cooldown
@@ -246,15 +262,64 @@ class ReplicaSet:
 
 
 class _Attempt:
-    """What one upstream answer taught us: usage, finish reason, pieces counted."""
+    """One request to one replica: what its answer taught us so far."""
 
-    __slots__ = ("usage", "finish_reason", "pieces", "produced")
+    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced")
 
-    def __init__(self) -> None:
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.started = time.monotonic()
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self.pieces = 0
         self.produced = False
+
+
+class _Failover:
+    """The replicas one request tries, in turn, until one answers: what ``chat`` and
+    ``achat`` share apart from their I/O."""
+
+    def __init__(self, model: "OpenAIModel"):
+        self.model = model
+        self.tried: list[tuple[Replica, UpstreamUnavailable]] = []
+
+    def next(self) -> _Attempt | None:
+        replica = self.model.replicas.pick(exclude=[r for r, _ in self.tried])
+        return None if replica is None else _Attempt(replica)
+
+    def refused(self, attempt: _Attempt, status: int, raw: bytes) -> None:
+        """An HTTP error status: raise a 4xx as is; note a 5xx, so the next replica is tried."""
+        error = self.model._status_error(attempt.replica, status, raw)
+        if not isinstance(error, UpstreamUnavailable):
+            raise error
+        self._failed(attempt, error)
+
+    def failed(self, attempt: _Attempt, exc: BaseException) -> None:
+        """``exc`` ended ``attempt``: re-raise what no other replica can fix; note the rest."""
+        model = self.model
+        if isinstance(exc, (UpstreamError, ContextLengthError)):
+            raise exc
+        if not isinstance(exc, _MidStreamError) and not _is_transport(exc):
+            raise exc
+        why = str(exc) if isinstance(exc, _MidStreamError) else type(exc).__name__
+        if attempt.produced:  # too late for another replica or model
+            model.replicas.failed(attempt.replica, f"stream broke: {why}")
+            raise BackendError(f"model {model.spec.name!r}: endpoint {attempt.replica.shown} "
+                               f"stopped after {attempt.pieces} pieces: {why}") from None
+        if isinstance(exc, _MidStreamError):
+            error = UpstreamUnavailable(
+                f"model {model.spec.name!r}: endpoint {attempt.replica.shown} failed before "
+                f"the first token: {why}", reason="upstream_error")
+        else:
+            error = model._error(attempt.replica, exc)
+        self._failed(attempt, error)
+
+    def _failed(self, attempt: _Attempt, error: UpstreamUnavailable) -> None:
+        self.model.replicas.failed(attempt.replica, str(error))
+        self.tried.append((attempt.replica, error))
+
+    def exhausted(self) -> UpstreamUnavailable:
+        return self.model._unavailable(self.tried)
 
 
 class OpenAIModel:
@@ -352,6 +417,12 @@ class OpenAIModel:
                 body[name] = value
         return body
 
+    def direct_target(self) -> tuple[str, dict[str, str], str]:
+        """Where the first endpoint takes chat requests, the headers it needs (credentials
+        included: for a caller in this process only, never to be shown) and the model name:
+        for a bench that calls the engine directly."""
+        return self.replicas.replicas[0].chat_url, dict(self.headers), self.remote_model
+
     def health(self) -> dict[str, Any]:
         replicas = self.replicas.snapshot()
         healthy = sum(1 for r in replicas if r["state"] == "healthy")
@@ -438,58 +509,47 @@ class OpenAIModel:
                                        completion_tokens=attempt.pieces)
         return Delta(text="", finish_reason=attempt.finish_reason or "stop", usage=usage)
 
+    def _on_line(self, line: str, attempt: _Attempt) -> Delta | None:
+        """One SSE line of ``attempt``'s answer: a text Delta, or None (and the first-token
+        deadline checked)."""
+        delta = self._parse(line, attempt)
+        if delta is None:
+            if (not attempt.produced
+                    and time.monotonic() - attempt.started > self.settings.timeout_seconds):
+                raise _FirstTokenTimeout()
+            return None
+        if not attempt.produced:
+            attempt.produced = True
+            self.replicas.succeeded(attempt.replica)
+        return delta
+
+    def _finish(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
+        self.replicas.succeeded(attempt.replica)
+        return self._final(attempt, messages)
+
     def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
              images: Sequence[ImageInput] = (), audio: AudioInput | None = None) -> Iterator[Delta]:
         """Stream from the least busy healthy endpoint, trying the next one on a failure
         before the first token."""
         body = self.body(messages, params, images, audio)
-        tried: list[tuple[Replica, UpstreamUnavailable]] = []
         client = self.client()
-        while True:
-            replica = self.replicas.pick(exclude=[r for r, _ in tried])
-            if replica is None:
-                raise self._unavailable(tried)
-            attempt = _Attempt()
+        failover = _Failover(self)
+        while (attempt := failover.next()) is not None:
             try:
-                started = time.monotonic()
-                with client.stream("POST", f"{replica.url}/chat/completions",
-                                   json=body) as response:
+                with client.stream("POST", attempt.replica.chat_url, json=body) as response:
                     if response.status_code >= 400:
-                        error = self._status_error(replica, response.status_code,
-                                                   response.read())
-                        if isinstance(error, UpstreamUnavailable):
-                            self.replicas.failed(replica, str(error))
-                            tried.append((replica, error))
-                            continue
-                        raise error
+                        failover.refused(attempt, response.status_code, response.read())
+                        continue
                     for line in response.iter_lines():
-                        delta = self._parse(line, attempt)
-                        if delta is None:
-                            if (not attempt.produced and time.monotonic() - started
-                                    > self.settings.timeout_seconds):
-                                raise _FirstTokenTimeout()
-                            continue
-                        if not attempt.produced:
-                            attempt.produced = True
-                            self.replicas.succeeded(replica)
-                        yield delta
-                    self.replicas.succeeded(replica)
-                    yield self._final(attempt, messages)
-                    return
-            except (UpstreamError, ContextLengthError):
-                raise
-            except _MidStreamError as exc:
-                raise self._mid_stream(replica, attempt, str(exc)) from None
+                        if (delta := self._on_line(line, attempt)) is not None:
+                            yield delta
+                yield self._finish(attempt, messages)
+                return
             except Exception as exc:
-                if not _is_transport(exc):
-                    raise
-                if attempt.produced:
-                    raise self._mid_stream(replica, attempt, type(exc).__name__) from None
-                error = self._error(replica, exc)
-                self.replicas.failed(replica, str(error))
-                tried.append((replica, error))
+                failover.failed(attempt, exc)
             finally:
-                self.replicas.release(replica)
+                self.replicas.release(attempt.replica)
+        raise failover.exhausted()
 
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
@@ -497,64 +557,25 @@ class OpenAIModel:
         """``chat`` on the event loop: one pooled async connection per stream, no thread.
         Cancelling the consumer (client gone) closes the upstream response."""
         body = self.body(messages, params, images, audio)
-        tried: list[tuple[Replica, UpstreamUnavailable]] = []
         client = self.aclient()
-        while True:
-            replica = self.replicas.pick(exclude=[r for r, _ in tried])
-            if replica is None:
-                raise self._unavailable(tried)
-            attempt = _Attempt()
+        failover = _Failover(self)
+        while (attempt := failover.next()) is not None:
             try:
-                started = time.monotonic()
-                async with client.stream("POST", f"{replica.url}/chat/completions",
+                async with client.stream("POST", attempt.replica.chat_url,
                                          json=body) as response:
                     if response.status_code >= 400:
-                        error = self._status_error(replica, response.status_code,
-                                                   await response.aread())
-                        if isinstance(error, UpstreamUnavailable):
-                            self.replicas.failed(replica, str(error))
-                            tried.append((replica, error))
-                            continue
-                        raise error
+                        failover.refused(attempt, response.status_code, await response.aread())
+                        continue
                     async for line in response.aiter_lines():
-                        delta = self._parse(line, attempt)
-                        if delta is None:
-                            if (not attempt.produced and time.monotonic() - started
-                                    > self.settings.timeout_seconds):
-                                raise _FirstTokenTimeout()
-                            continue
-                        if not attempt.produced:
-                            attempt.produced = True
-                            self.replicas.succeeded(replica)
-                        yield delta
-                    self.replicas.succeeded(replica)
-                    yield self._final(attempt, messages)
-                    return
-            except (UpstreamError, ContextLengthError):
-                raise
-            except _MidStreamError as exc:
-                raise self._mid_stream(replica, attempt, str(exc)) from None
+                        if (delta := self._on_line(line, attempt)) is not None:
+                            yield delta
+                yield self._finish(attempt, messages)
+                return
             except Exception as exc:
-                if not _is_transport(exc):
-                    raise
-                if attempt.produced:
-                    raise self._mid_stream(replica, attempt, type(exc).__name__) from None
-                error = self._error(replica, exc)
-                self.replicas.failed(replica, str(error))
-                tried.append((replica, error))
+                failover.failed(attempt, exc)
             finally:
-                self.replicas.release(replica)
-
-    def _mid_stream(self, replica: Replica, attempt: _Attempt, why: str) -> BaseException:
-        if not attempt.produced:
-            error = UpstreamUnavailable(f"model {self.spec.name!r}: endpoint {replica.shown} "
-                                        f"failed before the first token: {why}",
-                                        reason="upstream_error")
-            self.replicas.failed(replica, str(error))
-            return error
-        self.replicas.failed(replica, f"stream broke: {why}")
-        return BackendError(f"model {self.spec.name!r}: endpoint {replica.shown} stopped "
-                            f"after {attempt.pieces} pieces: {why}")
+                self.replicas.release(attempt.replica)
+        raise failover.exhausted()
 
 
 class _FirstTokenTimeout(Exception):
@@ -711,7 +732,7 @@ class OpenAIBackend(Backend):
         with httpx.Client(timeout=timeout, headers=headers, trust_env=False) as client:
             for url in settings_urls(settings):
                 try:
-                    response = client.get(f"{url}/models")
+                    response = client.get(endpoint_url(url, "models"))
                     state = "up" if response.status_code < 400 else f"http {response.status_code}"
                 except httpx.ConnectError:
                     state = "refused"

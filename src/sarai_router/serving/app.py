@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server: ``create_app(config)`` is an ASGI app, ``serve`` runs it.
 
-Starlette + uvicorn. Each generation runs on its own worker thread (``streaming.Generation``)
-and hands its pieces to the event loop one by one, so a streamed answer goes out token by
-token and never blocks other requests. A request is admitted (or refused with a status)
+Starlette + uvicorn. A local model's generation runs on its own worker thread
+(``streaming.Generation``); a remote model's (a backend with ``async_chat``) runs as a task
+on the event loop (``streaming.AsyncGeneration``: no thread per stream). Either hands its
+pieces to the handler one by one, so a streamed answer goes out token by token and never
+blocks other requests. A request is admitted (or refused with a status)
 before any byte of the answer is sent: the first event from the worker decides. The
 request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepare``.
 """
