@@ -514,6 +514,23 @@ def test_a_request_needing_tools_goes_to_a_model_that_offers_them(engine):
 
 
 def test_routing_moves_a_request_the_routed_model_cannot_take(make_config):
+    # The remote model is the default but says its upstream can't follow a JSON schema;
+    # the in-process models can (llama.cpp grammars).
+    config = make_config("""
+        [models.remote]
+        backend = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        capabilities = ["tools"]
+        """, routing='default_model = "remote"')
+    engine = Engine(config)
+    try:
+        needs = ChatRequest(messages=({"role": "user", "content": "What time is it?"},),
+                            needs=frozenset({"json_schema"}))
+        decision = engine.prepare(needs, prewarm=False)
+        assert decision.model != "remote" and decision.routed_model == "remote"
+        assert f"'remote' cannot take json_schema, so {decision.model!r}" in decision.reason
+    finally:
+        engine.close()
     config = make_config("""
         [models.remote]
         backend = "openai"
@@ -521,11 +538,6 @@ def test_routing_moves_a_request_the_routed_model_cannot_take(make_config):
         """)
     engine = Engine(config)
     try:
-        needs = ChatRequest(messages=({"role": "user", "content": "hola"},),
-                            needs=frozenset({"json_schema"}))
-        decision = engine.prepare(needs, prewarm=False)
-        assert decision.model == "remote" and decision.routed_model == "fast"
-        assert "'fast' cannot take json_schema, so 'remote'" in decision.reason
         # Longer than fast's n_ctx (512) by the estimate: the model with room takes it.
         long = ChatRequest.from_prompt("palabra " * 400)
         assert engine.prepare(long, prewarm=False).model == "remote"
@@ -534,17 +546,19 @@ def test_routing_moves_a_request_the_routed_model_cannot_take(make_config):
 
 
 def test_no_model_can_take_it_names_what_is_missing(config):
+    from sarai_router.types import ImageInput
+
     engine = Engine(config)
     try:
-        request = ChatRequest(messages=({"role": "user", "content": "hola"},),
-                              needs=frozenset({"logprobs"}))
+        # Both models are text only (no mmproj): nothing can take the image.
+        request = ChatRequest.from_prompt("¿Qué ves?", images=(ImageInput(data=b"\x89PNG"),))
         with pytest.raises(CapabilityError) as info:
             engine.prepare(request, prewarm=False)
     finally:
         engine.close()
     message = str(info.value)
-    assert "cannot take logprobs" in message and "no other configured model can either" in message
-    assert info.value.missing == ("logprobs",)
+    assert "cannot take image input" in message and "no other configured model can either" in message
+    assert info.value.missing == ("image input",)
 
 
 # -- the server ------------------------------------------------------------------------------

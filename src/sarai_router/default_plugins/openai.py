@@ -50,9 +50,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: request sent on a connection the server is closing at that moment fails with "server
 #: disconnected without sending a response" (seen under load with llama-server).
 KEEPALIVE_EXPIRY_SECONDS = 2.0
-#: Fields of GenerationParams passed through under their OpenAI names when set.
-_PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
-                 "top_logprobs")
 
 
 @attrs.frozen
@@ -470,10 +467,20 @@ class OpenAIModel:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        for name in _PASS_THROUGH:
-            value = getattr(params, name, None)
-            if value is not None and value != ():
-                body[name] = value
+        # Only what the request asked for: an upstream may refuse a default it doesn't
+        # expect (llama-server: "top_logprobs requires logprobs to be set to true").
+        if params.tools:
+            body["tools"] = [dict(tool) for tool in params.tools]
+            body["tool_choice"] = params.tool_choice
+        if params.response_format is not None:
+            body["response_format"] = params.response_format
+        if params.logprobs:
+            body["logprobs"] = True
+            if params.top_logprobs:
+                body["top_logprobs"] = params.top_logprobs
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(params, name, None) is not None:
+                body[name] = getattr(params, name)
         return body
 
     def direct_target(self) -> tuple[str, dict[str, str], str]:
