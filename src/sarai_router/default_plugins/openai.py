@@ -45,9 +45,6 @@ log = logging.getLogger(__name__)
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: Fields of GenerationParams passed through under their OpenAI names when set.
-_PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs",
-                 "top_logprobs")
 
 
 @attrs.frozen
@@ -453,10 +450,17 @@ class OpenAIModel:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        for name in _PASS_THROUGH:
-            value = getattr(params, name, None)
-            if value is not None and value != ():
-                body[name] = value
+        # Only what the request asked for: a strict upstream refuses tool_choice without
+        # tools and top_logprobs without logprobs (GenerationParams holds their defaults).
+        if params.tools:
+            body["tools"] = list(params.tools)
+            body["tool_choice"] = params.tool_choice
+        if params.response_format is not None:
+            body["response_format"] = params.response_format
+        if params.logprobs:
+            body["logprobs"] = True
+            if params.top_logprobs:
+                body["top_logprobs"] = params.top_logprobs
         return body
 
     def direct_target(self) -> tuple[str, dict[str, str], str]:
