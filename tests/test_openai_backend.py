@@ -471,9 +471,18 @@ def test_a_cooling_endpoint_fails_fast_and_its_fallback_answers(engine):
 
 
 def test_timeout_before_the_first_token_is_504(engine):
+    stall = engine.pool.ensure_loaded("stall").model
+    (replica,) = stall.replicas.replicas
+    # Another stream got a token from it while this request waited: busy, not dead.
+    replica.last_token_at = time.monotonic() + 3600
     with pytest.raises(UpstreamUnavailable) as info:
         answer(engine, "stall")
     assert info.value.status == 504 and info.value.reason == "timeout"
+    assert replica.failures == 0 and replica.state(stall.replicas.clock()) == "healthy"
+    replica.last_token_at = 0.0  # no progress at all: it cools down
+    with pytest.raises(UpstreamUnavailable):
+        answer(engine, "stall")
+    assert replica.failures == 1
 
 
 def test_cli_fallback_shows_in_json_and_on_stderr(remote_config):
@@ -813,3 +822,55 @@ def test_models_list_probes_remote_endpoints(remote_config):
     assert rows["pair"]["concurrency"] == 32  # max_concurrency 16 x 2 endpoints
     text = CliRunner().invoke(cli, ["--config", str(remote_config), "models", "list"]).stdout
     assert "refused" in text and "up" in text
+
+
+# -- the pool on an event loop -------------------------------------------------------------
+
+
+def test_async_slots_go_to_waiters_in_order_and_none_is_lost(make_config):
+    """One slot (max_concurrency 1), five waiters, one of which leaves, and a newcomer that
+    arrives right after a release: the slot goes to the waiters in order, never to the
+    newcomer first, and it is free at the end."""
+    import asyncio
+
+    from sarai_router.errors import QueueFull
+    from sarai_router.plugins import Hooks
+    from sarai_router.pool import ModelPool
+
+    config = make_config("""
+        [models.remote]
+        backend = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        max_concurrency = 1
+        """)
+    pool = ModelPool(config, Hooks(config.plugin_set, config))
+
+    async def scenario() -> list[int]:
+        order: list[int] = []
+        holder = pool.ause("remote")
+        resident = await holder.__aenter__()
+
+        async def waiter(i: int) -> None:
+            async with pool.ause("remote"):
+                order.append(i)
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
+        while len(resident.async_waiters) < 5:
+            await asyncio.sleep(0)
+        with pytest.raises(QueueFull):  # 1 using + 5 waiting: past concurrency + queue 5
+            async with pool.ause("remote", queue_limit=5):
+                pass
+        tasks[2].cancel()
+        await holder.__aexit__(None, None, None)
+        late = asyncio.create_task(waiter(99))
+        await asyncio.gather(*tasks, late, return_exceptions=True)
+        assert resident.slots.acquire(blocking=False)  # free again
+        resident.slots.release()
+        assert resident.users == 0 and resident.queued == 0 and not resident.async_waiters
+        return order
+
+    try:
+        assert asyncio.run(scenario()) == [0, 1, 3, 4, 99]
+    finally:
+        pool.close()

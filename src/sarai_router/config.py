@@ -96,6 +96,8 @@ class BenchConfig:
     target_speedup_max: float = 2.5
     target_ram_mb: float = 12288.0
     target_overhead_ratio: float = 0.98
+    #: Speech to text: transcription time over clip length (``bench --audio``).
+    target_rtf_max: float = 0.5
 
 
 @attrs.frozen
@@ -168,6 +170,10 @@ class Config:
         When the plugin registered a schema for its table, missing keys hold their defaults.
         """
         return MappingProxyType(self.plugins.tables.get(name, {}))
+
+    def plugin_settings(self, name: str, cls: type) -> Any:
+        """Plugin ``name``'s table structured as ``cls`` (the class it registered)."""
+        return _converter.structure(dict(self.plugins.tables.get(name, {})), cls)
 
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds

@@ -1,7 +1,8 @@
 """One routed request end to end, the same for every front end.
 
-``Engine.prepare(request, model=None)`` is the request path: route, check that the model
-can take the request, make its files present, start pre-warms. ``Engine.stream`` then
+``Engine.prepare(request, model=None)`` is the request path: transcribe audio that no
+model can take, route, check that the model can take the request, make its files present,
+start pre-warms. ``Engine.stream`` then
 holds the model and streams the answer, timing it. The CLI, the chat REPL, the server and
 the bench all go through it, and only translate its errors (all ``SaraiError``) into their
 own output.
@@ -22,12 +23,12 @@ import attrs
 from .backend import GenerationParams, TokenLogprob, ToolCall, Usage
 from .config import Config
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
-                     SaraiError, UpstreamUnavailable, not_configured)
+                     SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
-from .router import Router
-from .types import ChatRequest, FallbackStep, RouteDecision
+from .router import EXPLICIT_PLUGIN, Router
+from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,13 @@ class Completion:
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        transcript = self.decision.transcript
         return {
             "model": self.decision.model,
             "reason": self.decision.reason,
             "plugin": self.decision.plugin,
             "signals": dict(self.decision.signals),
+            "transcript": None if transcript is None else transcript.to_dict(),
             "fallbacks": [step.to_dict() for step in self.decision.fallbacks],
             "text": self.text,
             "finish_reason": self.finish_reason,
@@ -105,12 +108,16 @@ class Engine:
 
     def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
                 on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
-        """Route ``request`` (or take ``model``), check the model can take it, make its
-        files present, and start any pre-warms. Raises a ``SaraiError`` naming the problem.
+        """Route ``request`` (or take ``model``), transcribing audio the model can't take,
+        check the model can take it, make its files present, and start any pre-warms.
+        Raises a ``SaraiError`` naming the problem.
 
         ``on_route`` hears the decision before any file is fetched (to say which model).
+        A transcribed request's decision carries the ``transcript``; :meth:`stream` then
+        gives the model the transcript instead of the audio (:meth:`model_request`).
         """
-        decision = self.route(request, model=model)
+        decision = self.decide(request, model=model)
+        request = self.model_request(request, decision)
         decision = self.check_capabilities(decision, request)
         if on_route is not None:
             on_route(decision)
@@ -141,6 +148,68 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
+    def decide(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+        """The routing decision for ``request``, its audio transcribed when needed.
+
+        Audio goes to the model itself when the model takes it. Otherwise it is transcribed
+        and the request routed on the typed text plus the transcript: before routing when
+        no configured model lists ``"audio"`` (routing on an attachment nothing can take
+        would be wasted), after routing when the chosen model doesn't (and routed again).
+        """
+        if request.audio is None:
+            return self.route(request, model=model)
+        if not any(self.takes_audio(name) for name in self.config.models):
+            why = "no configured model takes audio"
+        else:
+            decision = self.route(request, model=model)
+            if self.takes_audio(decision.model):
+                return decision
+            if decision.plugin != EXPLICIT_PLUGIN:
+                try:  # routed: a model that takes audio gets it, if it can take the rest
+                    moved = self.check_capabilities(decision, request)
+                except CapabilityError:
+                    moved = None
+                if moved is not None and self.takes_audio(moved.model):
+                    return moved
+            why = (f"model {decision.model!r} (routed by {decision.plugin}: {decision.reason}) "
+                   "does not take audio")
+        transcript = self.transcribe(request.audio, request, why=why)
+        decision = self.route(request.with_transcript(transcript), model=model)
+        return attrs.evolve(decision, transcript=transcript)
+
+    def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
+                   language: str | None = None, why: str = "") -> Transcript:
+        """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
+
+        Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
+        transcribe (the message says why audio needed transcribing, and what to install).
+        """
+        request = request or ChatRequest(messages=(), audio=audio)
+        started = time.perf_counter()
+        try:
+            answer = self.hooks.transcribe(audio=audio, request=request, language=language)
+        except TranscriptionUnavailable as exc:
+            raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
+        if answer is None:
+            raise TranscriptionUnavailable(
+                (f"{why}, and " if why else "")
+                + "no plugin transcribes audio (the default, 'whisper', may be disabled in "
+                "[plugins] disable)")
+        return attrs.evolve(answer.value, plugin=answer.plugin,
+                            seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def model_request(request: ChatRequest, decision: RouteDecision) -> ChatRequest:
+        """What the model receives: ``request``, or its transcribed form when the decision
+        transcribed its audio."""
+        if decision.transcript is not None and request.audio is not None:
+            return request.with_transcript(decision.transcript)
+        return request
+
+    def takes_audio(self, model: str) -> bool:
+        """Whether ``model`` takes audio input, as its backend reports it."""
+        return "audio" in self.router.capabilities(model).modalities
+
     def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
         """``decision``, or another model when the routed one cannot take ``request``
         (see :meth:`Router.ensure_capable`); CapabilityError when none can."""
@@ -169,6 +238,7 @@ class Engine:
         ``completion.decision`` says so; never once a piece was yielded.
         """
         completion = completion if completion is not None else Completion(decision=decision)
+        request = self.model_request(request, decision)
         started = time.perf_counter()
         attempt = _Attempts(self, request, decision)
         while True:
@@ -193,6 +263,7 @@ class Engine:
         one without (a llama.cpp fallback) streams on a worker thread of its own.
         Cancelling the consumer ends the upstream request and frees the model's slot."""
         completion = completion if completion is not None else Completion(decision=decision)
+        request = self.model_request(request, decision)
         started = time.perf_counter()
         attempt = _Attempts(self, request, decision)
         while True:

@@ -41,6 +41,16 @@ class CapabilityError(SaraiError):
         self.missing = missing
 
 
+class TranscriptionUnavailable(CapabilityError):
+    """Audio must be transcribed but cannot be: no speech-to-text plugin, its extra not
+    installed, its model not usable. The message says what to install or set."""
+
+
+class AudioError(SaraiError):
+    """The attached audio cannot be used: not audio, empty or silent, too long, or a format
+    that cannot be decoded. The message names the clip and the problem (bad input)."""
+
+
 class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 

@@ -46,8 +46,6 @@ __all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "Resi
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
 UNLOAD_VERIFY_MIN_MB = 16.0
-#: An event-loop waiter re-checks its slot this often even if no release woke it.
-SLOT_RECHECK_SECONDS = 1.0
 
 
 def _wake(future: "asyncio.Future") -> None:
@@ -314,8 +312,17 @@ class ModelPool:
             self._drop_dead_locked(resident, detail)
 
     def _release_slot(self, resident: Resident) -> None:
-        resident.slots.release()
-        self._wake_next(resident)
+        """Free a slot: handed straight to the first event-loop waiter if there is one (so a
+        newcomer cannot take it first and waiters are served in order), else released."""
+        with self._cond:
+            while resident.async_waiters:
+                loop, future = resident.async_waiters.pop(0)
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # that loop is closed: nobody waits there any more
+                    continue
+                return
+            resident.slots.release()
 
     def _release_user(self, resident: Resident) -> None:
         with self._cond:
@@ -327,45 +334,24 @@ class ModelPool:
             self._cond.notify_all()
 
     async def _aslot(self, resident: Resident) -> None:
-        """Take a slot of ``resident`` without blocking the event loop."""
+        """Take a slot of ``resident`` without blocking the event loop: at once if one is
+        free, else wait (a future) for a release to hand one over."""
         loop = asyncio.get_running_loop()
-        while not resident.slots.acquire(blocking=False):
-            future = loop.create_future()
-            with self._cond:
-                resident.async_waiters.append((loop, future))
-            # A release between the failed try and the append would have woken nobody.
+        future = loop.create_future()
+        entry = (loop, future)
+        with self._cond:  # releases decide under this lock too: no wakeup is lost
             if resident.slots.acquire(blocking=False):
-                self._forget_waiter(resident, loop, future)
                 return
-            try:
-                # The timeout is a safety net only: a release wakes one waiter.
-                await asyncio.wait((future,), timeout=SLOT_RECHECK_SECONDS)
-            except BaseException:
-                self._forget_waiter(resident, loop, future)
-                raise
-            self._forget_waiter(resident, loop, future, pass_on=False)
-
-    def _forget_waiter(self, resident: Resident, loop, future, *, pass_on: bool = True) -> None:
-        with self._cond:
-            try:
-                resident.async_waiters.remove((loop, future))
-            except ValueError:
-                pass
-        if pass_on and future.done():
-            # We were woken but leave without the slot: wake the next waiter instead.
-            self._wake_next(resident)
-
-    def _wake_next(self, resident: Resident) -> None:
-        with self._cond:
-            while resident.async_waiters:
-                loop, future = resident.async_waiters.pop(0)
-                if future.done():
-                    continue
-                try:
-                    loop.call_soon_threadsafe(_wake, future)
-                except RuntimeError:  # that loop is closed: nobody waits there any more
-                    continue
-                break
+            resident.async_waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            with self._cond:
+                if entry in resident.async_waiters:  # nothing was handed to us
+                    resident.async_waiters.remove(entry)
+                    raise
+            self._release_slot(resident)  # a slot was on its way to us: pass it on
+            raise
 
     def _acquire_loaded(self, name: str, *, queue_limit: int | None) -> Resident | None:
         """Count a request on ``name`` if it is loaded (never blocks); None if it is not."""

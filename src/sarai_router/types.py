@@ -1,4 +1,5 @@
-"""The objects that travel through a request: the request itself and the routing decision."""
+"""The objects that travel through a request: the request itself, the transcript of its
+audio, and the routing decision."""
 
 from __future__ import annotations
 
@@ -19,11 +20,61 @@ class ImageInput:
 
 @attrs.frozen
 class AudioInput:
-    """An audio clip attached to a request."""
+    """An audio clip attached to a request.
+
+    ``message_index``: the message that carried it (an HTTP ``input_audio`` part), so its
+    transcript goes there; ``None`` means the latest user message.
+    """
 
     data: bytes
     mime: str = "audio/wav"
     source: str = ""
+    message_index: int | None = None
+
+
+#: How the model sees a transcript in the user's text: marked, so that it knows the words
+#: were spoken (and may hold recognition errors) rather than typed.
+TRANSCRIPT_MARK = "[transcribed audio]"
+
+
+@attrs.frozen
+class Transcript:
+    """What a ``transcribe`` plugin returns for an audio clip.
+
+    ``text``: what was said; ``language``: its ISO 639-1 code (``"es"``) or ``""`` if
+    unknown; ``duration``: the clip's length in seconds. ``language_probability`` and
+    ``load_seconds`` (the time spent loading the speech model for this call) are optional.
+    The engine fills in ``plugin`` (who transcribed) and ``seconds`` (how long it took).
+    """
+
+    text: str
+    language: str = ""
+    duration: float = 0.0
+    language_probability: float | None = None
+    load_seconds: float = 0.0
+    plugin: str = ""
+    seconds: float = 0.0
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Transcription time (model load excluded) over the clip's length."""
+        if self.duration <= 0:
+            return None
+        return max(self.seconds - self.load_seconds, 0.0) / self.duration
+
+    def to_dict(self) -> dict[str, Any]:
+        rtf = self.real_time_factor
+        return {
+            "text": self.text,
+            "language": self.language,
+            "seconds": round(self.seconds, 4),
+            "duration": round(self.duration, 3),
+            "load_seconds": round(self.load_seconds, 4),
+            "real_time_factor": None if rtf is None else round(rtf, 3),
+            "language_probability": None if self.language_probability is None
+            else round(self.language_probability, 3),
+            "plugin": self.plugin,
+        }
 
 
 #: What a request may need beyond text, in ``ChatRequest.needs``.
@@ -48,6 +99,11 @@ class ChatRequest:
     messages: tuple[Mapping[str, Any], ...]
     images: tuple[ImageInput, ...] = ()
     audio: AudioInput | None = None
+    #: Set once the attached audio was transcribed (``with_transcript``); ``audio`` is then None.
+    transcript: Transcript | None = None
+    #: What the signals read when it differs from the latest user message: the typed text
+    #: and the transcript, without the mark the model sees.
+    spoken_text: str | None = None
     needs: frozenset[str] = frozenset()
 
     @property
@@ -58,10 +114,38 @@ class ChatRequest:
 
     @property
     def text(self) -> str:
+        """The latest user turn as the signals read it (with what was said, if transcribed)."""
+        if self.spoken_text is not None:
+            return self.spoken_text
+        return self.typed_text
+
+    @property
+    def typed_text(self) -> str:
         for message in reversed(self.messages):
             if message.get("role") == "user":
                 return message_text(message)
         return ""
+
+    def with_transcript(self, transcript: Transcript) -> "ChatRequest":
+        """This request with its audio replaced by ``transcript``: the model receives the
+        words, marked as a transcription, in the message that carried the audio (or the
+        latest user message); the signals read the typed text plus the transcript."""
+        spoken = transcript.text.strip()
+        typed = self.typed_text
+        messages = [dict(m) for m in self.messages]
+        index = self.audio.message_index if self.audio is not None else None
+        if index is None or not 0 <= index < len(messages):
+            index = next((i for i in range(len(messages) - 1, -1, -1)
+                          if messages[i].get("role") == "user"), None)
+        marked = f"{TRANSCRIPT_MARK} {spoken}"
+        if index is None:
+            messages.append({"role": "user", "content": marked})
+        else:
+            before = message_text(messages[index])
+            messages[index]["content"] = f"{before}\n\n{marked}" if before.strip() else marked
+        return attrs.evolve(
+            self, messages=tuple(messages), audio=None, transcript=transcript,
+            spoken_text=f"{typed}\n{spoken}" if typed.strip() else spoken)
 
     @classmethod
     def from_prompt(
@@ -155,6 +239,8 @@ class RouteDecision:
     signals: Mapping[str, Any]
     warnings: tuple[str, ...] = ()
     fallback: bool = False
+    #: The attached audio's transcript, when it was transcribed to be routed and answered.
+    transcript: Transcript | None = None
     fallbacks: tuple[FallbackStep, ...] = ()
     routed_model: str | None = None
 
@@ -171,6 +257,7 @@ class RouteDecision:
             "signals": dict(self.signals),
             "warnings": list(self.warnings),
             "fallback": self.fallback,
+            "transcript": None if self.transcript is None else self.transcript.to_dict(),
             "fallbacks": [step.to_dict() for step in self.fallbacks],
             "routed_model": self.routed_model,
         }

@@ -10,24 +10,38 @@ import click
 from ..errors import SaraiError
 from .common import (EXIT_INTERRUPTED, EXIT_USAGE, AppContext, CliError, audio_option,
                      cli_error, dim, emit_json, image_option, json_option, progressbar,
-                     request_from_options, say)
+                     request_from_options, say, transcript_line)
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False, default="")
 @image_option
 @audio_option
 @json_option
 @click.pass_obj
 def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
           as_json: bool) -> None:
-    """Explain the routing decision for PROMPT (loads no model)."""
-    from ..router import Router
+    """Explain the routing decision for PROMPT (loads no chat model).
 
-    router = Router(app.config())
+    With --audio that no model takes, the clip is transcribed first (the speech model
+    loads) and the decision is made on what was said, as `query` does.
+    """
     request = request_from_options(prompt, images, audio)
     try:
-        decision = router.route(request)
+        if request.audio is None:
+            from ..router import Router
+
+            router = Router(app.config())
+            decision = router.route(request)
+        else:
+            from ..engine import Engine
+
+            engine = Engine(app.config(), report=say, progressbar=progressbar)
+            router = engine.router
+            try:
+                decision = engine.decide(request)
+            finally:
+                engine.close()
     except SaraiError as exc:
         raise cli_error(exc) from None
     if as_json:
@@ -38,12 +52,22 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     click.echo(f"model:   {decision.model}")
     click.echo(f"plugin:  {decision.plugin}")
     click.echo(f"reason:  {decision.reason}")
+    if decision.transcript is not None:
+        t = decision.transcript
+        click.echo(f"audio:   {t.text!r} ({t.language or 'language unknown'}, "
+                   f"{t.duration:.1f} s clip, transcribed in {t.seconds:.2f} s by {t.plugin})")
     signals = ", ".join(f"{k}={_fmt_signal(v)}" for k, v in decision.signals.items())
     click.echo(f"signals: {signals}")
     for warning in decision.warnings:
         click.echo(click.style(f"warning: {warning}", fg="yellow"))
     for error in router.hooks.errors:
         click.echo(click.style(f"plugin error: {error}", fg="red"), err=True)
+
+
+def _say_route(decision) -> None:
+    if decision.transcript is not None:
+        click.echo(dim(transcript_line(decision.transcript)), err=True)
+    click.echo(dim(decision.summary()), err=True)
 
 
 def _fmt_signal(value: Any) -> str:
@@ -55,7 +79,7 @@ def _fmt_signal(value: Any) -> str:
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False, default="")
 @image_option
 @audio_option
 @click.option("--model", metavar="NAME", help="Answer with this configured model, bypassing routing.")
@@ -69,7 +93,11 @@ def _fmt_signal(value: Any) -> str:
 def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
           model: str | None, max_tokens: int | None, temperature: float, seed: int | None,
           no_stream: bool, as_json: bool) -> None:
-    """Route PROMPT and stream the answer (model and reason on stderr)."""
+    """Route PROMPT and stream the answer (model and reason on stderr).
+
+    With --audio, PROMPT is optional: a clip the model can't take is transcribed, routed
+    on what was said (plus PROMPT) and answered as text.
+    """
     from ..backend import GenerationParams
     from ..engine import Completion, Engine
 
@@ -81,7 +109,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
         # One-shot: nothing to pre-warm for; the process ends with this answer.
         decision = engine.prepare(
             request, model=model, prewarm=False,
-            on_route=None if as_json else lambda d: click.echo(dim(d.summary()), err=True))
+            on_route=None if as_json else _say_route)
         params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         completion = Completion(decision=decision)
         for piece in engine.stream(request, decision, params, completion):

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Idle pooled connections are dropped after this. Servers close idle keep-alive connections
+#: after 5 s (llama-server's cpp-httplib, uvicorn) and httpx's own default is also 5 s: a
+#: request sent on a connection the server is closing at that moment fails with "server
+#: disconnected without sending a response" (seen under load with llama-server).
+KEEPALIVE_EXPIRY_SECONDS = 2.0
 
 
 @attrs.frozen
@@ -59,9 +64,11 @@ class OpenAISettings:
     remote_model: str = ""
     #: the environment variable holding the API key (sent as ``Authorization: Bearer``)
     api_key_env: str = ""
-    #: connect/read timeout, and the longest wait for the first token
-    timeout_seconds: float = 120.0
-    #: requests one endpoint takes at once (the pool admits this x the endpoints)
+    #: connect/read timeout, and the longest wait for the first token (which includes
+    #: any time the request queues inside the upstream)
+    timeout_seconds: float = 300.0
+    #: requests one endpoint takes at once (the pool admits this x the endpoints): the
+    #: upstream's own parallelism (llama-server --parallel), so that the rest queue here
     max_concurrency: int = 16
     #: extra HTTP headers sent with every request
     headers: dict[str, str] = attrs.field(factory=dict)
@@ -203,6 +210,8 @@ class Replica:
     last_error: str = ""
     requests: int = 0
     errors: int = 0
+    #: time.monotonic() of the latest token any stream got from it
+    last_token_at: float = 0.0
 
     def state(self, now: float) -> str:
         if now < self.cooldown_until:
@@ -354,8 +363,15 @@ class _Failover:
         self._failed(attempt, error)
 
     def _failed(self, attempt: _Attempt, error: UpstreamUnavailable) -> None:
-        self.model.replicas.failed(attempt.replica, str(error))
-        self.tried.append((attempt.replica, error))
+        replica = attempt.replica
+        if error.reason == "timeout" and replica.last_token_at > attempt.started:
+            # Other streams got tokens from it meanwhile: busy (its own queue), not dead.
+            # This request gives up on it; the others need not.
+            log.info("endpoint %s is busy: no first token within %g s", replica.shown,
+                     self.model.settings.timeout_seconds)
+        else:
+            self.model.replicas.failed(replica, str(error))
+        self.tried.append((replica, error))
 
     def exhausted(self) -> UpstreamUnavailable:
         return self.model._unavailable(self.tried)
@@ -392,7 +408,8 @@ class OpenAIModel:
         import httpx
 
         total = self.settings.max_concurrency * len(self.urls)
-        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
+        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4,
+                            keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
 
     def _timeout(self):
         import httpx
@@ -573,6 +590,7 @@ class OpenAIModel:
                     and time.monotonic() - attempt.started > self.settings.timeout_seconds):
                 raise _FirstTokenTimeout()
             return None
+        attempt.replica.last_token_at = time.monotonic()
         if not attempt.produced:
             attempt.produced = True
             self.replicas.succeeded(attempt.replica)

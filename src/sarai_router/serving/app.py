@@ -12,6 +12,7 @@ request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepar
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -31,6 +32,7 @@ from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
 from ..types import RouteDecision
+from .audio import transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol)
 from .metrics import CONTENT_TYPE, Metrics
@@ -410,6 +412,8 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", functools.partial(transcriptions, state),
+                  methods=["POST"]),
             Route("/v1/models", state.list_models, methods=["GET"]),
             Route("/v1/models/{name:path}", state.get_model, methods=["GET"]),
             Route("/health", state.health, methods=["GET"]),

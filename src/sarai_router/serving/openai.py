@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 
 from .. import __version__
 from ..backend import GenerationParams, TokenLogprob, ToolCall
-from ..errors import (BackendError, CapabilityError, ContextLengthError, FetchError,
+from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
                       InvalidRequest, ModelLoadError, PoolError, QueueFull, UpstreamError,
                       UpstreamUnavailable)
 from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
@@ -104,6 +104,8 @@ def error_for(exc: BaseException) -> ApiError:
                         headers={"retry-after": "1"})
     if isinstance(exc, InvalidRequest):
         return ApiError(400, scrub_paths(str(exc)), code="invalid_value", param=exc.param)
+    if isinstance(exc, AudioError):
+        return ApiError(400, str(exc), code="invalid_audio", param="messages")
     if isinstance(exc, CapabilityError):
         missing = [m for m in getattr(exc, "missing", ()) if m in NEED_FIELDS]
         if missing:
@@ -318,6 +320,7 @@ class _Messages:
         self.audio: list[AudioInput] = []
         self.calls: dict[str, str] = {}  # tool call id -> function name
         self.chars = 0
+        self.index = 0
 
     def parse(self, raw: Any, index: int) -> dict[str, Any]:
         param = f"messages[{index}]"
@@ -338,6 +341,7 @@ class _Messages:
             return self._assistant(raw, param)
         if role == "tool":
             return self._tool(raw, param)
+        self.index = index  # the message an input_audio part's transcript goes back to
         text = self._content(raw.get("content"), f"{param}.content",
                              media=role == "user")
         return {"role": ROLES[role], "content": text}
@@ -392,7 +396,8 @@ class _Messages:
                     raise ApiError(400, f"{at}.input_audio.data is not valid base64",
                                    code="invalid_audio", param=at) from None
                 self.audio.append(AudioInput(data=data, mime=f"audio/{fmt}",
-                                             source=f"{at} (input_audio)"))
+                                             source=f"{at} (input_audio)",
+                                             message_index=self.index))
             else:
                 allowed = ("text, image_url with a data: URI, input_audio" if media
                            else "text, refusal" if refusal else "text")
