@@ -513,52 +513,67 @@ def test_a_request_needing_tools_goes_to_a_model_that_offers_them(engine):
     assert engine.prepare(needs, model="remote", prewarm=False).model == "remote"
 
 
+#: An endpoint that claims nothing beyond text (llama_cpp models offer all three).
+PLAIN_REMOTE = """
+[models.plain]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+capabilities = []
+"""
+
+
 def test_routing_moves_a_request_the_routed_model_cannot_take(make_config):
-    # The remote model is the default but says its upstream can't follow a JSON schema;
-    # the in-process models can (llama.cpp grammars).
-    config = make_config("""
+    config = make_config(PLAIN_REMOTE + """
+        fallbacks = ["remote"]
+
         [models.remote]
         backend = "openai"
         base_url = "http://127.0.0.1:9/v1"
-        capabilities = ["tools"]
-        """, routing='default_model = "remote"')
+        """, routing='default_model = "plain"')
     engine = Engine(config)
     try:
-        needs = ChatRequest(messages=({"role": "user", "content": "What time is it?"},),
+        needs = ChatRequest(messages=({"role": "user", "content": "hola"},),
                             needs=frozenset({"json_schema"}))
         decision = engine.prepare(needs, prewarm=False)
-        assert decision.model != "remote" and decision.routed_model == "remote"
-        assert f"'remote' cannot take json_schema, so {decision.model!r}" in decision.reason
+        assert decision.model == "remote" and decision.routed_model == "plain"
+        assert "'plain' cannot take json_schema, so 'remote'" in decision.reason
     finally:
         engine.close()
-    config = make_config("""
-        [models.remote]
-        backend = "openai"
-        base_url = "http://127.0.0.1:9/v1"
-        """)
+    config = make_config(PLAIN_REMOTE)
     engine = Engine(config)
     try:
         # Longer than fast's n_ctx (512) by the estimate: the model with room takes it.
         long = ChatRequest.from_prompt("palabra " * 400)
-        assert engine.prepare(long, prewarm=False).model == "remote"
+        assert engine.prepare(long, prewarm=False).model == "plain"
     finally:
         engine.close()
 
 
-def test_no_model_can_take_it_names_what_is_missing(config):
-    from sarai_router.types import ImageInput
+def test_no_model_can_take_it_names_what_is_missing(make_config):
+    config = make_config(PLAIN_REMOTE + """
+        [models.plain2]
+        backend = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        capabilities = ["tools"]
 
+        [routing]
+        default_model = "plain"
+
+        [plugins.heuristic]
+        conversation_model = "plain"
+        multimodal_model = "plain2"
+        """, base=False)
     engine = Engine(config)
     try:
-        # Both models are text only (no mmproj): nothing can take the image.
-        request = ChatRequest.from_prompt("¿Qué ves?", images=(ImageInput(data=b"\x89PNG"),))
+        request = ChatRequest(messages=({"role": "user", "content": "hola"},),
+                              needs=frozenset({"logprobs"}))
         with pytest.raises(CapabilityError) as info:
-            engine.prepare(request, prewarm=False)
+            engine.prepare(request, model=None, prewarm=False)
     finally:
         engine.close()
     message = str(info.value)
-    assert "cannot take image input" in message and "no other configured model can either" in message
-    assert info.value.missing == ("image input",)
+    assert "cannot take logprobs" in message and "no other configured model can either" in message
+    assert info.value.missing == ("logprobs",)
 
 
 # -- the server ------------------------------------------------------------------------------

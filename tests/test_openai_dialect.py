@@ -388,7 +388,8 @@ def relayed(engine, text: str, **params):
     decision = engine.prepare(request, model="remote", prewarm=False)
     completion = Completion(decision=decision)
     for _ in engine.stream(request, decision,
-                           GenerationParams(temperature=0, max_tokens=80, **params), completion):
+                           GenerationParams(**{"temperature": 0, "max_tokens": 80, **params}),
+                           completion):
         pass
     return completion
 

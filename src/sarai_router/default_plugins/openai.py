@@ -467,10 +467,10 @@ class OpenAIModel:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        # Only what the request asked for: an upstream may refuse a default it doesn't
-        # expect (llama-server: "top_logprobs requires logprobs to be set to true").
+        # Only what the request asked for: a strict upstream refuses tool_choice without
+        # tools and top_logprobs without logprobs (GenerationParams holds their defaults).
         if params.tools:
-            body["tools"] = [dict(tool) for tool in params.tools]
+            body["tools"] = list(params.tools)
             body["tool_choice"] = params.tool_choice
         if params.response_format is not None:
             body["response_format"] = params.response_format
@@ -478,9 +478,6 @@ class OpenAIModel:
             body["logprobs"] = True
             if params.top_logprobs:
                 body["top_logprobs"] = params.top_logprobs
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(params, name, None) is not None:
-                body[name] = getattr(params, name)
         return body
 
     def direct_target(self) -> tuple[str, dict[str, str], str]:
