@@ -1,11 +1,16 @@
 """Shared fixtures: configs written to tmp_path as real TOML files, pointing at the real models.
 
 Tests that need the models fail loudly when a file is missing (CI pulls them first with
-``sarai-router models pull``); they are never skipped.
+``sarai-router models pull``); they are never skipped. A test that loads a model carries
+the ``models`` marker, and one that doesn't is failed if it loads one (model_load_guard/),
+so ``pytest -m "not models"`` loads none.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -49,6 +54,50 @@ BASE_PARTS = {
     "fast": "pinned = true",
     "quality": "",
 }
+
+
+# -- the `models` marker, enforced ----------------------------------------------------------
+
+GUARD_DIR = Path(__file__).parent / "model_load_guard"
+_spec = importlib.util.spec_from_file_location("sarai_model_load_guard",
+                                               GUARD_DIR / "sarai_model_load_guard.py")
+load_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(load_guard)
+load_guard.install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test not marked ``models`` runs with model loads forbidden, here and in its children."""
+    if item.get_closest_marker("models"):
+        return
+    handle, name = tempfile.mkstemp(prefix="sarai-forbidden-loads-", suffix=".txt")
+    os.close(handle)
+    record = Path(name)
+    item._forbidden_loads = (record, os.environ.get(load_guard.ENV), os.environ.get("PYTHONPATH"))
+    os.environ[load_guard.ENV] = str(record)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(GUARD_DIR), os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem):
+    try:
+        return (yield)
+    finally:
+        saved = getattr(item, "_forbidden_loads", None)
+        if saved is not None:
+            record, env, pythonpath = saved
+            for name, value in ((load_guard.ENV, env), ("PYTHONPATH", pythonpath)):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            loads = record.read_text(encoding="utf-8").strip()
+            record.unlink()
+            if loads:
+                pytest.fail(f"{item.nodeid} loads a model but is not marked `models`:\n{loads}",
+                            pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -121,3 +170,76 @@ def make_config(write_config: Callable[..., Path]) -> Callable[..., Config]:
 def config(make_config: Callable[..., Config]) -> Config:
     """The base two-model config: fast (pinned) and quality (lazy), text only."""
     return make_config()
+
+
+# -- a real remote OpenAI-compatible endpoint -------------------------------------------
+
+#: The key the remote endpoint below requires (and the env var the router reads it from).
+UPSTREAM_KEY = "sk-upstream-secret-4f9d2a"
+UPSTREAM_KEY_ENV = "SARAI_TEST_UPSTREAM_KEY"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_server(models_dir: Path, tmp_path_factory):
+    """``python -m llama_cpp.server`` with the fast model on 127.0.0.1, requiring
+    UPSTREAM_KEY: an OpenAI-compatible endpoint written by others. Yields its base URL.
+    Fails (never skips) when it does not come up."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama_cpp_server") / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(models_dir / FAST_FILE),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
+             "--n_threads", "1", "--api_key", UPSTREAM_KEY, "--verbose", "False",
+             # Its default stops a streaming answer when another request arrives; queue
+             # them instead, as the endpoints the router fronts do.
+             "--interrupt_requests", "False"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"python -m llama_cpp.server exited with {process.returncode}:\n"
+                            + log.read_text(errors="replace")[-3000:], pytrace=False)
+            try:
+                request = urllib.request.Request(
+                    url + "/models", headers={"Authorization": f"Bearer {UPSTREAM_KEY}"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("python -m llama_cpp.server did not answer within 120 s:\n"
+                            + log.read_text(errors="replace")[-3000:], pytrace=False)
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """An OpenAI base URL on a free port where nothing listens: a real refused connection."""
+    return f"http://127.0.0.1:{free_port()}/v1"

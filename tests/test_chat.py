@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,34 @@ def spawn_chat(config_path: Path, *args: str) -> pexpect.spawn:
     return child
 
 
+BRIEF = """
+[models.brief]
+path = "{models_dir}/SmolLM2-135M-Instruct.Q4_1.gguf"
+n_ctx = 256
+n_threads = 1
+ttl_seconds = 1
+"""
+
+
+def wait_for_models_line(child: pexpect.spawn, pattern: str, timeout: float = 60) -> None:
+    """Send ``/models`` until a line matches ``pattern`` (the reaper runs on its own clock)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        child.sendline("/models")
+        child.expect_exact("/models")  # the echo of what we typed
+        child.expect_exact(PROMPT)
+        if re.search(pattern, child.before):
+            return
+        assert time.monotonic() < deadline, f"no {pattern!r} in /models after {timeout}s: " \
+                                            + child.before
+        time.sleep(0.2)
+
+
 def test_chat_turns_model_switch_models_and_ttl(write_config):
-    path = write_config(cache="ttl_seconds = 60\nmax_loaded = 2\nreap_interval_seconds = 0.2",
-                        fast=ONE_THREAD_PINNED, quality="ttl_seconds = 1\nn_threads = 1")
+    # quality keeps the cache's long TTL (its "loaded" line cannot race an expiry); the
+    # brief model's 1 s TTL is the one the reaper is watched on.
+    path = write_config(BRIEF, cache="ttl_seconds = 3600\nmax_loaded = 3\nreap_interval_seconds = 0.2",
+                        fast=ONE_THREAD_PINNED, quality="n_threads = 1")
     child = spawn_chat(path, "--max-tokens", "6", "--seed", "1")
     try:
         child.sendline("Hola, ¿cómo estás?")
@@ -48,13 +74,20 @@ def test_chat_turns_model_switch_models_and_ttl(write_config):
         child.expect_exact(PROMPT)
 
         child.sendline("/models")
-        child.expect(r"\* quality\s+loaded")
+        child.expect(r"\* quality\s+loaded\s+ttl 3600s")
         child.expect_exact(PROMPT)
-        time.sleep(2.5)  # idle past the quality model's 1 s TTL: the reaper unloads it
-        child.sendline("/models")
-        child.expect(r"fast\s+loaded\s+pinned")
-        child.expect(r"\* quality\s+unloaded")
+
+        child.sendline("/model brief")
+        child.expect_exact("next turns go to 'brief'")
         child.expect_exact(PROMPT)
+        child.sendline("Hi")
+        child.expect_exact("[brief] model requested explicitly")
+        child.expect(r"\[brief\] \d+ tokens")
+        child.expect_exact(PROMPT)
+        # No turn from here: the reaper alone unloads brief once it is idle past its TTL.
+        wait_for_models_line(child, r"\* brief\s+unloaded\s+ttl 1s")
+        assert re.search(r"fast\s+loaded\s+pinned", child.before), child.before
+        assert re.search(r"quality\s+loaded", child.before), child.before
 
         child.sendline("/auto")
         child.expect_exact("routing each turn again")

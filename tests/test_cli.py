@@ -95,6 +95,7 @@ def test_route_with_an_image_shows_the_decision_and_warns(run, default_config_he
     assert data["signals"]["modality"] == "image" and len(data["warnings"]) == 1
 
 
+@pytest.mark.models
 def test_route_obeys_a_plugins_dir(run, write_config, tmp_path):
     (tmp_path / "plugs").mkdir()
     (tmp_path / "plugs" / "hola_quality.py").write_text(textwrap.dedent("""
@@ -151,6 +152,7 @@ def test_route_and_help_do_not_import_llama_cpp(args, tmp_path, models_dir):
 # -- query, end to end on the real models ---------------------------------------------
 
 
+@pytest.mark.models
 def test_query_fast_model_answers_hola(run, default_config_here):
     data = query_json(run, "Hola, ¿cómo estás?")
     assert data["model"] == "fast"
@@ -162,6 +164,7 @@ def test_query_fast_model_answers_hola(run, default_config_here):
     assert timings["tokens_per_second"] > 0 and timings["load_s"] > 0
 
 
+@pytest.mark.models
 def test_query_quality_model_answers_the_image_request(run, default_config_here):
     data = query_json(run, "Describe esta imagen, por favor")
     assert data["model"] == "quality"
@@ -171,6 +174,7 @@ def test_query_quality_model_answers_the_image_request(run, default_config_here)
     assert data["timings"]["tokens_per_second"] > 0
 
 
+@pytest.mark.models
 def test_query_streams_and_says_which_model_and_why_on_stderr(run, default_config_here):
     result = run("query", "--max-tokens", "8", "--temperature", "0", "Hola, ¿cómo estás?")
     assert result.exit_code == 0, result.stderr
@@ -179,6 +183,7 @@ def test_query_streams_and_says_which_model_and_why_on_stderr(run, default_confi
     assert "tok/s" in result.stderr and "first token" in result.stderr
 
 
+@pytest.mark.models
 def test_query_model_option_bypasses_routing(run, default_config_here):
     data = query_json(run, "--model", "fast", "--max-tokens", "2", "Describe esta imagen")
     assert data["model"] == "fast"
@@ -341,6 +346,7 @@ def test_bad_config_makes_every_command_exit_2_without_traceback(run, write_conf
         assert "cache.max_loaded" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.models
 def test_query_pulls_a_missing_default_model_and_says_so(tmp_path, monkeypatch, models_dir):
     """The README quickstart's path: a fresh models dir, the built-in config, one query.
 
@@ -380,6 +386,7 @@ def test_empty_prompt_is_a_usage_error(run, default_config_here, command):
     assert "PROMPT is empty" in result.stderr
 
 
+@pytest.mark.models
 def test_query_longer_than_the_context_is_a_clear_error(run, write_config):
     result = run("--config", str(write_config()), "query", "word " * 1000, "--model", "fast")
     assert result.exit_code == 2

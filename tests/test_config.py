@@ -215,3 +215,29 @@ def test_checked_files_must_be_gguf_and_plugin_dirs_must_exist(write_config, tmp
     assert any(p.startswith(f"{path}: models.x.path: not a readable GGUF file")
                for p in info.value.problems), info.value.problems
     assert f"{path}: plugins.dirs[0]: not a directory: {tmp_path / 'nowhere'}" in info.value.problems
+
+
+def _gguf_string(text: str) -> bytes:
+    return len(text).to_bytes(8, "little") + text.encode()
+
+
+@pytest.mark.parametrize("name, data", [
+    ("counts past the file", b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 16),
+    ("a string length past any offset", b"GGUF" + (3).to_bytes(4, "little")
+     + (0).to_bytes(8, "little") + (1).to_bytes(8, "little") + (2**63 + 5).to_bytes(8, "little")),
+    ("an array longer than the file", b"GGUF" + (3).to_bytes(4, "little")
+     + (0).to_bytes(8, "little") + (1).to_bytes(8, "little") + _gguf_string("general.x")
+     + (9).to_bytes(4, "little") + (8).to_bytes(4, "little") + (2**40).to_bytes(8, "little")),
+    ("a number field holding a string", b"GGUF" + (3).to_bytes(4, "little")
+     + (0).to_bytes(8, "little") + (2).to_bytes(8, "little")
+     + _gguf_string("general.architecture") + (8).to_bytes(4, "little") + _gguf_string("llama")
+     + _gguf_string("llama.block_count") + (8).to_bytes(4, "little") + _gguf_string("many")),
+])
+def test_a_junk_gguf_header_is_a_gguf_error(tmp_path, name, data):
+    """A valid magic and a junk header: a clear GGUFError, never OverflowError & co."""
+    from sarai_router.gguf_info import GGUFError, read_info
+
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(data + b"\0" * 64)
+    with pytest.raises(GGUFError, match="GGUF"):
+        read_info(path)

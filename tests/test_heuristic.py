@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from sarai_router import hookimpl
 from sarai_router.default_plugins.empathy import empathy_score
+from sarai_router.plugins import build_plugins
 from sarai_router.router import Router
 from sarai_router.types import AudioInput, ChatRequest, ImageInput
 
@@ -195,3 +197,46 @@ def test_text_of_request_is_the_latest_user_message(router):
     decision = router.route(request)
     assert request.text == "Me siento muy triste hoy"
     assert decision.model == "fast"
+
+
+# -- the rule's boundaries: "strictly greater" and "strictly fewer", as documented ---------
+
+
+class FixedEmpathy:
+    """Replaces the empathy signal with a fixed score, to stand exactly on the threshold."""
+
+    def __init__(self, score: float):
+        self.score = score
+
+    @hookimpl
+    def register_signals(self, register):
+        register("empathy", lambda request: self.score)
+
+
+def route_with_empathy(config, score: float, text: str):
+    plugins = build_plugins(config, extra=[("fixed_empathy", FixedEmpathy(score))])
+    return Router(config, plugins).route(ChatRequest.from_prompt(text))
+
+
+def test_empathy_exactly_at_the_threshold_is_not_emotional(make_config):
+    config = make_config(routing='default_model = "quality"')
+    threshold = config.plugin_config("heuristic")["empathy_threshold"]
+    text = "Hola, ¿qué tal?"  # short, no multimodal keyword: only the empathy rule can pick fast
+    at = route_with_empathy(config, threshold, text)
+    assert at.signals["empathy"] == threshold
+    assert (at.model, at.reason) == ("quality", "no rule matched: the default model")
+    above = route_with_empathy(config, threshold + 1e-9, text)
+    assert above.model == "fast" and "short emotional conversation" in above.reason
+
+
+def test_a_message_exactly_max_chars_long_is_not_short(make_config):
+    text = "Me siento muy triste hoy"  # the real scorer: 0.97, well above the threshold
+    routing = 'default_model = "quality"'
+    at = Router(make_config(f"[routing.heuristic]\nmax_chars = {len(text)}\n", routing=routing))
+    decision = route(at, text)
+    assert decision.signals["chars"] == len(text) and decision.signals["empathy"] > 0.8
+    assert decision.model == "quality" and decision.reason == "no rule matched: the default model"
+    above = Router(make_config(f"[routing.heuristic]\nmax_chars = {len(text) + 1}\n",
+                               routing=routing))
+    decision = route(above, text)
+    assert decision.model == "fast" and f"{len(text)} < {len(text) + 1} chars" in decision.reason

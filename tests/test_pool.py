@@ -6,6 +6,9 @@ generations are real (llama-cpp-python). The only test doubles are backends that
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import sys
 import threading
 import time
 
@@ -86,6 +89,7 @@ def generate(pool: ModelPool, name: str, prompt: str = "Hi") -> str:
 # -- pinned and lazy ------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
     pool = make_pool(config)
     assert pool.residents() == []  # nothing loads before it is needed
@@ -98,6 +102,7 @@ def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
     assert snapshot["estimated_mb"] > 100 and snapshot["load_seconds"] > 0
 
 
+@pytest.mark.models
 def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, make_config, clock):
     pool = make_pool(make_config(THIRD_MODEL))
     assert pool.load_pinned() == ["fast"]
@@ -110,6 +115,7 @@ def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, 
     assert loaded(pool) == {"fast"}
 
 
+@pytest.mark.models
 def test_only_pinned_models_resident_and_limit_reached_is_a_pool_error(make_pool, make_config):
     pool = make_pool(make_config(cache="max_loaded = 1"))
     pool.load_pinned()
@@ -123,6 +129,7 @@ def test_only_pinned_models_resident_and_limit_reached_is_a_pool_error(make_pool
 # -- TTL ------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
     pool = make_pool(config)
     with pool.use("quality") as resident:
@@ -135,6 +142,7 @@ def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
     assert kinds(pool)[-1] == ("expire", "quality")
 
 
+@pytest.mark.models
 def test_idle_clock_starts_when_generation_ends(make_pool, config, clock):
     pool = make_pool(config)
     start = clock.now
@@ -144,12 +152,14 @@ def test_idle_clock_starts_when_generation_ends(make_pool, config, clock):
     assert pool.reap(now=start + 160) == ["quality"]
 
 
+@pytest.mark.models
 def test_per_model_ttl_overrides_the_cache_ttl(make_pool, make_config, clock):
     pool = make_pool(make_config(quality="ttl_seconds = 5"))
     use(pool, "quality")
     assert pool.reap(now=clock.now + 5) == ["quality"]
 
 
+@pytest.mark.models
 def test_reaper_thread_unloads_with_the_real_clock(make_pool, make_config):
     pool = make_pool(make_config(quality="ttl_seconds = 0.2"), clock=time.monotonic)
     use(pool, "quality")
@@ -163,6 +173,7 @@ def test_reaper_thread_unloads_with_the_real_clock(make_pool, make_config):
 # -- LRU eviction ---------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
     pool = make_pool(make_config(THIRD_MODEL, **UNPINNED))
     use(pool, "fast", clock, at=1001)
@@ -175,6 +186,7 @@ def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
     assert loaded(pool) == {"fast2", "quality"}
 
 
+@pytest.mark.models
 def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_config, clock):
     # fast ~136 MB + quality ~382 MB (GGUF header estimates at n_ctx 512) exceed 450 MB.
     pool = make_pool(make_config(cache="max_loaded = 5\nram_budget_mb = 450", **UNPINNED))
@@ -187,16 +199,41 @@ def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_confi
     assert loaded(pool) == {"fast"}
 
 
+QUALITY2 = """
+[models.quality2]
+path = "{models_dir}/gemma-3-270m-q4_k_m.gguf"
+chat_format = "gemma"
+n_ctx = 512
+max_tokens = 8
+"""
+
+
+@pytest.mark.models
 def test_lru_order_under_ram_budget(make_pool, make_config, clock):
-    # A 1000 MB estimate each (above any measured RSS), budget for two of them.
-    pool = make_pool(make_config(THIRD_MODEL, cache="max_loaded = 5\nram_budget_mb = 2500",
-                                 **UNPINNED), estimator=lambda spec: 1000.0)
+    # The pool's own estimator on the real files; a budget with room for two of the three
+    # models but not for all three (max_loaded is no limit here).
+    config = make_config(QUALITY2, cache="max_loaded = 5\nram_budget_mb = 1", **UNPINNED)
+    estimates = {name: LlamaCppBackend().estimate_ram_mb(spec)
+                 for name, spec in config.models.items()}
+    assert all(mb > 50 for mb in estimates.values()), estimates
+    budget = estimates["fast"] + estimates["quality"] + estimates["quality2"] / 2
+    assert estimates["fast"] + estimates["quality2"] < budget < sum(estimates.values())
+    pool = make_pool(make_config(QUALITY2, cache=f"max_loaded = 5\nram_budget_mb = {budget}",
+                                 **UNPINNED))
     use(pool, "fast", clock, at=1001)
     use(pool, "quality", clock, at=1002)
-    use(pool, "fast", clock, at=1003)
-    use(pool, "fast2", clock, at=1004)
-    assert loaded(pool) == {"fast", "fast2"}
-    assert pool.resident_mb() == 2000.0
+    use(pool, "fast", clock, at=1003)  # quality is now the least recently used
+    assert loaded(pool) == {"fast", "quality"}, pool.events
+    use(pool, "quality2", clock, at=1004)
+    assert loaded(pool) == {"fast", "quality2"}
+    evictions = [e for e in pool.events if e.kind == "evict"]
+    assert [(e.model, e.detail) for e in evictions] == [("quality", "to load quality2")]
+    snapshots = {r["name"]: r for r in pool.residents()}
+    for name, snapshot in snapshots.items():  # budgeted at the estimate, or the measure if larger
+        assert snapshot["estimated_mb"] == pytest.approx(estimates[name], abs=0.1)
+        assert snapshot["ram_mb"] == pytest.approx(max(estimates[name], snapshot["measured_mb"]),
+                                                   abs=0.1)
+    assert pool.resident_mb() <= budget
 
 
 def test_model_too_big_for_the_budget_is_a_clear_pool_error(make_pool, make_config):
@@ -235,6 +272,7 @@ class Holder:
         assert self.errors == []
 
 
+@pytest.mark.models
 def test_no_unload_while_in_use(make_pool, make_config, clock):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=0.3)
     holder = Holder(pool, "quality")
@@ -249,6 +287,7 @@ def test_no_unload_while_in_use(make_pool, make_config, clock):
     assert pool.reap(now=clock.now + 1e6) == ["quality"]
 
 
+@pytest.mark.models
 def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_config):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"), wait_seconds=30)
     holder = Holder(pool, "quality")
@@ -262,6 +301,17 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
     assert ("evict", "quality") in kinds(pool)
 
 
+def waiting_for_gen_lock(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking the instance's lock."""
+    frame = sys._current_frames().get(thread.ident)
+    return (frame is not None and frame.f_code is USE_CODE
+            and "gen_lock" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+
+
+USE_CODE = inspect.unwrap(ModelPool.use).__code__
+
+
+@pytest.mark.models
 def test_one_generation_at_a_time_per_instance(make_pool, config):
     pool = make_pool(config)
     holder = Holder(pool, "fast")
@@ -273,7 +323,13 @@ def test_one_generation_at_a_time_per_instance(make_pool, config):
 
     thread = threading.Thread(target=second, daemon=True)
     thread.start()
-    assert not second_in.wait(0.3)  # blocked on the instance's lock
+    deadline = time.monotonic() + 30
+    while not waiting_for_gen_lock(thread) and not second_in.is_set():
+        assert time.monotonic() < deadline, "the second user never reached the instance's lock"
+        time.sleep(0.01)
+    # The second user is admitted (counted), parked on the lock the holder keeps, not inside.
+    assert not second_in.is_set(), "two generations on one instance at once"
+    assert pool.residents()[0]["queued"] == 2
     holder.release()
     assert second_in.wait(30)
     thread.join(30)
@@ -302,6 +358,7 @@ class CountingLlamaCpp:
         register("llama_cpp", Counting())  # a user plugin wins over the default
 
 
+@pytest.mark.models
 def test_hook_register_backends(make_pool, make_config):
     plugin = CountingLlamaCpp()
     pool = make_pool(make_config(fast='pinned = true\nbackend = "counted"'), plugin)
@@ -324,6 +381,7 @@ class FailingBackendPlugin:
         register("failing", FailingBackend())
 
 
+@pytest.mark.models
 def test_backend_that_fails_to_load_leaves_no_resident(make_pool, make_config):
     pool = make_pool(make_config(quality='backend = "failing"'), FailingBackendPlugin())
     with pytest.raises(BackendError) as info:
@@ -352,6 +410,7 @@ class MostRecentlyUsed:
         return max(candidates, key=lambda r: r.last_used).name
 
 
+@pytest.mark.models
 def test_hook_select_eviction(make_pool, make_config, clock):
     plugin = MostRecentlyUsed()
     pool = make_pool(make_config(THIRD_MODEL, **UNPINNED), plugin)
@@ -368,6 +427,7 @@ class EvictNothingKnown:
         return "not-a-resident"
 
 
+@pytest.mark.models
 def test_select_eviction_naming_a_non_candidate_is_skipped_for_the_next_plugin(make_pool,
                                                                              make_config):
     pool = make_pool(make_config(cache="max_loaded = 1", fast="pinned = false"),
@@ -389,6 +449,7 @@ class ExpireOnlyQuality:
         return resident.name == "quality"  # at once, ignoring the TTL; never anything else
 
 
+@pytest.mark.models
 def test_hook_model_expired(make_pool, make_config, clock):
     plugin = ExpireOnlyQuality()
     pool = make_pool(make_config(THIRD_MODEL), plugin)

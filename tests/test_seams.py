@@ -151,11 +151,11 @@ def test_config_check_refuses_a_table_for_no_loaded_plugin(write_config):
 
 
 def test_heuristic_settings_from_the_plugin_table(make_config):
-    config = make_config('[plugins.heuristic]\nempathy_threshold = 0.99\n'
+    config = make_config('[plugins.heuristic]\nempathy_threshold = 1.0\n'
                          'conversation_model = "quality"\n')
     decision = route(Router(config), SAD)
-    # SAD scores above 0.8 but not above 0.99: the table's threshold is in force.
-    assert decision.signals["empathy"] < 0.99
+    # SAD scores above 0.8 but no score is above 1.0: the table's threshold is in force.
+    assert 0.8 < decision.signals["empathy"] <= 1.0
     assert decision.reason == "no rule matched: the default model"
     config = make_config('[plugins.heuristic]\nconversation_model = "quality"\n')
     decision = route(Router(config), SAD)

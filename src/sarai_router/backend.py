@@ -7,8 +7,8 @@ take) it asks the model's backend through :class:`Backend`.
 
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol,
-                    Sequence)
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping,
+                    Protocol, Sequence)
 
 import attrs
 
@@ -18,16 +18,17 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities", "ContextLengthError",
-           "Delta", "GenerationParams", "LoadedModel", "Presence", "SAMPLING_KEYS", "Usage",
-           "model_sampling"]
+__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities",
+           "ContextLengthError", "Delta", "GenerationParams", "LoadedModel", "Presence",
+           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "model_sampling"]
 
 #: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                  "presence_penalty", "frequency_penalty")
 
-#: What a setting is when neither the request, the config nor the model file gives it
-#: (llama-cpp-python's own defaults, except temperature, which it puts at 0.2).
+#: What an in-process backend uses for a setting that neither the request, the config nor
+#: the model file gives (llama-cpp-python's own defaults, except temperature, which it puts
+#: at 0.2). A remote backend sends only what is set and leaves the rest to its server.
 BUILTIN_SAMPLING: Mapping[str, float] = {
     "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
     "presence_penalty": 0.0, "frequency_penalty": 0.0,
@@ -36,9 +37,18 @@ BUILTIN_SAMPLING: Mapping[str, float] = {
 
 @attrs.frozen
 class GenerationParams:
-    """What one request asks of a generation. A sampling setting left ``None`` takes the
-    model's default (``Engine.stream`` fills them in before the backend sees them:
-    ``[models.NAME]``, else the model file's recommendation, else ``BUILTIN_SAMPLING``)."""
+    """What one request asks of a generation.
+
+    A sampling setting left ``None`` takes the model's default: ``Engine.stream`` fills in
+    ``[models.NAME]`` and the model file's recommendation before the backend sees them; an
+    in-process backend takes ``BUILTIN_SAMPLING`` for what is still unset, a remote one
+    leaves it to its server.
+
+    ``tools``, ``tool_choice``, ``response_format`` and ``logprobs`` follow OpenAI's chat
+    shapes (plain dicts, already checked by the front end). A backend whose
+    ``capabilities`` lack one of them never sees it: the request is refused first
+    (``ChatRequest.needs``).
+    """
 
     max_tokens: int | None = None  # None: the model's configured max_tokens
     temperature: float | None = None
@@ -50,6 +60,16 @@ class GenerationParams:
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
+    #: "parameters"}}``; empty when the request offers none (or ``tool_choice`` is "none")
+    tools: tuple[Mapping[str, Any], ...] = ()
+    #: "auto", "required", or ``{"type": "function", "function": {"name": NAME}}``
+    tool_choice: str | Mapping[str, Any] = "auto"
+    #: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``;
+    #: None for free text
+    response_format: Mapping[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0..20), with ``logprobs``
     #: Returns True once the generation should end as soon as it can (the runaway guard
     #: says it repeats itself). A backend that honours it ends the answer cleanly (its
     #: usage counted); one that doesn't is closed by the engine a few pieces later.
@@ -77,12 +97,38 @@ class Usage:
 
 
 @attrs.frozen
+class ToolCall:
+    """A function call the model asked for: ``arguments`` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token with its log probability and the most likely alternatives
+    (``top``: ``(token, logprob, bytes)`` each, most likely first)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@attrs.frozen
 class Delta:
-    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``."""
+    """One streamed piece of an answer. The last one has ``finish_reason`` and ``usage``,
+    and ``tool_calls`` when the model called tools (finish reason "tool_calls").
+
+    ``logprobs``: the tokens of ``text``, when the request asked for them.
+    """
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @attrs.frozen
@@ -118,6 +164,21 @@ class LoadedModel(Protocol):
 
     def close(self) -> None:
         """Release the model's memory (or stop its process)."""
+
+
+class AsyncLoadedModel(LoadedModel, Protocol):
+    """A loaded model that can also stream on an event loop (``Backend.async_chat``)."""
+
+    def achat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams,
+        *,
+        images: Sequence[ImageInput] = (),
+        audio: AudioInput | None = None,
+    ) -> AsyncIterator[Delta]:
+        """``chat`` as an async generator; closing it (or cancelling its consumer) ends the
+        upstream request."""
 
 
 class Backend:
@@ -167,6 +228,16 @@ class Backend:
     def capabilities(self, spec: "ModelSpec") -> Capabilities:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
+    def async_chat(self, spec: "ModelSpec") -> bool:
+        """Whether the loaded model also offers ``async def achat(...)`` (an async generator
+        of Deltas, same arguments as ``chat``): the server then streams it on its event loop
+        instead of a worker thread per request."""
+        return False
+
+    def probe(self, spec: "ModelSpec") -> Mapping[str, Any]:
+        """Live health of a remote model's endpoints (``models list``); empty when local."""
+        return {}
+
     def sampling_defaults(self, spec: "ModelSpec") -> Mapping[str, float]:
         """The sampling the model's author recommends (names from ``SAMPLING_KEYS``), e.g.
         from a GGUF's ``general.sampling.*`` keys; empty when the model says nothing."""
@@ -175,19 +246,21 @@ class Backend:
 
 def model_sampling(spec: "ModelSpec", backend: "Backend") -> dict[str, Any]:
     """``spec``'s sampling defaults: its ``[models.NAME]`` keys, else what the model file
-    recommends (the backend's ``sampling_defaults``), else ``BUILTIN_SAMPLING``."""
+    recommends (the backend's ``sampling_defaults``). What neither sets is left out (an
+    in-process backend then takes ``BUILTIN_SAMPLING``, a remote server its own)."""
     from_file = {key: value for key, value in dict(backend.sampling_defaults(spec)).items()
                  if key in SAMPLING_KEYS and value is not None}
     from_config = {key: getattr(spec, key) for key in SAMPLING_KEYS
                    if getattr(spec, key, None) is not None}
-    return {**BUILTIN_SAMPLING, **from_file, **from_config}
+    return {**from_file, **from_config}
 
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
 BackendFactory = Backend
 
 _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
-             "estimate_ram_mb", "presence", "describe", "capabilities", "sampling_defaults")
+             "estimate_ram_mb", "presence", "describe", "capabilities", "async_chat", "probe",
+             "sampling_defaults")
 
 
 def as_backend(factory: Any) -> Backend:

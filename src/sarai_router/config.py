@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 import cattrs
@@ -23,9 +23,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError, not_configured
-
-if TYPE_CHECKING:
-    from .plugins import PluginSet
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +67,22 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     # Empty: no key, unless $SARAI_ROUTER_API_KEY or --api-key sets one.
     api_key: str = ""
+    # A request asking for more tokens than this is refused (HTTP 400).
+    max_tokens_cap: int = 8192
+    # Longer prompts are refused before they are tokenised (HTTP 400).
+    max_prompt_chars: int = 262144
+    # Host names answered besides IP literals and localhost ("*": any; DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins a browser page may call from (CORS); empty: none.
+    cors_origins: tuple[str, ...] = ()
+    # Listen beyond loopback with no API key (else `serve` refuses to start).
+    allow_unauthenticated: bool = False
+    # A request's headers must arrive within this (slow clients are disconnected).
+    header_timeout_seconds: float = 10.0
+    # ... and its body within this (HTTP 408 after it).
+    body_timeout_seconds: float = 60.0
+    # Request line + headers larger than this get HTTP 431.
+    max_header_bytes: int = 16384
     #: How long a stop (Ctrl-C, SIGTERM) may take: answers in flight are stopped at once,
     #: queued requests get 503 at once, and the process exits within this many seconds.
     shutdown_grace_seconds: float = 10.0
@@ -102,6 +115,8 @@ class BenchConfig:
     target_speedup_max: float = 2.5
     target_ram_mb: float = 12288.0
     target_overhead_ratio: float = 0.98
+    #: Speech to text: transcription time over clip length (``bench --audio``).
+    target_rtf_max: float = 0.5
 
 
 @attrs.frozen
@@ -129,6 +144,9 @@ class ModelSpec:
     ttl_seconds: float | None = None
     sha256: str = ""
     description: str = ""
+    #: models tried in order when this one fails before its first token (load failure,
+    #: refused connection, 5xx, timeout)
+    fallbacks: tuple[str, ...] = ()
     # Sampling defaults for this model (None: the model file's recommendation, else the
     # built-in one); a request's own values override them. See backend.SAMPLING_KEYS.
     temperature: float | None = None
@@ -183,6 +201,10 @@ class Config:
         When the plugin registered a schema for its table, missing keys hold their defaults.
         """
         return MappingProxyType(self.plugins.tables.get(name, {}))
+
+    def plugin_settings(self, name: str, cls: type) -> Any:
+        """Plugin ``name``'s table structured as ``cls`` (the class it registered)."""
+        return _converter.structure(dict(self.plugins.tables.get(name, {})), cls)
 
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds
@@ -609,6 +631,15 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: server.queue_size: must be >= 0")
     if server.max_body_bytes < 1024:
         problems.append(f"{src}: server.max_body_bytes: must be >= 1024")
+    if server.max_tokens_cap < 1:
+        problems.append(f"{src}: server.max_tokens_cap: must be >= 1")
+    if server.max_prompt_chars < 1:
+        problems.append(f"{src}: server.max_prompt_chars: must be >= 1")
+    if server.header_timeout_seconds <= 0 or server.body_timeout_seconds <= 0:
+        problems.append(f"{src}: server.header_timeout_seconds and body_timeout_seconds: "
+                        "must be > 0")
+    if server.max_header_bytes < 1024:
+        problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
     if server.shutdown_grace_seconds < 0:
         problems.append(f"{src}: server.shutdown_grace_seconds: must be >= 0")
     generation = config.generation
@@ -636,6 +667,14 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                             f" (known: {', '.join(MODALITIES)})")
         if "text" not in spec.modalities:
             problems.append(f"{src}: {key}.modalities: must include 'text'")
+        for index, other in enumerate(spec.fallbacks):
+            where = f"{src}: {key}.fallbacks[{index}]"
+            if other == name:
+                problems.append(f"{where}: a model cannot fall back to itself")
+            elif other not in names:
+                problems.append(f"{where}: {not_configured(other, names)}")
+            elif other in spec.fallbacks[:index]:
+                problems.append(f"{where}: {other!r} is listed twice")
         problems.extend(f"{src}: {key}.{problem}" for problem in sampling_problems(spec))
     if check_files:
         for index, directory in enumerate(config.plugins.dirs):

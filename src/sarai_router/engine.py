@@ -1,7 +1,8 @@
 """One routed request end to end, the same for every front end.
 
-``Engine.prepare(request, model=None)`` is the request path: route, check that the model
-can take the request, make its files present, start pre-warms. ``Engine.stream`` then
+``Engine.prepare(request, model=None)`` is the request path: transcribe audio that no
+model can take, route, check that the model can take the request, make its files present,
+start pre-warms. ``Engine.stream`` then
 holds the model and streams the answer, timing it. The CLI, the chat REPL, the server and
 the bench all go through it, and only translate its errors (all ``SaraiError``) into their
 own output.
@@ -9,24 +10,28 @@ own output.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from contextlib import closing
-from typing import Any, Callable, Iterator
+from contextlib import AsyncExitStack, ExitStack, aclosing, closing
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import attrs
 
-from .backend import Backend, Delta, GenerationParams, Usage, model_sampling
+from .backend import (Backend, Delta, GenerationParams, TokenLogprob, ToolCall, Usage,
+                      model_sampling)
 from .config import Config, ModelSpec
-from .errors import Cancelled, CapabilityError, not_configured
+from .errors import (BackendError, Cancelled, CapabilityError, InstanceDead, PoolError,
+                     QueueFull, SaraiError, TranscriptionUnavailable, UpstreamUnavailable,
+                     not_configured)
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool, PoolEvent
-from .router import Router, missing_modalities
+from .router import EXPLICIT_PLUGIN, Router
 from .runaway import RunawayGuard
-from .types import ChatRequest, RouteDecision
+from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +53,31 @@ class Timings:
 class Completion:
     """Filled in while a generation streams; complete once the stream is exhausted."""
 
+    #: the decision of the model that answers (changed by a fallback)
     decision: RouteDecision
     text: str = ""
+    pieces: list[str] = attrs.field(factory=list)
     finish_reason: str | None = None
+    usage: Usage = Usage(0, 0)
+    timings: Timings = attrs.field(factory=Timings)
+    #: the functions the model called (finish reason "tool_calls")
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: the answer's tokens with their log probabilities, when the request asked
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
     #: cancelled while queued: the model never saw the request
     dropped: bool = False
     #: what ended the answer early, when not the model: "runaway_guard"
     stopped_by: str | None = None
-    usage: Usage = Usage(0, 0)
-    timings: Timings = attrs.field(factory=Timings)
 
     def to_dict(self) -> dict[str, Any]:
+        transcript = self.decision.transcript
         return {
             "model": self.decision.model,
             "reason": self.decision.reason,
             "plugin": self.decision.plugin,
             "signals": dict(self.decision.signals),
+            "transcript": None if transcript is None else transcript.to_dict(),
+            "fallbacks": [step.to_dict() for step in self.decision.fallbacks],
             "text": self.text,
             "finish_reason": self.finish_reason,
             "stopped_by": self.stopped_by,
@@ -95,19 +109,25 @@ class Engine:
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
+        #: Called with each FallbackStep taken (the server counts them in its metrics).
+        self.fallback_listeners: list[Callable[[FallbackStep], None]] = []
         self._sampling: dict[str, dict[str, Any]] = {}
 
     # -- the request path
 
     def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
                 on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
-        """Route ``request`` (or take ``model``), check the model can take it, make its
-        files present, and start any pre-warms. Raises a ``SaraiError`` naming the problem.
+        """Route ``request`` (or take ``model``), transcribing audio the model can't take,
+        check the model can take it, make its files present, and start any pre-warms.
+        Raises a ``SaraiError`` naming the problem.
 
         ``on_route`` hears the decision before any file is fetched (to say which model).
+        A transcribed request's decision carries the ``transcript``; :meth:`stream` then
+        gives the model the transcript instead of the audio (:meth:`model_request`).
         """
-        decision = self.route(request, model=model)
-        self.check_capabilities(decision, request)
+        decision = self.decide(request, model=model)
+        request = self.model_request(request, decision)
+        decision = self.check_capabilities(decision, request)
         if on_route is not None:
             on_route(decision)
         self.ensure_present(decision.model)
@@ -143,15 +163,82 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
-    def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> None:
-        missing = missing_modalities(self.config, decision.model, request)
-        if missing:
-            spec = self.config.models[decision.model]
-            raise CapabilityError(
-                f"model {decision.model!r} cannot take {' or '.join(missing)} input: "
-                f"[models.{decision.model}] modalities = {list(spec.modalities)} "
-                f"(routed by {decision.plugin}: {decision.reason})"
-            )
+    def decide(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+        """The routing decision for ``request``, its audio transcribed when needed.
+
+        Audio goes to the model itself when the model takes it. Otherwise it is transcribed
+        and the request routed on the typed text plus the transcript: before routing when
+        no configured model lists ``"audio"`` (routing on an attachment nothing can take
+        would be wasted), after routing when the chosen model doesn't (and routed again).
+        """
+        if request.audio is None:
+            return self.route(request, model=model)
+        if not any(self.takes_audio(name) for name in self.config.models):
+            why = "no configured model takes audio"
+        else:
+            decision = self.route(request, model=model)
+            if self.takes_audio(decision.model):
+                return decision
+            if decision.plugin != EXPLICIT_PLUGIN:
+                try:  # routed: a model that takes audio gets it, if it can take the rest
+                    moved = self.check_capabilities(decision, request)
+                except CapabilityError:
+                    moved = None
+                if moved is not None and self.takes_audio(moved.model):
+                    return moved
+            why = (f"model {decision.model!r} (routed by {decision.plugin}: {decision.reason}) "
+                   "does not take audio")
+        transcript = self.transcribe(request.audio, request, why=why)
+        decision = self.route(request.with_transcript(transcript), model=model)
+        return attrs.evolve(decision, transcript=transcript)
+
+    def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
+                   language: str | None = None, why: str = "") -> Transcript:
+        """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
+
+        Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
+        transcribe (the message says why audio needed transcribing, and what to install).
+        """
+        request = request or ChatRequest(messages=(), audio=audio)
+        started = time.perf_counter()
+        try:
+            answer = self.hooks.transcribe(audio=audio, request=request, language=language)
+        except TranscriptionUnavailable as exc:
+            raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
+        if answer is None:
+            raise TranscriptionUnavailable(
+                (f"{why}, and " if why else "")
+                + "no plugin transcribes audio (the default, 'whisper', may be disabled in "
+                "[plugins] disable)")
+        return attrs.evolve(answer.value, plugin=answer.plugin,
+                            seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def model_request(request: ChatRequest, decision: RouteDecision) -> ChatRequest:
+        """What the model receives: ``request``, or its transcribed form when the decision
+        transcribed its audio."""
+        if decision.transcript is not None and request.audio is not None:
+            return request.with_transcript(decision.transcript)
+        return request
+
+    def takes_audio(self, model: str) -> bool:
+        """Whether ``model`` takes audio input, as its backend reports it."""
+        return "audio" in self.router.capabilities(model).modalities
+
+    def check_capabilities(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
+        """``decision``, or another model when the routed one cannot take ``request``
+        (see :meth:`Router.ensure_capable`); CapabilityError when none can."""
+        return self.router.ensure_capable(decision, request)
+
+    def streams_async(self, model: str) -> bool:
+        """Whether ``model``'s backend streams on an event loop (``Backend.async_chat``)."""
+        spec = self.config.models[model]
+        try:
+            return bool(self.hooks.backend(spec.backend).async_chat(spec))
+        except SaraiError:
+            return False
+
+    # -- generation, with fallbacks
 
     def stream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
@@ -163,83 +250,145 @@ class Engine:
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
         ``cancel``: set (then ``pool.wake()``) when nobody wants the answer any more; a
         request still queued then ends with no piece and ``completion.dropped`` set, without
-        the model ever seeing its prompt. ``decision`` comes from :meth:`prepare`.
+        the model ever seeing its prompt.
 
         Unset sampling settings take the model's defaults (:meth:`sampling_for`). The
         runaway guard (``[generation]``) stops an answer that keeps repeating itself:
         ``completion.stopped_by`` is then ``"runaway_guard"`` and the finish reason "stop".
+
+        ``decision`` comes from :meth:`prepare`. When the model fails before its first
+        piece (a load failure, or a remote endpoint that refused, answered 5xx or timed
+        out), the next model of its ``fallbacks`` answers instead, and
+        ``completion.decision`` says so; never once a piece was yielded.
         """
         completion = completion if completion is not None else Completion(decision=decision)
-        model = decision.model
-        spec = self.config.models[model]
-        guard = self._guard_for(spec)
-        stop = threading.Event()
-        params = attrs.evolve(params.with_defaults(self.sampling_for(model)),
-                              stop_check=stop.is_set if guard is not None else params.stop_check)
+        request = self.model_request(request, decision)
         started = time.perf_counter()
-        was_loaded = self.pool.is_loaded(model)
-        pieces: list[str] = []
-        try:
-            with self.pool.use(model, queue_limit=queue_limit, cancel=cancel) as resident:
-                if cancel is not None and cancel.is_set():  # the last look before the prompt
-                    raise Cancelled(f"request for {model!r} cancelled while queued")
-                self.pool.emit(PoolEvent("generation_started", model))
-                gen_started = time.perf_counter()
-                if not was_loaded:
-                    completion.timings.load_s = resident.load_seconds
-                deltas = resident.model.chat(
-                    request.messages, params, images=request.images, audio=request.audio
-                )
-                # Closed on the way out, so a stopped generation ends before the instance is
-                # free.
-                with closing(deltas):
-                    yield from self._pieces(deltas, completion, pieces, guard, stop, gen_started)
-                ended = time.perf_counter()
-        except Cancelled:
-            completion.dropped = True
-            self.pool.emit(PoolEvent("generation_dropped", model, detail="cancelled while queued"))
+        attempt = _Attempts(self, request, decision)
+        while True:
+            produced = False
+            try:
+                for text in self._stream_one(request, completion, params, queue_limit,
+                                             check_presence=attempt.count > 0,
+                                             cancel=cancel):
+                    produced = True
+                    yield text
+            except Exception as exc:
+                if produced or not attempt.next(completion, exc):
+                    raise _unwrap(exc) from None
+                continue
+            completion.timings.total_s = time.perf_counter() - started
             return
-        completion.text = "".join(pieces)
-        completion.timings.generation_s = ended - gen_started
-        completion.timings.total_s = ended - started
-        if guard is not None and guard.tripped:
-            completion.stopped_by = "runaway_guard"
-            completion.finish_reason = "stop"
-            log.info("runaway guard stopped %s after %d tokens: %s", model,
-                     completion.usage.completion_tokens, guard.reason)
-            self.pool.emit(PoolEvent("runaway_stopped", model, detail=guard.reason))
 
-    #: Pieces a backend may still send after being told to stop before it is closed.
-    STOP_GRACE_PIECES = 8
+    async def astream(
+        self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
+        completion: Completion | None = None, *, queue_limit: int | None = None,
+    ) -> AsyncIterator[str]:
+        """:meth:`stream` on an event loop: a model with ``achat`` streams without a thread;
+        one without (a llama.cpp fallback) streams on a worker thread of its own.
+        Cancelling the consumer ends the upstream request and frees the model's slot."""
+        completion = completion if completion is not None else Completion(decision=decision)
+        request = self.model_request(request, decision)
+        started = time.perf_counter()
+        attempt = _Attempts(self, request, decision)
+        while True:
+            produced = False
+            try:
+                async with aclosing(self._astream_one(
+                        request, completion, params, queue_limit,
+                        check_presence=attempt.count > 0)) as pieces:
+                    async for text in pieces:
+                        produced = True
+                        yield text
+            except Exception as exc:
+                if produced or not attempt.next(completion, exc):
+                    raise _unwrap(exc) from None
+                continue
+            completion.timings.total_s = time.perf_counter() - started
+            return
 
-    def _pieces(self, deltas: Iterator[Delta], completion: Completion, pieces: list[str],
-                guard: RunawayGuard | None, stop: threading.Event,
-                gen_started: float) -> Iterator[str]:
-        after_stop = 0
-        delta: Delta
-        for delta in deltas:
-            if delta.usage is not None:
-                completion.usage = delta.usage
-                completion.finish_reason = delta.finish_reason
-            if not delta.text:
-                continue
-            if stop.is_set():
-                # Told to stop: what still comes is the tail of the loop. A backend that
-                # ignores stop_check is closed after a few pieces (usage: pieces seen).
-                after_stop += 1
-                if after_stop > self.STOP_GRACE_PIECES:
-                    completion.usage = Usage(completion.usage.prompt_tokens, len(pieces))
-                    return
-                continue
-            if completion.timings.first_token_s is None:
-                completion.timings.first_token_s = time.perf_counter() - gen_started
-            pieces.append(delta.text)
-            yield delta.text
-            if guard is not None and guard.feed(delta.text):
-                stop.set()
+    def _stream_one(self, request: ChatRequest, completion: Completion,
+                    params: GenerationParams, queue_limit: int | None, *,
+                    check_presence: bool, cancel: threading.Event | None = None,
+                    ) -> Iterator[str]:
+        name = completion.decision.model
+        if check_presence:
+            try:
+                self.ensure_present(name)
+            except SaraiError as exc:
+                raise _LoadFailed(exc) from exc
+        answer = _Answer(self, completion)
+        params = answer.params(params)
+        was_loaded = self.pool.is_loaded(name)
+        with ExitStack() as stack:
+            try:
+                resident = stack.enter_context(
+                    self.pool.use(name, queue_limit=queue_limit, cancel=cancel))
+                if cancel is not None and cancel.is_set():  # the last look before the prompt
+                    raise Cancelled(f"request for {name!r} cancelled while queued")
+            except Cancelled:
+                answer.dropped()
+                return
+            except QueueFull:
+                raise
+            except (BackendError, PoolError) as exc:
+                raise _LoadFailed(exc) from exc
+            answer.start(0.0 if was_loaded else resident.load_seconds)
+            deltas = resident.model.chat(
+                request.messages, params, images=request.images, audio=request.audio)
+            # Closed on the way out, so a stopped generation ends before the instance is free.
+            with closing(deltas):
+                for delta in deltas:
+                    text = answer.take(delta)
+                    if text is _Answer.END:
+                        break
+                    if text:
+                        yield text
+            answer.end()
+
+    async def _astream_one(self, request: ChatRequest, completion: Completion,
+                           params: GenerationParams, queue_limit: int | None, *,
+                           check_presence: bool) -> AsyncIterator[str]:
+        name = completion.decision.model
+        if check_presence:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.ensure_present, name)
+            except SaraiError as exc:
+                raise _LoadFailed(exc) from exc
+        answer = _Answer(self, completion)
+        params = answer.params(params)
+        was_loaded = self.pool.is_loaded(name)
+        async with AsyncExitStack() as stack:
+            try:
+                resident = await stack.enter_async_context(
+                    self.pool.ause(name, queue_limit=queue_limit))
+            except asyncio.CancelledError:
+                answer.dropped()  # cancelled while it waited: the model never saw it
+                raise
+            except QueueFull:
+                raise
+            except (BackendError, PoolError) as exc:
+                raise _LoadFailed(exc) from exc
+            answer.start(0.0 if was_loaded else resident.load_seconds)
+            model = resident.model
+            if hasattr(model, "achat"):
+                deltas = model.achat(request.messages, params, images=request.images,
+                                     audio=request.audio)
+            else:
+                deltas = iterate_in_thread(lambda: model.chat(
+                    request.messages, params, images=request.images, audio=request.audio),
+                    name=f"sarai-gen-{name}")
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    text = answer.take(delta)
+                    if text is _Answer.END:
+                        break
+                    if text:
+                        yield text
+            answer.end()
 
     def sampling_for(self, name: str) -> dict[str, Any]:
-        """Model ``name``'s sampling defaults (:func:`backend.model_sampling`), read once."""
+        """What model ``name`` sets for sampling (:func:`backend.model_sampling`), read once."""
         cached = self._sampling.get(name)
         if cached is None:
             spec = self.config.models[name]
@@ -253,7 +402,8 @@ class Engine:
             self._sampling[name] = cached
         return dict(cached)
 
-    def _guard_for(self, spec: ModelSpec) -> RunawayGuard | None:
+    def guard_for(self, spec: ModelSpec) -> RunawayGuard | None:
+        """A fresh runaway guard for one answer of ``spec``, or None when it is off."""
         if not self.config.runaway_guard_for(spec):
             return None
         generation = self.config.generation
@@ -288,6 +438,217 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class _Answer:
+    """What one attempt's deltas do to ``completion``: text, timings, usage, logprobs and
+    tool calls, and the runaway guard that may stop it (the same for the sync and the
+    async paths)."""
+
+    #: returned by :meth:`take` when the stream must be closed now
+    END = object()
+    #: pieces a backend may still send after being told to stop, before it is closed
+    STOP_GRACE_PIECES = 8
+
+    def __init__(self, engine: "Engine", completion: Completion):
+        self.engine = engine
+        self.completion = completion
+        self.model = completion.decision.model
+        self.guard = engine.guard_for(engine.config.models[self.model])
+        self.stop = threading.Event()
+        self.after_stop = 0
+        self.gen_started = 0.0
+
+    def params(self, params: GenerationParams) -> GenerationParams:
+        """``params`` with the model's sampling defaults, and the guard's stop request."""
+        params = params.with_defaults(self.engine.sampling_for(self.model))
+        if self.guard is not None:
+            params = attrs.evolve(params, stop_check=self.stop.is_set)
+        return params
+
+    def dropped(self) -> None:
+        self.completion.dropped = True
+        self.engine.pool.emit(PoolEvent("generation_dropped", self.model,
+                                        detail="cancelled while queued"))
+
+    def start(self, load_s: float) -> None:
+        self.engine.pool.emit(PoolEvent("generation_started", self.model))
+        self.completion.timings = Timings(load_s=load_s)
+        self.gen_started = time.perf_counter()
+
+    def take(self, delta: Delta) -> Any:
+        """The text to yield for ``delta`` (None: nothing), or END."""
+        completion = self.completion
+        # Before the text is yielded: a consumer reads the new logprobs with it.
+        completion.logprobs.extend(delta.logprobs)
+        if delta.usage is not None:
+            completion.usage = delta.usage
+            completion.finish_reason = delta.finish_reason
+            completion.tool_calls = delta.tool_calls
+        if not delta.text:
+            return None
+        if self.stop.is_set():
+            # Told to stop: what still comes is the tail of the loop. A backend that
+            # ignores stop_check is closed after a few pieces (usage: the pieces seen).
+            self.after_stop += 1
+            if self.after_stop > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
+            return None
+        if completion.timings.first_token_s is None:
+            completion.timings.first_token_s = time.perf_counter() - self.gen_started
+        completion.pieces.append(delta.text)
+        if self.guard is not None and self.guard.feed(delta.text):
+            self.stop.set()
+        return delta.text
+
+    def end(self) -> None:
+        completion = self.completion
+        completion.timings.generation_s = time.perf_counter() - self.gen_started
+        completion.text = "".join(completion.pieces)
+        if self.guard is not None and self.guard.tripped:
+            completion.stopped_by = "runaway_guard"
+            completion.finish_reason = "stop"
+            log.info("runaway guard stopped %s after %d tokens: %s", self.model,
+                     completion.usage.completion_tokens, self.guard.reason)
+            self.engine.pool.emit(PoolEvent("runaway_stopped", self.model,
+                                            detail=self.guard.reason))
+
+
+class _LoadFailed(Exception):
+    """A model could not be made ready (files, load): its fallbacks may answer."""
+
+    def __init__(self, error: SaraiError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.error if isinstance(exc, _LoadFailed) else exc
+
+
+def fallback_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` (raised before any piece) lets the next model answer; None if it doesn't."""
+    if isinstance(exc, _LoadFailed):
+        return "load_failed"
+    if isinstance(exc, UpstreamUnavailable):
+        return exc.reason
+    return None
+
+
+class _Attempts:
+    """The models one request may still try: the routed model's fallback chain, each model
+    that cannot take the request left out."""
+
+    def __init__(self, engine: "Engine", request: ChatRequest, decision: RouteDecision):
+        self.engine = engine
+        self.request = request
+        self.decision = decision
+        self.count = 0
+        self._chain: list[str] | None = None
+        #: models already started again after their instance died under this request
+        self._restarted: set[str] = set()
+
+    def next(self, completion: Completion, exc: BaseException) -> bool:
+        """Move ``completion`` to the next model after ``exc``; False when none is left
+        (or ``exc`` is not a reason to fall back).
+
+        An instance that died (``InstanceDead``: a crashed child) before the first piece is
+        not the model's fault: the pool has dropped it, and the same model is tried once
+        more on a fresh instance before any fallback.
+        """
+        current_model = completion.decision.model
+        if isinstance(_unwrap(exc), InstanceDead) and current_model not in self._restarted:
+            self._restarted.add(current_model)
+            log.warning("model %s: %s; trying again on a new instance", current_model,
+                        _unwrap(exc))
+            completion.pieces.clear()
+            completion.logprobs.clear()
+            self.count += 1
+            return True
+        reason = fallback_reason(exc)
+        if reason is None:
+            return False
+        router = self.engine.router
+        if self._chain is None:
+            self._chain = [name for name in router.fallback_chain(self.decision.model)
+                           if not router.unmet_needs(name, self.request)]
+        current = completion.decision
+        tried = {current.model, *(s.from_model for s in current.fallbacks)}
+        while self._chain and self._chain[0] in tried:
+            self._chain.pop(0)
+        if not self._chain:
+            return False
+        following = self._chain.pop(0)
+        step = FallbackStep(from_model=current.model, to_model=following, reason=reason,
+                            detail=str(_unwrap(exc)))
+        log.warning("model %s could not answer (%s: %s); falling back to %s",
+                    current.model, reason, step.detail, following)
+        completion.decision = attrs.evolve(
+            current, model=following, fallbacks=current.fallbacks + (step,),
+            routed_model=current.routed_model or self.decision.model)
+        completion.pieces.clear()
+        completion.logprobs.clear()
+        self.count += 1
+        for listener in list(self.engine.fallback_listeners):
+            try:
+                listener(step)
+            except Exception:
+                log.exception("a fallback listener failed")
+        return True
+
+
+_T = TypeVar("_T")
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[_T]], *,
+                            name: str = "sarai-gen") -> AsyncIterator[_T]:
+    """Iterate a blocking generator on a thread of its own, from start to end, handing its
+    items to the event loop. Closing this ends the generator between two items, and waits
+    for it (a llama.cpp model must be idle before its slot is released)."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    done = threading.Event()
+
+    def put(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone: nobody is listening
+            pass
+
+    def run() -> None:
+        try:
+            with closing(make()) as iterator:  # type: ignore[type-var]
+                for item in iterator:
+                    if stop.is_set():
+                        break
+                    put("item", item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, never lost
+            put("error", exc)
+        else:
+            put("end", None)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        while True:
+            kind, value = await items.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        try:
+            await asyncio.shield(loop.run_in_executor(None, done.wait))
+        except asyncio.CancelledError:
+            done.wait()  # stopped at the next item: at most one token's time
+            raise
 
 
 def share_cores(config: Config) -> Config:

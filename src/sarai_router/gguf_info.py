@@ -72,10 +72,18 @@ def _read_info_cached(path: str, _mtime_ns: int, file_bytes: int) -> GGUFInfo:
     try:
         fields, data_start = read_header(path)
     except (OSError, ValueError, struct.error, OverflowError, MemoryError, IndexError) as exc:
-        # A junk header gives absurd lengths and offsets: any of these, never a crash.
-        raise GGUFError(f"not a readable GGUF file: {path} ({type(exc).__name__}: {exc})") \
-            from None
+        # A junk header can ask for offsets or counts past any file (OverflowError).
+        raise GGUFError(f"not a readable GGUF file: {path} ({type(exc).__name__}: "
+                        f"{str(exc)[:200]})") from None
+    try:
+        return _info_from_fields(path, file_bytes, fields, data_start)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        raise GGUFError(f"not a usable GGUF model: {path} (a metadata value has the wrong "
+                        f"type: {type(exc).__name__})") from None
 
+
+def _info_from_fields(path: str, file_bytes: int, fields: dict[str, object],
+                      data_start: int) -> GGUFInfo:
     arch = str(fields.get("general.architecture", "unknown"))
 
     def arch_field(name: str, default=None):
@@ -148,6 +156,9 @@ def read_header(path: str) -> tuple[dict[str, object], int]:
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old")
+        if n_kv > len(buf) or n_tensors > len(buf):  # junk: every entry takes bytes
+            raise ValueError(f"the header claims {n_kv} keys and {n_tensors} tensors, more "
+                             "than the file could hold")
         pos = 24
         fields: dict[str, object] = {}
 
@@ -168,6 +179,8 @@ def read_header(path: str) -> tuple[dict[str, object], int]:
             if kind == 9:
                 item_kind, count = struct.unpack_from("<IQ", buf, at)
                 at += 12
+                if count > len(buf):
+                    raise ValueError(f"an array of {count} items, longer than the file")
                 if item_kind in _SCALARS and count <= 1024:
                     fmt = _SCALARS[item_kind]
                     size = struct.calcsize(fmt)

@@ -1,8 +1,9 @@
 """Every hook sarai-router calls, one place, each typed and documented.
 
-Four families:
+Five families:
 
 * configuration: ``register_config_tables`` (the schema of a plugin's ``[plugins.NAME]``);
+* input: ``transcribe`` (speech to text, for audio that the chosen model can't take);
 * routing policy: ``register_signals`` (what we know about a request) and
   ``select_route`` (which model answers it);
 * model backends: ``register_backends`` (how a model of a given ``backend`` kind loads);
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .backend import BackendFactory
     from .config import CacheConfig, Config, ModelSpec
     from .pool import ResidentInfo
-    from .types import ChatRequest, Route, RouteDecision
+    from .types import AudioInput, ChatRequest, Route, RouteDecision, Transcript
 
 PROJECT_NAME = "sarai_router"
 
@@ -43,7 +44,41 @@ def register_config_tables(register: Callable[[str, type], None]) -> None:
     too. The plugin reads the checked table, defaults filled in, with
     ``config.plugin_config(NAME)``.
 
+    If the class has a ``model_files(self, config)`` method, ``sarai-router models pull``
+    fetches what it returns (:class:`sarai_router.fetch.PluginModel` entries) along with
+    the configured models.
+
     :param register: call it once per table.
+    """
+
+
+@hookspec(firstresult=True)
+def transcribe(
+    audio: "AudioInput", request: "ChatRequest", language: "str | None", config: "Config"
+) -> "Transcript | None":
+    """Turn ``audio`` into text. Stops at first non-None result.
+
+    Asked when a request carries audio that its model can't take: before routing when no
+    configured model lists ``"audio"`` in its ``modalities``, otherwise when the model the
+    request was routed to doesn't. The request is then routed (again) on the typed text
+    plus the transcript, and the model receives the transcript as the user's text, marked
+    ``[transcribed audio]``. A model that takes audio gets the audio itself. The HTTP
+    ``POST /v1/audio/transcriptions`` endpoint asks this hook too.
+
+    Raise :class:`sarai_router.errors.AudioError` when the clip itself is unusable (not
+    audio, empty, silent, too long): the user is told (exit 2, HTTP 400) unless a later
+    plugin transcribes it. Raise another ``SaraiError`` (e.g.
+    :class:`~sarai_router.errors.TranscriptionUnavailable`) when this plugin can't work
+    here (a package missing); any other exception is a plugin failure, logged and skipped.
+
+    :param audio: the clip: ``.data`` (bytes), ``.mime`` (``audio/wav``, ``audio/mp3``...),
+        ``.source`` (a file name or the HTTP field it came from, for messages).
+    :param request: the request that carries it (its typed text, its history).
+    :param language: an ISO 639-1 code the caller asked for, or ``None`` (use your own
+        setting or detect it).
+    :param config: the loaded config (``config.plugin_config(NAME)`` for your settings).
+    :returns: a :class:`sarai_router.types.Transcript` (``text``, ``language``,
+        ``duration`` in seconds), or ``None`` to let the next plugin try.
     """
 
 

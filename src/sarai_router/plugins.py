@@ -24,7 +24,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import BackendError, PluginError
+from .errors import BackendError, PluginError, SaraiError
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
@@ -43,8 +43,11 @@ DEFAULT_PLUGINS = {
     "empathy": "sarai_router.default_plugins.empathy",
     "heuristic": "sarai_router.default_plugins.heuristic",
     "llama_cpp": "sarai_router.default_plugins.llama_cpp",
+    "llama_server": "sarai_router.default_plugins.llama_server",
+    "openai": "sarai_router.default_plugins.openai",
     "lru_ttl": "sarai_router.default_plugins.lru_ttl",
     "prewarm": "sarai_router.default_plugins.prewarm",
+    "whisper": "sarai_router.default_plugins.whisper",
 }
 
 
@@ -310,6 +313,35 @@ class Hooks:
     def model_expired(self, *, resident, now, cache) -> bool:
         answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
         return bool(answer and answer.value)
+
+    def transcribe(self, *, audio, request, language=None) -> Answer | None:
+        """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
+        a missing package) passes the word to the next; if none transcribes, the first
+        such error is raised, since it says what is wrong. Other exceptions are plugin
+        failures: logged and skipped like in every hook."""
+        from .types import Transcript
+
+        refusal: SaraiError | None = None
+        kwargs = dict(audio=audio, request=request, language=language, config=self.config)
+        for impl in self._impls("transcribe"):
+            try:
+                value = self._call(impl, "transcribe", kwargs)
+            except SaraiError as exc:
+                refusal = refusal or exc
+                continue
+            except Exception as exc:
+                self._skip(impl, "transcribe", exc)
+                continue
+            if value is None:
+                continue
+            if not isinstance(value, Transcript) or not isinstance(value.text, str):
+                self._skip(impl, "transcribe", ValueError(
+                    f"returned {type(value).__name__}; expected a sarai_router.types.Transcript"))
+                continue
+            return Answer(value=value, plugin=impl.plugin_name)
+        if refusal is not None:
+            raise refusal
+        return None
 
     def prewarm_models(self, *, request, signals, decision, loaded) -> list[tuple[str, str]]:
         """Every plugin's pre-warm wishes, merged in call order: ``[(model, plugin), ...]``."""

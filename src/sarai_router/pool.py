@@ -5,14 +5,21 @@ Rules the pool keeps whatever the cache plugins say:
 * a pinned model is never evicted or expired;
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
 * at most the backend's ``concurrency(spec)`` generations at once per loaded instance
-  (``Resident.active``: 1 for an in-process llama.cpp model, the slots of a llama-server),
+  (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server),
   the others waiting in arrival order;
 * a request cancelled while it waits (its client left, the server stops) leaves the queue
   at once and never touches the model;
 * the idle clock (``last_used``) starts when a generation ends;
 * unloading (``close()``, ``malloc_trim``, the RSS check) runs outside the pool's lock, so
   a status read never waits for it; a model being closed is ``unloading`` until it is done,
-  and loading it again waits for that.
+  and loading it again waits for that;
+* an instance that died (its process crashed: the model's ``alive()`` says no, or a
+  generation raised ``InstanceDead``) is dropped at once, counted as a ``crash``, and the
+  next request loads the model again.
+
+A loaded model may offer ``rss_mb()`` (a backend that runs it in a child process): the pool
+then budgets with that measured RSS instead of its own process's RSS growth, refreshes it
+while the model is resident, and checks an unload against it.
 
 Which idle model to evict and when an idle model has expired are asked of the cache hooks
 (``select_eviction``, ``model_expired``); the default plugin is LRU with a TTL.
@@ -20,19 +27,20 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 
 from __future__ import annotations
 
-import collections
+import asyncio
 import gc
+import itertools
 import logging
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, Cancelled, PoolError, QueueFull, not_configured
+from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -46,6 +54,26 @@ __all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "Resi
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
 UNLOAD_VERIFY_MIN_MB = 16.0
+
+
+def _wake(future: "asyncio.Future") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _in_thread(work: Callable[[], Any], *, undo: Callable[[Any], None]) -> Any:
+    """``work()`` on a worker thread. If the awaiting task is cancelled meanwhile, the work
+    still finishes (it holds the pool's state) and ``undo`` is applied to its result."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        def settle(done: "asyncio.Future") -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+        future.add_done_callback(settle)
+        raise
 
 
 @attrs.frozen
@@ -75,7 +103,9 @@ class Resident:
     spec: ModelSpec
     ram_mb: float
     estimated_mb: float
-    state: str = "loading"  # "loading" | "loaded" | "unloading" (taken out, being closed)
+    #: "loading" | "loaded" | "unloading" (taken out, being closed outside the lock) |
+    #: "dead" (dropped, closed by its last user)
+    state: str = "loading"
     model: LoadedModel | None = None
     users: int = 0
     last_used: float = 0.0
@@ -84,14 +114,18 @@ class Resident:
     measured_mb: float | None = None
     #: generations the instance takes at once (the backend's ``concurrency``)
     concurrency: int = 1
-    #: generations running on the instance now (at most ``concurrency``)
-    active: int = 0
-    #: requests waiting for a slot, first come first served (one token object each)
-    waiting: collections.deque = attrs.field(factory=collections.deque)
+    slots: threading.Semaphore = attrs.field(
+        default=attrs.Factory(lambda self: threading.Semaphore(self.concurrency), takes_self=True))
     # Requests inside ``use()`` (generating, or waiting for the load or the instance).
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
     prewarm_pending: bool = False
+    #: event-loop requests waiting for a slot: (seq, loop, future), woken one per release
+    async_waiters: list = attrs.field(factory=list)
+    #: threads waiting for a slot: _SlotWait each; with async_waiters, served by ``seq``
+    sync_waiters: list = attrs.field(factory=list)
+    #: generations holding a slot now
+    active: int = 0
 
     @property
     def pinned(self) -> bool:
@@ -133,8 +167,9 @@ class PoolEvent:
 
     ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
     by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped; and from
-    the engine, per request: generation_started (the model took the request),
+    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
+    loaded instance died and was dropped; ``detail`` says how it was found); and from the
+    engine, per request: generation_started (the model took the request),
     generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
     (the runaway guard ended a generation that kept repeating itself).
     """
@@ -150,6 +185,30 @@ def process_rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / (1024 * 1024)
+
+
+def model_rss_mb(model: LoadedModel | None) -> float | None:
+    """The RSS a loaded model reports for itself (a child process), None if it offers none."""
+    measure = getattr(model, "rss_mb", None)
+    if not callable(measure):
+        return None
+    try:
+        return float(measure())
+    except Exception:  # a measurement must never break a load or an unload
+        log.debug("rss_mb() of %r failed", model, exc_info=True)
+        return None
+
+
+def model_alive(model: LoadedModel | None) -> bool:
+    """Whether a loaded model's instance still runs (True when it cannot tell)."""
+    check = getattr(model, "alive", None)
+    if model is None or not callable(check):
+        return True
+    try:
+        return bool(check())
+    except Exception:
+        log.debug("alive() of %r failed", model, exc_info=True)
+        return True
 
 
 def release_free_heap() -> None:
@@ -185,8 +244,7 @@ def tune_malloc_for_serving(arena_max: int = 2, mmap_threshold: int = 128 * 1024
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return False
     done = True
@@ -195,6 +253,16 @@ def tune_malloc_for_serving(arena_max: int = 2, mmap_threshold: int = 128 * 1024
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and done
     return done
+
+
+class _SlotWait:
+    """A thread waiting for a slot: ``granted`` once a release hands one over."""
+
+    __slots__ = ("seq", "granted")
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.granted = False
 
 
 class ModelPool:
@@ -225,6 +293,8 @@ class ModelPool:
         self._stop = threading.Event()
         # A generation ended since the heap was last trimmed (the reaper trims when idle).
         self._heap_dirty = False
+        #: arrival order of slot waiters, sync and async alike
+        self._arrivals = itertools.count()
 
     # -- queries -----------------------------------------------------------------------
 
@@ -242,6 +312,13 @@ class ModelPool:
         """Snapshots of every resident, those being unloaded included (``unloading``)."""
         with self._cond:
             return [r.snapshot() for r in (*self._residents.values(), *self._closing.values())]
+
+    def health(self) -> dict[str, Any]:
+        """``{name: health}`` for loaded models that report it (remote endpoints)."""
+        with self._cond:
+            models = {r.name: r.model for r in self._residents.values()
+                      if r.state == "loaded" and hasattr(r.model, "health")}
+        return {name: model.health() for name, model in models.items()}
 
     def resident_mb(self) -> float:
         with self._cond:
@@ -263,47 +340,171 @@ class ModelPool:
         ``queue_limit``: how many requests may wait for a slot besides those using one; one
         more raises :class:`QueueFull` at once. ``None``: no limit.
         ``cancel``: once set (then :meth:`wake`), a request still waiting leaves the queue
-        with :class:`Cancelled`; it is checked again when the slot is taken, so a cancelled
+        with :class:`Cancelled`; it is checked again as the slot is taken, so a cancelled
         request never reaches the model.
         """
         resident = self._acquire(name, queue_limit=queue_limit, cancel=cancel)
         try:
             self._take_slot(resident, cancel)
         except BaseException:
-            with self._cond:  # it never used the model: the idle clock is left alone
-                resident.users -= 1
-                resident.queued -= 1
-                self._cond.notify_all()
+            self._release_user(resident, used=False)  # it never reached the model
             raise
         try:
-            yield resident
+            try:
+                self._check_not_dead(resident)
+                yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
+            finally:
+                self._release_slot(resident)
         finally:
-            with self._cond:
-                resident.active -= 1
-                resident.users -= 1
-                resident.queued -= 1
+            self._release_user(resident)
+
+    @asynccontextmanager
+    async def ause(self, name: str, *, queue_limit: int | None = None) -> AsyncIterator[Resident]:
+        """:meth:`use` for an event loop: waiting for a slot never blocks the loop.
+
+        A loaded model is taken on the loop itself (a lock and a counter); only a load, or
+        waiting for another request's load, runs on a worker thread. Waiting for a slot is a
+        future woken by the release of one, so hundreds of waiters need no thread. The
+        rules are :meth:`use`'s: the same slots, the same queue limit.
+        """
+        resident = self._acquire_loaded(name, queue_limit=queue_limit)
+        if resident is None:
+            resident = await _in_thread(
+                lambda: self._acquire(name, queue_limit=queue_limit),
+                undo=self._release_user)
+        try:
+            await self._aslot(resident)
+        except BaseException:
+            self._release_user(resident, used=False)  # it never reached the model
+            raise
+        try:
+            try:
+                self._check_not_dead(resident)
+                yield resident
+            except InstanceDead as exc:
+                self._drop_dead(resident, str(exc))
+                raise
+            finally:
+                self._release_slot(resident)
+        finally:
+            self._release_user(resident)
+
+    @staticmethod
+    def _check_not_dead(resident: Resident) -> None:
+        if resident.state == "dead":
+            # It died while this request waited for a slot; nothing was sent yet, so the
+            # engine may try again on a fresh instance.
+            raise InstanceDead(f"model {resident.name!r}: its instance died while this "
+                               "request waited for it")
+
+    def _drop_dead(self, resident: Resident, detail: str) -> None:
+        with self._cond:
+            self._drop_dead_locked(resident, detail)
+
+    def _release_slot(self, resident: Resident) -> None:
+        """Free a slot: handed straight to the first waiter, thread or event loop, if there
+        is one (so a newcomer cannot take it first and waiters are served in order), else
+        released."""
+        with self._cond:
+            while resident.async_waiters or resident.sync_waiters:
+                first_async = resident.async_waiters[0][0] if resident.async_waiters else None
+                first_sync = resident.sync_waiters[0].seq if resident.sync_waiters else None
+                if first_sync is not None and (first_async is None or first_sync < first_async):
+                    resident.sync_waiters.pop(0).granted = True
+                    self._cond.notify_all()
+                    return
+                _, loop, future = resident.async_waiters.pop(0)
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # that loop is closed: nobody waits there any more
+                    continue
+                return
+            resident.active -= 1
+            resident.slots.release()
+            self._cond.notify_all()
+
+    def _release_user(self, resident: Resident, *, used: bool = True) -> None:
+        """``used``: it generated (the idle clock restarts); else it left the queue."""
+        with self._cond:
+            resident.users -= 1
+            resident.queued -= 1
+            if used:
                 resident.last_used = self.clock()
                 self._heap_dirty = True
-                self._cond.notify_all()
+            if resident.state == "dead" and resident.users == 0:
+                self._close_dead_locked(resident)
+            self._cond.notify_all()
 
     def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
-        """Wait for a free slot of the instance, in arrival order; Cancelled if told to stop."""
-        token = object()
+        """Take a slot of ``resident`` on this thread, in arrival order; Cancelled (the
+        slot, if one was handed over meanwhile, passed on) once ``cancel`` is set."""
         with self._cond:
-            resident.waiting.append(token)
-            try:
-                while not (resident.active < resident.concurrency
-                           and resident.waiting[0] is token):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"request for {resident.name!r} cancelled while queued")
-                    # Woken by a finished generation or a cancel; the timeout is a backstop.
-                    self._cond.wait(timeout=1.0)
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"request for {resident.name!r} cancelled while queued")
+            if not (resident.async_waiters or resident.sync_waiters) and \
+                    resident.slots.acquire(blocking=False):
                 resident.active += 1
-            finally:
-                resident.waiting.remove(token)
-                self._cond.notify_all()  # the next in line may be at the head now
+                granted = True
+            else:
+                wait = _SlotWait(next(self._arrivals))
+                resident.sync_waiters.append(wait)
+                while not wait.granted and not (cancel is not None and cancel.is_set()):
+                    # Woken by a release or a cancel (wake()); the timeout is a backstop.
+                    self._cond.wait(timeout=1.0)
+                if not wait.granted:
+                    resident.sync_waiters.remove(wait)
+                granted = wait.granted
+        if cancel is not None and cancel.is_set():
+            if granted:
+                self._release_slot(resident)  # handed over just now: pass it on
+            raise Cancelled(f"request for {resident.name!r} cancelled while queued")
+
+    async def _aslot(self, resident: Resident) -> None:
+        """Take a slot of ``resident`` without blocking the event loop: at once if one is
+        free, else wait (a future) for a release to hand one over."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:  # releases decide under this lock too: no wakeup is lost
+            if not (resident.async_waiters or resident.sync_waiters) and \
+                    resident.slots.acquire(blocking=False):
+                resident.active += 1
+                return
+            entry = (next(self._arrivals), loop, future)
+            resident.async_waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            with self._cond:
+                if entry in resident.async_waiters:  # nothing was handed to us
+                    resident.async_waiters.remove(entry)
+                    raise
+            self._release_slot(resident)  # a slot was on its way to us: pass it on
+            raise
+
+    def _acquire_loaded(self, name: str, *, queue_limit: int | None) -> Resident | None:
+        """Count a request on ``name`` if it is loaded (never blocks); None if it is not."""
+        full = prewarm_used = False
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state != "loaded":
+                return None
+            if not model_alive(resident.model):
+                return None  # _acquire, on a worker thread, drops it and loads again
+            full = (queue_limit is not None
+                    and resident.queued >= resident.concurrency + queue_limit)
+            if not full:
+                resident.users += 1
+                resident.queued += 1
+                if resident.prewarm_pending:
+                    resident.prewarm_pending = False
+                    prewarm_used = True
+        if full:
+            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            raise QueueFull(name, queue_limit)
+        if prewarm_used:
+            self._emit(PoolEvent("prewarm_used", name))
+        return resident
 
     def ensure_loaded(self, name: str) -> Resident:
         """Load ``name`` (if it is not) without holding it; used for pinned models."""
@@ -318,10 +519,9 @@ class ModelPool:
 
         The slot is reserved before this returns (the model shows as ``loading``), so a
         request that comes next waits for this load instead of starting another. Returns
-        the loading thread, or ``None`` when the model is resident (or still being
-        unloaded) or there is no room (a ``prewarm_skipped`` event). A request for the
-        model before it is unloaded makes the pre-warm ``prewarm_used``; an unload before
-        any request, ``prewarm_wasted``.
+        the loading thread, or ``None`` when the model is resident or there is no room
+        (a ``prewarm_skipped`` event). A request for the model before it is unloaded makes
+        the pre-warm ``prewarm_used``; an unload before any request, ``prewarm_wasted``.
         """
         spec = self.config.models.get(name)
         if spec is None:
@@ -340,7 +540,7 @@ class ModelPool:
                 resident.prewarm_pending = True
         if skipped:
             log.info("pre-warm of %s skipped: %s", name, skipped)
-            self.emit(PoolEvent("prewarm_skipped", name, detail=skipped))
+            self._emit(PoolEvent("prewarm_skipped", name, detail=skipped))
             return None
         thread = threading.Thread(target=self._prewarm_load, args=(resident, reason),
                                   name=f"sarai-prewarm-{name}", daemon=True)
@@ -357,8 +557,8 @@ class ModelPool:
             resident.users -= 1
             self._cond.notify_all()
         log.info("pre-warmed model %s (%s)", resident.name, reason or "asked by a plugin")
-        self.emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
-                            ram_mb=resident.ram_mb, detail=reason))
+        self._emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
+                             ram_mb=resident.ram_mb, detail=reason))
 
     def load_pinned(self) -> list[str]:
         pinned = [name for name, spec in self.config.models.items() if spec.pinned]
@@ -391,6 +591,10 @@ class ModelPool:
                     finally:
                         closing.queued -= 1
                 resident = self._residents.get(name)
+                if (resident is not None and resident.state == "loaded"
+                        and not model_alive(resident.model)):
+                    self._drop_dead_locked(resident, "found dead at the next request")
+                    resident = None
                 if resident is None:
                     resident = self._reserve(spec, victims=victims, cancel=cancel)
                     loader = True
@@ -411,10 +615,10 @@ class ModelPool:
             for victim in victims:
                 self._close(*victim)
         if full:
-            self.emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self.emit(PoolEvent("prewarm_used", name))
+            self._emit(PoolEvent("prewarm_used", name))
         if loader:
             try:
                 self._load(resident)
@@ -457,6 +661,7 @@ class ModelPool:
                 f"[cache] ram_budget_mb = {budget:.0f}"
             )
         deadline = time.monotonic() + self.wait_seconds
+        self._refresh_measured_locked()
         while True:
             ours = {id(victim) for victim, _, _ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
@@ -528,7 +733,7 @@ class ModelPool:
                 self._residents.pop(resident.name, None)
                 resident.users -= 1
                 self._cond.notify_all()
-            self.emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
+            self._emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
             if isinstance(exc, (BackendError, PoolError)):
                 raise
             if isinstance(exc, Exception):
@@ -536,7 +741,9 @@ class ModelPool:
                                    f"{spec.name!r}: {exc}") from exc
             raise
         seconds = time.perf_counter() - started
-        measured = max(0.0, process_rss_mb() - rss_before)
+        own = model_rss_mb(model)
+        # A model in a child process says what it holds; else our own RSS grew by it.
+        measured = own if own is not None else max(0.0, process_rss_mb() - rss_before)
         with self._cond:
             resident.model = model
             resident.state = "loaded"
@@ -546,9 +753,10 @@ class ModelPool:
             resident.ram_mb = max(resident.estimated_mb, measured)
             resident.loaded_at = resident.last_used = self.clock()
             self._cond.notify_all()
-        log.info("loaded model %s in %.2fs (estimated %.0f MB, RSS +%.0f MB)",
-                 resident.name, seconds, resident.estimated_mb, measured)
-        self.emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
+        log.info("loaded model %s in %.2fs (estimated %.0f MB, %s %.0f MB)",
+                 resident.name, seconds, resident.estimated_mb,
+                 "its RSS" if own is not None else "RSS +", measured)
+        self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
 
     # -- unloading ----------------------------------------------------------------------
     #
@@ -571,14 +779,19 @@ class ModelPool:
         try:
             with self._close_lock:
                 model, resident.model = resident.model, None
-                rss_before = process_rss_mb()
+                own_before = model_rss_mb(model)
+                rss_before = own_before if own_before is not None else process_rss_mb()
                 if model is not None:
                     try:
                         model.close()
                     except Exception:  # a failing close must not keep the slot
                         log.exception("closing model %s failed", resident.name)
                     release_free_heap()
-                freed = rss_before - process_rss_mb()
+                if own_before is not None:
+                    # Its own process: what it still holds after close() (0 once it is gone).
+                    freed = own_before - (model_rss_mb(model) or 0.0)
+                else:
+                    freed = rss_before - process_rss_mb()
         finally:
             with self._cond:
                 if self._closing.get(resident.name) is resident:
@@ -587,23 +800,58 @@ class ModelPool:
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
                  resident.name, f" ({detail})" if detail else "", freed)
-        self.emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+        self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
             resident.prewarm_pending = False
-            self.emit(PoolEvent("prewarm_wasted", resident.name,
-                                detail=f"{kind} before any request used it"))
+            self._emit(PoolEvent("prewarm_wasted", resident.name,
+                                 detail=f"{kind} before any request used it"))
 
     def _verify_unload(self, resident: Resident, freed_mb: float) -> None:
         """Check that closing gave back about what loading took (measured, else estimated)."""
         expected = resident.measured_mb if resident.measured_mb else resident.estimated_mb
         if expected < UNLOAD_VERIFY_MIN_MB or freed_mb >= UNLOAD_VERIFY_RATIO * expected:
             return
-        log.warning("unloading model %s freed only %.0f MB of process RSS; its load took "
+        log.warning("unloading model %s freed only %.0f MB of RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
-        self.emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
-                            detail=f"freed {freed_mb:.0f} MB"))
+        self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
+                             detail=f"freed {freed_mb:.0f} MB"))
+
+    def _drop_dead_locked(self, resident: Resident, detail: str) -> None:
+        """Forget an instance that died: the next request loads the model again. Closed now
+        if nobody uses it, else by its last user (``_release``)."""
+        if resident.state == "dead":
+            return
+        if self._residents.get(resident.name) is resident:
+            self._residents.pop(resident.name)
+        resident.state = "dead"
+        log.warning("model %s: its instance died (%s); the next request loads it again",
+                    resident.name, detail)
+        self._emit(PoolEvent("crash", resident.name, ram_mb=resident.ram_mb, detail=detail))
+        if resident.users == 0:
+            self._close_dead_locked(resident)
+        self._cond.notify_all()
+
+    def _close_dead_locked(self, resident: Resident) -> None:
+        model, resident.model = resident.model, None
+        if model is None:
+            return
+        try:
+            model.close()  # reaps the dead process and whatever it left
+        except Exception:
+            log.exception("closing dead model %s failed", resident.name)
+
+    def _refresh_measured_locked(self) -> None:
+        """Budget resident models that measure themselves (child processes) with what they
+        hold now: a server's caches grow after its load."""
+        for resident in self._residents.values():
+            if resident.state != "loaded":
+                continue
+            own = model_rss_mb(resident.model)
+            if own is not None and own > 0:
+                resident.measured_mb = own
+                resident.ram_mb = max(resident.estimated_mb, own)
 
     def unload(self, name: str) -> bool:
         """Unload ``name`` now if it is loaded and idle (pinned too: an explicit request)."""
@@ -620,6 +868,10 @@ class ModelPool:
         now = self.clock() if now is None else now
         taken: list[tuple[Resident, str, str]] = []
         with self._cond:
+            for resident in list(self._residents.values()):
+                if resident.state == "loaded" and not model_alive(resident.model):
+                    self._drop_dead_locked(resident, "found dead by the reaper")
+            self._refresh_measured_locked()
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
@@ -678,13 +930,16 @@ class ModelPool:
         for item in taken:
             self._close(*item)
 
-    def emit(self, event: PoolEvent) -> None:
-        """Tell the listeners (logs, metrics) about ``event``."""
+    def _emit(self, event: PoolEvent) -> None:
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("a pool listener failed on %s", event)
+
+    def emit(self, event: PoolEvent) -> None:
+        """Tell the listeners (logs, metrics) about ``event`` (the engine's per-request ones)."""
+        self._emit(event)
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:

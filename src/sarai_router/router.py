@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 import attrs
 
+from .backend import Capabilities
 from .config import Config, rebind
-from .errors import PluginError, RoutingError, not_configured
+from .errors import BackendError, CapabilityError, PluginError, RoutingError, not_configured
 from .plugins import Hooks, PluginSet, build_plugins
 from .types import ChatRequest, Route, RouteDecision
 
@@ -93,6 +94,90 @@ class Router:
             for m in missing
         )
         return attrs.evolve(decision, warnings=decision.warnings + warnings)
+
+
+    # -- capabilities and fallbacks
+
+    def capabilities(self, model: str) -> Capabilities:
+        spec = self.config.models[model]
+        try:
+            return self.hooks.backend(spec.backend).capabilities(spec)
+        except BackendError:  # no plugin for its backend: loading it will say so
+            return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+
+    def unmet_needs(self, model: str, request: ChatRequest) -> list[str]:
+        """What ``request`` needs that ``model`` cannot give, in words (empty: it can)."""
+        caps = self.capabilities(model)
+        missing = []
+        if request.images and "image" not in caps.modalities:
+            missing.append("image input")
+        if request.audio is not None and "audio" not in caps.modalities:
+            missing.append("audio input")
+        missing.extend(need for need in sorted(request.needs) if not getattr(caps, need, False))
+        return missing
+
+    def fits_context(self, model: str, request: ChatRequest) -> bool:
+        """Whether the prompt fits ``model``'s context by the estimate (characters / 3)."""
+        limit = self.capabilities(model).context_length
+        return not limit or request.estimated_prompt_tokens <= limit
+
+    def ensure_capable(self, decision: RouteDecision, request: ChatRequest) -> RouteDecision:
+        """``decision`` if its model can take ``request``; else (a routed decision) the first
+        model that can, tried in the order of its fallbacks, the default model, the rest;
+        else CapabilityError naming what is missing.
+
+        The context length is a preference only: a prompt estimated too long for the routed
+        model goes to one with room if there is one; if none has room, the routed model's
+        own check answers (a context-length error naming its ``n_ctx``), since the estimate
+        is rough.
+        """
+        missing = self.unmet_needs(decision.model, request)
+        fits = self.fits_context(decision.model, request)
+        if not missing and fits:
+            return decision
+        if decision.plugin != EXPLICIT_PLUGIN:
+            for other in self._reroute_order(decision.model):
+                if not self.unmet_needs(other, request) and self.fits_context(other, request):
+                    why = (f"cannot take {' or '.join(missing)}" if missing else
+                           f"has n_ctx {self.capabilities(decision.model).context_length}, "
+                           f"less than the ~{request.estimated_prompt_tokens} prompt tokens")
+                    return attrs.evolve(
+                        decision, model=other, routed_model=decision.model,
+                        reason=f"{decision.reason}; {decision.model!r} {why}, so {other!r}")
+        if not missing:
+            return decision
+        spec = self.config.models[decision.model]
+        others = [f"{name}: {', '.join(lacks)}" for name in self._reroute_order(decision.model)
+                  if (lacks := self.unmet_needs(name, request))]
+        detail = (f"[models.{decision.model}] modalities = {list(spec.modalities)}"
+                  if all(m.endswith(" input") for m in missing)
+                  else f"its backend {spec.backend!r} does not offer it")
+        message = (f"model {decision.model!r} cannot take {' or '.join(missing)}: {detail} "
+                   f"(routed by {decision.plugin}: {decision.reason})")
+        if decision.plugin != EXPLICIT_PLUGIN and others:
+            message += f"; no other configured model can either ({'; '.join(others)})"
+        raise CapabilityError(message, missing=tuple(missing))
+
+    def _reroute_order(self, model: str) -> list[str]:
+        order = [*self.fallback_chain(model), self.config.routing.default_model,
+                 *self.config.models]
+        return [name for name in dict.fromkeys(order) if name != model]
+
+    def fallback_chain(self, model: str) -> list[str]:
+        """The models tried, in order, when ``model`` fails before its first token: its
+        ``fallbacks``, then theirs (depth first), each at most once."""
+        chain: list[str] = []
+        seen = {model}
+
+        def visit(name: str) -> None:
+            for other in self.config.models[name].fallbacks:
+                if other not in seen and other in self.config.models:
+                    seen.add(other)
+                    chain.append(other)
+                    visit(other)
+
+        visit(model)
+        return chain
 
 
 def missing_modalities(config: Config, model: str, request: ChatRequest) -> list[str]:

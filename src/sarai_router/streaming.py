@@ -1,4 +1,5 @@
-"""Run one generation in its own thread and hand its pieces to whoever waits (the server's
+"""Run one generation in its own thread (or, for a remote model, as a task on the event
+loop: ``AsyncGeneration``) and hand its pieces to whoever waits (the server's
 event loop, the chat REPL's main thread), so that the waiter can stop it between tokens.
 
 A llama.cpp generation is a blocking generator. Iterating it on the caller's thread would
@@ -11,7 +12,9 @@ model out of the queue: it never reaches the model.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from contextlib import aclosing
 from typing import Any, Callable
 
 import attrs
@@ -24,6 +27,8 @@ from .types import ChatRequest, RouteDecision
 @attrs.frozen
 class Piece:
     text: str
+    #: the tokens of ``text`` with their log probabilities (when the request asked)
+    logprobs: tuple = ()
 
 
 @attrs.frozen
@@ -110,15 +115,98 @@ class Generation:
         produced = False
         stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
                                     queue_limit=self.queue_limit, cancel=self._cancel)
+        sent_logprobs = 0
         try:
             for text in stream:
                 if self._cancel.is_set():
                     break
                 produced = True
-                self.sink(Piece(text))
+                # The engine adds a piece's logprobs before yielding it, on this thread.
+                logprobs = tuple(self.completion.logprobs[sent_logprobs:])
+                sent_logprobs += len(logprobs)
+                self.sink(Piece(text, logprobs))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
             self.sink(Failed(exc, before_first_piece=not produced))
             return
         finally:
             stream.close()  # releases the model instance now, not at garbage collection
+        self.sink(Done(self.completion, cancelled=self._cancel.is_set()))
+
+
+class AsyncGeneration:
+    """``engine.astream(...)`` as a task on the running event loop, for models whose backend
+    streams asynchronously (a remote endpoint): no thread per answer. The same events and
+    the same interface as :class:`Generation`; ``cancel()`` may be called from any thread
+    and stops the upstream request at once."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: ChatRequest,
+        decision: RouteDecision,
+        params: GenerationParams,
+        sink: Callable[[Event], Any],
+        *,
+        queue_limit: int | None = None,
+    ):
+        self.engine = engine
+        self.request = request
+        self.decision = decision
+        self.params = params
+        self.sink = sink
+        self.queue_limit = queue_limit
+        self.completion = Completion(decision=decision)
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> "AsyncGeneration":
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self._task is not None and self._loop is not None and not self._task.done():
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # the loop is closed: the task is gone with it
+                pass
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._task is None or self._finished.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the task to end (from a thread other than the loop's)."""
+        if self._task is not None:
+            self._finished.wait(timeout)
+
+    async def _run(self) -> None:
+        produced = False
+        try:
+            async with aclosing(self.engine.astream(
+                    self.request, self.decision, self.params, self.completion,
+                    queue_limit=self.queue_limit)) as pieces:
+                sent_logprobs = 0
+                async for text in pieces:
+                    if self._cancel.is_set():
+                        break
+                    produced = True
+                    # The engine adds a piece's logprobs before yielding it.
+                    logprobs = tuple(self.completion.logprobs[sent_logprobs:])
+                    sent_logprobs += len(logprobs)
+                    self.sink(Piece(text, logprobs))
+        except asyncio.CancelledError:
+            pass  # cancel(): the upstream request is closed; say so below
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
+            self.sink(Failed(exc, before_first_piece=not produced))
+            return
+        finally:
+            self._finished.set()
         self.sink(Done(self.completion, cancelled=self._cancel.is_set()))

@@ -1,4 +1,5 @@
-"""The objects that travel through a request: the request itself and the routing decision."""
+"""The objects that travel through a request: the request itself, the transcript of its
+audio, and the routing decision."""
 
 from __future__ import annotations
 
@@ -19,27 +20,132 @@ class ImageInput:
 
 @attrs.frozen
 class AudioInput:
-    """An audio clip attached to a request."""
+    """An audio clip attached to a request.
+
+    ``message_index``: the message that carried it (an HTTP ``input_audio`` part), so its
+    transcript goes there; ``None`` means the latest user message.
+    """
 
     data: bytes
     mime: str = "audio/wav"
     source: str = ""
+    message_index: int | None = None
+
+
+#: How the model sees a transcript in the user's text: marked, so that it knows the words
+#: were spoken (and may hold recognition errors) rather than typed.
+TRANSCRIPT_MARK = "[transcribed audio]"
+
+
+@attrs.frozen
+class Transcript:
+    """What a ``transcribe`` plugin returns for an audio clip.
+
+    ``text``: what was said; ``language``: its ISO 639-1 code (``"es"``) or ``""`` if
+    unknown; ``duration``: the clip's length in seconds. ``language_probability`` and
+    ``load_seconds`` (the time spent loading the speech model for this call) are optional.
+    The engine fills in ``plugin`` (who transcribed) and ``seconds`` (how long it took).
+    """
+
+    text: str
+    language: str = ""
+    duration: float = 0.0
+    language_probability: float | None = None
+    load_seconds: float = 0.0
+    plugin: str = ""
+    seconds: float = 0.0
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Transcription time (model load excluded) over the clip's length."""
+        if self.duration <= 0:
+            return None
+        return max(self.seconds - self.load_seconds, 0.0) / self.duration
+
+    def to_dict(self) -> dict[str, Any]:
+        rtf = self.real_time_factor
+        return {
+            "text": self.text,
+            "language": self.language,
+            "seconds": round(self.seconds, 4),
+            "duration": round(self.duration, 3),
+            "load_seconds": round(self.load_seconds, 4),
+            "real_time_factor": None if rtf is None else round(rtf, 3),
+            "language_probability": None if self.language_probability is None
+            else round(self.language_probability, 3),
+            "plugin": self.plugin,
+        }
+
+
+#: What a request may need beyond text, in ``ChatRequest.needs``.
+NEEDS = ("tools", "json_schema", "logprobs")
+#: Characters per token when a prompt's length is estimated without a tokenizer. Small
+#: vocabularies (SmolLM2, Gemma 3 on Spanish) run about 3-4: 3 errs on the long side.
+CHARS_PER_TOKEN = 3
+#: The request field behind each need, to name it when a model can't give it.
+NEED_FIELDS = {"tools": "tools", "json_schema": "response_format", "logprobs": "logprobs"}
 
 
 @attrs.frozen
 class ChatRequest:
-    """One chat request. ``messages`` are OpenAI-style dicts; ``text`` is the latest user turn."""
+    """One chat request. ``messages`` are OpenAI-style dicts; ``text`` is the latest user turn.
+
+    ``needs``: features the answer must have beyond text (a subset of :data:`NEEDS`), filled
+    by the front end that parsed the request (the server's ``tools``, ``response_format``
+    with a JSON schema, ``logprobs``). Images, audio and the prompt's length are read from
+    the request itself. Routing sends the request only to a model that can take all of it.
+    """
 
     messages: tuple[Mapping[str, Any], ...]
     images: tuple[ImageInput, ...] = ()
     audio: AudioInput | None = None
+    #: Set once the attached audio was transcribed (``with_transcript``); ``audio`` is then None.
+    transcript: Transcript | None = None
+    #: What the signals read when it differs from the latest user message: the typed text
+    #: and the transcript, without the mark the model sees.
+    spoken_text: str | None = None
+    needs: frozenset[str] = frozenset()
+
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        """The prompt's length in tokens, estimated as characters / 3 (rounded up)."""
+        chars = sum(len(message_text(m)) for m in self.messages)
+        return -(-chars // CHARS_PER_TOKEN)
 
     @property
     def text(self) -> str:
+        """The latest user turn as the signals read it (with what was said, if transcribed)."""
+        if self.spoken_text is not None:
+            return self.spoken_text
+        return self.typed_text
+
+    @property
+    def typed_text(self) -> str:
         for message in reversed(self.messages):
             if message.get("role") == "user":
                 return message_text(message)
         return ""
+
+    def with_transcript(self, transcript: Transcript) -> "ChatRequest":
+        """This request with its audio replaced by ``transcript``: the model receives the
+        words, marked as a transcription, in the message that carried the audio (or the
+        latest user message); the signals read the typed text plus the transcript."""
+        spoken = transcript.text.strip()
+        typed = self.typed_text
+        messages = [dict(m) for m in self.messages]
+        index = self.audio.message_index if self.audio is not None else None
+        if index is None or not 0 <= index < len(messages):
+            index = next((i for i in range(len(messages) - 1, -1, -1)
+                          if messages[i].get("role") == "user"), None)
+        marked = f"{TRANSCRIPT_MARK} {spoken}"
+        if index is None:
+            messages.append({"role": "user", "content": marked})
+        else:
+            before = message_text(messages[index])
+            messages[index]["content"] = f"{before}\n\n{marked}" if before.strip() else marked
+        return attrs.evolve(
+            self, messages=tuple(messages), audio=None, transcript=transcript,
+            spoken_text=f"{typed}\n{spoken}" if typed.strip() else spoken)
 
     @classmethod
     def from_prompt(
@@ -103,8 +209,29 @@ class Route:
 
 
 @attrs.frozen
+class FallbackStep:
+    """One model that could not answer and the model tried next (``fallbacks`` in config)."""
+
+    from_model: str
+    to_model: str
+    #: a short label: refused, timeout, http_503, disconnected, cooldown, load_failed
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"from": self.from_model, "to": self.to_model, "reason": self.reason,
+                "detail": self.detail}
+
+
+@attrs.frozen
 class RouteDecision:
-    """The dispatcher's full answer: the route plus who decided and on which signals."""
+    """The dispatcher's full answer: the route plus who decided and on which signals.
+
+    ``fallback``: routing fell back to ``[routing] default_model`` (no plugin chose).
+    ``fallbacks``: the models that failed before the first token, in order, each replaced
+    by the next of its ``fallbacks``; ``model`` is then the one that answered.
+    ``routed_model``: the model routing chose, when capabilities or fallbacks changed it.
+    """
 
     model: str
     reason: str
@@ -112,6 +239,10 @@ class RouteDecision:
     signals: Mapping[str, Any]
     warnings: tuple[str, ...] = ()
     fallback: bool = False
+    #: The attached audio's transcript, when it was transcribed to be routed and answered.
+    transcript: Transcript | None = None
+    fallbacks: tuple[FallbackStep, ...] = ()
+    routed_model: str | None = None
 
     def summary(self) -> str:
         """One line for people: ``[fast] <reason> (heuristic)``."""
@@ -126,4 +257,7 @@ class RouteDecision:
             "signals": dict(self.signals),
             "warnings": list(self.warnings),
             "fallback": self.fallback,
+            "transcript": None if self.transcript is None else self.transcript.to_dict(),
+            "fallbacks": [step.to_dict() for step in self.fallbacks],
+            "routed_model": self.routed_model,
         }

@@ -27,9 +27,11 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
     models = report["models"]
     n = len(report["settings"]["queries"])
     qs = [f"Q{i + 1}" for i in range(n)]
-    for title, key, mean_key in (("Throughput (tok/s)", "tokens_per_second", "mean_tokens_per_second"),
-                                 ("Latency (s)", "latency_s", "mean_latency_s"),
-                                 ("Time to first token (s)", "ttft_s", "mean_ttft_s")):
+    per_query_tables = (("Throughput (tok/s)", "tokens_per_second", "mean_tokens_per_second"),
+                        ("Latency (s)", "latency_s", "mean_latency_s"),
+                        ("Time to first token (s)", "ttft_s", "mean_ttft_s"))
+    # `bench --audio-only` measures no chat model on its own.
+    for title, key, mean_key in per_query_tables if models else ():
         rows = []
         for name, m in models.items():
             values = {q["query"]: q[key] for q in m["per_query"]}
@@ -38,8 +40,10 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
     rows = [[name, m["mean_tokens_per_second"], m["speedup"], m["mean_tokens"],
              m["p50_latency_s"], m["memory"]["load_s"], m["memory"]["load_delta_mb"],
              m["memory"].get("rss_after_unload_mb")] for name, m in models.items()]
-    out.append(("Per model", _table(["model", "tok/s", "speedup", "tokens", "P50 s", "load s",
-                                     "RSS +MB at load", "RSS MB after unload"], rows)))
+    if rows:
+        out.append(("Per model", _table(["model", "tok/s", "speedup", "tokens", "P50 s",
+                                         "load s", "RSS +MB at load", "RSS MB after unload"],
+                                        rows)))
     dual = report.get("dual")
     if dual:
         rows = []
@@ -62,6 +66,18 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"{_cell(overhead['ttft_diff_ms'])} ms, logits-processor ratio "
                     f"{_cell(overhead['logits_processor_ratio'])}",
                     _table(["arm", "tok/s", "median TTFT s", "tokens", "seconds"], rows)))
+    speech = report.get("speech")
+    if speech:
+        rows = [[c["clip"], c["duration_s"], c["language"], c["mean_transcribe_s"],
+                 c["real_time_factor"], c["model"], c["mean_generation_s"],
+                 c["tokens_per_second"], c["text"]] for c in speech["clips"]]
+        s = speech["settings"]
+        out.append((f"Speech to text ({speech['plugin']}: model {s.get('model')}, "
+                    f"{s.get('compute_type')}, threads {s.get('threads') or 'all'}; load "
+                    f"{_cell(speech['load_s'])} s; real-time factor "
+                    f"{_cell(speech['real_time_factor'])})",
+                    _table(["clip", "audio s", "lang", "transcribe s", "RTF", "routed to",
+                            "generation s", "tok/s", "transcript"], rows)))
     decision = report["decision"]
     rows = [[label, d["chars"], d["decisions_per_second"], d["p50_us"], d["p99_us"], d["model"]]
             for label, d in ((k, decision[k]) for k in ("short", "long"))]

@@ -12,6 +12,9 @@ terminal report, markdown or a plot. Sections, in the order they run:
   interleaved, plus a third arm with a no-op logits processor (what the backend uses to
   count tokens);
 * ``dual``: a traffic mix replayed through the real router vs everything to one model;
+* ``speech`` (``--audio FILE``): each clip through the Engine as a spoken request: the
+  speech model's load time, transcription time and real-time factor, beside the time the
+  routed model then takes to answer;
 * ``kpis``: targets from ``[bench]`` or options, each met or not.
 
 Only the Engine path is product code; the direct path exists here as the yardstick.
@@ -32,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from ..backend import GenerationParams
+from ..backend import BUILTIN_SAMPLING, GenerationParams
 from ..config import BenchConfig, Config
 from ..errors import SaraiError
 from ..types import ChatRequest
@@ -74,12 +77,13 @@ class Targets:
     speedup_max: float | None
     ram_mb: float
     overhead_ratio: float
+    rtf_max: float = 0.5
 
     @classmethod
     def from_config(cls, bench: BenchConfig) -> "Targets":
         return cls(bench.target_tps_min, bench.target_tps_max, bench.target_p50_seconds,
                    bench.target_speedup_min, bench.target_speedup_max, bench.target_ram_mb,
-                   bench.target_overhead_ratio)
+                   bench.target_overhead_ratio, bench.target_rtf_max)
 
 
 def parse_range(text: str) -> tuple[float, float | None]:
@@ -140,6 +144,8 @@ class BenchSettings:
     dual: bool = True
     decision_seconds: float = 1.0
     command: str = ""
+    #: Audio clips for the speech section: (label, bytes).
+    audio: tuple[tuple[str, bytes], ...] = ()
 
 
 Progress = Callable[[int], None]
@@ -391,10 +397,10 @@ def _direct_run(llama, prompt: str, index: int, params: GenerationParams,
     started = time.perf_counter()
     first = None
     pieces = 0
+    # ``params`` carries the same sampling the router arm uses (measure_overhead).
     for chunk in llama.create_chat_completion(
         messages=[{"role": "user", "content": prompt}], max_tokens=params.max_tokens,
-        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=None,
-        stream=True, **kwargs,
+        seed=params.seed, stop=None, stream=True, **params.sampling(), **kwargs,
     ):
         if chunk["choices"][0].get("delta", {}).get("content"):
             if first is None:
@@ -422,10 +428,12 @@ def measure_overhead(engine, name: str, settings: BenchSettings, params: Generat
         run.tokens = run.pieces
         return run
 
+    # The direct arms sample as the router does: the model's defaults, then the built-in.
+    sampled = params.with_defaults(engine.sampling_for(name)).with_defaults(BUILTIN_SAMPLING)
     arms: dict[str, Callable[[str, int], Run]] = {
         "router": router_arm,
-        "direct": lambda p, i: _direct_run(llama, p, i, params, False),
-        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, params, True),
+        "direct": lambda p, i: _direct_run(llama, p, i, sampled, False),
+        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, sampled, True),
     }
     order = list(arms)
     results: dict[str, list[Run]] = {arm: [] for arm in arms}
@@ -527,6 +535,73 @@ def measure_dual(engine, baseline: str, settings: BenchSettings, params: Generat
     }
 
 
+# -- speech -------------------------------------------------------------------------------
+
+def measure_speech(engine, settings: BenchSettings, params: GenerationParams,
+                   progress: Progress) -> dict[str, Any]:
+    """Each clip as a spoken request (no typed text) through the Engine: transcribed,
+    routed on what was said, answered. The speech model's load is timed apart (the first
+    call pays it); a warm-up transcription is not counted unless ``--no-warmup``."""
+    from ..engine import Completion
+    from ..types import AudioInput
+
+    clips = []
+    load_s = None
+    plugin = None
+    for label, data in settings.audio:
+        request = ChatRequest(messages=({"role": "user", "content": ""},),
+                              audio=AudioInput(data=data, source=label))
+        if settings.warmup:
+            warm = engine.transcribe(request.audio, request)
+            load_s = warm.load_seconds if load_s is None else load_s
+        runs = []
+        for _ in range(settings.iterations):
+            decision = engine.decide(request)
+            engine.ensure_present(decision.model)
+            transcript = decision.transcript
+            if transcript is None:
+                raise BenchError(f"{label}: the routed model {decision.model!r} takes audio "
+                                 "itself; nothing was transcribed to measure")
+            if load_s is None:
+                load_s = transcript.load_seconds
+            plugin = transcript.plugin
+            completion = Completion(decision=decision)
+            for _ in engine.stream(request, decision, params, completion):
+                pass
+            runs.append((transcript, completion))
+            progress(1)
+        seconds = [t.seconds - t.load_seconds for t, _ in runs]
+        generation = [c.timings.generation_s for _, c in runs]
+        tokens = sum(c.usage.completion_tokens for _, c in runs)
+        first, last = runs[0][0], runs[-1]
+        clips.append({
+            "clip": label,
+            "duration_s": _r(first.duration, 3),
+            "language": first.language,
+            "language_probability": _r(first.language_probability, 3),
+            "text": first.text,
+            "model": last[1].decision.model,
+            "reason": last[1].decision.reason,
+            "transcriptions": len(runs),
+            "mean_transcribe_s": _r(mean(seconds), 3),
+            "min_transcribe_s": _r(min(seconds), 3),
+            "real_time_factor": _r(mean(seconds) / first.duration, 3) if first.duration else None,
+            "mean_generation_s": _r(mean(generation), 3),
+            "tokens_per_second": _r(tokens / sum(generation), 2) if sum(generation) else None,
+            "load_s": _r(max(c.timings.load_s for _, c in runs), 3),
+        })
+    total_audio = sum(c["duration_s"] for c in clips)
+    total_transcribe = sum(c["mean_transcribe_s"] for c in clips)
+    settings_used = dict(engine.config.plugin_config("whisper"))
+    return {
+        "plugin": plugin,
+        "settings": settings_used,
+        "load_s": _r(load_s, 3),
+        "clips": clips,
+        "real_time_factor": _r(total_transcribe / total_audio, 3) if total_audio else None,
+    }
+
+
 # -- KPIs ---------------------------------------------------------------------------------
 
 def evaluate_kpis(report: Mapping[str, Any], targets: Targets) -> list[dict[str, Any]]:
@@ -568,6 +643,10 @@ def evaluate_kpis(report: Mapping[str, Any], targets: Targets) -> list[dict[str,
     if overhead and overhead.get("ratio") is not None:
         at_least("router/direct tok/s ratio", overhead["ratio"], targets.overhead_ratio, None,
                  "", "overhead.ratio")
+    speech = report.get("speech")
+    if speech and speech.get("real_time_factor") is not None:
+        at_most("speech to text real-time factor", speech["real_time_factor"],
+                targets.rtf_max, "", "speech.real_time_factor")
     return rows
 
 
@@ -580,6 +659,7 @@ def planned_steps(settings: BenchSettings) -> int:
         steps += per_model
     if settings.dual:
         steps += len(settings.mix) * settings.mix_iterations
+    steps += len(settings.audio) * settings.iterations
     return steps
 
 
@@ -597,6 +677,7 @@ def run_bench(config: Config, settings: BenchSettings, targets: Targets,
             "seed": settings.seed, "temperature": settings.temperature,
             "warmup": settings.warmup, "mix": settings.mix_source,
             "mix_iterations": settings.mix_iterations,
+            "audio": [label for label, _ in settings.audio],
         },
         "model_files": {name: model_info(config, name) for name in settings.models},
         "targets": attrs.asdict(targets),
@@ -614,12 +695,15 @@ def run_bench(config: Config, settings: BenchSettings, targets: Targets,
             if settings.overhead and name == overhead_model(config, settings):
                 report["overhead"] = measure_overhead(engine, name, settings, params, progress)
             unload_model(engine, name, models[name]["memory"])
-        slowest = min(models.values(), key=lambda m: m["mean_tokens_per_second"])
-        for result in models.values():
-            base = slowest["mean_tokens_per_second"]
-            result["speedup"] = _r(result["mean_tokens_per_second"] / base, 3) if base else None
+        if models:
+            slowest = min(models.values(), key=lambda m: m["mean_tokens_per_second"])
+            for result in models.values():
+                base = slowest["mean_tokens_per_second"]
+                result["speedup"] = _r(result["mean_tokens_per_second"] / base, 3) if base else None
         report["models"] = models
-        if settings.dual:
+        if settings.audio:
+            report["speech"] = measure_speech(engine, settings, params, progress)
+        if settings.dual and models:
             baseline = settings.baseline_model or min(
                 models, key=lambda n: models[n]["mean_tokens_per_second"])
             report["dual"] = measure_dual(engine, baseline, settings, params, progress)

@@ -39,7 +39,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
 
 
 for command in (route.route, route.query, models.models, plugins.plugins, config.config,
-                serve.serve, chat.chat, bench.bench):
+                serve.serve, chat.chat, bench.bench, bench.bench_concurrency):
     cli.add_command(command)
 
 

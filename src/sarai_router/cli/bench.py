@@ -52,6 +52,11 @@ def _range_callback(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--no-overhead", is_flag=True, help="Skip the router overhead test.")
 @click.option("--no-dual", is_flag=True, help="Skip the dual strategy (routed vs one model).")
 @click.option("--no-warmup", is_flag=True, help="Count the first generation too.")
+@click.option("--audio", "audio_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A speech clip (repeatable): time its transcription (real-time factor) "
+                   "and the routed answer.")
+@click.option("--audio-only", is_flag=True,
+              help="With --audio: only the speech section (and the decision cost).")
 @click.option("--decision-seconds", type=click.FloatRange(min=0.01), default=1.0,
               show_default=True, help="Time spent timing routing decisions, per input size.")
 @click.option("--target-tps", callback=_range_callback,
@@ -75,10 +80,12 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
           n_queries: int | None, iterations: int, max_tokens: int, seed: int,
           temperature: float, mix_file: str | None, mix_iterations: int,
           baseline_model: str | None, overhead_model: str | None, no_overhead: bool,
-          no_dual: bool, no_warmup: bool, decision_seconds: float, target_tps, target_speedup, target_p50,
+          no_dual: bool, no_warmup: bool, audio_files: tuple[str, ...], audio_only: bool,
+          decision_seconds: float, target_tps, target_speedup, target_p50,
           target_ram_mb, target_overhead, as_json: bool, markdown_file: str | None,
           plot_file: str | None, no_progress: bool) -> None:
-    """Benchmark MODELS (default: all configured): tok/s, latency, routing, overhead, memory."""
+    """Benchmark MODELS (default: all configured): tok/s, latency, routing, overhead, memory;
+    with --audio, speech to text too."""
     import attrs
 
     from ..bench import (BUILTIN_MIX, BUILTIN_QUERIES, BenchSettings, Targets, direct_peer,
@@ -87,7 +94,15 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
     from ..engine import Engine
 
     config = app.config()
-    chosen = models or tuple(config.models)
+    if audio_only and not audio_files:
+        raise CliError("--audio-only needs at least one --audio FILE", EXIT_USAGE)
+    if audio_only and models:
+        raise CliError("--audio-only benches no chat model on its own: drop MODELS",
+                       EXIT_USAGE)
+    audio = tuple((Path(f).name, Path(f).read_bytes()) for f in audio_files)
+    if audio_only:
+        no_dual = no_overhead = True
+    chosen = () if audio_only else models or tuple(config.models)
     for label, names in (("MODELS", chosen), ("--baseline", (baseline_model,)),
                          ("--overhead-model", (overhead_model,))):
         check_model_names(config, label, names)
@@ -141,7 +156,7 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
         mix_source=Path(mix_file).name if mix_file else "built-in",
         mix_iterations=mix_iterations, baseline_model=baseline_model,
         overhead_model=overhead_model, overhead=not no_overhead, dual=not no_dual,
-        decision_seconds=decision_seconds,
+        decision_seconds=decision_seconds, audio=audio,
         command="sarai-router " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name == "sarai-router" else "",
     )
@@ -177,3 +192,40 @@ def _request(prompt: str):
     from ..types import ChatRequest
 
     return ChatRequest.from_prompt(prompt)
+
+
+@click.command("bench-concurrency")
+@click.argument("model")
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Streams at once.")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1),
+              help="Requests in all (default: 4 x concurrency).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--prompt", default="Escribe un párrafo sobre el mar.", show_default=True)
+@click.option("--pairs", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Paired one-at-a-time requests, router vs direct, for the proxy overhead "
+                   "(0: skip).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def bench_concurrency(app: AppContext, model: str, concurrency: int, n_requests: int | None,
+                      max_tokens: int, prompt: str, pairs: int, as_json: bool) -> None:
+    """N concurrent streams through `serve` (a child process) vs the engine directly."""
+    from ..bench.concurrency import format_concurrency, run_concurrency
+
+    config = app.config()
+    check_model_names(config, "MODEL", (model,))
+    try:
+        result = run_concurrency(config, app.config_path, model, concurrency=concurrency,
+                                 requests=n_requests or 4 * concurrency,
+                                 max_tokens=max_tokens, prompt=prompt, pairs=pairs,
+                                 report=say)
+    except SaraiError as exc:
+        raise cli_error(exc) from None
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CliError("interrupted", EXIT_INTERRUPTED) from None
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(format_concurrency(result))

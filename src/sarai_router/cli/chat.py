@@ -9,7 +9,9 @@ session; Ctrl-D or ``/quit`` leaves.
 from __future__ import annotations
 
 import queue
+import shlex
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -19,12 +21,14 @@ from ..config import Config
 from ..engine import Engine
 from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
 from ..streaming import Done, Failed, Generation, Piece
-from ..types import ChatRequest
-from .common import TEXT, AppContext, cli_error, progressbar, say, utf8_problem
+from ..types import AudioInput, ChatRequest, message_text
+from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
+                     utf8_problem)
 
 PROMPT = "you> "
 
 HELP = """\
+/audio PATH [TEXT]  send an audio file (and TEXT); transcribed if the model can't take it
 /model NAME   answer the next turns with NAME (no routing)
 /auto         route each turn again (the default)
 /models       the configured models and whether each is loaded now
@@ -91,6 +95,8 @@ class ChatSession:
         elif name == "reset":
             self.history.clear()
             self.echo(dim("conversation forgotten"))
+        elif name == "audio":
+            self.audio_turn(arg)
         elif name in ("help", "?"):
             self.echo(HELP)
         else:
@@ -115,15 +121,43 @@ class ChatSession:
         system = ({"role": "system", "content": self.system},) if self.system else ()
         return (*system, *self.history, {"role": "user", "content": text})
 
-    def turn(self, text: str) -> None:
-        request = ChatRequest(messages=self.messages(text))
+    def audio_turn(self, arg: str) -> None:
+        """``/audio PATH [TEXT]``: one turn with the file attached (a path with spaces
+        goes in quotes)."""
         try:
-            decision = self.engine.prepare(request, model=self.model,
-                                           on_route=lambda d: self.echo(dim(d.summary())))
+            words = shlex.split(arg)
+        except ValueError as exc:
+            self.echo(click.style(f"/audio: {exc}", fg="red"))
+            return
+        if not words:
+            self.echo(click.style("/audio needs a file: /audio PATH [TEXT]", fg="red"))
+            return
+        path = Path(words[0]).expanduser()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self.echo(click.style(f"/audio: cannot read {path}: {exc.strerror}", fg="red"))
+            return
+        import mimetypes
+
+        mime = mimetypes.guess_type(path.name)[0] or "audio/wav"
+        self.turn(" ".join(words[1:]), audio=AudioInput(data=data, mime=mime, source=str(path)))
+
+    def _on_route(self, decision) -> None:
+        if decision.transcript is not None:
+            self.echo(dim(transcript_line(decision.transcript)))
+        self.echo(dim(decision.summary()))
+
+    def turn(self, text: str, audio: AudioInput | None = None) -> None:
+        request = ChatRequest(messages=self.messages(text), audio=audio)
+        try:
+            decision = self.engine.prepare(request, model=self.model, on_route=self._on_route)
         except SaraiError as exc:  # say it, keep the session
             kind = "routing" if isinstance(exc, RoutingError) else "error"
             self.echo(click.style(f"{kind}: {exc}", fg="red"))
             return
+        # The history keeps what the model read: a transcript replaces the audio.
+        said = message_text(self.engine.model_request(request, decision).messages[-1])
         while True:
             final, pieces = self._generate(request, decision)
             if (isinstance(final, Failed) and final.before_first_piece and self.history
@@ -132,7 +166,7 @@ class ChatSession:
                 del self.history[:2]
                 self.echo(dim("(the conversation no longer fits the model's context: "
                               "dropped the oldest exchange)"))
-                request = ChatRequest(messages=self.messages(text))
+                request = ChatRequest(messages=self.messages(text), audio=audio)
                 continue
             break
         self.echo()
@@ -143,13 +177,14 @@ class ChatSession:
         else:
             data = final.completion.to_dict()
             t = data["timings"]
-            self.echo(dim(f"[{decision.model}] {data['usage']['completion_tokens']} tokens, "
+            self.echo(dim(f"[{final.completion.decision.model}] "
+                          f"{data['usage']['completion_tokens']} tokens, "
                           f"{t['tokens_per_second']:.0f} tok/s"
                           + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")
                           + ("; stopped: it kept repeating itself (runaway guard)"
                              if data["stopped_by"] == "runaway_guard" else "")))
         if pieces or not isinstance(final, Failed):
-            self.history.append({"role": "user", "content": text})
+            self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})
 
     def _generate(self, request: ChatRequest, decision):

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ..config import Config, load_config
-from ..errors import (CapabilityError, ConfigError, ContextLengthError, FetchError,
+from ..errors import (AudioError, CapabilityError, ConfigError, ContextLengthError, FetchError,
                       ModelFileMissing, RoutingError, SaraiError)
 
 EXIT_FAILURE = 1
@@ -38,7 +38,7 @@ def config_error(exc: ConfigError) -> CliError:
 
 
 #: Errors in what the user asked for (exit 2), as opposed to failures while doing it (1).
-USAGE_ERRORS = (RoutingError, CapabilityError, ContextLengthError, ModelFileMissing)
+USAGE_ERRORS = (RoutingError, CapabilityError, ContextLengthError, ModelFileMissing, AudioError)
 
 
 def cli_error(exc: SaraiError) -> CliError:
@@ -144,5 +144,13 @@ image_option = click.option("--image", "images", multiple=True,
                             type=click.Path(exists=True, dir_okay=False),
                             help="Attach an image file (repeatable).")
 audio_option = click.option("--audio", type=click.Path(exists=True, dir_okay=False),
-                            help="Attach an audio file.")
+                            help="Attach an audio file (wav, mp3, ...); transcribed when the "
+                                 "model can't take audio. PROMPT is optional with it.")
+
+
+def transcript_line(transcript) -> str:
+    """``[transcribed audio, en, 3.3 s clip in 1.05 s (whisper)] "Please describe..."``"""
+    language = f"{transcript.language}, " if transcript.language else ""
+    return (f"[transcribed audio, {language}{transcript.duration:.1f} s clip in "
+            f"{transcript.seconds:.2f} s ({transcript.plugin})] {transcript.text}")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -19,9 +19,22 @@ from .common import EXIT_USAGE, TEXT, AppContext, CliError, cli_error, dim, prog
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [server] port, 8000).")
 @click.option("--api-key", envvar="SARAI_ROUTER_API_KEY", show_envvar=True, type=TEXT,
               help="Require 'Authorization: Bearer KEY' (default: [server] api_key; none).")
+@click.option("--allow-unauthenticated", is_flag=True,
+              help="Listen beyond loopback without an API key (default: [server] "
+                   "allow_unauthenticated; refused otherwise).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests for this Host name (repeatable; added to [server] "
+                   "allowed_hosts; IP literals and localhost always are).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from this origin call the API (repeatable; added to "
+                   "[server] cors_origins; none by default).")
 @click.pass_obj
-def serve(app: AppContext, host: str | None, port: int | None, api_key: str | None) -> None:
+def serve(app: AppContext, host: str | None, port: int | None, api_key: str | None,
+          allow_unauthenticated: bool, allowed_hosts: tuple[str, ...],
+          cors_origins: tuple[str, ...]) -> None:
     """Serve an OpenAI-compatible API (model "auto" routes) until Ctrl-C."""
+    import attrs
+
     from ..engine import Engine, share_cores
     from ..pool import tune_malloc_for_serving
 
@@ -31,6 +44,16 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     host = host or config.server.host
     port = port or config.server.port
     api_key = api_key or config.server.api_key
+    if not api_key and not (allow_unauthenticated or config.server.allow_unauthenticated) \
+            and not is_loopback(host):
+        raise CliError(f"--host {host}: anyone who can reach this address could use the "
+                       "models; set an API key (--api-key, $SARAI_ROUTER_API_KEY or [server] "
+                       "api_key), or pass --allow-unauthenticated to mean it", EXIT_USAGE)
+    if allowed_hosts or cors_origins:
+        server = config.server
+        config = attrs.evolve(config, server=attrs.evolve(
+            server, allowed_hosts=(*server.allowed_hosts, *allowed_hosts),
+            cors_origins=(*server.cors_origins, *cors_origins)))
     _check_port_free(host, port)
     if logging.getLogger().level > logging.INFO:
         # Loads, unloads and pre-warms are what a server operator wants to see.
@@ -51,6 +74,18 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
                    f"{', '.join(config.models)}; API key {'required' if api_key else 'off'})"),
                err=True)
     run_server(engine, host=host, port=port, api_key=api_key or "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address to bind) is only reachable from this machine."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -2,7 +2,8 @@
 
 ``llama_cpp`` is imported on the first load only, so ``route`` and ``--help`` stay instant.
 A model whose config lists ``image`` needs ``mmproj`` (its vision projector GGUF); audio
-input is not supported by this backend.
+input is not supported by this backend. Tools, JSON output (``response_format``) and
+logprobs: see ``llama_cpp_features``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import base64
 import ctypes
 import logging
 import os
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -19,8 +23,10 @@ import attrs
 from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
                        ContextLengthError, Delta, GenerationParams, Presence, Usage)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
+from ..errors import ModelLoadError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
+from . import llama_cpp_features as features
 
 
 # ggml's log levels (ggml.h): llama-cpp-python's own callback maps them as an older ggml
@@ -56,6 +62,63 @@ def route_llama_logs_to_logging(llama_cpp) -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+class _ThisThreadToLog:
+    """Stands in for ``sys.stdout`` / ``sys.stderr`` while models load: what a loading thread
+    prints goes to the ``llama_cpp`` logger at DEBUG, what any other thread prints goes
+    through to the real stream.
+
+    A load runs with ``verbose=True``, because with ``verbose=False`` llama-cpp-python
+    points file descriptors 1 and 2 at /dev/null for the whole process while it loads, and
+    every other thread's output (the server's log lines) is lost meanwhile. llama.cpp's own
+    log lines already come to ``route_llama_logs_to_logging``; only llama-cpp-python's
+    verbose ``print``s (system info, metadata, chat template) land here.
+    """
+
+    def __init__(self, real):
+        self.real = real
+        self.quiet: set[int] = set()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() not in self.quiet:
+            return self.real.write(text)
+        if text.strip() and _llama_log.isEnabledFor(logging.DEBUG):
+            _llama_log.debug("%s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+_quiet_lock = threading.Lock()
+
+
+@contextmanager
+def _prints_to_log() -> Iterator[None]:
+    """While inside, this thread's prints to stdout and stderr go to the log (see above)."""
+    me = threading.get_ident()
+    with _quiet_lock:
+        streams = []
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not isinstance(stream, _ThisThreadToLog):
+                stream = _ThisThreadToLog(stream)
+                setattr(sys, name, stream)
+            stream.quiet.add(me)
+            streams.append((name, stream))
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            for name, stream in streams:
+                stream.quiet.discard(me)
+                # The last load out puts the real stream back, unless someone replaced it since.
+                if not stream.quiet and getattr(sys, name) is stream:
+                    setattr(sys, name, stream.real)
+
+
 def default_threads() -> int:
     # llama-cpp-python's own default is half the cores, which leaves a 2-core box at 1.
     return max(1, os.cpu_count() or 1)
@@ -78,45 +141,65 @@ class LlamaCppModel:
     ) -> Iterator[Delta]:
         if audio is not None:
             raise BackendError(f"model {self.spec.name!r}: the llama_cpp backend cannot take audio input")
+        messages = features.render_messages(
+            messages, params, fold_system=self.spec.settings.chat_format == "gemma")
         if images:
             if self.llama.chat_handler is None:
                 raise BackendError(f"model {self.spec.name!r} has no vision projector (mmproj); "
                                    "it cannot take images")
             messages = _with_images(messages, images)
+        grammar = features.grammar_for(params)
+        if grammar is not None:
+            features.check_grammar(self.llama, grammar, "tools" if params.tools
+                                   else "response_format")
         sampled = 0
-        stop_check = params.stop_check
+        # Told to stop (the runaway guard): the end-of-text token becomes the only choice,
+        # so the answer ends at once and cleanly, its usage counted. Not under a grammar,
+        # which may not allow the end yet (the engine then closes the stream itself).
+        stop_check = params.stop_check if grammar is None else None
         end_of_text = self.llama.token_eos()
 
         def count_sampling(_input_ids, scores):
             nonlocal sampled
             sampled += 1
             if stop_check is not None and stop_check():
-                # Told to stop (the runaway guard): the end-of-text token is the only choice
-                # left, so the answer ends at once and cleanly, its usage counted.
                 scores[:] = -float("inf")
                 scores[end_of_text] = 0.0
             return scores
 
-        from llama_cpp import LogitsProcessorList
+        processors = [count_sampling]
+        recorder = None
+        if params.logprobs:
+            recorder = features.LogprobRecorder(self.llama, params.top_logprobs)
+            processors.insert(0, recorder.processor)
+        # A constrained tool call is only shown whole (as tool_calls); with "auto", text is
+        # held back while it may still turn out to be a call.
+        calls_only = bool(params.tools) and params.tool_choice != "auto"
+        watch_calls = bool(params.tools) and params.tool_choice == "auto"
+        held: list[str] = []
+        emitted_bytes = 0
 
-        # Unset settings (a caller that bypassed Engine.stream) take the built-in defaults.
-        sampling = params.with_defaults(BUILTIN_SAMPLING).sampling()
-        stream = self.llama.create_chat_completion(
-            messages=list(messages),
-            max_tokens=params.max_tokens or self.spec.max_tokens,
-            seed=params.seed,
-            stop=list(params.stop) or None,
-            stream=True,
-            logits_processor=LogitsProcessorList([count_sampling]),
-            **sampling,
-        )
+        if recorder is not None:
+            self._hear_samples(recorder.sampled)
+        try:
+            stream = self._create(messages, params, grammar, processors)
+        except BaseException:
+            self._hear_samples(None)
+            raise
         finish_reason = None
         try:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 text = choice.get("delta", {}).get("content")
                 if text:
-                    yield Delta(text=text)
+                    if calls_only or (watch_calls and held is not None):
+                        held.append(text)
+                        if calls_only or features.may_be_call("".join(held)):
+                            continue
+                        text, held = "".join(held), None
+                    emitted_bytes += len(text.encode("utf-8"))
+                    yield Delta(text=text, logprobs=recorder.take(emitted_bytes)
+                                if recorder else ())
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
         except ValueError as exc:
@@ -131,14 +214,58 @@ class LlamaCppModel:
             # A generation stopped early must end now, while the model is alive: left to the
             # garbage collector, it would run against a closed context (a crash at exit).
             stream.close()
+            if recorder is not None:
+                self._hear_samples(None)
         # Every sampled token but the last was evaluated into the context after the prompt.
         prompt_tokens = max(0, self.llama.n_tokens - max(0, sampled - 1))
         completion_tokens = sampled if finish_reason == "length" else max(0, sampled - 1)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        calls = features.parse_tool_calls("".join(held), params) if held else ()
+        text = "" if calls or not held else "".join(held)
+        emitted_bytes += len(text.encode("utf-8"))
         yield Delta(
-            text="",
-            finish_reason=finish_reason or "stop",
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+            text=text,
+            finish_reason="tool_calls" if calls else finish_reason or "stop",
+            usage=usage,
+            tool_calls=calls,
+            logprobs=recorder.take(emitted_bytes) if recorder else (),
         )
+
+    def _create(self, messages, params: GenerationParams, grammar: str | None, processors):
+        from llama_cpp import LlamaGrammar, LogitsProcessorList
+
+        # Unset settings (a caller that bypassed Engine.stream) take the built-in defaults.
+        sampling = params.with_defaults(BUILTIN_SAMPLING).sampling()
+        return self.llama.create_chat_completion(
+            messages=list(messages),
+            max_tokens=params.max_tokens or self.spec.max_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stream=True,
+            **sampling,
+            grammar=None if grammar is None else LlamaGrammar.from_string(grammar,
+                                                                          verbose=False),
+            logits_processor=LogitsProcessorList(processors),
+        )
+
+    def _hear_samples(self, listener) -> None:
+        """Call ``listener(token)`` with each token the model samples (None: stop).
+
+        llama-cpp-python gives a logits processor the logits but never the token chosen
+        from them; its generate loop calls ``self.sample`` for each one, so an instance
+        attribute wraps that method for this generation only.
+        """
+        if listener is None:
+            self.llama.__dict__.pop("sample", None)
+            return
+        sample = type(self.llama).sample.__get__(self.llama)
+
+        def sample_and_tell(*args, **kwargs):
+            token = sample(*args, **kwargs)
+            listener(token)
+            return token
+
+        self.llama.sample = sample_and_tell
 
     def close(self) -> None:
         llama, self.llama = self.llama, None
@@ -228,7 +355,9 @@ class LlamaCppBackend(Backend):
         return file_presence(spec)
 
     def capabilities(self, spec: ModelSpec) -> Capabilities:
-        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+        # Tools and JSON through llama.cpp grammars, logprobs from the logits: any GGUF model.
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx,
+                            tools=True, json_schema=True, logprobs=True)
 
     def sampling_defaults(self, spec: ModelSpec) -> Mapping[str, float]:
         """The GGUF's ``general.sampling.*`` recommendation (what llama.cpp's own tools read),
@@ -243,7 +372,8 @@ class LlamaCppBackend(Backend):
     def load(self, spec: ModelSpec) -> LlamaCppModel:
         settings: LlamaCppSettings = spec.settings
         if not os.path.isfile(spec.path):
-            raise BackendError(f"model {spec.name!r}: its file is missing ({Path(spec.path).name})")
+            raise ModelLoadError(f"model {spec.name!r}: its file is missing "
+                                 f"({Path(spec.path).name})", spec.name)
         try:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - a broken install
@@ -258,7 +388,9 @@ class LlamaCppBackend(Backend):
             # Prompt evaluation too: llama-cpp-python's default is every core, which undoes
             # the server's share of the cores (engine.share_cores) for every prompt.
             n_threads_batch=threads,
-            verbose=False,
+            # Not False: that silences the whole process while the model loads (see
+            # _ThisThreadToLog); its notes go to the log instead.
+            verbose=True,
         )
         if settings.chat_format:
             kwargs["chat_format"] = settings.chat_format
@@ -271,11 +403,15 @@ class LlamaCppBackend(Backend):
             kwargs["chat_handler"] = handler_cls(clip_model_path=settings.mmproj, verbose=False)
         kwargs.update({k: v for k, v in settings.options.items() if k != "chat_handler"})
         try:
-            llama = llama_cpp.Llama(**kwargs)
+            with _prints_to_log():
+                llama = llama_cpp.Llama(**kwargs)
         except Exception as exc:
             log.debug("llama-cpp-python failed on %s", spec.path, exc_info=True)
-            raise BackendError(f"model {spec.name!r}: llama-cpp-python could not load "
-                               f"{Path(spec.path).name}: {type(exc).__name__}") from None
+            raise ModelLoadError(f"model {spec.name!r}: llama-cpp-python could not load "
+                                 f"{Path(spec.path).name}: {type(exc).__name__}",
+                                 spec.name) from None
+        # Loaded: from here on, verbose would only print per-request notes and timings.
+        llama.verbose = False
         return LlamaCppModel(spec, llama)
 
 

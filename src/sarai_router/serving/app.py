@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server: ``create_app(config)`` is an ASGI app, ``serve`` runs it.
 
-Starlette + uvicorn. Each generation runs on its own worker thread (``streaming.Generation``)
-and hands its pieces to the event loop one by one, so a streamed answer goes out token by
-token and never blocks other requests. A request is admitted (or refused with a status)
+Starlette + uvicorn. A local model's generation runs on its own worker thread
+(``streaming.Generation``); a remote model's (a backend with ``async_chat``) runs as a task
+on the event loop (``streaming.AsyncGeneration``: no thread per stream). Either hands its
+pieces to the handler one by one, so a streamed answer goes out token by token and never
+blocks other requests. A request is admitted (or refused with a status)
 before any byte of the answer is sent: the first event from the worker decides. The
 request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepare``.
 """
@@ -10,15 +12,16 @@ request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepar
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -30,29 +33,39 @@ from starlette.routing import Route
 from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
-from ..streaming import Done, Failed, Generation, Piece
+from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
 from ..types import RouteDecision
+from .audio import transcriptions
+from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
+                    cors_middleware, guarded_h11_protocol)
 from .metrics import CONTENT_TYPE, Metrics
-from .openai import (AUTO_MODEL, ApiError, ParsedChat, _Meta, _shutting_down, _usage,
-                     error_for, header_value, parse_chat_body)
+from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, Limits, ParsedChat, _Meta,
+                     _shutting_down, error_for, finish_reason, header_value, internal_error,
+                     parse_chat_body, parse_json, tool_calls_json)
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "SARAI_ROUTER_API_KEY"
-#: Paths that answer without the API key (load balancers and probes have none).
-OPEN_PATHS = frozenset({"/health"})
+__all__ = ["OPEN_PATHS", "SaraiServer", "create_app", "serve"]
 
 
 class ClientGone(Exception):
     """The client hung up before its answer was complete."""
 
 
+class ShuttingDown(Exception):
+    """Shutdown began while the answer waited for its next piece."""
+
+
 #: How often a handler waiting for tokens checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
 
 
-async def _next_event(events: asyncio.Queue, request: Request):
-    """The worker's next event; ClientGone if the client has disconnected.
+async def _next_event(events: asyncio.Queue, request: Request,
+                      stopping: Callable[[], bool] = lambda: False):
+    """The worker's next event; ClientGone if the client has disconnected, ShuttingDown if
+    ``stopping()`` says the server is going away (a generation still evaluating its prompt
+    may not yield for seconds, longer than the shutdown grace).
 
     Tokens may arrive every few milliseconds, so the check runs on a clock, not only when
     the queue is quiet.
@@ -61,6 +74,8 @@ async def _next_event(events: asyncio.Queue, request: Request):
     if not events.empty() and time.monotonic() - state[0] < DISCONNECT_POLL_SECONDS:
         return events.get_nowait()  # the common case mid-answer: no timer task per token
     while True:
+        if stopping() and events.empty():
+            raise ShuttingDown
         if time.monotonic() - state[0] >= DISCONNECT_POLL_SECONDS:
             state[0] = time.monotonic()
             if await request.is_disconnected():
@@ -80,15 +95,20 @@ class SaraiServer:
         self.engine = engine
         self.config = engine.config
         self.metrics = Metrics(self.engine.pool)
+        self.engine.fallback_listeners.append(self.metrics.on_fallback)
         self.api_key = api_key
         self.load_pinned = load_pinned
         self.created = int(time.time())
+        server = self.config.server
+        self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
+                             max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
         self.stop_deadline = float("inf")
         #: generations still running when the grace ran out (serve() then exits at once)
         self.unfinished = 0
-        # Generations still on their worker threads, stopped and joined at shutdown.
-        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
+        # Generations still running (worker threads or loop tasks), stopped and joined at
+        # shutdown.
+        self._live: weakref.WeakSet[Generation | AsyncGeneration] = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -101,7 +121,11 @@ class SaraiServer:
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
         with an error saying so, instead of being cut off by the grace timeout; requests
-        still queued leave the queue at once (503) without reaching the model."""
+        still queued leave the queue at once (503) without reaching the model.
+
+        A generation stops between tokens; one still before its first token when the grace
+        timeout cancels its handler gets the same 503 from the handler (not uvicorn's
+        plain-text 500)."""
         if not self.shutting_down:
             self.shutting_down = True
             self.stop_deadline = time.monotonic() + self.config.server.shutdown_grace_seconds
@@ -126,37 +150,49 @@ class SaraiServer:
 
     def _prepare(self, parsed: ParsedChat) -> RouteDecision:
         explicit = None if parsed.model == AUTO_MODEL else parsed.model
+        # A model that cannot honour tools, a JSON response_format or logprobs is refused
+        # here (Router.ensure_capable: 400 unsupported_parameter naming the field).
         return self.engine.prepare(parsed.request, model=explicit)
 
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
                 "x-sarai-route-reason": header_value(decision.reason),
-                "x-sarai-route-plugin": header_value(decision.plugin)}
+                "x-sarai-route-plugin": header_value(decision.plugin),
+                **fallback_header(decision)}
 
-    def _client_gone(self, generation: Generation, decision: RouteDecision) -> Response:
+    def _client_gone(self, generation: Generation | AsyncGeneration,
+                     decision: RouteDecision) -> Response:
         generation.cancel()
         log.info("client went away; stopped its answer from %s", decision.model)
         self.metrics.request_failed(499, "client_closed_request")
         return Response(status_code=499)  # nginx's code; nobody reads it
 
-    def _fail(self, error: ApiError) -> JSONResponse:
+    def _fail(self, error: ApiError, exc: BaseException | None = None, *,
+              decision: RouteDecision | None = None) -> JSONResponse:
         self.metrics.request_failed(error.status, error.code)
-        if error.status >= 500:
-            log.warning("answered %d: %s", error.status, error.message)
-        return error.response()
+        if error.code == "internal_error":
+            log.error("answered 500 (request id %s)", REQUEST_ID.get(), exc_info=exc)
+        elif error.status >= 500:
+            log.warning("answered %d (request id %s): %s", error.status, REQUEST_ID.get(),
+                        exc if exc is not None else error.message)
+        response = error.response()
+        if decision is not None:  # the fallbacks tried before the error
+            response.headers.update(fallback_header(decision))
+        return response
 
     # -- routes
 
     async def chat_completions(self, request: Request) -> Response:
         try:
             body = await self._read_json(request)
-            parsed = parse_chat_body(body)
+            parsed = parse_chat_body(body, self.limits)
             if parsed.model != AUTO_MODEL and parsed.model not in self.config.models:
-                raise ApiError(404, not_configured(parsed.model, [AUTO_MODEL, *self.config.models]),
+                raise ApiError(404, not_configured(parsed.model[:100],
+                                                   [AUTO_MODEL, *self.config.models]),
                                code="model_not_found", param="model")
             decision = await anyio.to_thread.run_sync(self._prepare, parsed)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
-            return self._fail(error_for(exc))
+            return self._fail(error_for(exc), exc)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -167,30 +203,47 @@ class SaraiServer:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
 
-        generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
-                                queue_limit=self.config.server.queue_size)
+        # A remote model streams on this loop (no thread per answer); a local one on a
+        # worker thread of its own.
+        if self.engine.streams_async(decision.model):
+            generation: Generation | AsyncGeneration = AsyncGeneration(
+                self.engine, parsed.request, decision, parsed.params, events.put_nowait,
+                queue_limit=self.config.server.queue_size)
+        else:
+            generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
+                                    queue_limit=self.config.server.queue_size)
         # Registered before the check: a stop that starts between the two still cancels it.
         self._live.add(generation)
         if self.shutting_down:
             return self._fail(_shutting_down())
         generation.start()
+        stopping = lambda: self.shutting_down  # noqa: E731
         try:
-            first = await _next_event(events, request)
+            first = await _next_event(events, request, stopping)
         except asyncio.CancelledError:
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
+        # The model that answers: another one when the routed model failed before its first
+        # token and one of its fallbacks took over.
+        decision = generation.completion.decision
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
-            return self._fail(error_for(first.error))
+            return self._fail(error_for(first.error), first.error, decision=decision)
         if isinstance(first, Done) and first.cancelled:  # stopped before any byte went out
             return self._fail(_shutting_down())
         self.metrics.request_started(decision)
-        meta = _Meta(decision)
+        meta = _Meta(decision, include_usage=parsed.include_usage,
+                     logprobs=parsed.params.logprobs)
         if parsed.stream:
             return StreamingResponse(
-                self._sse(first, events, generation, meta, parsed.include_usage),
+                self._sse(first, events, generation, meta),
                 media_type="text/event-stream",
                 headers={**self._headers(decision), "cache-control": "no-cache",
                          "x-accel-buffering": "no"})
@@ -199,36 +252,39 @@ class SaraiServer:
         try:
             while not isinstance(event, (Done, Failed)):
                 pieces.append(event.text)
-                event = await _next_event(events, request)
+                event = await _next_event(events, request, stopping)
         except asyncio.CancelledError:  # nobody to answer: stop generating
             generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
             raise
         except ClientGone:
             return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
         if isinstance(event, Failed):
-            return self._fail(error_for(event.error))
+            return self._fail(error_for(event.error), event.error)
         if event.cancelled:  # only shutdown cancels a generation whose client is there
             return self._fail(_shutting_down())
         completion = event.completion
         self.metrics.request_finished(completion)
         return JSONResponse({
-            "id": meta.id, "object": "chat.completion", "created": meta.created,
-            "model": decision.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": completion.finish_reason or "stop"}],
-            "usage": _usage(completion),
+            **meta.completion(completion, "".join(pieces)),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
                       "stopped_by": completion.stopped_by},
         }, headers=self._headers(decision))
 
-    async def _sse(self, first, events: asyncio.Queue, generation: Generation, meta: "_Meta",
-                   include_usage: bool):
+    async def _sse(self, first, events: asyncio.Queue,
+                   generation: Generation | AsyncGeneration, meta: "_Meta"):
         try:
-            yield meta.chunk({"role": "assistant", "content": ""})
+            yield meta.chunk({"role": "assistant", "content": ""},
+                             logprobs=[] if meta.logprobs else None)
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield meta.chunk({"content": event.text})
+                    yield meta.chunk({"content": event.text},
+                                     logprobs=event.logprobs if meta.logprobs else None)
                 elif isinstance(event, Done) and event.cancelled:
                     error = _shutting_down()
                     self.metrics.request_failed(error.status, error.code)
@@ -238,19 +294,23 @@ class SaraiServer:
                 elif isinstance(event, Done):
                     completion = event.completion
                     self.metrics.request_finished(completion)
-                    last = meta.chunk({}, finish_reason=completion.finish_reason or "stop")
+                    if completion.tool_calls:
+                        yield meta.chunk({"tool_calls": tool_calls_json(completion.tool_calls,
+                                                                        indexed=True)})
+                    last = meta.chunk({}, finish_reason=finish_reason(completion))
                     if completion.stopped_by:
                         # Why the answer ended when the model did not end it (runaway guard).
                         data = json.loads(last.removeprefix("data: "))
                         last = meta.sse({**data, "sarai": {"stopped_by": completion.stopped_by}})
                     yield last
-                    if include_usage:
-                        yield meta.sse({**meta.base(), "choices": [], "usage": _usage(completion)})
+                    if meta.include_usage:
+                        yield meta.usage_chunk(completion)
                     break
                 else:  # Failed mid-answer: the status is sent; say it in the stream
                     error = error_for(event.error)
                     self.metrics.request_failed(error.status, error.code)
-                    log.warning("generation failed mid-stream: %s", error.message)
+                    log.warning("generation failed mid-stream (request id %s): %s",
+                                REQUEST_ID.get(), event.error)
                     yield meta.sse({"error": {"message": error.message, "type": error.type,
                                               "param": None, "code": error.code}})
                     break
@@ -260,22 +320,33 @@ class SaraiServer:
             generation.cancel()  # a client that went away stops the generation
 
     async def _read_json(self, request: Request) -> Any:
+        """The body as JSON: ``application/json`` only (a web page can send other types
+        without the browser asking first), at most ``max_body_bytes`` (chunked too),
+        within ``body_timeout_seconds``."""
+        media, _, options = request.headers.get("content-type", "").partition(";")
+        charset = dict(part.strip().partition("=")[::2] for part in options.split(";")
+                       if "=" in part).get("charset", "utf-8").strip('"').lower()
+        if media.strip().lower() != "application/json" or charset not in ("utf-8", "utf8"):
+            raise ApiError(415, "the body must be JSON: send 'Content-Type: application/json'",
+                           code="unsupported_media_type")
         limit = self.config.server.max_body_bytes
+        too_large = ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
+                             code="body_too_large")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
-                           code="body_too_large")
+            raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body is larger than [server] max_body_bytes = {limit}",
-                               code="body_too_large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        timeout = self.config.server.body_timeout_seconds
+        with anyio.move_on_after(timeout) as scope:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        if scope.cancelled_caught:
+            raise ApiError(408, f"the body did not arrive within [server] body_timeout_seconds "
+                           f"= {timeout:g}", code="request_timeout")
+        return parse_json(b"".join(chunks))
 
     async def list_models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": self._model_rows()})
@@ -289,6 +360,7 @@ class SaraiServer:
                                    code="model_not_found", param="model"))
 
     def _model_rows(self) -> list[dict[str, Any]]:
+        health = self.engine.pool.health()
         residents = {r["name"]: r for r in self.engine.pool.residents()}
         rows = []
         for name, spec in self.config.models.items():
@@ -300,6 +372,10 @@ class SaraiServer:
                 "pinned": spec.pinned,
                 "ttl_seconds": None if spec.pinned else self.config.ttl_for(spec),
                 "modalities": list(spec.modalities),
+                "backend": spec.backend,
+                "fallbacks": list(spec.fallbacks),
+                # a remote model's endpoints as this router sees them (None until loaded)
+                "health": health.get(name),
                 "resident": resident,
             })
         auto = {"id": AUTO_MODEL, "object": "model", "created": self.created,
@@ -318,24 +394,13 @@ class SaraiServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
 
-class ApiKeyMiddleware:
-    """Refuse requests without ``Authorization: Bearer <key>`` (except OPEN_PATHS)."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = ApiError(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key", type="authentication_error",
-                    headers={"www-authenticate": "Bearer"}).response()
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def fallback_header(decision: RouteDecision) -> dict[str, str]:
+    """``x-sarai-fallback: from=a;to=b;reason=refused, from=b;...`` when fallbacks answered."""
+    if not decision.fallbacks:
+        return {}
+    steps = ", ".join(f"from={s.from_model};to={s.to_model};reason={s.reason}"
+                      for s in decision.fallbacks)
+    return {"x-sarai-fallback": header_value(steps)}
 
 
 def create_app(config: Config | None = None, *, api_key: str = "", engine: Engine | None = None,
@@ -358,16 +423,21 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return state._fail(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
-                                    f"{exc.detail}", code=code))
+        path = request.url.path[:200]
+        error = ApiError(exc.status_code, f"{request.method} {path}: {exc.detail}", code=code,
+                         headers=exc.headers)
+        return state._fail(error)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return state._fail(error_for(exc))
+        # Starlette raises the exception again after this answer: RequestIdMiddleware logs it.
+        state.metrics.request_failed(500, "internal_error")
+        return internal_error().response()
 
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", functools.partial(transcriptions, state),
+                  methods=["POST"]),
             Route("/v1/models", state.list_models, methods=["GET"]),
             Route("/v1/models/{name:path}", state.get_model, methods=["GET"]),
             Route("/health", state.health, methods=["GET"]),
@@ -376,8 +446,14 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+    # The last added runs first: request id, Host, CORS (preflights need no key), key.
+    server = engine.config.server
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if server.cors_origins:
+        app.add_middleware(cors_middleware, origins=server.cors_origins)
+    app.add_middleware(HostGuard, allowed_hosts=server.allowed_hosts)
+    app.add_middleware(RequestIdMiddleware)
     app.state.sarai = state
     return app
 
@@ -396,17 +472,23 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
             # event), rather than let the grace timeout cut them off mid-reply.
             state.stop_generations()
             super().handle_exit(sig, frame)
-            # uvicorn raises the signal again once it has shut down, so the process dies
-            # of it (exit -15 for SIGTERM). The shutdown was clean: exit 0 instead.
-            self._captured_signals.clear()
 
-    grace = engine.config.server.shutdown_grace_seconds
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                   access_log=False, timeout_graceful_shutdown=grace))
+    settings = engine.config.server
+    server = Server(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        http=guarded_h11_protocol(settings.header_timeout_seconds),
+        h11_max_incomplete_event_size=settings.max_header_bytes))
+    # After its graceful shutdown uvicorn restores the handlers it found and raises the
+    # signal again; SIGTERM's default handler would then kill the cleanly stopped process
+    # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C (or SIGTERM) it already handled
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if state.unfinished:
         # A thread is still inside llama.cpp: the interpreter's normal exit would tear the
         # model down under it (a crash). Leave now, without finalisers, saying it failed.

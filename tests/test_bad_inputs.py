@@ -1,0 +1,221 @@
+"""The bad-input corpus (``http_bad_inputs.py``) against a real ``sarai-router serve``.
+
+Every request is sent byte for byte over a socket to a server on 127.0.0.1 (the real
+models, an API key, small limits; see ``SERVER_TOML``). Each case must get its status, an
+OpenAI-shaped error with its ``code``, no server path or traceback in the body, and leave
+the server answering ``/health``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_FILE, base_toml
+from http_bad_inputs import API_KEY, CASES, SERVER_TOML, Case
+
+SAR = str(Path(sys.executable).with_name("sarai-router"))
+
+pytestmark = pytest.mark.models
+
+#: A test double, clearly one: the llama_cpp backend claiming no tools, JSON output or
+#: logprobs, as a backend without them would (no real backend here lacks them).
+TEXT_ONLY_DOUBLE = '''
+from sarai_router import hookimpl
+from sarai_router.backend import Capabilities
+from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
+
+
+class TextOnlyDouble(LlamaCppBackend):
+    def capabilities(self, spec):
+        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
+
+
+@hookimpl
+def register_backends(register):
+    register("textonly_double", TextOnlyDouble())
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def exchange(port: int, request: bytes, timeout: float = 30) -> Answer:
+    """Send ``request`` as is; read one response (Content-Length or until close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading it all (431)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "-1"))
+        while length < 0 or len(body) < length:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            body += chunk
+        return Answer(status, headers, body)
+
+
+def build(case: Case, port: int) -> bytes:
+    if case.raw is not None:
+        return case.raw
+    headers = {"host": f"127.0.0.1:{port}", "authorization": f"Bearer {API_KEY}",
+               "content-type": "application/json", "connection": "close"}
+    headers.update(case.headers)
+    lines = [f"{case.method} {case.path} HTTP/1.1"]
+    lines += [f"{k}: {v}" for k, v in headers.items() if v is not None]
+    if case.method not in ("GET", "DELETE") or case.body:
+        lines.append(f"content-length: {len(case.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + case.body
+
+
+@pytest.fixture(scope="module")
+def corpus_server(tmp_path_factory, models_dir):
+    folder = tmp_path_factory.mktemp("corpus")
+    broken = folder / "broken.gguf"
+    # A valid magic and version, then a header that claims more than any file could hold.
+    broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 16 + os.urandom(4096))
+    plugins = folder / "plugins"
+    plugins.mkdir()
+    (plugins / "textonly_double.py").write_text(TEXT_ONLY_DOUBLE, encoding="utf-8")
+    config = folder / "sarai.toml"
+    config.write_text(
+        base_toml(models_dir, fast="pinned = true\nn_threads = 1", quality="n_threads = 1")
+        + f'\n[plugins]\ndirs = ["{plugins.as_posix()}"]\n'
+        + SERVER_TOML.format(broken=broken.as_posix(), missing=(folder / "gone.gguf").as_posix(),
+                             fast=(models_dir / FAST_FILE).as_posix()),
+        encoding="utf-8")
+    port = free_port()
+    log = folder / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY],
+            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail("the server exited:\n" + log.read_text()[-3000:], pytrace=False)
+        try:
+            if exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Connection: close\r\n\r\n", timeout=5).status == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("the server did not start:\n" + log.read_text()[-3000:], pytrace=False)
+    yield port, folder, models_dir, log
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def leaks(body: bytes, folder: Path, models_dir: Path) -> list[str]:
+    text = body.decode("utf-8", errors="replace")
+    found = [marker for marker in (str(folder), str(models_dir), sys.prefix, "site-packages",
+                                   "Traceback", ".gguf") if marker in text]
+    found += re.findall(r'File "[^"]+", line \d+', text)
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(corpus_server, case: Case):
+    port, folder, models_dir, _log = corpus_server
+    answer = exchange(port, build(case, port))
+    assert answer.status == case.status, answer.body[:500]
+    assert answer.headers.get("content-type", "").startswith("application/json")
+    error = json.loads(answer.body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["code"] == case.code, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "authentication_error", "server_error",
+                             "rate_limit_error")
+    assert error["param"] is None or isinstance(error["param"], str)
+    assert not leaks(answer.body, folder, models_dir), answer.body[:500]
+    health = exchange(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    assert health.status == 200 and json.loads(health.body)["status"] == "ok"
+
+
+def test_the_corpus_is_large_and_every_5xx_is_a_model_file():
+    assert len(CASES) >= 80
+    assert len({c.name for c in CASES}) == len(CASES), "case names must be unique"
+    assert {c.code for c in CASES if c.status >= 500} == {"model_unavailable"}
+
+
+def test_no_case_is_answered_with_a_500_in_the_log(corpus_server):
+    """Run after the corpus (pytest keeps file order): nothing was our bug."""
+    *_, log = corpus_server
+    text = log.read_text()
+    assert "answered 500" not in text and "unhandled error" not in text, text[-3000:]
+
+
+def test_the_server_leaves_a_slow_client_after_its_header_deadline(corpus_server):
+    from http_bad_inputs import HEADER_TIMEOUT
+
+    port, *_ = corpus_server
+    with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
+        data = b""
+        while True:  # the server must end the connection; the socket timeout fails the test
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+
+
+def test_an_idle_connection_is_closed_too(corpus_server):
+    from http_bad_inputs import HEADER_TIMEOUT
+
+    port, *_ = corpus_server
+    with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
+        assert sock.recv(4096) == b""  # closed without a word: nothing was asked
+
+
+def test_cors_lets_the_configured_origin_in(corpus_server):
+    from http_bad_inputs import CORS_ORIGIN
+
+    port, *_ = corpus_server
+    answer = exchange(port, (f"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             f"Origin: {CORS_ORIGIN}\r\nAccess-Control-Request-Method: POST\r\n"
+                             "Access-Control-Request-Headers: authorization, content-type\r\n"
+                             "Connection: close\r\n\r\n").encode())
+    assert answer.status == 200
+    assert answer.headers["access-control-allow-origin"] == CORS_ORIGIN
