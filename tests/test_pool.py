@@ -302,10 +302,13 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
 
 
 def waiting_for_gen_lock(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking the instance's lock."""
+    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking a slot of the instance
+    (``slots.acquire()``, a semaphore of the backend's concurrency: 1 for llama_cpp)."""
     frame = sys._current_frames().get(thread.ident)
-    return (frame is not None and frame.f_code is USE_CODE
-            and "gen_lock" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+    while frame is not None and frame.f_code is not USE_CODE:
+        frame = frame.f_back  # from inside threading's acquire up to ModelPool.use
+    return (frame is not None
+            and "slots.acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
 
 
 USE_CODE = inspect.unwrap(ModelPool.use).__code__
