@@ -97,10 +97,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
 async def run_load(base_url: str, model: str, *, requests: int, concurrency: int,
                    max_tokens: int) -> dict:
     url = f"{base_url}/v1/chat/completions"
-    # Both servers close idle keep-alive connections after 5 s (httpx's default expiry too):
-    # expire them sooner so that no request races a closing connection.
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
-                          keepalive_expiry=1.0)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         # Warm-up: one request, not counted (first-use costs are not what is compared).
         await one_request(client, url, model, 0, 8)
