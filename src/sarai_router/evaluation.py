@@ -525,8 +525,10 @@ def render_text(report: Mapping[str, Any], *, max_misses: int | None = None) -> 
     for miss in misses[:max_misses] if max_misses is not None else misses:
         prompt = miss["prompt"].replace("\n", " ")
         prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
+        score = ("" if miss.get("empathy") is None or "empathy" in miss["reason"]
+                 else f"; empathy {miss['empathy']:.2f}")
         lines.append(f"  line {miss['line']}: expected {miss['expected']}, chose "
-                     f"{miss['chosen']} ({miss['plugin']}: {miss['reason']})")
+                     f"{miss['chosen']} ({miss['plugin']}: {miss['reason']}{score})")
         lines.append(f"    {prompt!r}")
     if max_misses is not None and len(misses) > max_misses:
         lines.append(f"  ... {len(misses) - max_misses} more (--json has them all)")
