@@ -62,6 +62,8 @@ class ChatSession:
         self.echo = echo
         self.model: str | None = None  # None: route every turn
         self.history: list[dict[str, str]] = []
+        # The model that answered each exchange in ``history`` (routing's previous_models).
+        self.answered: list[str] = []
 
     # -- commands
 
@@ -89,6 +91,7 @@ class ChatSession:
             self.show_models()
         elif name == "reset":
             self.history.clear()
+            self.answered.clear()
             self.echo(dim("conversation forgotten"))
         elif name in ("help", "?"):
             self.echo(HELP)
@@ -114,8 +117,11 @@ class ChatSession:
         system = ({"role": "system", "content": self.system},) if self.system else ()
         return (*system, *self.history, {"role": "user", "content": text})
 
+    def request(self, text: str) -> ChatRequest:
+        return ChatRequest(messages=self.messages(text), previous_models=tuple(self.answered))
+
     def turn(self, text: str) -> None:
-        request = ChatRequest(messages=self.messages(text))
+        request = self.request(text)
         try:
             decision = self.engine.prepare(request, model=self.model,
                                            on_route=lambda d: self.echo(dim(d.summary())))
@@ -129,9 +135,10 @@ class ChatSession:
                     and isinstance(final.error, ContextLengthError)):
                 # Keep the session usable: forget the oldest exchange and try again.
                 del self.history[:2]
+                del self.answered[:1]
                 self.echo(dim("(the conversation no longer fits the model's context: "
                               "dropped the oldest exchange)"))
-                request = ChatRequest(messages=self.messages(text))
+                request = self.request(text)
                 continue
             break
         self.echo()
@@ -149,6 +156,8 @@ class ChatSession:
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": text})
             self.history.append({"role": "assistant", "content": "".join(pieces)})
+            answered = getattr(getattr(final, "completion", None), "decision", decision)
+            self.answered.append(answered.model)
 
     def _generate(self, request: ChatRequest, decision):
         """Stream one answer; return its final event (None if stopped early) and pieces."""
