@@ -212,6 +212,11 @@ def test_bad_settings_are_config_errors(write_config):
     assert result.exit_code == 2
     assert "plugins.heuristic.borderline_margin: must be between 0 and 1" in result.output
     assert "plugins.heuristic.sticky_turns: must be >= 0" in result.output
+    # a margin that reaches past 1 from the threshold makes every emotional text borderline
+    path = write_config(heuristic(empathy_threshold=0.8, borderline_margin=0.2))
+    result = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert "borderline_margin: 0.2 reaches 0 or 1 from empathy_threshold 0.8" in result.output
 
 
 # -- where previous_models comes from -----------------------------------------------------
@@ -254,3 +259,82 @@ def test_chat_remembers_which_model_answered_each_turn(make_config):
         assert session.answered == [] and session.request("x").previous_models == ()
     finally:
         engine.close()
+
+
+# -- measured by eval: a replay with a simulated pool -------------------------------------
+
+TIGHT = dict(cache="ttl_seconds = 60\nmax_loaded = 1", fast="", routing=EVAL_LIKE)
+
+
+def write_cases(tmp_path, *rows: dict) -> str:
+    path = tmp_path / "cases.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return str(path)
+
+
+def test_eval_chains_a_conversations_turns_for_sticky_turns(tmp_path, write_config):
+    config = write_config(heuristic(sticky_turns=1), **TIGHT)
+    cases = write_cases(
+        tmp_path,
+        {"prompt": "What is the capital of France?", "expect": "quality", "conversation": 1},
+        {"prompt": SAD, "expect": "fast", "conversation": 1},       # sticks to quality
+        {"prompt": SAD, "expect": "fast", "conversation": "other"},  # another conversation
+        {"prompt": SAD, "expect": "fast", "conversation": 1},       # 2 turns > 1: the rules
+    )
+    result = CliRunner().invoke(cli, ["--config", str(config), "eval", "--json", cases])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (miss,) = report["misses"]
+    assert miss["line"] == 2 and miss["chosen"] == "quality"
+    assert miss["reason"].startswith("sticky: 'quality' answered this conversation's last 1 turn")
+    with_, without = report["residency"]["with"], report["residency"]["without"]
+    assert report["residency"]["settings"] == {"borderline_margin": 0.0, "sticky_turns": 1}
+    assert (with_["accuracy"], without["accuracy"]) == (0.75, 1.0)
+    # one model at a time: q f f f without (2 loads), q q f f with stickiness (2 loads too)
+    assert without["cold_loads"] == {"fast": 1, "quality": 1}
+    assert with_["cold_loads"] == {"fast": 1, "quality": 1}
+    text = CliRunner().invoke(cli, ["--config", str(config), "eval", cases]).stdout
+    assert "routing that knows what is loaded (borderline_margin 0.0, sticky_turns 1)" in text
+
+
+def test_eval_simulates_the_pool_that_borderline_margin_reads(make_config):
+    from sarai_router.evaluation import Case, evaluate
+
+    config = make_config(heuristic(empathy_threshold=0.8, borderline_margin=0.1), **TIGHT)
+    router = Router(config, build_plugins(config, extra=[("fixed", FixedEmpathy(0.85))]))
+    requests = [ChatRequest.from_prompt("hola"), ChatRequest.from_prompt("¿y esto?", images=(PNG,)),
+                ChatRequest.from_prompt("hola"), ChatRequest.from_prompt("hola")]
+    cases = [Case(request=request, expect=expect, line=i + 1)
+             for i, (request, expect) in enumerate(zip(requests, ["fast", "quality", "fast", "fast"]))]
+    report = evaluate(router, cases, config=config)
+    # 1: nothing loaded, fast by the rules; 2: an image -> quality (now the only one resident,
+    # max_loaded 1); 3: borderline -> quality, already loaded; 4: the same
+    assert [m["line"] for m in report["misses"]] == [3, 4]
+    assert all(m["reason"].startswith("borderline: empathy 0.85 is within 0.1 of 0.8 and "
+                                      "'quality' is loaded") for m in report["misses"])
+    assert report["residency"]["with"]["cold_loads"] == {"fast": 1, "quality": 1}
+    assert report["residency"]["without"]["cold_loads"] == {"fast": 2, "quality": 1}
+    assert report["residency"]["without"]["accuracy"] == 1.0
+    # the trade: one cold load of fast saved, two turns answered by the slower model
+    from sarai_router.evaluation import ModelCost, request_seconds
+
+    costs = {m: ModelCost(**c) for m, c in report["cost"]["models"].items()}
+    expected = costs["fast"].load_s + 2 * (request_seconds(costs["fast"], "hola", 100)
+                                           - request_seconds(costs["quality"], "hola", 100))
+    saved = report["residency"]["without"]["total_s"] - report["residency"]["with"]["total_s"]
+    assert saved == pytest.approx(expected, abs=0.11)
+
+
+def test_an_assistant_name_in_a_case_is_a_previous_model(tmp_path, make_config):
+    from sarai_router.evaluation import load_cases
+
+    path = write_cases(tmp_path, {"messages": [
+        {"role": "user", "content": "Hola"},
+        {"role": "assistant", "content": "Hola", "name": "quality"},
+        {"role": "user", "content": SAD}], "expect": "fast"})
+    (case,) = load_cases(path)
+    assert case.request.previous_models == ("quality",)
+    bad = write_cases(tmp_path, {"prompt": "x", "expect": "fast", "conversation": [1]})
+    with pytest.raises(Exception, match=r"cases\.jsonl:1: \"conversation\" must be a string"):
+        load_cases(bad)

@@ -57,8 +57,15 @@ class HeuristicSettings:
             yield "empathy_threshold", f"must be between 0 and 1, got {self.empathy_threshold}"
         if self.max_chars < 0:
             yield "max_chars", "must be >= 0"
+        room = min(self.empathy_threshold, 1.0 - self.empathy_threshold)
         if not 0.0 <= self.borderline_margin <= 1.0:
             yield "borderline_margin", f"must be between 0 and 1, got {self.borderline_margin}"
+        elif self.borderline_margin and self.borderline_margin >= room:
+            # Every score on one side would be "borderline": routing by residency alone.
+            yield "borderline_margin", (
+                f"{self.borderline_margin} reaches 0 or 1 from empathy_threshold "
+                f"{self.empathy_threshold}, so every score on that side would be borderline; "
+                f"keep it below {room:.2f} (0.05-0.1 is typical)")
         if self.sticky_turns < 0:
             yield "sticky_turns", "must be >= 0"
 
