@@ -96,6 +96,7 @@ class BenchConfig:
     target_speedup_max: float = 2.5
     target_ram_mb: float = 12288.0
     target_overhead_ratio: float = 0.98
+    target_decision_p99_ms: float = 5.0
 
 
 @attrs.frozen
