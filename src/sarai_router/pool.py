@@ -33,6 +33,7 @@ import attrs
 from .backend import LoadedModel
 from .config import Config, ModelSpec
 from .errors import BackendError, InstanceDead, PoolError, QueueFull, not_configured
+from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -222,6 +223,10 @@ class ModelPool:
         self.wait_seconds = wait_seconds
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
+        # The last measured load time of each model, kept after it is unloaded (routing's
+        # expected cold-load time), and the backend's RAM estimate for the others.
+        self._load_seconds: dict[str, float] = {}
+        self._estimates: dict[str, float | None] = {}
         self._cond = threading.Condition()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -243,6 +248,32 @@ class ModelPool:
             models = {r.name: r.model for r in self._residents.values()
                       if r.state == "loaded" and hasattr(r.model, "health")}
         return {name: model.health() for name, model in models.items()}
+
+    def residency(self) -> Residency:
+        """Every configured model's state now, for routing: ``loaded``, ``loading`` or
+        ``unloaded``, and its expected cold-load time (read lazily: the last load measured
+        here, else the backend's RAM estimate at ``COLD_LOAD_MB_PER_S``)."""
+        with self._cond:
+            states = dict.fromkeys(self.config.models, "unloaded")
+            for name, resident in self._residents.items():
+                if resident.state in ("loaded", "loading") and name in states:
+                    states[name] = resident.state
+        return Residency(states, self.cold_load)
+
+    def cold_load(self, name: str) -> tuple[float | None, bool]:
+        """``(seconds, measured)``: how long loading ``name`` takes, as far as we know."""
+        with self._cond:
+            seconds = self._load_seconds.get(name)
+        if seconds is not None:
+            return seconds, True
+        if name not in self._estimates:
+            try:
+                mb = self.estimator(self.config.models[name])
+                self._estimates[name] = max(0.0, float(mb)) / COLD_LOAD_MB_PER_S
+            except Exception as exc:  # no estimate is not an error for routing
+                log.debug("no RAM estimate for %s: %s", name, exc)
+                self._estimates[name] = None
+        return self._estimates[name], False
 
     def resident_mb(self) -> float:
         with self._cond:
@@ -586,6 +617,7 @@ class ModelPool:
             resident.model = model
             resident.state = "loaded"
             resident.load_seconds = seconds
+            self._load_seconds[resident.name] = seconds
             resident.measured_mb = measured
             # Budget with what we saw, when the load cost more than the header said.
             resident.ram_mb = max(resident.estimated_mb, measured)
