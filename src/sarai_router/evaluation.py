@@ -24,6 +24,7 @@ Nothing here loads a model: the cost estimate reads only GGUF headers (see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -184,6 +185,39 @@ def _read_image(relative: str, file: Path, where: str) -> ImageInput:
 
 # -- evaluation ---------------------------------------------------------------------------
 
+_TRANSCRIPTS: dict[tuple[str, str], Any] = {}
+
+
+class _Listener:
+    """Audio as ``route`` hears it: when no configured model takes audio, a clip is
+    transcribed (the speech model loads once) and the case is routed on what was said."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.engine = None
+
+    def __call__(self, request: ChatRequest) -> ChatRequest:
+        if request.audio is None:
+            return request
+        if self.engine is None:
+            from .engine import Engine
+
+            self.engine = Engine(self.config)
+        if any(self.engine.takes_audio(name) for name in self.config.models):
+            return request  # a model takes the clip itself: routing sees the attachment
+        # A calibration sweep evaluates the same clips many times: transcribe each once.
+        key = (hashlib.sha256(request.audio.data).hexdigest(), request.audio.mime)
+        transcript = _TRANSCRIPTS.get(key)
+        if transcript is None:
+            transcript = _TRANSCRIPTS[key] = self.engine.transcribe(
+                request.audio, request, why="no configured model takes audio")
+        return request.with_transcript(transcript)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
              costs: Mapping[str, "ModelCost"] | None = None,
              reply_tokens: int = 100, compare: bool = True) -> dict[str, Any]:
@@ -212,8 +246,12 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
     misses, chosen_models = [], []
     pool = SimulatedPool(config, costs, reply_tokens)
     conversations: dict[str, list[str]] = defaultdict(list)
-    for case in cases:
-        request = case.request
+    heard = _Listener(config)
+    try:
+        requests = [heard(case.request) for case in cases]
+    finally:
+        heard.close()
+    for case, request in zip(cases, requests):
         if case.conversation:
             request = attrs.evolve(request,
                                    previous_models=tuple(conversations[case.conversation]))
