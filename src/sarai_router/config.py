@@ -117,6 +117,7 @@ class BenchConfig:
     target_overhead_ratio: float = 0.98
     #: Speech to text: transcription time over clip length (``bench --audio``).
     target_rtf_max: float = 0.5
+    target_decision_p99_ms: float = 5.0
 
 
 @attrs.frozen

@@ -106,6 +106,8 @@ class Engine:
         self.config = config = self.router.config
         self.hooks = self.router.hooks
         self.pool = ModelPool(config, self.hooks, **pool_options)
+        # Routing sees what this engine's pool holds (select_route's ``residency``).
+        self.router.residency_provider = self.pool.residency
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar

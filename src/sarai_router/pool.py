@@ -41,6 +41,7 @@ import attrs
 from .backend import LoadedModel
 from .config import Config, ModelSpec
 from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
+from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -155,6 +156,7 @@ class Resident:
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
             "active": self.active,
+            "waiting": len(self.sync_waiters) + len(self.async_waiters),
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
@@ -286,6 +288,10 @@ class ModelPool:
         self._residents: dict[str, Resident] = {}
         #: taken out of ``_residents`` and being closed (outside the lock)
         self._closing: dict[str, Resident] = {}
+        # The last measured load time of each model, kept after it is unloaded (routing's
+        # expected cold-load time), and the backend's RAM estimate for the others.
+        self._load_seconds: dict[str, float] = {}
+        self._estimates: dict[str, float | None] = {}
         self._cond = threading.Condition()
         # Closes one at a time, so each one's RSS reading is its own.
         self._close_lock = threading.Lock()
@@ -319,6 +325,32 @@ class ModelPool:
             models = {r.name: r.model for r in self._residents.values()
                       if r.state == "loaded" and hasattr(r.model, "health")}
         return {name: model.health() for name, model in models.items()}
+
+    def residency(self) -> Residency:
+        """Every configured model's state now, for routing: ``loaded``, ``loading`` or
+        ``unloaded``, and its expected cold-load time (read lazily: the last load measured
+        here, else the backend's RAM estimate at ``COLD_LOAD_MB_PER_S``)."""
+        with self._cond:
+            states = dict.fromkeys(self.config.models, "unloaded")
+            for name, resident in self._residents.items():
+                if resident.state in ("loaded", "loading") and name in states:
+                    states[name] = resident.state
+        return Residency(states, self.cold_load)
+
+    def cold_load(self, name: str) -> tuple[float | None, bool]:
+        """``(seconds, measured)``: how long loading ``name`` takes, as far as we know."""
+        with self._cond:
+            seconds = self._load_seconds.get(name)
+        if seconds is not None:
+            return seconds, True
+        if name not in self._estimates:
+            try:
+                mb = self.estimator(self.config.models[name])
+                self._estimates[name] = max(0.0, float(mb)) / COLD_LOAD_MB_PER_S
+            except Exception as exc:  # no estimate is not an error for routing
+                log.debug("no RAM estimate for %s: %s", name, exc)
+                self._estimates[name] = None
+        return self._estimates[name], False
 
     def resident_mb(self) -> float:
         with self._cond:
@@ -748,6 +780,7 @@ class ModelPool:
             resident.model = model
             resident.state = "loaded"
             resident.load_seconds = seconds
+            self._load_seconds[resident.name] = seconds
             resident.measured_mb = measured
             # Budget with what we saw, when the load cost more than the header said.
             resident.ram_mb = max(resident.estimated_mb, measured)

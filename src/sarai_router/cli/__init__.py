@@ -13,7 +13,7 @@ import sys
 import click
 
 from .. import __version__
-from . import bench, chat, config, models, plugins, route, serve
+from . import bench, chat, config, evaluate, models, plugins, route, serve
 from .common import EXIT_FAILURE, AppContext, printable
 
 
@@ -38,8 +38,8 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = AppContext(config_path)
 
 
-for command in (route.route, route.query, models.models, plugins.plugins, config.config,
-                serve.serve, chat.chat, bench.bench, bench.bench_concurrency):
+for command in (route.route, route.query, evaluate.evaluate, models.models, plugins.plugins,
+                config.config, serve.serve, chat.chat, bench.bench, bench.bench_concurrency):
     cli.add_command(command)
 
 

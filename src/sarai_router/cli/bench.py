@@ -92,6 +92,7 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
                          planned_steps, read_mix, render_markdown, render_plot, render_text,
                          run_bench)
     from ..engine import Engine
+    from ..evaluation import residency_settings
 
     config = app.config()
     if audio_only and not audio_files:
@@ -157,6 +158,7 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
         mix_iterations=mix_iterations, baseline_model=baseline_model,
         overhead_model=overhead_model, overhead=not no_overhead, dual=not no_dual,
         decision_seconds=decision_seconds, audio=audio,
+        residency=any(residency_settings(config).values()),
         command="sarai-router " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name == "sarai-router" else "",
     )

@@ -67,6 +67,8 @@ class ChatSession:
         self.echo = echo
         self.model: str | None = None  # None: route every turn
         self.history: list[dict[str, str]] = []
+        # The model that answered each exchange in ``history`` (routing's previous_models).
+        self.answered: list[str] = []
 
     # -- commands
 
@@ -94,6 +96,7 @@ class ChatSession:
             self.show_models()
         elif name == "reset":
             self.history.clear()
+            self.answered.clear()
             self.echo(dim("conversation forgotten"))
         elif name == "audio":
             self.audio_turn(arg)
@@ -120,6 +123,10 @@ class ChatSession:
     def messages(self, text: str) -> tuple[dict[str, str], ...]:
         system = ({"role": "system", "content": self.system},) if self.system else ()
         return (*system, *self.history, {"role": "user", "content": text})
+
+    def request(self, text: str, audio: AudioInput | None = None) -> ChatRequest:
+        return ChatRequest(messages=self.messages(text), audio=audio,
+                           previous_models=tuple(self.answered))
 
     def audio_turn(self, arg: str) -> None:
         """``/audio PATH [TEXT]``: one turn with the file attached (a path with spaces
@@ -149,7 +156,7 @@ class ChatSession:
         self.echo(dim(decision.summary()))
 
     def turn(self, text: str, audio: AudioInput | None = None) -> None:
-        request = ChatRequest(messages=self.messages(text), audio=audio)
+        request = self.request(text, audio)
         try:
             decision = self.engine.prepare(request, model=self.model, on_route=self._on_route)
         except SaraiError as exc:  # say it, keep the session
@@ -164,9 +171,10 @@ class ChatSession:
                     and isinstance(final.error, ContextLengthError)):
                 # Keep the session usable: forget the oldest exchange and try again.
                 del self.history[:2]
+                del self.answered[:1]
                 self.echo(dim("(the conversation no longer fits the model's context: "
                               "dropped the oldest exchange)"))
-                request = ChatRequest(messages=self.messages(text), audio=audio)
+                request = self.request(text, audio)
                 continue
             break
         self.echo()
@@ -186,6 +194,8 @@ class ChatSession:
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})
+            answered = getattr(getattr(final, "completion", None), "decision", decision)
+            self.answered.append(answered.model)
 
     def _generate(self, request: ChatRequest, decision):
         """Stream one answer; return its final event (None if stopped early) and pieces."""

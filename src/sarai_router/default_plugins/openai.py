@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: Idle pooled connections are dropped after this. Servers close idle keep-alive connections
-#: after 5 s (llama-server's cpp-httplib, uvicorn) and httpx's own default is also 5 s: a
-#: request sent on a connection the server is closing at that moment fails with "server
-#: disconnected without sending a response" (seen under load with llama-server).
-KEEPALIVE_EXPIRY_SECONDS = 2.0
 
 
 @attrs.frozen
@@ -413,8 +408,7 @@ class OpenAIModel:
         import httpx
 
         total = self.settings.max_concurrency * len(self.urls)
-        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4,
-                            keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
+        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
 
     def _timeout(self):
         import httpx

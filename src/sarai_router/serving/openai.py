@@ -321,6 +321,9 @@ class _Messages:
         self.calls: dict[str, str] = {}  # tool call id -> function name
         self.chars = 0
         self.index = 0
+        # Each assistant message's ``name`` ("" if none): the model that answered it, when
+        # the client copies the response's ``model`` there (routing's previous_models).
+        self.answered: list[str] = []
 
     def parse(self, raw: Any, index: int) -> dict[str, Any]:
         param = f"messages[{index}]"
@@ -338,6 +341,7 @@ class _Messages:
         if name is not None and not isinstance(name, str):
             raise _invalid(f"{param}.name must be a string", f"{param}.name")
         if role == "assistant":
+            self.answered.append(name or "")
             return self._assistant(raw, param)
         if role == "tool":
             return self._tool(raw, param)
@@ -726,7 +730,7 @@ def parse_chat_body(body: Any, limits: Limits = Limits()) -> ParsedChat:
     )
     request = ChatRequest(messages=messages, images=tuple(parser.images),
                           audio=parser.audio[0] if parser.audio else None,
-                          needs=frozenset(needs))
+                          needs=frozenset(needs), previous_models=tuple(parser.answered))
     include_usage = bool(options and options.get("include_usage"))
     return ParsedChat(model, request, params, bool(stream), include_usage)
 
