@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from ..backend import GenerationParams
+from ..backend import BUILTIN_SAMPLING, GenerationParams
 from ..config import BenchConfig, Config
 from ..errors import SaraiError
 from ..types import ChatRequest
@@ -413,10 +413,10 @@ def _direct_run(llama, prompt: str, index: int, params: GenerationParams,
     started = time.perf_counter()
     first = None
     pieces = 0
+    # ``params`` carries the same sampling the router arm uses (measure_overhead).
     for chunk in llama.create_chat_completion(
         messages=[{"role": "user", "content": prompt}], max_tokens=params.max_tokens,
-        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=None,
-        stream=True, **kwargs,
+        seed=params.seed, stop=None, stream=True, **params.sampling(), **kwargs,
     ):
         if chunk["choices"][0].get("delta", {}).get("content"):
             if first is None:
@@ -444,10 +444,12 @@ def measure_overhead(engine, name: str, settings: BenchSettings, params: Generat
         run.tokens = run.pieces
         return run
 
+    # The direct arms sample as the router does: the model's defaults, then the built-in.
+    sampled = params.with_defaults(engine.sampling_for(name)).with_defaults(BUILTIN_SAMPLING)
     arms: dict[str, Callable[[str, int], Run]] = {
         "router": router_arm,
-        "direct": lambda p, i: _direct_run(llama, p, i, params, False),
-        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, params, True),
+        "direct": lambda p, i: _direct_run(llama, p, i, sampled, False),
+        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, sampled, True),
     }
     order = list(arms)
     results: dict[str, list[Run]] = {arm: [] for arm in arms}

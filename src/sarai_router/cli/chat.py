@@ -22,7 +22,8 @@ from ..engine import Engine
 from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import AudioInput, ChatRequest, message_text
-from .common import AppContext, cli_error, progressbar, say, transcript_line
+from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
+                     utf8_problem)
 
 PROMPT = "you> "
 
@@ -42,11 +43,12 @@ def dim(text: str) -> str:
 
 @click.command()
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap each answer's length.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0),
+              help="Sampling temperature, 0 = greedy (default: each model's own).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
-@click.option("--system", help="A system prompt for the whole conversation.")
+@click.option("--system", type=TEXT, help="A system prompt for the whole conversation.")
 @click.pass_obj
-def chat(app: AppContext, max_tokens: int | None, temperature: float, seed: int | None,
+def chat(app: AppContext, max_tokens: int | None, temperature: float | None, seed: int | None,
          system: str | None) -> None:
     """Talk with the router turn by turn; /help inside lists the commands."""
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -186,7 +188,9 @@ class ChatSession:
             self.echo(dim(f"[{final.completion.decision.model}] "
                           f"{data['usage']['completion_tokens']} tokens, "
                           f"{t['tokens_per_second']:.0f} tok/s"
-                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
+                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")
+                          + ("; stopped: it kept repeating itself (runaway guard)"
+                             if data["stopped_by"] == "runaway_guard" else "")))
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})
@@ -261,6 +265,11 @@ class ChatSession:
             line = line.strip()
             if not line:
                 continue
+            problem = utf8_problem(line)
+            if problem:  # stdin reads undecodable bytes as surrogates (run_chat)
+                self.echo(click.style(f"error: that line is not UTF-8 text ({problem}); "
+                                      "skipped it", fg="red"))
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
@@ -276,6 +285,9 @@ def run_chat(config: Config, params: GenerationParams, *, system: str | None = N
         import readline  # noqa: F401 - gives input() line editing and history
     except ImportError:  # pragma: no cover - not on every platform
         pass
+    if hasattr(sys.stdin, "reconfigure"):
+        # An undecodable byte typed or piped in must cost its line, not the session.
+        sys.stdin.reconfigure(errors="surrogateescape")
     engine = Engine(config, report=say, progressbar=progressbar)
     try:
         try:

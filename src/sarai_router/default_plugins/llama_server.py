@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from ..backend import Backend, BackendError, Capabilities, Delta, GenerationParams, Presence
+from ..backend import (SAMPLING_KEYS, Backend, BackendError, Capabilities, Delta,
+                       GenerationParams, Presence)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
 from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
@@ -290,6 +291,8 @@ class LlamaServerModel:
             # One endpoint, watched through its process: a failure is not retried later.
             max_cooldown_seconds=1.0)
         self.client = _ChildClient(attrs.evolve(spec, settings=client_settings), api_key="")
+        # llama-server takes llama.cpp's own sampling keys too.
+        self.client.sampling_keys = SAMPLING_KEYS
 
     def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
              images: Sequence[ImageInput] = (),

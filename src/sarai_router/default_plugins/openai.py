@@ -377,6 +377,11 @@ class OpenAIModel:
     threads) and ``achat`` (async, for the server: no thread per stream) share the replica
     health; each has its own pooled keep-alive connections."""
 
+    #: sampling sent when set (the model's defaults or the request's); the rest is left to
+    #: the endpoint. ``llama_server`` adds llama.cpp's own keys (top_k, min_p, ...).
+    sampling_keys: tuple[str, ...] = ("temperature", "top_p", "presence_penalty",
+                                      "frequency_penalty")
+
     def __init__(self, spec: ModelSpec, api_key: str):
         settings: OpenAISettings = spec.settings
         self.spec = spec
@@ -454,9 +459,9 @@ class OpenAIModel:
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_tokens or self.spec.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
         }
+        body.update({key: getattr(params, key) for key in self.sampling_keys
+                     if getattr(params, key) is not None})
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:

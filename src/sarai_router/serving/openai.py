@@ -715,10 +715,11 @@ def parse_chat_body(body: Any, limits: Limits = Limits()) -> ParsedChat:
         needs.add("logprobs")
     params = GenerationParams(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else temperature,
+        # Left out of the body: the model's defaults ([models.NAME], its GGUF).
+        temperature=temperature,
         seed=_integer(body, "seed"),
         stop=stops,
-        top_p=0.95 if top_p is None else top_p,
+        top_p=top_p,
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
         tools=tuple(tools),
