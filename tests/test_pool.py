@@ -528,6 +528,7 @@ def wait_state(predicate, what: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.models
 def test_unload_closes_outside_the_lock_and_a_reload_waits_for_the_close(make_pool,
                                                                          make_config):
     plugin = SlowCloseLlamaCpp()
@@ -562,6 +563,7 @@ def test_unload_closes_outside_the_lock_and_a_reload_waits_for_the_close(make_po
         ("load", "quality"), ("unload", "quality"), ("load", "quality")]
 
 
+@pytest.mark.models
 def test_a_cancelled_waiter_leaves_the_queue_without_using_the_model(make_pool, config):
     pool = make_pool(config)
     holder = Holder(pool, "fast")
@@ -586,6 +588,7 @@ def test_a_cancelled_waiter_leaves_the_queue_without_using_the_model(make_pool, 
     generate(pool, "fast")  # the slot it never took is free for the next one
 
 
+@pytest.mark.models
 def test_prompt_threads_follow_n_threads(make_pool, make_config):
     pool = make_pool(make_config(quality="n_threads = 1"))
     with pool.use("quality") as resident:
