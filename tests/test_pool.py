@@ -6,9 +6,6 @@ generations are real (llama-cpp-python). The only test doubles are backends that
 
 from __future__ import annotations
 
-import inspect
-import linecache
-import sys
 import threading
 import time
 
@@ -301,19 +298,6 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
     assert ("evict", "quality") in kinds(pool)
 
 
-def waiting_for_gen_lock(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking a slot of the instance
-    (``slots.acquire()``, a semaphore of the backend's concurrency: 1 for llama_cpp)."""
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None and frame.f_code is not USE_CODE:
-        frame = frame.f_back  # from inside threading's acquire up to ModelPool.use
-    return (frame is not None
-            and "slots.acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
-
-
-USE_CODE = inspect.unwrap(ModelPool.use).__code__
-
-
 @pytest.mark.models
 def test_one_generation_at_a_time_per_instance(make_pool, config):
     pool = make_pool(config)
@@ -327,12 +311,13 @@ def test_one_generation_at_a_time_per_instance(make_pool, config):
     thread = threading.Thread(target=second, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not waiting_for_gen_lock(thread) and not second_in.is_set():
-        assert time.monotonic() < deadline, "the second user never reached the instance's lock"
+    while pool.residents()[0]["waiting"] != 1 and not second_in.is_set():
+        assert time.monotonic() < deadline, "the second user never queued for the instance"
         time.sleep(0.01)
-    # The second user is admitted (counted), parked on the lock the holder keeps, not inside.
+    # The second user is admitted (counted), waiting for the slot the holder keeps, not inside.
     assert not second_in.is_set(), "two generations on one instance at once"
-    assert pool.residents()[0]["queued"] == 2
+    row = pool.residents()[0]
+    assert (row["queued"], row["active"], row["waiting"]) == (2, 1, 1)
     holder.release()
     assert second_in.wait(30)
     thread.join(30)

@@ -156,6 +156,7 @@ class Resident:
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
             "active": self.active,
+            "waiting": len(self.sync_waiters) + len(self.async_waiters),
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
@@ -285,12 +286,12 @@ class ModelPool:
         self.wait_seconds = wait_seconds
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
+        #: taken out of ``_residents`` and being closed (outside the lock)
+        self._closing: dict[str, Resident] = {}
         # The last measured load time of each model, kept after it is unloaded (routing's
         # expected cold-load time), and the backend's RAM estimate for the others.
         self._load_seconds: dict[str, float] = {}
         self._estimates: dict[str, float | None] = {}
-        #: taken out of ``_residents`` and being closed (outside the lock)
-        self._closing: dict[str, Resident] = {}
         self._cond = threading.Condition()
         # Closes one at a time, so each one's RSS reading is its own.
         self._close_lock = threading.Lock()
