@@ -97,10 +97,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
 async def run_load(base_url: str, model: str, *, requests: int, concurrency: int,
                    max_tokens: int) -> dict:
     url = f"{base_url}/v1/chat/completions"
-    # Both servers close idle keep-alive connections after 5 s (httpx's default expiry too):
-    # expire them sooner so that no request races a closing connection.
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
-                          keepalive_expiry=1.0)
+    # A new connection per request, to both sides: llama-server sometimes closes a kept-alive
+    # connection after a streamed answer without saying so, and the next request on it fails
+    # (see _ChildClient in default_plugins/llama_server.py).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         # Warm-up: one request, not counted (first-use costs are not what is compared).
         await one_request(client, url, model, 0, 8)

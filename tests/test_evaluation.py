@@ -67,12 +67,14 @@ def test_the_set_has_400_bilingual_cases_split_dev_and_test(eval_config):
 
 
 def test_every_label_follows_the_rule(eval_config):
-    """media -> quality; short emotional -> fast; the rest -> quality (eval.toml's default)."""
+    """images -> quality; audio -> what was said ("Me siento muy bien hoy.": short and
+    emotional -> fast); short emotional -> fast; the rest -> quality (eval.toml's default)."""
     for name in ("dev", "test", "fresh1", "fresh2", "fresh3"):
         for case in cases_of(name, eval_config):
             emotional = case.kind in ("emotional", "long_emotional") or (
                 case.kind == "conversation" and case.expect == "fast")
-            should = ("quality" if case.media else
+            should = ("fast" if case.request.audio is not None else
+                      "quality" if case.media else
                       "fast" if emotional and len(case.text) < 200 else "quality")
             assert case.expect == should, (name, case.line, case.text)
 
@@ -132,7 +134,9 @@ def test_report_counts_agree_and_misses_explain_themselves(eval_config):
 
 
 def test_evaluate_agrees_with_route_case_by_case(eval_router, eval_config):
-    cases = cases_of("fresh3", eval_config)
+    # The Router alone hears no audio: spoken cases are compared with `route --audio`,
+    # which transcribes, in test_cli_eval.py.
+    cases = [c for c in cases_of("fresh3", eval_config) if c.request.audio is None]
     report = evaluate(eval_router, cases, config=eval_config, costs=NO_COST)
     missed = {m["line"]: m["chosen"] for m in report["misses"]}
     for case in cases:

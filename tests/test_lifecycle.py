@@ -199,7 +199,7 @@ def test_prewarm_used(make_engine, make_config):
     assert engine.pool.prewarm("quality") is None, "resident: nothing to do"
     completion = engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
     assert completion.timings.load_s == 0, "the request found the model loaded"
-    assert kinds(engine, "quality") == ["load", "prewarm", "prewarm_used"]
+    assert kinds(engine, "quality") == ["load", "prewarm", "prewarm_used", "generation_started"]
     text = metrics.render().decode()
     assert 'sarai_prewarms_total{model="quality",outcome="used"} 1.0' in text
 

@@ -302,10 +302,13 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
 
 
 def waiting_for_gen_lock(thread: threading.Thread) -> bool:
-    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking the instance's lock."""
+    """Whether ``thread`` is inside ``ModelPool.use``, blocked taking a slot of the instance
+    (``slots.acquire()``, a semaphore of the backend's concurrency: 1 for llama_cpp)."""
     frame = sys._current_frames().get(thread.ident)
-    return (frame is not None and frame.f_code is USE_CODE
-            and "gen_lock" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
+    while frame is not None and frame.f_code is not USE_CODE:
+        frame = frame.f_back  # from inside threading's acquire up to ModelPool.use
+    return (frame is not None
+            and "slots.acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno))
 
 
 USE_CODE = inspect.unwrap(ModelPool.use).__code__
@@ -466,3 +469,130 @@ def test_hook_model_expired(make_pool, make_config, clock):
         assert plugin.asked == []  # nor are models in use
     finally:
         holder.release()
+
+
+# -- unloading outside the lock, cancelled waiters, threads ----------------------------------
+
+
+class SlowCloseLlamaCpp:
+    """The real llama_cpp backend under kind ``slow_close``, whose close() waits for the test
+    to let it go: a test double only for the timing of a close, which a real model does in
+    tens of milliseconds (too quick to look at what the pool does meanwhile)."""
+
+    def __init__(self):
+        self.closing = threading.Event()
+        self.release = threading.Event()
+        self.order: list[tuple[str, str]] = []
+
+    @hookimpl
+    def register_backends(self, register):
+        outer = self
+
+        class SlowClose(LlamaCppBackend):
+            def load(self, spec):
+                outer.order.append(("load", spec.name))
+                model = super().load(spec)
+                real_close = model.close
+
+                def close():
+                    outer.closing.set()
+                    assert outer.release.wait(60), "the test never released the close"
+                    real_close()
+                    outer.order.append(("closed", spec.name))
+
+                model.close = close
+                return model
+
+        register("slow_close", SlowClose())
+
+
+def in_thread(fn, *args):
+    """Run ``fn`` in a thread; return (thread, result dict with 'value' or 'error')."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # pragma: no cover - reported by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def wait_state(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.models
+def test_unload_closes_outside_the_lock_and_a_reload_waits_for_the_close(make_pool,
+                                                                         make_config):
+    plugin = SlowCloseLlamaCpp()
+    pool = make_pool(make_config(quality='backend = "slow_close"'), plugin)
+    generate(pool, "quality")
+    unloader, _ = in_thread(pool.unload, "quality")
+    try:
+        assert plugin.closing.wait(60)
+        # The close is under way and will not end until released. Another model's request
+        # and status reads (what /health and /metrics do) go on meanwhile: neither waits
+        # for the pool lock, which a close under the lock would hold.
+        reader, seen = in_thread(lambda: (generate(pool, "fast"),
+                                          {r["name"]: r["state"] for r in pool.residents()}))
+        reader.join(120)
+        assert not reader.is_alive(), "a status read or another model waited for the close"
+        _, states = seen["value"]
+        assert states == {"quality": "unloading", "fast": "loaded"}
+        assert not pool.is_loaded("quality")
+        # A request for the model being closed waits for the close, then loads it again.
+        reloader, reloaded = in_thread(generate, pool, "quality")
+        wait_state(lambda: any(r["name"] == "quality" and r["state"] == "unloading"
+                               and r["queued"] == 1 for r in pool.residents()),
+                   "the reload to wait on the closing instance")
+        assert plugin.order == [("load", "quality")], "nothing loads while the old one closes"
+    finally:
+        plugin.release.set()
+    unloader.join(60)
+    reloader.join(120)
+    assert "error" not in reloaded, reloaded
+    assert plugin.order == [("load", "quality"), ("closed", "quality"), ("load", "quality")]
+    assert [k for k in kinds(pool) if k[1] == "quality"] == [
+        ("load", "quality"), ("unload", "quality"), ("load", "quality")]
+
+
+@pytest.mark.models
+def test_a_cancelled_waiter_leaves_the_queue_without_using_the_model(make_pool, config):
+    pool = make_pool(config)
+    holder = Holder(pool, "fast")
+    cancel = threading.Event()
+    entered = threading.Event()
+
+    def wait_for_fast():
+        with pool.use("fast", cancel=cancel):
+            entered.set()
+
+    waiter, result = in_thread(wait_for_fast)
+    wait_state(lambda: pool.residents()[0]["queued"] == 2, "the waiter to queue")
+    cancel.set()
+    pool.wake()
+    waiter.join(30)
+    assert not waiter.is_alive(), "the cancelled waiter is still queued"
+    assert type(result.get("error")).__name__ == "Cancelled"
+    assert not entered.is_set()
+    row = pool.residents()[0]
+    assert (row["queued"], row["users"], row["active"]) == (1, 1, 1)  # only the holder
+    holder.release()
+    generate(pool, "fast")  # the slot it never took is free for the next one
+
+
+@pytest.mark.models
+def test_prompt_threads_follow_n_threads(make_pool, make_config):
+    pool = make_pool(make_config(quality="n_threads = 1"))
+    with pool.use("quality") as resident:
+        params = resident.model.llama.context_params
+        # n_threads_batch evaluates prompts: left alone it takes every core, which undoes
+        # the server's share of the cores for every prompt.
+        assert (params.n_threads, params.n_threads_batch) == (1, 1)

@@ -337,8 +337,9 @@ def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
     # Loaded for the request (it may have expired again by now on a busy machine).
     assert (metric(server.metrics(), "sarai_model_loads_total", model="brief")
             == metric(before, "sarai_model_loads_total", model="brief") + 1)
-    # Only GET /v1/models from here on: the reaper alone unloads it.
-    server.wait_until(lambda: not server.models()["brief"]["loaded"], BRIEF_TTL + 60,
+    # Only GET /v1/models from here on: the reaper alone unloads it ("unloaded", not just
+    # "not loaded": the unload, and its log line, are over once its close is).
+    server.wait_until(lambda: server.models()["brief"]["state"] == "unloaded", BRIEF_TTL + 60,
                       "the brief model to expire")
     # Idle time as the server measured it, from the end of the generation to the unload.
     idles = [float(line.rsplit("(idle ", 1)[1].split("s)", 1)[0])

@@ -7,8 +7,8 @@ take) it asks the model's backend through :class:`Backend`.
 
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Protocol,
-                    Sequence)
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping,
+                    Protocol, Sequence)
 
 import attrs
 
@@ -18,14 +18,31 @@ from .types import AudioInput, ImageInput
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
-__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "Capabilities", "ContextLengthError",
-           "Delta", "GenerationParams", "LoadedModel", "Presence", "TokenLogprob", "ToolCall",
-           "Usage"]
+__all__ = ["AsyncLoadedModel", "Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities",
+           "ContextLengthError", "Delta", "GenerationParams", "LoadedModel", "Presence",
+           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "model_sampling"]
+
+#: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                 "presence_penalty", "frequency_penalty")
+
+#: What an in-process backend uses for a setting that neither the request, the config nor
+#: the model file gives (llama-cpp-python's own defaults, except temperature, which it puts
+#: at 0.2). A remote backend sends only what is set and leaves the rest to its server.
+BUILTIN_SAMPLING: Mapping[str, float] = {
+    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0,
+}
 
 
 @attrs.frozen
 class GenerationParams:
     """What one request asks of a generation.
+
+    A sampling setting left ``None`` takes the model's default: ``Engine.stream`` fills in
+    ``[models.NAME]`` and the model file's recommendation before the backend sees them; an
+    in-process backend takes ``BUILTIN_SAMPLING`` for what is still unset, a remote one
+    leaves it to its server.
 
     ``tools``, ``tool_choice``, ``response_format`` and ``logprobs`` follow OpenAI's chat
     shapes (plain dicts, already checked by the front end). A backend whose
@@ -34,10 +51,13 @@ class GenerationParams:
     """
 
     max_tokens: int | None = None  # None: the model's configured max_tokens
-    temperature: float = 0.7
+    temperature: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    top_p: float = 0.95
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
@@ -50,6 +70,20 @@ class GenerationParams:
     response_format: Mapping[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (0..20), with ``logprobs``
+    #: Returns True once the generation should end as soon as it can (the runaway guard
+    #: says it repeats itself). A backend that honours it ends the answer cleanly (its
+    #: usage counted); one that doesn't is closed by the engine a few pieces later.
+    stop_check: Callable[[], bool] | None = attrs.field(default=None, eq=False, repr=False)
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> "GenerationParams":
+        """These params with every unset sampling setting taken from ``defaults``."""
+        missing = {key: defaults[key] for key in SAMPLING_KEYS
+                   if getattr(self, key) is None and defaults.get(key) is not None}
+        return attrs.evolve(self, **missing) if missing else self
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling settings, by name (``None`` where unset)."""
+        return {key: getattr(self, key) for key in SAMPLING_KEYS}
 
 
 @attrs.frozen
@@ -204,12 +238,29 @@ class Backend:
         """Live health of a remote model's endpoints (``models list``); empty when local."""
         return {}
 
+    def sampling_defaults(self, spec: "ModelSpec") -> Mapping[str, float]:
+        """The sampling the model's author recommends (names from ``SAMPLING_KEYS``), e.g.
+        from a GGUF's ``general.sampling.*`` keys; empty when the model says nothing."""
+        return {}
+
+
+def model_sampling(spec: "ModelSpec", backend: "Backend") -> dict[str, Any]:
+    """``spec``'s sampling defaults: its ``[models.NAME]`` keys, else what the model file
+    recommends (the backend's ``sampling_defaults``). What neither sets is left out (an
+    in-process backend then takes ``BUILTIN_SAMPLING``, a remote server its own)."""
+    from_file = {key: value for key, value in dict(backend.sampling_defaults(spec)).items()
+                 if key in SAMPLING_KEYS and value is not None}
+    from_config = {key: getattr(spec, key) for key in SAMPLING_KEYS
+                   if getattr(spec, key, None) is not None}
+    return {**from_file, **from_config}
+
 
 #: A backend as plugins register it: an instance of :class:`Backend` or anything shaped so.
 BackendFactory = Backend
 
 _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "with_threads",
-             "estimate_ram_mb", "presence", "describe", "capabilities", "async_chat", "probe")
+             "estimate_ram_mb", "presence", "describe", "capabilities", "async_chat", "probe",
+             "sampling_defaults")
 
 
 def as_backend(factory: Any) -> Backend:

@@ -83,6 +83,25 @@ class ServerConfig:
     body_timeout_seconds: float = 60.0
     # Request line + headers larger than this get HTTP 431.
     max_header_bytes: int = 16384
+    #: How long a stop (Ctrl-C, SIGTERM) may take: answers in flight are stopped at once,
+    #: queued requests get 503 at once, and the process exits within this many seconds.
+    shutdown_grace_seconds: float = 10.0
+
+
+@attrs.frozen
+class GenerationConfig:
+    """``[generation]``: what every generation shares, whatever the model."""
+
+    #: Stop an answer that keeps repeating the same passage (a sampling loop) instead of
+    #: letting it run to max_tokens. ``[models.NAME] runaway_guard`` overrides it per model.
+    runaway_guard: bool = True
+    #: The shortest passage that counts as a repeat, in characters (whitespace collapsed).
+    runaway_min_chars: int = 16
+    #: The longest passage looked for, in characters.
+    runaway_max_chars: int = 400
+    #: Stop once the same passage has come this many times in a row, or the same line
+    #: (of at least ``runaway_min_chars``, list numbering aside) this many times at all.
+    runaway_repeats: int = 4
 
 
 @attrs.frozen
@@ -98,6 +117,7 @@ class BenchConfig:
     target_overhead_ratio: float = 0.98
     #: Speech to text: transcription time over clip length (``bench --audio``).
     target_rtf_max: float = 0.5
+    target_decision_p99_ms: float = 5.0
 
 
 @attrs.frozen
@@ -128,6 +148,17 @@ class ModelSpec:
     #: models tried in order when this one fails before its first token (load failure,
     #: refused connection, 5xx, timeout)
     fallbacks: tuple[str, ...] = ()
+    # Sampling defaults for this model (None: the model file's recommendation, else the
+    # built-in one); a request's own values override them. See backend.SAMPLING_KEYS.
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: None: ``[generation] runaway_guard``
+    runaway_guard: bool | None = None
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -157,6 +188,7 @@ class Config:
     plugins: PluginsConfig = PluginsConfig()
     paths: PathsConfig = PathsConfig()
     server: ServerConfig = ServerConfig()
+    generation: GenerationConfig = GenerationConfig()
     bench: BenchConfig = BenchConfig()
     models: dict[str, ModelSpec] = attrs.field(factory=dict)
     source: str = BUILTIN_CONFIG_LABEL
@@ -177,6 +209,10 @@ class Config:
 
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds
+
+    def runaway_guard_for(self, spec: ModelSpec) -> bool:
+        guard = spec.runaway_guard
+        return self.generation.runaway_guard if guard is None else guard
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
@@ -605,6 +641,16 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                         "must be > 0")
     if server.max_header_bytes < 1024:
         problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
+    if server.shutdown_grace_seconds < 0:
+        problems.append(f"{src}: server.shutdown_grace_seconds: must be >= 0")
+    generation = config.generation
+    if generation.runaway_min_chars < 1:
+        problems.append(f"{src}: generation.runaway_min_chars: must be >= 1")
+    if generation.runaway_max_chars < generation.runaway_min_chars:
+        problems.append(f"{src}: generation.runaway_max_chars: must be >= runaway_min_chars "
+                        f"({generation.runaway_min_chars})")
+    if generation.runaway_repeats < 2:
+        problems.append(f"{src}: generation.runaway_repeats: must be >= 2")
     pinned = [n for n, s in config.models.items() if s.pinned]
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
@@ -630,10 +676,29 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                 problems.append(f"{where}: {not_configured(other, names)}")
             elif other in spec.fallbacks[:index]:
                 problems.append(f"{where}: {other!r} is listed twice")
+        problems.extend(f"{src}: {key}.{problem}" for problem in sampling_problems(spec))
     if check_files:
         for index, directory in enumerate(config.plugins.dirs):
             if not Path(directory).is_dir():
                 problems.append(f"{src}: plugins.dirs[{index}]: not a directory: {directory}")
+    return problems
+
+
+#: The range of each sampling setting (the OpenAI API's where it has one).
+SAMPLING_RANGES: Mapping[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0), "top_k": (0, 1_000_000), "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0), "repeat_penalty": (0.0, 10.0), "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+
+
+def sampling_problems(values: Any) -> list[str]:
+    """``key: must be ...`` for each sampling setting of ``values`` out of its range."""
+    problems = []
+    for key, (low, high) in SAMPLING_RANGES.items():
+        value = getattr(values, key, None)
+        if value is not None and not low <= value <= high:
+            problems.append(f"{key}: must be between {low:g} and {high:g}, got {value}")
     return problems
 
 

@@ -20,14 +20,17 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import attrs
 
-from .backend import GenerationParams, TokenLogprob, ToolCall, Usage
-from .config import Config
-from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
-                     SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
+from .backend import (Backend, Delta, GenerationParams, TokenLogprob, ToolCall, Usage,
+                      model_sampling)
+from .config import Config, ModelSpec
+from .errors import (BackendError, Cancelled, CapabilityError, InstanceDead, PoolError,
+                     QueueFull, SaraiError, TranscriptionUnavailable, UpstreamUnavailable,
+                     not_configured)
 from .fetch import ensure_present
 from .plugins import PluginSet
-from .pool import ModelPool
+from .pool import ModelPool, PoolEvent
 from .router import EXPLICIT_PLUGIN, Router
+from .runaway import RunawayGuard
 from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ class Completion:
     tool_calls: tuple[ToolCall, ...] = ()
     #: the answer's tokens with their log probabilities, when the request asked
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    #: cancelled while queued: the model never saw the request
+    dropped: bool = False
+    #: what ended the answer early, when not the model: "runaway_guard"
+    stopped_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         transcript = self.decision.transcript
@@ -73,6 +80,7 @@ class Completion:
             "fallbacks": [step.to_dict() for step in self.decision.fallbacks],
             "text": self.text,
             "finish_reason": self.finish_reason,
+            "stopped_by": self.stopped_by,
             "usage": {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
@@ -98,11 +106,14 @@ class Engine:
         self.config = config = self.router.config
         self.hooks = self.router.hooks
         self.pool = ModelPool(config, self.hooks, **pool_options)
+        # Routing sees what this engine's pool holds (select_route's ``residency``).
+        self.router.residency_provider = self.pool.residency
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
         #: Called with each FallbackStep taken (the server counts them in its metrics).
         self.fallback_listeners: list[Callable[[FallbackStep], None]] = []
+        self._sampling: dict[str, dict[str, Any]] = {}
 
     # -- the request path
 
@@ -139,7 +150,13 @@ class Engine:
         return pinned
 
     def ensure_present(self, name: str) -> bool:
-        """Fetch ``name``'s files if its backend says they are missing and can be pulled."""
+        """Fetch ``name``'s files if its backend says they are missing and can be pulled.
+
+        A resident model (loaded or loading) needs its files no more: one deleted or moved
+        after the load must not make the model refuse requests it can still answer.
+        """
+        if self.pool.is_resident(name):
+            return True
         spec = self.config.models[name]
         presence = self.hooks.backend(spec.backend).presence(spec)
         return ensure_present(spec, presence, source=self.config.source, report=self.report,
@@ -228,10 +245,19 @@ class Engine:
     def stream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
         completion: Completion | None = None, *, queue_limit: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
 
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
+        ``cancel``: set (then ``pool.wake()``) when nobody wants the answer any more; a
+        request still queued then ends with no piece and ``completion.dropped`` set, without
+        the model ever seeing its prompt.
+
+        Unset sampling settings take the model's defaults (:meth:`sampling_for`). The
+        runaway guard (``[generation]``) stops an answer that keeps repeating itself:
+        ``completion.stopped_by`` is then ``"runaway_guard"`` and the finish reason "stop".
+
         ``decision`` comes from :meth:`prepare`. When the model fails before its first
         piece (a load failure, or a remote endpoint that refused, answered 5xx or timed
         out), the next model of its ``fallbacks`` answers instead, and
@@ -245,7 +271,8 @@ class Engine:
             produced = False
             try:
                 for text in self._stream_one(request, completion, params, queue_limit,
-                                             check_presence=attempt.count > 0):
+                                             check_presence=attempt.count > 0,
+                                             cancel=cancel):
                     produced = True
                     yield text
             except Exception as exc:
@@ -284,42 +311,42 @@ class Engine:
 
     def _stream_one(self, request: ChatRequest, completion: Completion,
                     params: GenerationParams, queue_limit: int | None, *,
-                    check_presence: bool) -> Iterator[str]:
+                    check_presence: bool, cancel: threading.Event | None = None,
+                    ) -> Iterator[str]:
         name = completion.decision.model
         if check_presence:
             try:
                 self.ensure_present(name)
             except SaraiError as exc:
                 raise _LoadFailed(exc) from exc
+        answer = _Answer(self, completion)
+        params = answer.params(params)
         was_loaded = self.pool.is_loaded(name)
         with ExitStack() as stack:
             try:
-                resident = stack.enter_context(self.pool.use(name, queue_limit=queue_limit))
+                resident = stack.enter_context(
+                    self.pool.use(name, queue_limit=queue_limit, cancel=cancel))
+                if cancel is not None and cancel.is_set():  # the last look before the prompt
+                    raise Cancelled(f"request for {name!r} cancelled while queued")
+            except Cancelled:
+                answer.dropped()
+                return
             except QueueFull:
                 raise
             except (BackendError, PoolError) as exc:
                 raise _LoadFailed(exc) from exc
-            timings = completion.timings = Timings(
-                load_s=0.0 if was_loaded else resident.load_seconds)
-            gen_started = time.perf_counter()
+            answer.start(0.0 if was_loaded else resident.load_seconds)
             deltas = resident.model.chat(
                 request.messages, params, images=request.images, audio=request.audio)
             # Closed on the way out, so a stopped generation ends before the instance is free.
             with closing(deltas):
                 for delta in deltas:
-                    # Before the text is yielded: a consumer reads the new logprobs with it.
-                    completion.logprobs.extend(delta.logprobs)
-                    if delta.text:
-                        if timings.first_token_s is None:
-                            timings.first_token_s = time.perf_counter() - gen_started
-                        completion.pieces.append(delta.text)
-                        yield delta.text
-                    if delta.usage is not None:
-                        completion.usage = delta.usage
-                        completion.finish_reason = delta.finish_reason
-                        completion.tool_calls = delta.tool_calls
-            timings.generation_s = time.perf_counter() - gen_started
-        completion.text = "".join(completion.pieces)
+                    text = answer.take(delta)
+                    if text is _Answer.END:
+                        break
+                    if text:
+                        yield text
+            answer.end()
 
     async def _astream_one(self, request: ChatRequest, completion: Completion,
                            params: GenerationParams, queue_limit: int | None, *,
@@ -330,18 +357,21 @@ class Engine:
                 await asyncio.get_running_loop().run_in_executor(None, self.ensure_present, name)
             except SaraiError as exc:
                 raise _LoadFailed(exc) from exc
+        answer = _Answer(self, completion)
+        params = answer.params(params)
         was_loaded = self.pool.is_loaded(name)
         async with AsyncExitStack() as stack:
             try:
                 resident = await stack.enter_async_context(
                     self.pool.ause(name, queue_limit=queue_limit))
+            except asyncio.CancelledError:
+                answer.dropped()  # cancelled while it waited: the model never saw it
+                raise
             except QueueFull:
                 raise
             except (BackendError, PoolError) as exc:
                 raise _LoadFailed(exc) from exc
-            timings = completion.timings = Timings(
-                load_s=0.0 if was_loaded else resident.load_seconds)
-            gen_started = time.perf_counter()
+            answer.start(0.0 if was_loaded else resident.load_seconds)
             model = resident.model
             if hasattr(model, "achat"):
                 deltas = model.achat(request.messages, params, images=request.images,
@@ -352,19 +382,36 @@ class Engine:
                     name=f"sarai-gen-{name}")
             async with aclosing(deltas):
                 async for delta in deltas:
-                    # Before the text is yielded: a consumer reads the new logprobs with it.
-                    completion.logprobs.extend(delta.logprobs)
-                    if delta.text:
-                        if timings.first_token_s is None:
-                            timings.first_token_s = time.perf_counter() - gen_started
-                        completion.pieces.append(delta.text)
-                        yield delta.text
-                    if delta.usage is not None:
-                        completion.usage = delta.usage
-                        completion.finish_reason = delta.finish_reason
-                        completion.tool_calls = delta.tool_calls
-            timings.generation_s = time.perf_counter() - gen_started
-        completion.text = "".join(completion.pieces)
+                    text = answer.take(delta)
+                    if text is _Answer.END:
+                        break
+                    if text:
+                        yield text
+            answer.end()
+
+    def sampling_for(self, name: str) -> dict[str, Any]:
+        """What model ``name`` sets for sampling (:func:`backend.model_sampling`), read once."""
+        cached = self._sampling.get(name)
+        if cached is None:
+            spec = self.config.models[name]
+            backend = self.hooks.backend(spec.backend)
+            try:
+                cached = model_sampling(spec, backend)
+            except Exception as exc:  # a recommendation is optional: never fail for it
+                log.warning("model %s: could not read its recommended sampling: %s", name, exc)
+                log.debug("sampling_defaults failed", exc_info=True)
+                cached = model_sampling(spec, Backend())
+            self._sampling[name] = cached
+        return dict(cached)
+
+    def guard_for(self, spec: ModelSpec) -> RunawayGuard | None:
+        """A fresh runaway guard for one answer of ``spec``, or None when it is off."""
+        if not self.config.runaway_guard_for(spec):
+            return None
+        generation = self.config.generation
+        return RunawayGuard(min_chars=generation.runaway_min_chars,
+                            max_chars=generation.runaway_max_chars,
+                            repeats=generation.runaway_repeats)
 
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
@@ -393,6 +440,82 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class _Answer:
+    """What one attempt's deltas do to ``completion``: text, timings, usage, logprobs and
+    tool calls, and the runaway guard that may stop it (the same for the sync and the
+    async paths)."""
+
+    #: returned by :meth:`take` when the stream must be closed now
+    END = object()
+    #: pieces a backend may still send after being told to stop, before it is closed
+    STOP_GRACE_PIECES = 8
+
+    def __init__(self, engine: "Engine", completion: Completion):
+        self.engine = engine
+        self.completion = completion
+        self.model = completion.decision.model
+        self.guard = engine.guard_for(engine.config.models[self.model])
+        self.stop = threading.Event()
+        self.after_stop = 0
+        self.gen_started = 0.0
+
+    def params(self, params: GenerationParams) -> GenerationParams:
+        """``params`` with the model's sampling defaults, and the guard's stop request."""
+        params = params.with_defaults(self.engine.sampling_for(self.model))
+        if self.guard is not None:
+            params = attrs.evolve(params, stop_check=self.stop.is_set)
+        return params
+
+    def dropped(self) -> None:
+        self.completion.dropped = True
+        self.engine.pool.emit(PoolEvent("generation_dropped", self.model,
+                                        detail="cancelled while queued"))
+
+    def start(self, load_s: float) -> None:
+        self.engine.pool.emit(PoolEvent("generation_started", self.model))
+        self.completion.timings = Timings(load_s=load_s)
+        self.gen_started = time.perf_counter()
+
+    def take(self, delta: Delta) -> Any:
+        """The text to yield for ``delta`` (None: nothing), or END."""
+        completion = self.completion
+        # Before the text is yielded: a consumer reads the new logprobs with it.
+        completion.logprobs.extend(delta.logprobs)
+        if delta.usage is not None:
+            completion.usage = delta.usage
+            completion.finish_reason = delta.finish_reason
+            completion.tool_calls = delta.tool_calls
+        if not delta.text:
+            return None
+        if self.stop.is_set():
+            # Told to stop: what still comes is the tail of the loop. A backend that
+            # ignores stop_check is closed after a few pieces (usage: the pieces seen).
+            self.after_stop += 1
+            if self.after_stop > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
+            return None
+        if completion.timings.first_token_s is None:
+            completion.timings.first_token_s = time.perf_counter() - self.gen_started
+        completion.pieces.append(delta.text)
+        if self.guard is not None and self.guard.feed(delta.text):
+            self.stop.set()
+        return delta.text
+
+    def end(self) -> None:
+        completion = self.completion
+        completion.timings.generation_s = time.perf_counter() - self.gen_started
+        completion.text = "".join(completion.pieces)
+        if self.guard is not None and self.guard.tripped:
+            completion.stopped_by = "runaway_guard"
+            completion.finish_reason = "stop"
+            log.info("runaway guard stopped %s after %d tokens: %s", self.model,
+                     completion.usage.completion_tokens, self.guard.reason)
+            self.engine.pool.emit(PoolEvent("runaway_stopped", self.model,
+                                            detail=self.guard.reason))
 
 
 class _LoadFailed(Exception):

@@ -134,6 +134,11 @@ class InstanceDead(BackendError):
     """
 
 
+class Cancelled(SaraiError):
+    """The request was cancelled (its client left, or the server is shutting down) before
+    its generation started; the model was not touched."""
+
+
 class FetchError(SaraiError):
     """A model could not be fetched or failed verification; the message says what to do."""
 

@@ -8,16 +8,23 @@ A case is one JSON object per line of a JSONL file::
     {"messages": [{"role": "user", "content": "..."}], "audio": "clip.wav", "expect": "quality"}
 
 ``prompt`` or ``messages`` (OpenAI-style) is required, and ``expect`` names a configured
-model. Media paths are relative to the JSONL file's folder. Other keys (``kind``, ``lang``,
-``topic``, ...) are kept: ``kind`` and ``lang`` group the accuracy.
+model. Media paths are relative to the JSONL file's folder. ``conversation`` (a string or
+number) makes the cases that share it the turns of one conversation, in file order.
+Other keys (``kind``, ``lang``, ``topic``, ...) are kept: ``kind`` and ``lang`` group the
+accuracy.
 
-Every case goes through the real :class:`~sarai_router.router.Router`, so the figures are
-what ``sarai-router route`` decides. Nothing here loads a model: the cost estimate reads only
-GGUF headers (see :func:`model_costs`).
+Every case goes through the real :class:`~sarai_router.router.Router`, in file order, on a
+simulated pool (:class:`SimulatedPool`): routing sees which models that pool holds, as a
+server's routing sees its own, and a conversation's turns see the models that answered its
+earlier turns. With the heuristic's ``borderline_margin`` and ``sticky_turns`` off (the
+default) routing reads neither, and the figures are what ``sarai-router route`` decides.
+Nothing here loads a model: the cost estimate reads only GGUF headers (see
+:func:`model_costs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import attrs
 
 from .config import Config
-from .types import AudioInput, ChatRequest, ImageInput, _guess_mime
+from .types import AudioInput, ChatRequest, ImageInput, Residency, _guess_mime
 
 #: Where calibration's TOML snippet puts the heuristic's settings.
 HEURISTIC_TABLE = "plugins.heuristic"
@@ -49,6 +56,8 @@ class Case:
     kind: str = ""
     lang: str = ""
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    #: cases that share it are one conversation's turns, in file order ("" for none)
+    conversation: str = ""
 
     @property
     def text(self) -> str:
@@ -119,13 +128,20 @@ def _parse_case(line: str, file: Path, number: int, known: list[str] | None) -> 
     if audio_path is not None:
         data, resolved = _read_media(audio_path, file, where, "audio")
         audio = AudioInput(data=data, mime=_guess_mime(resolved, "audio/wav"), source=audio_path)
+    conversation = raw.pop("conversation", "")
+    if isinstance(conversation, bool) or not isinstance(conversation, (str, int)):
+        raise CaseError(f"{where}: \"conversation\" must be a string or a number (an id "
+                        "shared by the turns of one conversation)")
     if messages is None:
         request = ChatRequest.from_prompt(prompt, images=images, audio=audio)
     else:
-        request = ChatRequest(messages=messages, images=images, audio=audio)
+        # As the server does: an assistant message's ``name`` is the model that answered it.
+        answered = tuple(str(m.get("name") or "") for m in messages if m["role"] == "assistant")
+        request = ChatRequest(messages=messages, images=images, audio=audio,
+                              previous_models=answered if any(answered) else ())
     kind, lang = raw.pop("kind", ""), raw.pop("lang", "")
     return Case(request=request, expect=expect, line=number, source=str(file),
-                kind=str(kind), lang=str(lang), extra=raw)
+                kind=str(kind), lang=str(lang), extra=raw, conversation=str(conversation))
 
 
 def _check_messages(messages: Any, where: str) -> tuple[dict[str, Any], ...]:
@@ -169,15 +185,50 @@ def _read_image(relative: str, file: Path, where: str) -> ImageInput:
 
 # -- evaluation ---------------------------------------------------------------------------
 
+_TRANSCRIPTS: dict[tuple[str, str], Any] = {}
+
+
+class _Listener:
+    """Audio as ``route`` hears it: when no configured model takes audio, a clip is
+    transcribed (the speech model loads once) and the case is routed on what was said."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.engine = None
+
+    def __call__(self, request: ChatRequest) -> ChatRequest:
+        if request.audio is None:
+            return request
+        if self.engine is None:
+            from .engine import Engine
+
+            self.engine = Engine(self.config)
+        if any(self.engine.takes_audio(name) for name in self.config.models):
+            return request  # a model takes the clip itself: routing sees the attachment
+        # A calibration sweep evaluates the same clips many times: transcribe each once.
+        key = (hashlib.sha256(request.audio.data).hexdigest(), request.audio.mime)
+        transcript = _TRANSCRIPTS.get(key)
+        if transcript is None:
+            transcript = _TRANSCRIPTS[key] = self.engine.transcribe(
+                request.audio, request, why="no configured model takes audio")
+        return request.with_transcript(transcript)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
              costs: Mapping[str, "ModelCost"] | None = None,
-             reply_tokens: int = 100) -> dict[str, Any]:
-    """Route every case through ``router`` and compare with its ``expect``.
+             reply_tokens: int = 100, compare: bool = True) -> dict[str, Any]:
+    """Route every case through ``router``, in order, and compare with its ``expect``.
 
     Returns a JSON-ready dict: ``accuracy``, ``cases``, ``correct``, ``confusion``
     (expected -> chosen -> count), ``models`` (precision/recall per model), ``by_kind``,
     ``by_lang``, ``misses`` (line, prompt, expected, chosen, plugin, reason) and ``cost``
-    (see :func:`replay_cost`; None when no model's cost is known).
+    (see :func:`replay_cost`; None when no model's cost is known). When the heuristic's
+    ``borderline_margin`` or ``sticky_turns`` is on (and ``compare``), ``residency``
+    compares accuracy, cold loads and latency with them as set and with both off.
     """
     config = config or router.config
     models = sorted(config.models)
@@ -185,19 +236,35 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
         if case.expect not in config.models:
             raise CaseError(f"{case.source}:{case.line}: \"expect\": unknown model "
                             f"{case.expect!r} (configured: {', '.join(models)})")
+    if costs is None:
+        costs = model_costs(config)
     from .router import RoutingError
 
     confusion: dict[str, Counter] = defaultdict(Counter)
     groups: dict[str, dict[str, list[int]]] = {"by_kind": defaultdict(lambda: [0, 0]),
                                                 "by_lang": defaultdict(lambda: [0, 0])}
     misses, chosen_models = [], []
-    for case in cases:
+    pool = SimulatedPool(config, costs, reply_tokens)
+    conversations: dict[str, list[str]] = defaultdict(list)
+    heard = _Listener(config)
+    try:
+        requests = [heard(case.request) for case in cases]
+    finally:
+        heard.close()
+    for case, request in zip(cases, requests):
+        if case.conversation:
+            request = attrs.evolve(request,
+                                   previous_models=tuple(conversations[case.conversation]))
         try:
-            decision = router.route(case.request)
+            decision = router.route(request, residency=pool.residency())
             chosen, plugin, reason = decision.model, decision.plugin, decision.reason
         except RoutingError as exc:
             chosen, plugin, reason = None, "(error)", str(exc)
         chosen_models.append(chosen)
+        if chosen is not None:
+            pool.serve(chosen, case.text)
+            if case.conversation:
+                conversations[case.conversation].append(chosen)
         confusion[case.expect][chosen or "(error)"] += 1
         right = chosen == case.expect
         for key, value in (("by_kind", case.kind), ("by_lang", case.lang)):
@@ -221,10 +288,28 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
         report[key] = {name: {"cases": n, "correct": ok, "accuracy": round(ok / n, 4)}
                        for name, (ok, n) in sorted(table.items())}
     report["misses"] = misses
-    if costs is None:
-        costs = model_costs(config)
-    report["cost"] = replay_cost(config, cases, chosen_models, costs, reply_tokens=reply_tokens)
+    report["cost"] = replay_cost(config, cases, chosen_models, costs,
+                                 reply_tokens=reply_tokens, routed=pool)
+    options = residency_settings(config)
+    if compare and any(options.values()):
+        blind = with_heuristic(config, **dict.fromkeys(options, 0))
+        from .router import Router
+
+        without = evaluate(Router(blind, plugins=router.plugins), cases, config=blind,
+                           costs=costs, reply_tokens=reply_tokens, compare=False)
+        report["residency"] = {"settings": options,
+                               "with": _residency_summary(report),
+                               "without": _residency_summary(without)}
     return report
+
+
+def _residency_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    routed = (report.get("cost") or {}).get("routed") or {}
+    return {"accuracy": report["accuracy"], "correct": report["correct"],
+            "cold_loads": routed.get("cold_loads"),
+            "cold_loads_total": sum((routed.get("cold_loads") or {}).values()),
+            "mean_latency_s": routed.get("mean_latency_s"), "total_s": routed.get("total_s"),
+            "share": {m: row["chosen"] for m, row in report["models"].items()}}
 
 
 def _signal(decision, name: str):
@@ -313,8 +398,8 @@ def request_seconds(cost: ModelCost, text: str, reply_tokens: int) -> float:
 
 
 def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | None],
-                costs: Mapping[str, ModelCost], *, reply_tokens: int = 100
-                ) -> dict[str, Any] | None:
+                costs: Mapping[str, ModelCost], *, reply_tokens: int = 100,
+                routed: "SimulatedPool | None" = None) -> dict[str, Any] | None:
     """Replay the cases in order on a virtual clock, as routed and as sent to each model.
 
     Each request takes :func:`request_seconds` (``reply_tokens`` generated) and the next
@@ -322,13 +407,14 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
     models are loaded at the start; others load on first need (a cold load adds its
     ``load_s``), are unloaded after their TTL of idle time on that clock, and the least
     recently used unpinned one is evicted to respect ``max_loaded`` and the RAM budget.
-    RAM-GB·s integrates the resident models' RAM over the clock.
+    RAM-GB·s integrates the resident models' RAM over the clock. ``routed``: the pool
+    :func:`evaluate` already replayed ``chosen`` on (routing saw its state).
     """
     if not cases or any(m is not None and m not in costs for m in set(chosen)):
         missing = sorted({m for m in chosen if m is not None and m not in costs})
         return None if not cases else {"unknown": missing,
                                        "note": "no cost figures for " + ", ".join(missing)}
-    plans = {"routed": list(chosen)}
+    plans: dict[str, list[str | None]] = {"routed": list(chosen)}
     for name in sorted(costs):
         plans[f"all {name}"] = [name] * len(cases)
     out: dict[str, Any] = {
@@ -336,79 +422,111 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
         "models": {n: attrs.asdict(c) for n, c in sorted(costs.items())},
     }
     for label, plan in plans.items():
-        out[label] = _replay(config, cases, plan, costs, reply_tokens)
+        if label == "routed" and routed is not None:
+            out[label] = routed.summary()
+            continue
+        pool = SimulatedPool(config, costs, reply_tokens)
+        for case, model in zip(cases, plan):
+            if model is not None:
+                pool.serve(model, case.text)
+        out[label] = pool.summary()
     return out
 
 
-def _replay(config: Config, cases: Sequence[Case], plan: Sequence[str | None],
-            costs: Mapping[str, ModelCost], reply_tokens: int) -> dict[str, Any]:
-    clock = 0.0
-    resident: dict[str, float] = {}  # model -> time it was last used (LRU and TTL)
-    for name, spec in config.models.items():
-        if spec.pinned and name in costs:
-            resident[name] = 0.0
-    loads: Counter = Counter()
-    ram_gb_s = latency_sum = 0.0
-    latencies = []
-    budget_mb = config.cache.ram_budget_mb
+class SimulatedPool:
+    """The model pool on a virtual clock, for :func:`evaluate` and :func:`replay_cost`.
 
-    def advance(to: float, busy: str) -> None:
-        nonlocal clock, ram_gb_s
+    Requests run back to back; a model not resident loads first (``load_s``); pinned models
+    are resident from the start; an unpinned one is unloaded after its TTL of idle time, or
+    evicted (least recently used) for ``max_loaded`` and the RAM budget. A model without
+    cost figures takes no time and no RAM (its state is still followed).
+    """
+
+    def __init__(self, config: Config, costs: Mapping[str, ModelCost], reply_tokens: int):
+        self.config, self.costs, self.reply_tokens = config, costs, reply_tokens
+        self.clock = 0.0
+        # model -> time it was last used (LRU and TTL)
+        self.resident: dict[str, float] = {name: 0.0 for name, spec in config.models.items()
+                                           if spec.pinned}
+        self.loads: Counter = Counter()
+        self.latencies: list[float] = []
+        self.ram_gb_s = 0.0
+
+    def residency(self) -> Residency:
+        """What routing sees now: each model loaded or unloaded, and its load time."""
+        states = {name: "loaded" if name in self.resident else "unloaded"
+                  for name in self.config.models}
+        return Residency(states, self._cold_load)
+
+    def _cold_load(self, name: str) -> tuple[float | None, bool]:
+        cost = self.costs.get(name)
+        if cost is None:
+            return None, False
+        return cost.load_s, cost.source.startswith("measured")
+
+    def serve(self, model: str, text: str) -> float:
+        """One request for ``model``: load it if needed, run it; its latency in seconds."""
+        cost = self.costs.get(model)
+        seconds = request_seconds(cost, text, self.reply_tokens) if cost else 0.0
+        if model not in self.resident:
+            self.loads[model] += 1
+            seconds += cost.load_s if cost else 0.0
+            self._make_room(model)
+            self.resident[model] = self.clock
+        self.latencies.append(seconds)
+        self._advance(self.clock + seconds, busy=model)
+        self.resident[model] = self.clock
+        return seconds
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.latencies)
+        total = sum(self.latencies)
+        return {
+            "requests": n,
+            "mean_latency_s": round(total / n, 3) if n else None,
+            "total_s": round(total, 1),
+            "cold_loads": dict(sorted(self.loads.items())),
+            "ram_gb_s": round(self.ram_gb_s, 1),
+            "mean_ram_gb": round(self.ram_gb_s / self.clock, 3) if self.clock else None,
+        }
+
+    def _ram_mb(self, model: str) -> float:
+        cost = self.costs.get(model)
+        return cost.ram_mb if cost else 0.0
+
+    def _resident_gb(self) -> float:
+        return sum(self._ram_mb(m) for m in self.resident) / 1024.0
+
+    def _advance(self, to: float, busy: str) -> None:
         # unload what expires before ``to`` (never the model at work), integrating RAM piecewise
+        models = self.config.models
         while True:
-            expiries = [(last + config.ttl_for(config.models[m]), m) for m, last in resident.items()
-                        if not config.models[m].pinned and m != busy]
-            due = [e for e in expiries if e[0] < to]
+            due = [(last + self.config.ttl_for(models[m]), m) for m, last in self.resident.items()
+                   if not models[m].pinned and m != busy]
+            due = [d for d in due if d[0] < to]
             if not due:
                 break
             when, model = min(due)
-            when = max(when, clock)
-            ram_gb_s += _resident_gb(resident, costs) * (when - clock)
-            clock = when
-            del resident[model]
-        ram_gb_s += _resident_gb(resident, costs) * (to - clock)
-        clock = to
+            when = max(when, self.clock)
+            self.ram_gb_s += self._resident_gb() * (when - self.clock)
+            self.clock = when
+            del self.resident[model]
+        self.ram_gb_s += self._resident_gb() * (to - self.clock)
+        self.clock = to
 
-    for case, model in zip(cases, plan):
-        if model is None:
-            continue
-        cost = costs[model]
-        seconds = request_seconds(cost, case.text, reply_tokens)
-        if model not in resident:
-            loads[model] += 1
-            seconds += cost.load_s
-            _make_room(config, resident, costs, model, budget_mb)
-            resident[model] = clock
-        latencies.append(seconds)
-        latency_sum += seconds
-        advance(clock + seconds, busy=model)
-        resident[model] = clock
-    n = len(latencies)
-    return {
-        "requests": n,
-        "mean_latency_s": round(latency_sum / n, 3) if n else None,
-        "total_s": round(latency_sum, 1),
-        "cold_loads": dict(sorted(loads.items())),
-        "ram_gb_s": round(ram_gb_s, 1),
-        "mean_ram_gb": round(ram_gb_s / clock, 3) if clock else None,
-    }
+    def _make_room(self, model: str) -> None:
+        budget_mb = self.config.cache.ram_budget_mb
 
+        def over() -> bool:
+            ram = sum(self._ram_mb(m) for m in self.resident) + self._ram_mb(model)
+            return len(self.resident) + 1 > self.config.cache.max_loaded or ram > budget_mb
 
-def _resident_gb(resident: Mapping[str, float], costs: Mapping[str, ModelCost]) -> float:
-    return sum(costs[m].ram_mb for m in resident) / 1024.0
-
-
-def _make_room(config: Config, resident: dict[str, float], costs: Mapping[str, ModelCost],
-               model: str, budget_mb: float) -> None:
-    def over() -> bool:
-        ram = sum(costs[m].ram_mb for m in resident) + costs[model].ram_mb
-        return len(resident) + 1 > config.cache.max_loaded or ram > budget_mb
-
-    while over():
-        unpinned = [(last, m) for m, last in resident.items() if not config.models[m].pinned]
-        if not unpinned:
-            break  # the pool would refuse; the estimate just runs over
-        del resident[min(unpinned)[1]]
+        while over():
+            unpinned = [(last, m) for m, last in self.resident.items()
+                        if not self.config.models[m].pinned]
+            if not unpinned:
+                break  # the pool would refuse; the estimate just runs over
+            del self.resident[min(unpinned)[1]]
 
 
 # -- calibration --------------------------------------------------------------------------
@@ -432,6 +550,13 @@ def heuristic_settings(config: Config) -> dict[str, Any]:
     """The heuristic's current ``empathy_threshold`` and ``max_chars``."""
     rules = config.plugin_config("heuristic")
     return {"empathy_threshold": rules["empathy_threshold"], "max_chars": rules["max_chars"]}
+
+
+def residency_settings(config: Config) -> dict[str, Any]:
+    """The heuristic's ``borderline_margin`` and ``sticky_turns`` (0 when it has none)."""
+    rules = config.plugin_config("heuristic")
+    return {"borderline_margin": rules.get("borderline_margin", 0.0),
+            "sticky_turns": rules.get("sticky_turns", 0)}
 
 
 def calibrate(config: Config, cases: Sequence[Case], *, target: str = "accuracy",
@@ -464,7 +589,7 @@ def calibrate(config: Config, cases: Sequence[Case], *, target: str = "accuracy"
         for threshold in thresholds:
             trial = with_heuristic(config, empathy_threshold=float(threshold), max_chars=int(chars))
             report = evaluate(router_factory(trial), cases, config=trial, costs=costs,
-                              reply_tokens=reply_tokens)
+                              reply_tokens=reply_tokens, compare=False)
             routed = (report["cost"] or {}).get("routed") or {}
             curve.append({
                 "empathy_threshold": float(threshold), "max_chars": int(chars),
@@ -525,8 +650,10 @@ def render_text(report: Mapping[str, Any], *, max_misses: int | None = None) -> 
     for miss in misses[:max_misses] if max_misses is not None else misses:
         prompt = miss["prompt"].replace("\n", " ")
         prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
+        score = ("" if miss.get("empathy") is None or "empathy" in miss["reason"]
+                 else f"; empathy {miss['empathy']:.2f}")
         lines.append(f"  line {miss['line']}: expected {miss['expected']}, chose "
-                     f"{miss['chosen']} ({miss['plugin']}: {miss['reason']})")
+                     f"{miss['chosen']} ({miss['plugin']}: {miss['reason']}{score})")
         lines.append(f"    {prompt!r}")
     if max_misses is not None and len(misses) > max_misses:
         lines.append(f"  ... {len(misses) - max_misses} more (--json has them all)")
@@ -549,6 +676,18 @@ def render_text(report: Mapping[str, Any], *, max_misses: int | None = None) -> 
             + f" ({', '.join(sorted(sources))})")
     elif cost:
         lines += ["", f"estimated cost: unavailable ({cost.get('note')})"]
+    residency = report.get("residency")
+    if residency:
+        options = ", ".join(f"{k} {v}" for k, v in residency["settings"].items())
+        lines += ["", f"routing that knows what is loaded ({options}) against both off, "
+                  "same replay:"]
+        rows = []
+        for label in ("with", "without"):
+            row = residency[label]
+            loads = ", ".join(f"{m} {n}" for m, n in (row["cold_loads"] or {}).items()) or "none"
+            rows.append([label, _pct(row["accuracy"]), loads, row["mean_latency_s"],
+                         row["total_s"]])
+        lines.append(_grid(["", "accuracy", "cold loads", "mean latency s", "total s"], rows))
     return "\n".join(lines)
 
 
@@ -621,6 +760,7 @@ def _grid(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
                      for row in table)
 
 
-__all__ = ["Case", "CaseError", "ModelCost", "calibrate", "evaluate", "heuristic_settings",
-           "load_cases", "model_costs", "render_calibration", "render_plot", "render_text",
-           "replay_cost", "toml_snippet", "with_heuristic"]
+__all__ = ["Case", "CaseError", "ModelCost", "SimulatedPool", "calibrate", "evaluate",
+           "heuristic_settings", "load_cases", "model_costs", "render_calibration",
+           "render_plot", "render_text", "replay_cost", "residency_settings", "toml_snippet",
+           "with_heuristic"]

@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Mapping
 
 import attrs
 
@@ -42,6 +43,8 @@ class GGUFInfo:
     context_length: int
     n_vocab: int
     has_chat_template: bool
+    #: the model author's recommended sampling (``general.sampling.*``), by SAMPLING_KEYS name
+    sampling: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -68,7 +71,7 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
 def _read_info_cached(path: str, _mtime_ns: int, file_bytes: int) -> GGUFInfo:
     try:
         fields, data_start = read_header(path)
-    except (OSError, ValueError, struct.error, OverflowError, MemoryError) as exc:
+    except (OSError, ValueError, struct.error, OverflowError, MemoryError, IndexError) as exc:
         # A junk header can ask for offsets or counts past any file (OverflowError).
         raise GGUFError(f"not a readable GGUF file: {path} ({type(exc).__name__}: "
                         f"{str(exc)[:200]})") from None
@@ -105,7 +108,33 @@ def _info_from_fields(path: str, file_bytes: int, fields: dict[str, object],
         context_length=int(arch_field("context_length", 0) or 0),
         n_vocab=int(vocab),
         has_chat_template="tokenizer.chat_template" in fields,
+        sampling=sampling_from_fields(fields),
     )
+
+
+#: ``general.sampling.*`` GGUF keys (llama.cpp's gguf-py ``Keys.General.SAMPLING_*``) ->
+#: sarai-router's sampling setting. llama.cpp defines no key for presence/frequency penalty.
+GGUF_SAMPLING_KEYS: Mapping[str, str] = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repeat_penalty",
+}
+
+
+def sampling_from_fields(fields: Mapping[str, object]) -> dict[str, float]:
+    """The recommended sampling in a GGUF header's fields; values of the wrong type are
+    left out (the file's mistake must not break a request)."""
+    sampling: dict[str, float] = {}
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        value = fields.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value != value or value in (float("inf"), float("-inf")):
+            continue
+        sampling[name] = int(value) if name == "top_k" else float(value)
+    return sampling
 
 
 # GGUF value types -> struct format (8 = string, 9 = array are handled apart).

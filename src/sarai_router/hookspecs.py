@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .backend import BackendFactory
     from .config import CacheConfig, Config, ModelSpec
     from .pool import ResidentInfo
-    from .types import AudioInput, ChatRequest, Route, RouteDecision, Transcript
+    from .types import AudioInput, ChatRequest, ModelState, Route, RouteDecision, Transcript
 
 PROJECT_NAME = "sarai_router"
 
@@ -103,13 +103,22 @@ def select_route(
     signals: Mapping[str, Any],
     models: Mapping[str, "ModelSpec"],
     config: "Config",
+    residency: Mapping[str, "ModelState"],
 ) -> "str | Route | None":
     """Choose the model that answers ``request``. Stops at first non-None result.
 
-    :param request: the chat request (``.text``, ``.messages``, ``.images``, ``.audio``).
+    :param request: the chat request (``.text``, ``.messages``, ``.images``, ``.audio``,
+        ``.needs``, ``.previous_models``: the models that answered the conversation's earlier
+        turns, when known).
     :param signals: every registered signal's value, e.g. ``empathy``, ``chars``, ``modality``.
     :param models: configured model specs by name.
     :param config: the loaded config (``config.routing`` holds the routing settings).
+    :param residency: every configured model's :class:`sarai_router.types.ModelState`:
+        ``.state`` (``"loaded"``, ``"loading"`` or ``"unloaded"``), ``.warm`` (not
+        unloaded) and ``.cold_load_seconds`` (the last measured load, else the backend's
+        RAM estimate at ``COLD_LOAD_MB_PER_S``; ``None`` if unknown; worked out when read).
+        A server or chat shows its pool; ``eval`` the pool it simulates; ``route``, which
+        has no pool, every model ``"unloaded"``.
     :returns: a model name, a :class:`sarai_router.Route` (``.model``, ``.reason``), or
         ``None`` to let the next plugin decide.
     """

@@ -299,9 +299,9 @@ class Hooks:
                               "is its plugin disabled in [plugins] disable?")
         return found[1]
 
-    def select_route(self, *, request, signals, models) -> Answer | None:
+    def select_route(self, *, request, signals, models, residency) -> Answer | None:
         return self.call_first("select_route", request=request, signals=signals,
-                               models=models, config=self.config)
+                               models=models, config=self.config, residency=residency)
 
     def select_eviction(self, *, candidates, needed_mb, loading) -> str | None:
         names = {resident.name for resident in candidates}

@@ -5,8 +5,14 @@ Rules the pool keeps whatever the cache plugins say:
 * a pinned model is never evicted or expired;
 * a model that a request uses or waits for (``users > 0``) is never unloaded;
 * at most the backend's ``concurrency(spec)`` generations at once per loaded instance
-  (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server);
+  (``Resident.slots``: 1 for an in-process llama.cpp model, the slots of a llama-server),
+  the others waiting in arrival order;
+* a request cancelled while it waits (its client left, the server stops) leaves the queue
+  at once and never touches the model;
 * the idle clock (``last_used``) starts when a generation ends;
+* unloading (``close()``, ``malloc_trim``, the RSS check) runs outside the pool's lock, so
+  a status read never waits for it; a model being closed is ``unloading`` until it is done,
+  and loading it again waits for that;
 * an instance that died (its process crashed: the model's ``alive()`` says no, or a
   generation raised ``InstanceDead``) is dropped at once, counted as a ``crash``, and the
   next request loads the model again.
@@ -22,6 +28,8 @@ Which idle model to evict and when an idle model has expired are asked of the ca
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import logging
 import threading
 import time
@@ -32,7 +40,8 @@ import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, InstanceDead, PoolError, QueueFull, not_configured
+from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
+from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -95,7 +104,9 @@ class Resident:
     spec: ModelSpec
     ram_mb: float
     estimated_mb: float
-    state: str = "loading"  # "loading" | "loaded" | "dead" (dropped, closed by its last user)
+    #: "loading" | "loaded" | "unloading" (taken out, being closed outside the lock) |
+    #: "dead" (dropped, closed by its last user)
+    state: str = "loading"
     model: LoadedModel | None = None
     users: int = 0
     last_used: float = 0.0
@@ -110,8 +121,12 @@ class Resident:
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
     prewarm_pending: bool = False
-    #: event-loop requests waiting for a slot: (loop, future), woken one per release
+    #: event-loop requests waiting for a slot: (seq, loop, future), woken one per release
     async_waiters: list = attrs.field(factory=list)
+    #: threads waiting for a slot: _SlotWait each; with async_waiters, served by ``seq``
+    sync_waiters: list = attrs.field(factory=list)
+    #: generations holding a slot now
+    active: int = 0
 
     @property
     def pinned(self) -> bool:
@@ -140,6 +155,7 @@ class Resident:
             "measured_mb": None if self.measured_mb is None else round(self.measured_mb, 1),
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
+            "active": self.active,
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
@@ -153,7 +169,10 @@ class PoolEvent:
     ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
     by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
     queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
-    loaded instance died and was dropped; ``detail`` says how it was found).
+    loaded instance died and was dropped; ``detail`` says how it was found); and from the
+    engine, per request: generation_started (the model took the request),
+    generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
+    (the runaway guard ended a generation that kept repeating itself).
     """
 
     kind: str
@@ -194,13 +213,57 @@ def model_alive(model: LoadedModel | None) -> bool:
 
 
 def release_free_heap() -> None:
-    """Ask glibc to hand freed heap pages back to the OS (llama.cpp frees, glibc may keep)."""
+    """Ask glibc to hand freed heap pages back to the OS (llama.cpp frees, glibc may keep);
+    ``malloc_trim`` walks every arena, not only the main one."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+#: glibc mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_malloc_for_serving(arena_max: int = 2, mmap_threshold: int = 128 * 1024) -> bool:
+    """For a long-running process, before its threads start: fewer glibc malloc arenas
+    and a fixed mmap threshold, so that memory freed after a burst of requests goes back
+    to the OS instead of staying in per-thread arenas (see docs/RELIABILITY.md).
+
+    glibc gives each thread that contends for the heap an arena of its own (up to 8 per
+    core) and raises its mmap threshold after every large free, so the big buffers of a
+    later generation come from an arena and stay there once freed. A fixed threshold keeps
+    large blocks in their own mappings, returned on free. ``MALLOC_ARENA_MAX`` /
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment win (glibc read them at start).
+    Returns whether glibc took the settings.
+    """
+    import os
+
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    done = True
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        done = bool(mallopt(_M_ARENA_MAX, arena_max)) and done
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        done = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and done
+    return done
+
+
+class _SlotWait:
+    """A thread waiting for a slot: ``granted`` once a release hands one over."""
+
+    __slots__ = ("seq", "granted")
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.granted = False
 
 
 class ModelPool:
@@ -222,9 +285,21 @@ class ModelPool:
         self.wait_seconds = wait_seconds
         self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
+        # The last measured load time of each model, kept after it is unloaded (routing's
+        # expected cold-load time), and the backend's RAM estimate for the others.
+        self._load_seconds: dict[str, float] = {}
+        self._estimates: dict[str, float | None] = {}
+        #: taken out of ``_residents`` and being closed (outside the lock)
+        self._closing: dict[str, Resident] = {}
         self._cond = threading.Condition()
+        # Closes one at a time, so each one's RSS reading is its own.
+        self._close_lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
+        # A generation ended since the heap was last trimmed (the reaper trims when idle).
+        self._heap_dirty = False
+        #: arrival order of slot waiters, sync and async alike
+        self._arrivals = itertools.count()
 
     # -- queries -----------------------------------------------------------------------
 
@@ -233,9 +308,15 @@ class ModelPool:
             resident = self._residents.get(name)
             return resident is not None and resident.state == "loaded"
 
-    def residents(self) -> list[dict[str, Any]]:
+    def is_resident(self, name: str) -> bool:
+        """Loaded or loading: its files are not needed again for this instance."""
         with self._cond:
-            return [r.snapshot() for r in self._residents.values()]
+            return name in self._residents
+
+    def residents(self) -> list[dict[str, Any]]:
+        """Snapshots of every resident, those being unloaded included (``unloading``)."""
+        with self._cond:
+            return [r.snapshot() for r in (*self._residents.values(), *self._closing.values())]
 
     def health(self) -> dict[str, Any]:
         """``{name: health}`` for loaded models that report it (remote endpoints)."""
@@ -244,23 +325,62 @@ class ModelPool:
                       if r.state == "loaded" and hasattr(r.model, "health")}
         return {name: model.health() for name, model in models.items()}
 
+    def residency(self) -> Residency:
+        """Every configured model's state now, for routing: ``loaded``, ``loading`` or
+        ``unloaded``, and its expected cold-load time (read lazily: the last load measured
+        here, else the backend's RAM estimate at ``COLD_LOAD_MB_PER_S``)."""
+        with self._cond:
+            states = dict.fromkeys(self.config.models, "unloaded")
+            for name, resident in self._residents.items():
+                if resident.state in ("loaded", "loading") and name in states:
+                    states[name] = resident.state
+        return Residency(states, self.cold_load)
+
+    def cold_load(self, name: str) -> tuple[float | None, bool]:
+        """``(seconds, measured)``: how long loading ``name`` takes, as far as we know."""
+        with self._cond:
+            seconds = self._load_seconds.get(name)
+        if seconds is not None:
+            return seconds, True
+        if name not in self._estimates:
+            try:
+                mb = self.estimator(self.config.models[name])
+                self._estimates[name] = max(0.0, float(mb)) / COLD_LOAD_MB_PER_S
+            except Exception as exc:  # no estimate is not an error for routing
+                log.debug("no RAM estimate for %s: %s", name, exc)
+                self._estimates[name] = None
+        return self._estimates[name], False
+
     def resident_mb(self) -> float:
         with self._cond:
-            return sum(r.ram_mb for r in self._residents.values())
+            return self._resident_mb_locked() + sum(r.ram_mb for r in self._closing.values())
+
+    def wake(self) -> None:
+        """Wake every waiter to look again (a cancel flag was set)."""
+        with self._cond:
+            self._cond.notify_all()
 
     # -- using a model -------------------------------------------------------------------
 
     @contextmanager
-    def use(self, name: str, *, queue_limit: int | None = None) -> Iterator[Resident]:
+    def use(self, name: str, *, queue_limit: int | None = None,
+            cancel: threading.Event | None = None) -> Iterator[Resident]:
         """Hold model ``name`` for one generation: load it if needed, then take a slot of its
         instance (``concurrency`` generations run at once; the others wait in turn).
 
         ``queue_limit``: how many requests may wait for a slot besides those using one; one
         more raises :class:`QueueFull` at once. ``None``: no limit.
+        ``cancel``: once set (then :meth:`wake`), a request still waiting leaves the queue
+        with :class:`Cancelled`; it is checked again as the slot is taken, so a cancelled
+        request never reaches the model.
         """
-        resident = self._acquire(name, queue_limit=queue_limit)
+        resident = self._acquire(name, queue_limit=queue_limit, cancel=cancel)
         try:
-            resident.slots.acquire()
+            self._take_slot(resident, cancel)
+        except BaseException:
+            self._release_user(resident, used=False)  # it never reached the model
+            raise
+        try:
             try:
                 self._check_not_dead(resident)
                 yield resident
@@ -288,6 +408,10 @@ class ModelPool:
                 undo=self._release_user)
         try:
             await self._aslot(resident)
+        except BaseException:
+            self._release_user(resident, used=False)  # it never reached the model
+            raise
+        try:
             try:
                 self._check_not_dead(resident)
                 yield resident
@@ -312,36 +436,72 @@ class ModelPool:
             self._drop_dead_locked(resident, detail)
 
     def _release_slot(self, resident: Resident) -> None:
-        """Free a slot: handed straight to the first event-loop waiter if there is one (so a
-        newcomer cannot take it first and waiters are served in order), else released."""
+        """Free a slot: handed straight to the first waiter, thread or event loop, if there
+        is one (so a newcomer cannot take it first and waiters are served in order), else
+        released."""
         with self._cond:
-            while resident.async_waiters:
-                loop, future = resident.async_waiters.pop(0)
+            while resident.async_waiters or resident.sync_waiters:
+                first_async = resident.async_waiters[0][0] if resident.async_waiters else None
+                first_sync = resident.sync_waiters[0].seq if resident.sync_waiters else None
+                if first_sync is not None and (first_async is None or first_sync < first_async):
+                    resident.sync_waiters.pop(0).granted = True
+                    self._cond.notify_all()
+                    return
+                _, loop, future = resident.async_waiters.pop(0)
                 try:
                     loop.call_soon_threadsafe(_wake, future)
                 except RuntimeError:  # that loop is closed: nobody waits there any more
                     continue
                 return
+            resident.active -= 1
             resident.slots.release()
+            self._cond.notify_all()
 
-    def _release_user(self, resident: Resident) -> None:
+    def _release_user(self, resident: Resident, *, used: bool = True) -> None:
+        """``used``: it generated (the idle clock restarts); else it left the queue."""
         with self._cond:
             resident.users -= 1
             resident.queued -= 1
-            resident.last_used = self.clock()
+            if used:
+                resident.last_used = self.clock()
+                self._heap_dirty = True
             if resident.state == "dead" and resident.users == 0:
                 self._close_dead_locked(resident)
             self._cond.notify_all()
+
+    def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
+        """Take a slot of ``resident`` on this thread, in arrival order; Cancelled (the
+        slot, if one was handed over meanwhile, passed on) once ``cancel`` is set."""
+        with self._cond:
+            if not (resident.async_waiters or resident.sync_waiters) and \
+                    resident.slots.acquire(blocking=False):
+                resident.active += 1
+                granted = True
+            else:
+                wait = _SlotWait(next(self._arrivals))
+                resident.sync_waiters.append(wait)
+                while not wait.granted and not (cancel is not None and cancel.is_set()):
+                    # Woken by a release or a cancel (wake()); the timeout is a backstop.
+                    self._cond.wait(timeout=1.0)
+                if not wait.granted:
+                    resident.sync_waiters.remove(wait)
+                granted = wait.granted
+        if cancel is not None and cancel.is_set():
+            if granted:
+                self._release_slot(resident)  # handed over just now: pass it on
+            raise Cancelled(f"request for {resident.name!r} cancelled while queued")
 
     async def _aslot(self, resident: Resident) -> None:
         """Take a slot of ``resident`` without blocking the event loop: at once if one is
         free, else wait (a future) for a release to hand one over."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        entry = (loop, future)
         with self._cond:  # releases decide under this lock too: no wakeup is lost
-            if resident.slots.acquire(blocking=False):
+            if not (resident.async_waiters or resident.sync_waiters) and \
+                    resident.slots.acquire(blocking=False):
+                resident.active += 1
                 return
+            entry = (next(self._arrivals), loop, future)
             resident.async_waiters.append(entry)
         try:
             await future
@@ -398,11 +558,11 @@ class ModelPool:
         if spec is None:
             raise PoolError(f"cannot pre-warm {not_configured(name, self.config.models)}")
         with self._cond:
-            if name in self._residents:
+            if name in self._residents or name in self._closing:
                 return None
             try:
                 # A guess must not unload a model someone may be about to use.
-                resident = self._reserve(spec, evict=False)
+                resident = self._reserve(spec, evict=False, victims=[])
             except PoolError as exc:
                 skipped = str(exc)
             else:
@@ -438,7 +598,7 @@ class ModelPool:
         return pinned
 
     def _acquire(self, name: str, *, queue_limit: int | None = None,
-                 request: bool = True) -> Resident:
+                 request: bool = True, cancel: threading.Event | None = None) -> Resident:
         """Count a user on ``name``'s resident (creating and loading it if needed).
 
         ``request``: a generation that will lock the instance (counted in ``queued``, subject
@@ -448,27 +608,43 @@ class ModelPool:
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
-        with self._cond:
-            resident = self._residents.get(name)
-            if (resident is not None and resident.state == "loaded"
-                    and not model_alive(resident.model)):
-                self._drop_dead_locked(resident, "found dead at the next request")
-                resident = None
-            if resident is None:
-                resident = self._reserve(spec)
-                loader = True
-            else:
-                # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
-                full = (request and queue_limit is not None
-                        and resident.queued >= resident.concurrency + queue_limit)
-                loader = False
-            if not full:
-                resident.users += 1
-                if request:
-                    resident.queued += 1
-                    if resident.prewarm_pending:
-                        resident.prewarm_pending = False
-                        prewarm_used = True
+        victims: list[tuple[Resident, str, str]] = []
+        try:
+            with self._cond:
+                # A model still being closed is loaded again once the close is done (shown
+                # as waiting on the closing instance meanwhile).
+                while name in self._closing:
+                    closing = self._closing[name]
+                    closing.queued += 1
+                    try:
+                        _check_cancel(cancel, name)
+                        self._cond.wait(timeout=1.0)
+                    finally:
+                        closing.queued -= 1
+                resident = self._residents.get(name)
+                if (resident is not None and resident.state == "loaded"
+                        and not model_alive(resident.model)):
+                    self._drop_dead_locked(resident, "found dead at the next request")
+                    resident = None
+                if resident is None:
+                    resident = self._reserve(spec, victims=victims, cancel=cancel)
+                    loader = True
+                else:
+                    # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
+                    full = (request and queue_limit is not None
+                            and resident.queued >= resident.concurrency + queue_limit)
+                    loader = False
+                if not full:
+                    resident.users += 1
+                    if request:
+                        resident.queued += 1
+                        if resident.prewarm_pending:
+                            resident.prewarm_pending = False
+                            prewarm_used = True
+        finally:
+            # Evicted to make room: closed before the new load starts, outside the lock.
+            for victim in victims:
+                self._close(*victim)
         if full:
             self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
             raise QueueFull(name, queue_limit)
@@ -485,7 +661,13 @@ class ModelPool:
             return resident
         with self._cond:
             while resident.state == "loading" and self._residents.get(name) is resident:
-                self._cond.wait()
+                if cancel is not None and cancel.is_set():
+                    resident.users -= 1
+                    if request:
+                        resident.queued -= 1
+                    self._cond.notify_all()
+                    raise Cancelled(f"request for {name!r} cancelled while the model loaded")
+                self._cond.wait(timeout=1.0)
             if self._residents.get(name) is not resident:
                 # The load we waited for failed; report it as ours.
                 resident.users -= 1
@@ -494,8 +676,14 @@ class ModelPool:
                 raise PoolError(f"model {name!r} failed to load (see the log above)")
         return resident
 
-    def _reserve(self, spec: ModelSpec, *, evict: bool = True) -> Resident:
-        """Make room for ``spec`` (evicting idle models) and reserve its slot. Holds the lock."""
+    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str]],
+                 evict: bool = True, cancel: threading.Event | None = None) -> Resident:
+        """Make room for ``spec`` and reserve its slot. Holds the lock.
+
+        Idle models chosen for eviction are taken out and appended to ``victims``; the
+        caller closes them once it has let go of the lock. Models other requests are still
+        closing count against the limits until they are closed.
+        """
         estimated = self.estimator(spec)
         budget = self.config.cache.ram_budget_mb
         if estimated > budget:
@@ -506,8 +694,11 @@ class ModelPool:
         deadline = time.monotonic() + self.wait_seconds
         self._refresh_measured_locked()
         while True:
-            over_count = len(self._residents) + 1 > self.config.cache.max_loaded
-            over_mb = self._resident_mb_locked() + estimated - budget
+            ours = {id(victim) for victim, _, _ in victims}
+            closing = [r for r in self._closing.values() if id(r) not in ours]
+            over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
+            over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
+                       + estimated - budget)
             if not over_count and over_mb <= 0:
                 break
             if not evict:
@@ -527,12 +718,14 @@ class ModelPool:
                         f"(answer: {victim!r}; candidates: {', '.join(by_name)}); "
                         "is the default 'lru_ttl' plugin disabled?"
                     )
-                self._unload_locked(by_name[victim], kind="evict", detail=f"to load {spec.name}")
+                victims.append(self._take_out_locked(by_name[victim], kind="evict",
+                                                     detail=f"to load {spec.name}"))
                 continue
+            _check_cancel(cancel, spec.name)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._others_busy_locked():
+            if remaining <= 0 or not (self._others_busy_locked() or closing):
                 raise PoolError(self._why_full(spec, estimated, over_count))
-            # Every other model is busy: wait for one to finish rather than fail.
+            # Every other model is busy (or still closing): wait for one rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))
         concurrency = max(1, int(self.hooks.backend(spec.backend).concurrency(spec)))
         resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated,
@@ -586,6 +779,7 @@ class ModelPool:
             resident.model = model
             resident.state = "loaded"
             resident.load_seconds = seconds
+            self._load_seconds[resident.name] = seconds
             resident.measured_mb = measured
             # Budget with what we saw, when the load cost more than the header said.
             resident.ram_mb = max(resident.estimated_mb, measured)
@@ -597,24 +791,44 @@ class ModelPool:
         self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
 
     # -- unloading ----------------------------------------------------------------------
+    #
+    # In two steps: under the lock, an idle model is taken out of the residents (nobody can
+    # start using it any more; it shows as "unloading"); then, with the lock released,
+    # it is closed, the heap trimmed and the RSS drop checked. Closing a 250 MB model takes
+    # tens of milliseconds: /health, /metrics and other requests must not wait for it.
 
-    def _unload_locked(self, resident: Resident, *, kind: str, detail: str = "") -> None:
+    def _take_out_locked(self, resident: Resident, *, kind: str,
+                         detail: str = "") -> tuple[Resident, str, str]:
+        """Take an idle resident out of service; the caller must ``_close`` it, unlocked."""
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
-        model, resident.model = resident.model, None
-        own_before = model_rss_mb(model)
-        rss_before = own_before if own_before is not None else process_rss_mb()
-        if model is not None:
-            try:
-                model.close()
-            except Exception:  # a failing close must not keep the slot
-                log.exception("closing model %s failed", resident.name)
-            release_free_heap()
-        if own_before is not None:
-            # Its own process: what it still holds after close() (0 once it is gone).
-            freed = own_before - (model_rss_mb(model) or 0.0)
-        else:
-            freed = rss_before - process_rss_mb()
+        resident.state = "unloading"
+        self._closing[resident.name] = resident
+        return resident, kind, detail
+
+    def _close(self, resident: Resident, kind: str, detail: str = "") -> None:
+        """Close a taken-out resident (never under the pool lock) and report it."""
+        try:
+            with self._close_lock:
+                model, resident.model = resident.model, None
+                own_before = model_rss_mb(model)
+                rss_before = own_before if own_before is not None else process_rss_mb()
+                if model is not None:
+                    try:
+                        model.close()
+                    except Exception:  # a failing close must not keep the slot
+                        log.exception("closing model %s failed", resident.name)
+                    release_free_heap()
+                if own_before is not None:
+                    # Its own process: what it still holds after close() (0 once it is gone).
+                    freed = own_before - (model_rss_mb(model) or 0.0)
+                else:
+                    freed = rss_before - process_rss_mb()
+        finally:
+            with self._cond:
+                if self._closing.get(resident.name) is resident:
+                    del self._closing[resident.name]
+                self._cond.notify_all()  # a reload of this model may go on
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
                  resident.name, f" ({detail})" if detail else "", freed)
@@ -677,13 +891,14 @@ class ModelPool:
             resident = self._residents.get(name)
             if resident is None or not resident.idle:
                 return False
-            self._unload_locked(resident, kind="unload")
-            return True
+            taken = self._take_out_locked(resident, kind="unload")
+        self._close(*taken)
+        return True
 
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""
         now = self.clock() if now is None else now
-        expired: list[str] = []
+        taken: list[tuple[Resident, str, str]] = []
         with self._cond:
             for resident in list(self._residents.values()):
                 if resident.state == "loaded" and not model_alive(resident.model):
@@ -694,13 +909,29 @@ class ModelPool:
                     continue
                 if self.hooks.model_expired(resident=resident.info(), now=now,
                                             cache=self.config.cache):
-                    self._unload_locked(resident, kind="expire",
-                                        detail=f"idle {now - resident.last_used:.1f}s")
-                    expired.append(resident.name)
-        return expired
+                    taken.append(self._take_out_locked(
+                        resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
+        for item in taken:
+            self._close(*item)
+        return [resident.name for resident, _, _ in taken]
+
+    def trim_if_idle(self) -> bool:
+        """Give freed memory back to the OS when no generation runs and one ended since
+        the last time: collect Python's cyclic garbage (requests leave cycles: frames,
+        exceptions, generators), then ``malloc_trim``. Generation threads free their
+        buffers into glibc's arenas, which keep them; without this a server's idle RSS
+        creeps up with the requests it served."""
+        with self._cond:
+            if not self._heap_dirty or any(r.users for r in self._residents.values()):
+                return False
+            self._heap_dirty = False
+        gc.collect()
+        release_free_heap()
+        return True
 
     def start_reaper(self, interval: float | None = None) -> None:
-        """Reap in a background thread every ``interval`` seconds until ``close()``."""
+        """Reap in a background thread every ``interval`` seconds until ``close()``; trim
+        the heap when idle."""
         if self._reaper is not None:
             return
         interval = interval or self.config.cache.reap_interval_seconds
@@ -712,6 +943,7 @@ class ModelPool:
             while not self._stop.wait(period):
                 try:
                     self.reap()
+                    self.trim_if_idle()
                 except Exception:
                     log.exception("the reaper failed; it will try again")
 
@@ -724,9 +956,11 @@ class ModelPool:
             self._reaper.join(timeout=5)
             self._reaper = None
         with self._cond:
-            for resident in list(self._residents.values()):
-                if resident.state == "loaded" and resident.users == 0:
-                    self._unload_locked(resident, kind="unload", detail="shutdown")
+            taken = [self._take_out_locked(resident, kind="unload", detail="shutdown")
+                     for resident in list(self._residents.values())
+                     if resident.state == "loaded" and resident.users == 0]
+        for item in taken:
+            self._close(*item)
 
     def _emit(self, event: PoolEvent) -> None:
         for listener in list(self.listeners):
@@ -734,3 +968,12 @@ class ModelPool:
                 listener(event)
             except Exception:
                 log.exception("a pool listener failed on %s", event)
+
+    def emit(self, event: PoolEvent) -> None:
+        """Tell the listeners (logs, metrics) about ``event`` (the engine's per-request ones)."""
+        self._emit(event)
+
+
+def _check_cancel(cancel: threading.Event | None, name: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"request for {name!r} cancelled while queued")

@@ -7,7 +7,7 @@ only this.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -15,7 +15,8 @@ from .backend import Capabilities
 from .config import Config, rebind
 from .errors import BackendError, CapabilityError, PluginError, RoutingError, not_configured
 from .plugins import Hooks, PluginSet, build_plugins
-from .types import ChatRequest, Route, RouteDecision
+from .types import (COLD_LOAD_MB_PER_S, ChatRequest, ModelState, Residency, Route,
+                    RouteDecision)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ EXPLICIT_PLUGIN = "(explicit)"
 
 
 class Router:
-    def __init__(self, config: Config, plugins: PluginSet | None = None):
+    def __init__(self, config: Config, plugins: PluginSet | None = None, *,
+                 residency: Callable[[], Residency] | None = None):
         if plugins is not None and plugins is not config.plugin_set:
             # Plugins registered in code may declare backends and tables of their own.
             config = rebind(config, plugins)
@@ -32,6 +34,30 @@ class Router:
         # The plugins discovered when the config was loaded, unless the caller brings its own.
         self.plugins = plugins or config.plugin_set or build_plugins(config)
         self.hooks = Hooks(self.plugins, config)
+        #: What is loaded right now, for ``select_route``: the Engine installs its pool's
+        #: :meth:`~sarai_router.pool.ModelPool.residency`; without one (``route``, ``eval``)
+        #: every model is "unloaded".
+        self.residency_provider = residency
+        self._cold_estimates: dict[str, float | None] = {}
+
+    def residency(self) -> Residency:
+        """Each configured model's state and expected cold-load time, as routing sees it."""
+        if self.residency_provider is not None:
+            return self.residency_provider()
+        return Residency(dict.fromkeys(self.config.models, "unloaded"), self.estimated_cold_load)
+
+    def estimated_cold_load(self, name: str) -> tuple[float | None, bool]:
+        """``(seconds, measured=False)``: the backend's RAM estimate for ``name`` at
+        :data:`~sarai_router.types.COLD_LOAD_MB_PER_S`; None if it cannot say."""
+        if name not in self._cold_estimates:
+            spec = self.config.models[name]
+            try:
+                mb = self.hooks.backend(spec.backend).estimate_ram_mb(spec)
+                self._cold_estimates[name] = max(0.0, float(mb)) / COLD_LOAD_MB_PER_S
+            except Exception as exc:  # a missing file, no backend: unknown, not an error here
+                log.debug("no RAM estimate for %s: %s", name, exc)
+                self._cold_estimates[name] = None
+        return self._cold_estimates[name], False
 
     def signals(self, request: ChatRequest) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -44,8 +70,13 @@ class Router:
                 self.hooks.errors.append(message)
         return values
 
-    def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
-        """Decide which model answers ``request``; ``model`` set means the caller chose."""
+    def route(self, request: ChatRequest, model: str | None = None, *,
+              residency: Mapping[str, ModelState] | None = None) -> RouteDecision:
+        """Decide which model answers ``request``; ``model`` set means the caller chose.
+
+        ``residency``: what is loaded, for ``select_route`` (default: :meth:`residency`;
+        ``eval`` passes the state of its simulated pool).
+        """
         signals = self.signals(request)
         if model is not None:
             if model not in self.config.models:
@@ -53,8 +84,9 @@ class Router:
             decision = RouteDecision(model=model, reason="model requested explicitly",
                                      plugin=EXPLICIT_PLUGIN, signals=signals)
             return self._check_modality(decision, request)
-        answer = self.hooks.select_route(request=request, signals=signals,
-                                         models=self.config.models)
+        answer = self.hooks.select_route(
+            request=request, signals=signals, models=self.config.models,
+            residency=self.residency() if residency is None else residency)
         if answer is None:
             default = self.config.routing.default_model
             decision = RouteDecision(

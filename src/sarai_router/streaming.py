@@ -6,7 +6,8 @@ A llama.cpp generation is a blocking generator. Iterating it on the caller's thr
 block the server's event loop, and interrupting it with Ctrl-C could leave the model in
 the middle of a token. Here the generator lives on one worker thread from start to end,
 and a cancel flag, checked between pieces, closes it cleanly: the pool releases the
-instance and the idle clock starts.
+instance and the idle clock starts. The same flag takes a request that still waits for the
+model out of the queue: it never reaches the model.
 """
 
 from __future__ import annotations
@@ -84,12 +85,20 @@ class Generation:
         return self
 
     def cancel(self) -> None:
-        """Stop after the current piece; the sink still gets ``Done(cancelled=True)``."""
+        """Stop after the current piece, or leave the queue now if the model has not started
+        on it; the sink still gets ``Done(cancelled=True)``."""
+        if self._cancel.is_set():
+            return
         self._cancel.set()
+        self.engine.pool.wake()  # a request waiting for the model sees the flag at once
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return not self._launched or self._finished.is_set()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker to end; safe even if ``start()`` was interrupted by Ctrl-C."""
@@ -105,7 +114,7 @@ class Generation:
     def _generate(self) -> None:
         produced = False
         stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
-                                    queue_limit=self.queue_limit)
+                                    queue_limit=self.queue_limit, cancel=self._cancel)
         sent_logprobs = 0
         try:
             for text in stream:
@@ -168,6 +177,10 @@ class AsyncGeneration:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._task is None or self._finished.is_set()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the task to end (from a thread other than the loop's)."""

@@ -4,7 +4,7 @@ audio, and the routing decision."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 
@@ -105,6 +105,30 @@ class ChatRequest:
     #: and the transcript, without the mark the model sees.
     spoken_text: str | None = None
     needs: frozenset[str] = frozenset()
+    #: The models that answered this conversation's earlier turns, oldest first ("" where
+    #: unknown). The chat REPL fills it from its own answers; the server from the ``name``
+    #: of each assistant message (a client copies the response's ``model`` there). Routing
+    #: plugins read it for hysteresis (the heuristic's ``sticky_turns``).
+    previous_models: tuple[str, ...] = ()
+
+    @property
+    def previous_model(self) -> str | None:
+        """The model that answered the latest earlier turn, if known."""
+        return (self.previous_models[-1] or None) if self.previous_models else None
+
+    @property
+    def previous_run(self) -> int:
+        """How many earlier turns in a row, counting back from the latest, the
+        :attr:`previous_model` answered (0 when it is unknown)."""
+        last = self.previous_model
+        if last is None:
+            return 0
+        run = 0
+        for name in reversed(self.previous_models):
+            if name != last:
+                break
+            run += 1
+        return run
 
     @property
     def estimated_prompt_tokens(self) -> int:
@@ -154,11 +178,13 @@ class ChatRequest:
         images: tuple[ImageInput, ...] = (),
         audio: AudioInput | None = None,
         history: tuple[Mapping[str, Any], ...] = (),
+        previous_models: tuple[str, ...] = (),
     ) -> "ChatRequest":
         return cls(
             messages=(*history, {"role": "user", "content": prompt}),
             images=images,
             audio=audio,
+            previous_models=previous_models,
         )
 
     @classmethod
@@ -198,6 +224,69 @@ def _guess_mime(path: Path, default: str) -> str:
 
     guessed, _ = mimetypes.guess_type(path.name)
     return guessed or default
+
+
+#: What ``select_route`` may see of a model: resident, being loaded, or not in memory.
+MODEL_STATES = ("loaded", "loading", "unloaded")
+
+#: Cold-load rate for a model never loaded in this process: MB of its backend's RAM estimate
+#: per second. Measured here (docs/BENCHMARKS.md): the default models load at ~1,300 MB/s of
+#: estimate (fast 170 MB in 0.13 s, quality 517 MB in 0.40 s) from the page cache; a cold
+#: disk or a network filesystem is slower, and a measured load replaces the estimate.
+COLD_LOAD_MB_PER_S = 1300.0
+
+
+@attrs.frozen
+class ModelState:
+    """One model as routing sees it (``select_route``'s ``residency``).
+
+    ``state``: ``"loaded"`` (resident), ``"loading"`` (a load is under way), or
+    ``"unloaded"``. ``cold_load_seconds``: how long loading it takes: the last load this
+    process measured (``measured``), else the backend's RAM estimate at
+    :data:`COLD_LOAD_MB_PER_S`; ``None`` when neither is known.
+    """
+
+    state: str
+    cold_load_seconds: float | None = None
+    measured: bool = False
+
+    @property
+    def warm(self) -> bool:
+        """Loaded or loading: a request for it waits for no new load."""
+        return self.state != "unloaded"
+
+
+class Residency(Mapping[str, ModelState]):
+    """Every configured model's :class:`ModelState`, by name. The states are a snapshot
+    taken when it was made; a cold-load time is worked out only when an entry is read, so
+    a routing plugin that never looks costs nothing."""
+
+    def __init__(self, states: Mapping[str, str],
+                 cold_load: Callable[[str], tuple[float | None, bool]] | None = None):
+        self._states = dict(states)
+        self._cold_load = cold_load
+        self._entries: dict[str, ModelState] = {}
+
+    def __getitem__(self, name: str) -> ModelState:
+        entry = self._entries.get(name)
+        if entry is None:
+            state = self._states[name]  # KeyError for a model that isn't configured
+            seconds, measured = self._cold_load(name) if self._cold_load else (None, False)
+            entry = self._entries[name] = ModelState(state, seconds, measured)
+        return entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def state(self, name: str) -> str:
+        """``name``'s state without working out its cold-load time (unknown: unloaded)."""
+        return self._states.get(name, "unloaded")
+
+    def __repr__(self) -> str:
+        return f"Residency({self._states!r})"
 
 
 @attrs.frozen

@@ -57,6 +57,20 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"throughput x{_cell(dual['throughput_speedup'])})",
                     _table(["strategy", "mean s", "P50 s", "P95 s", "tok/s", "TTFT s", "share"],
                            rows)))
+    residency = (dual or {}).get("residency") or {}
+    if "with" in residency:
+        options = ", ".join(f"{k} {v}" for k, v in residency["settings"].items())
+        cache = residency["cache"]
+        rows = []
+        for label in ("with", "without"):
+            r = residency[label]
+            loads = ", ".join(f"{m} {n}" for m, n in r["load_events"].items()) or "none"
+            rows.append([label, loads, r["load_s"], r["mean_latency_s"], r["p50_latency_s"],
+                         r["p95_latency_s"]])
+        out.append((f"Routing that knows what is loaded ({options}; max_loaded "
+                    f"{cache['max_loaded']}, pinned: {', '.join(cache['pinned']) or 'none'}); "
+                    "latency includes loads",
+                    _table(["arm", "load events", "load s", "mean s", "P50 s", "P95 s"], rows)))
     overhead = report.get("overhead")
     if overhead and "arms" in overhead:
         rows = [[arm, s["tokens_per_second"], s["median_ttft_s"], s["tokens"], s["seconds"]]
@@ -79,10 +93,12 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     _table(["clip", "audio s", "lang", "transcribe s", "RTF", "routed to",
                             "generation s", "tok/s", "transcript"], rows)))
     decision = report["decision"]
-    rows = [[label, d["chars"], d["decisions_per_second"], d["p50_us"], d["p99_us"], d["model"]]
+    rows = [[label, d["chars"], d["decisions_per_second"], d["p50_us"], d["p99_us"],
+             d.get("wall_p99_us"), d["model"]]
             for label, d in ((k, decision[k]) for k in ("short", "long"))]
-    out.append(("Routing decision cost (no model loaded)",
-                _table(["input", "chars", "decisions/s", "p50 µs", "p99 µs", "routed to"], rows)))
+    out.append(("Routing decision cost (no model loaded; CPU time)",
+                _table(["input", "chars", "decisions/s", "p50 µs", "p99 µs", "wall p99 µs",
+                        "routed to"], rows)))
     mem = report["memory"]
     out.append(("Memory", _table(["RSS at start MB", "peak RSS MB", "RSS at end MB"],
                                  [[mem["rss_at_start_mb"], mem["peak_rss_mb"],

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from ..backend import GenerationParams
+from ..backend import BUILTIN_SAMPLING, GenerationParams
 from ..config import BenchConfig, Config
 from ..errors import SaraiError
 from ..types import ChatRequest
@@ -78,12 +78,14 @@ class Targets:
     ram_mb: float
     overhead_ratio: float
     rtf_max: float = 0.5
+    decision_p99_ms: float = 5.0
 
     @classmethod
     def from_config(cls, bench: BenchConfig) -> "Targets":
         return cls(bench.target_tps_min, bench.target_tps_max, bench.target_p50_seconds,
                    bench.target_speedup_min, bench.target_speedup_max, bench.target_ram_mb,
-                   bench.target_overhead_ratio, bench.target_rtf_max)
+                   bench.target_overhead_ratio, bench.target_rtf_max,
+                   bench.target_decision_p99_ms)
 
 
 def parse_range(text: str) -> tuple[float, float | None]:
@@ -146,6 +148,8 @@ class BenchSettings:
     command: str = ""
     #: Audio clips for the speech section: (label, bytes).
     audio: tuple[tuple[str, bytes], ...] = ()
+    #: the dual replay's residency arms run (set when [plugins.heuristic] turns them on)
+    residency: bool = False
 
 
 Progress = Callable[[int], None]
@@ -241,31 +245,43 @@ def _backend_facts(config: Config, spec) -> Mapping[str, Any]:
 # -- decision cost ------------------------------------------------------------------------
 
 def measure_decisions(config: Config, seconds: float = 1.0) -> dict[str, Any]:
-    """Route short and 2,000-char inputs repeatedly with every default plugin, no model loaded."""
+    """Route short and 2,000-char inputs repeatedly with every default plugin, no model loaded.
+
+    Each decision is timed twice: on the thread's CPU clock (``p50_us``, ``p99_us``,
+    ``mean_us``: what the decision costs, blind to the time the scheduler gives other
+    processes, which on a busy machine dominates a wall-clock tail) and on the wall clock
+    (``wall_p50_us``, ``wall_p99_us``). ``decisions_per_second`` is per core, from CPU time.
+    """
     from ..router import Router
 
     router = Router(config)
     short = ChatRequest.from_prompt(BUILTIN_QUERIES[0])
     sentence = "Necesito ayuda con una pregunta larga sobre mi trabajo y mis planes. "
     long_text = (sentence * (LONG_INPUT_CHARS // len(sentence) + 1))[:LONG_INPUT_CHARS]
-    out: dict[str, Any] = {"plugins": [row["name"] for row in router.hooks.describe()]}
+    out: dict[str, Any] = {"plugins": [row["name"] for row in router.hooks.describe()],
+                           "clock": "thread CPU time (wall clock alongside)"}
     for label, request in (("short", short), ("long", ChatRequest.from_prompt(long_text))):
         for _ in range(20):  # warm regex caches and imports
             router.route(request)
-        samples: list[float] = []
+        cpu: list[float] = []
+        wall: list[float] = []
         deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(samples) < 100:
-            t0 = time.perf_counter_ns()
+        while time.perf_counter() < deadline or len(cpu) < 100:
+            w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
             router.route(request)
-            samples.append((time.perf_counter_ns() - t0) / 1000.0)
-        total_s = sum(samples) / 1e6
+            c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
+            cpu.append((c1 - c0) / 1000.0)
+            wall.append((w1 - w0) / 1000.0)
+        total_s = sum(cpu) / 1e6
         out[label] = {
             "chars": len(request.text),
-            "decisions": len(samples),
-            "decisions_per_second": round(len(samples) / total_s, 1),
-            "p50_us": round(percentile(samples, 50), 1),
-            "p99_us": round(percentile(samples, 99), 1),
-            "mean_us": round(mean(samples), 1),
+            "decisions": len(cpu),
+            "decisions_per_second": round(len(cpu) / total_s, 1) if total_s else None,
+            "p50_us": round(percentile(cpu, 50), 1),
+            "p99_us": round(percentile(cpu, 99), 1),
+            "mean_us": round(mean(cpu), 1),
+            "wall_p50_us": round(percentile(wall, 50), 1),
+            "wall_p99_us": round(percentile(wall, 99), 1),
             "model": router.route(request).model,
         }
     return out
@@ -397,10 +413,10 @@ def _direct_run(llama, prompt: str, index: int, params: GenerationParams,
     started = time.perf_counter()
     first = None
     pieces = 0
+    # ``params`` carries the same sampling the router arm uses (measure_overhead).
     for chunk in llama.create_chat_completion(
         messages=[{"role": "user", "content": prompt}], max_tokens=params.max_tokens,
-        temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=None,
-        stream=True, **kwargs,
+        seed=params.seed, stop=None, stream=True, **params.sampling(), **kwargs,
     ):
         if chunk["choices"][0].get("delta", {}).get("content"):
             if first is None:
@@ -428,10 +444,12 @@ def measure_overhead(engine, name: str, settings: BenchSettings, params: Generat
         run.tokens = run.pieces
         return run
 
+    # The direct arms sample as the router does: the model's defaults, then the built-in.
+    sampled = params.with_defaults(engine.sampling_for(name)).with_defaults(BUILTIN_SAMPLING)
     arms: dict[str, Callable[[str, int], Run]] = {
         "router": router_arm,
-        "direct": lambda p, i: _direct_run(llama, p, i, params, False),
-        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, params, True),
+        "direct": lambda p, i: _direct_run(llama, p, i, sampled, False),
+        "direct_logits_processor": lambda p, i: _direct_run(llama, p, i, sampled, True),
     }
     order = list(arms)
     results: dict[str, list[Run]] = {arm: [] for arm in arms}
@@ -519,6 +537,7 @@ def measure_dual(engine, baseline: str, settings: BenchSettings, params: Generat
 
     routed_s, single_s = strategy(routed), strategy(single)
     return {
+        "residency": measure_residency(engine, settings, params, progress),
         "baseline_model": baseline,
         "mix": settings.mix_source,
         "prompts": len(settings.mix),
@@ -600,6 +619,81 @@ def measure_speech(engine, settings: BenchSettings, params: GenerationParams,
     }
 
 
+def measure_residency(engine, settings: BenchSettings, params: GenerationParams,
+                      progress: Progress) -> dict[str, Any]:
+    """The mix routed with the heuristic's ``borderline_margin``/``sticky_turns`` as
+    configured and with both off, each arm from the same pool (every unpinned model
+    unloaded first), counting the pool's load events; latency includes the loads.
+
+    The mix is replayed as one conversation: each request carries the models that
+    answered the arm's earlier requests (``previous_models``), not their text. Skipped
+    (with a note) when both options are off.
+    """
+    from ..engine import Completion
+    from ..evaluation import residency_settings, with_heuristic
+    from ..router import Router
+
+    try:
+        options = residency_settings(engine.config)
+    except (KeyError, SaraiError):
+        options = {}
+    if not any(options.values()):
+        return {"skipped": "borderline_margin and sticky_turns are off in [plugins.heuristic]"}
+    blind = Router(with_heuristic(engine.config, **dict.fromkeys(options, 0)),
+                   plugins=engine.router.plugins, residency=engine.pool.residency)
+    arms = {"with": engine.router, "without": blind}
+    out: dict[str, Any] = {"settings": options, "cache": {
+        "max_loaded": engine.config.cache.max_loaded,
+        "pinned": sorted(n for n, spec in engine.config.models.items() if spec.pinned)}}
+    for label, router in arms.items():
+        for row in engine.pool.residents():
+            if not row["pinned"]:
+                engine.pool.unload(row["name"])
+        events: list[Any] = []
+        engine.pool.listeners.append(events.append)
+        runs: list[Run] = []
+        answered: list[str] = []
+        kinds: list[str] = []  # each decision's reason up to its colon ("sticky", ...)
+        try:
+            for _ in range(settings.mix_iterations):
+                for index, prompt in enumerate(settings.mix):
+                    request = ChatRequest.from_prompt(prompt, previous_models=tuple(answered))
+                    started = time.perf_counter()
+                    decision = router.route(request)
+                    kinds.append(decision.reason.split(":", 1)[0])
+                    completion = Completion(decision=decision)
+                    first = None
+                    for _piece in engine.stream(request, decision, params, completion):
+                        if first is None:
+                            first = time.perf_counter() - started
+                    runs.append(Run(model=completion.decision.model, prompt_index=index,
+                                    tokens=completion.usage.completion_tokens, pieces=0,
+                                    latency_s=time.perf_counter() - started, ttft_s=first,
+                                    load_s=completion.timings.load_s))
+                    answered.append(completion.decision.model)
+                    progress(1)
+        finally:
+            engine.pool.listeners.remove(events.append)
+        loads: dict[str, int] = {}
+        for event in events:
+            if event.kind == "load":
+                loads[event.model] = loads.get(event.model, 0) + 1
+        latencies = [r.latency_s for r in runs]  # loads included
+        out[label] = {
+            "requests": len(runs),
+            "load_events": loads,
+            "load_events_total": sum(loads.values()),
+            "load_s": _r(sum(r.load_s for r in runs), 3),
+            "mean_latency_s": _r(mean(latencies), 3),
+            "p50_latency_s": _r(percentile(latencies, 50), 3),
+            "p95_latency_s": _r(percentile(latencies, 95), 3),
+            "mean_ttft_s": _r(mean(r.ttft_s for r in runs if r.ttft_s is not None), 4),
+            "models": answered,
+            "reasons": kinds,
+        }
+    return out
+
+
 # -- KPIs ---------------------------------------------------------------------------------
 
 def evaluate_kpis(report: Mapping[str, Any], targets: Targets) -> list[dict[str, Any]]:
@@ -645,6 +739,12 @@ def evaluate_kpis(report: Mapping[str, Any], targets: Targets) -> list[dict[str,
     if speech and speech.get("real_time_factor") is not None:
         at_most("speech to text real-time factor", speech["real_time_factor"],
                 targets.rtf_max, "", "speech.real_time_factor")
+    decision = report.get("decision") or {}
+    for key, label in (("short", "short input"), ("long", "2,000 chars")):
+        if key in decision:
+            at_most(f"routing decision p99, {label} (ms CPU)",
+                    round(decision[key]["p99_us"] / 1000.0, 4), targets.decision_p99_ms, " ms",
+                    f"decision.{key}.p99_us")
     return rows
 
 
@@ -657,6 +757,8 @@ def planned_steps(settings: BenchSettings) -> int:
         steps += per_model
     if settings.dual:
         steps += len(settings.mix) * settings.mix_iterations
+        if settings.residency:
+            steps += 2 * len(settings.mix) * settings.mix_iterations
     steps += len(settings.audio) * settings.iterations
     return steps
 

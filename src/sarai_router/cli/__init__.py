@@ -13,8 +13,8 @@ import sys
 import click
 
 from .. import __version__
-from . import bench, chat, config, models, plugins, route, serve
-from .common import AppContext
+from . import bench, chat, config, evaluate, models, plugins, route, serve
+from .common import EXIT_FAILURE, AppContext, printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,13 +38,22 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     ctx.obj = AppContext(config_path)
 
 
-for command in (route.route, route.query, models.models, plugins.plugins, config.config,
-                serve.serve, chat.chat, bench.bench, bench.bench_concurrency):
+for command in (route.route, route.query, evaluate.evaluate, models.models, plugins.plugins,
+                config.config, serve.serve, chat.chat, bench.bench, bench.bench_concurrency):
     cli.add_command(command)
 
 
 def main() -> None:
-    cli(prog_name="sarai-router")
+    try:
+        cli(prog_name="sarai-router")
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, see below
+        # Every error we expect is a CliError with its own message; reaching here is a bug.
+        # Say so in one line instead of a traceback, unless -vv asked for details.
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        click.echo(f"Error: internal error ({type(exc).__name__}: {printable(str(exc))}); "
+                   "this is a bug in sarai-router: run again with -vv to see where", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 __all__ = ["cli", "main"]

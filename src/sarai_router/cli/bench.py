@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import SaraiError
-from .common import (EXIT_INTERRUPTED, EXIT_USAGE, AppContext, CliError, check_model_names,
+from .common import (EXIT_INTERRUPTED, EXIT_USAGE, TEXT, AppContext, CliError, check_model_names,
                      cli_error, emit_json, progressbar, say)
 
 
@@ -29,8 +29,8 @@ def _range_callback(ctx: click.Context, param: click.Parameter, value: str | Non
 
 
 @click.command()
-@click.argument("models", nargs=-1)
-@click.option("--query", "queries", multiple=True,
+@click.argument("models", nargs=-1, type=TEXT)
+@click.option("--query", "queries", multiple=True, type=TEXT,
               help="A query of the study (repeatable); replaces the 5 built-in ones.")
 @click.option("--queries", "n_queries", type=click.IntRange(min=1),
               help="Use only the first N queries (built-in or given).")
@@ -45,9 +45,9 @@ def _range_callback(ctx: click.Context, param: click.Parameter, value: str | Non
                    '("text" or {"prompt": "text"}). Default: 10 built-in prompts.')
 @click.option("--mix-iterations", type=click.IntRange(min=1), default=1, show_default=True,
               help="Times the mix is replayed.")
-@click.option("--baseline", "baseline_model",
+@click.option("--baseline", "baseline_model", type=TEXT,
               help="The dual strategy's one-model baseline (default: the slowest model measured).")
-@click.option("--overhead-model",
+@click.option("--overhead-model", type=TEXT,
               help="Model for the router-vs-direct overhead test (default: the first llama_cpp one).")
 @click.option("--no-overhead", is_flag=True, help="Skip the router overhead test.")
 @click.option("--no-dual", is_flag=True, help="Skip the dual strategy (routed vs one model).")
@@ -92,6 +92,7 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
                          planned_steps, read_mix, render_markdown, render_plot, render_text,
                          run_bench)
     from ..engine import Engine
+    from ..evaluation import residency_settings
 
     config = app.config()
     if audio_only and not audio_files:
@@ -157,6 +158,7 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
         mix_iterations=mix_iterations, baseline_model=baseline_model,
         overhead_model=overhead_model, overhead=not no_overhead, dual=not no_dual,
         decision_seconds=decision_seconds, audio=audio,
+        residency=any(residency_settings(config).values()),
         command="sarai-router " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name == "sarai-router" else "",
     )

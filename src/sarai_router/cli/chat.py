@@ -12,17 +12,20 @@ import queue
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from ..backend import GenerationParams
 from ..config import Config
-from ..engine import Engine
 from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
-from ..streaming import Done, Failed, Generation, Piece
+if TYPE_CHECKING:  # the engine (asyncio, the pool) loads when a chat starts, not for `route`
+    from ..engine import Engine
+    from ..streaming import Generation
+
 from ..types import AudioInput, ChatRequest, message_text
-from .common import AppContext, cli_error, progressbar, say, transcript_line
+from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
+                     utf8_problem)
 
 PROMPT = "you> "
 
@@ -42,11 +45,12 @@ def dim(text: str) -> str:
 
 @click.command()
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap each answer's length.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0),
+              help="Sampling temperature, 0 = greedy (default: each model's own).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
-@click.option("--system", help="A system prompt for the whole conversation.")
+@click.option("--system", type=TEXT, help="A system prompt for the whole conversation.")
 @click.pass_obj
-def chat(app: AppContext, max_tokens: int | None, temperature: float, seed: int | None,
+def chat(app: AppContext, max_tokens: int | None, temperature: float | None, seed: int | None,
          system: str | None) -> None:
     """Talk with the router turn by turn; /help inside lists the commands."""
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -56,7 +60,7 @@ def chat(app: AppContext, max_tokens: int | None, temperature: float, seed: int 
 class ChatSession:
     """The REPL's state and commands; ``run()`` drives it from a terminal (or a pipe)."""
 
-    def __init__(self, engine: Engine, params: GenerationParams = GenerationParams(), *,
+    def __init__(self, engine: "Engine", params: GenerationParams = GenerationParams(), *,
                  system: str | None = None, echo: Callable[..., Any] = click.echo):
         self.engine = engine
         self.config = engine.config
@@ -65,6 +69,8 @@ class ChatSession:
         self.echo = echo
         self.model: str | None = None  # None: route every turn
         self.history: list[dict[str, str]] = []
+        # The model that answered each exchange in ``history`` (routing's previous_models).
+        self.answered: list[str] = []
 
     # -- commands
 
@@ -92,6 +98,7 @@ class ChatSession:
             self.show_models()
         elif name == "reset":
             self.history.clear()
+            self.answered.clear()
             self.echo(dim("conversation forgotten"))
         elif name == "audio":
             self.audio_turn(arg)
@@ -118,6 +125,10 @@ class ChatSession:
     def messages(self, text: str) -> tuple[dict[str, str], ...]:
         system = ({"role": "system", "content": self.system},) if self.system else ()
         return (*system, *self.history, {"role": "user", "content": text})
+
+    def request(self, text: str, audio: AudioInput | None = None) -> ChatRequest:
+        return ChatRequest(messages=self.messages(text), audio=audio,
+                           previous_models=tuple(self.answered))
 
     def audio_turn(self, arg: str) -> None:
         """``/audio PATH [TEXT]``: one turn with the file attached (a path with spaces
@@ -147,7 +158,9 @@ class ChatSession:
         self.echo(dim(decision.summary()))
 
     def turn(self, text: str, audio: AudioInput | None = None) -> None:
-        request = ChatRequest(messages=self.messages(text), audio=audio)
+        from ..streaming import Failed
+
+        request = self.request(text, audio)
         try:
             decision = self.engine.prepare(request, model=self.model, on_route=self._on_route)
         except SaraiError as exc:  # say it, keep the session
@@ -162,9 +175,10 @@ class ChatSession:
                     and isinstance(final.error, ContextLengthError)):
                 # Keep the session usable: forget the oldest exchange and try again.
                 del self.history[:2]
+                del self.answered[:1]
                 self.echo(dim("(the conversation no longer fits the model's context: "
                               "dropped the oldest exchange)"))
-                request = ChatRequest(messages=self.messages(text), audio=audio)
+                request = self.request(text, audio)
                 continue
             break
         self.echo()
@@ -178,14 +192,20 @@ class ChatSession:
             self.echo(dim(f"[{final.completion.decision.model}] "
                           f"{data['usage']['completion_tokens']} tokens, "
                           f"{t['tokens_per_second']:.0f} tok/s"
-                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")))
+                          + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")
+                          + ("; stopped: it kept repeating itself (runaway guard)"
+                             if data["stopped_by"] == "runaway_guard" else "")))
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})
+            answered = getattr(getattr(final, "completion", None), "decision", decision)
+            self.answered.append(answered.model)
 
     def _generate(self, request: ChatRequest, decision):
         """Stream one answer; return its final event (None if stopped early) and pieces."""
         events: queue.Queue = queue.Queue()
+        from ..streaming import Generation
+
         generation = Generation(self.engine, request, decision, self.params, events.put)
         pieces: list[str] = []
         final = None
@@ -204,8 +224,10 @@ class ChatSession:
             final = self._drain(events, pieces)
         return final, pieces
 
-    def _stream(self, generation: Generation, events: queue.Queue, pieces: list[str]):
+    def _stream(self, generation: "Generation", events: queue.Queue, pieces: list[str]):
         """Print pieces until the generation ends; Ctrl-C (anywhere in here) cancels it."""
+        from ..streaming import Done, Failed, Piece
+
         while True:
             event = None
             try:
@@ -224,6 +246,8 @@ class ChatSession:
 
     def _drain(self, events: queue.Queue, pieces: list[str]):
         """Print what an ended generation left in the queue; return its Done/Failed, if any."""
+        from ..streaming import Piece
+
         while True:
             try:
                 event = events.get_nowait()
@@ -251,6 +275,11 @@ class ChatSession:
             line = line.strip()
             if not line:
                 continue
+            problem = utf8_problem(line)
+            if problem:  # stdin reads undecodable bytes as surrogates (run_chat)
+                self.echo(click.style(f"error: that line is not UTF-8 text ({problem}); "
+                                      "skipped it", fg="red"))
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
@@ -266,6 +295,11 @@ def run_chat(config: Config, params: GenerationParams, *, system: str | None = N
         import readline  # noqa: F401 - gives input() line editing and history
     except ImportError:  # pragma: no cover - not on every platform
         pass
+    if hasattr(sys.stdin, "reconfigure"):
+        # An undecodable byte typed or piped in must cost its line, not the session.
+        sys.stdin.reconfigure(errors="surrogateescape")
+    from ..engine import Engine
+
     engine = Engine(config, report=say, progressbar=progressbar)
     try:
         try:

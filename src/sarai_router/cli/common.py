@@ -65,6 +65,41 @@ class AppContext:
         return self._config
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` is not UTF-8 text, or None. Python hands undecodable argument bytes over
+    as lone surrogates (surrogateescape); they break at the first print or tokenisation."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text[exc.start:exc.end].encode("utf-8", "surrogateescape")
+        return f"byte 0x{raw[:1].hex()} at character {exc.start + 1} is not UTF-8"
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print whatever it holds (undecodable bytes as backslash escapes)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Utf8Text(click.ParamType):
+    """Free text (a prompt, a name, a key): refused with exit 2 unless it is UTF-8.
+
+    File paths are not checked: a Linux file name may be any bytes, and Path takes them."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            problem = utf8_problem(value)
+            if problem:
+                self.fail(f"not valid UTF-8 text ({problem}); check the terminal's or the "
+                          "script's encoding", param, ctx)
+        return value
+
+
+TEXT = Utf8Text()
+
+
 def dim(text: str) -> str:
     return click.style(text, dim=True)
 

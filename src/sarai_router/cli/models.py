@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import FetchError
-from .common import (EXIT_FAILURE, AppContext, CliError, check_model_names, dim, emit_json,
+from .common import (EXIT_FAILURE, TEXT, AppContext, CliError, check_model_names, dim, emit_json,
                      json_option, progressbar)
 
 
@@ -31,6 +31,7 @@ def plugin_models(config, hooks) -> dict[str, list]:
 @click.pass_obj
 def models_list(app: AppContext, as_json: bool = False) -> None:
     """Show each model: backend, presence, pinning, TTL, estimated RAM."""
+    from ..backend import model_sampling
     from ..router import Router
 
     config = app.config()
@@ -55,6 +56,9 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
             "fallbacks": list(spec.fallbacks),
             # a remote model's endpoints, asked now (GET /models, 2 s each)
             "health": dict(backend.probe(spec)) or None,
+            # What the model sets (config, else its file); the rest is the backend's default.
+            "sampling": model_sampling(spec, backend) if present else None,
+            "runaway_guard": config.runaway_guard_for(spec),
             "description": spec.description,
         })
     from ..fetch import bundle_present
@@ -95,7 +99,7 @@ def models_list(app: AppContext, as_json: bool = False) -> None:
 
 
 @models.command("pull")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, type=TEXT)
 @click.option("--force", is_flag=True, help="Fetch again even if the file is present.")
 @click.pass_obj
 def models_pull(app: AppContext, names: tuple[str, ...], force: bool) -> None:

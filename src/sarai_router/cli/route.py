@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from ..errors import SaraiError
-from .common import (EXIT_INTERRUPTED, EXIT_USAGE, AppContext, CliError, audio_option,
+from .common import (EXIT_INTERRUPTED, EXIT_USAGE, TEXT, AppContext, CliError, audio_option,
                      cli_error, dim, emit_json, image_option, json_option, progressbar,
                      request_from_options, say, transcript_line)
 
 
 @click.command()
-@click.argument("prompt", required=False, default="")
+@click.argument("prompt", required=False, default="", type=TEXT)
 @image_option
 @audio_option
 @json_option
@@ -79,19 +79,21 @@ def _fmt_signal(value: Any) -> str:
 
 
 @click.command()
-@click.argument("prompt", required=False, default="")
+@click.argument("prompt", required=False, default="", type=TEXT)
 @image_option
 @audio_option
-@click.option("--model", metavar="NAME", help="Answer with this configured model, bypassing routing.")
+@click.option("--model", metavar="NAME", type=TEXT,
+              help="Answer with this configured model, bypassing routing.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Cap the answer's length.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
-              help="Sampling temperature (0 = greedy).")
+@click.option("--temperature", type=click.FloatRange(min=0.0),
+              help="Sampling temperature, 0 = greedy (default: the model's, see "
+                   "`models list --json`).")
 @click.option("--seed", type=int, help="Sampling seed, for repeatable answers.")
 @click.option("--no-stream", is_flag=True, help="Print the answer once it is complete.")
 @json_option
 @click.pass_obj
 def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | None,
-          model: str | None, max_tokens: int | None, temperature: float, seed: int | None,
+          model: str | None, max_tokens: int | None, temperature: float | None, seed: int | None,
           no_stream: bool, as_json: bool) -> None:
     """Route PROMPT and stream the answer (model and reason on stderr).
 
@@ -144,7 +146,9 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     click.echo(dim(
         f"[{answered.model}] {data['usage']['completion_tokens']} tokens, "
         f"{t['tokens_per_second']:.1f} tok/s, first token {first}, load {t['load_s']:.2f}s, "
-        f"total {t['total_s']:.2f}s"), err=True)
+        f"total {t['total_s']:.2f}s"
+        + ("; stopped: it kept repeating itself (runaway guard)"
+           if completion.stopped_by == "runaway_guard" else "")), err=True)
 
 
 __all__ = ["route", "query", "EXIT_USAGE"]

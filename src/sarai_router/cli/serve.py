@@ -11,13 +11,13 @@ import logging
 import click
 
 from ..errors import SaraiError
-from .common import EXIT_USAGE, AppContext, CliError, cli_error, dim, progressbar, say
+from .common import EXIT_USAGE, TEXT, AppContext, CliError, cli_error, dim, progressbar, say
 
 
 @click.command()
-@click.option("--host", help="Address to bind (default: [server] host, 127.0.0.1).")
+@click.option("--host", type=TEXT, help="Address to bind (default: [server] host, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [server] port, 8000).")
-@click.option("--api-key", envvar="SARAI_ROUTER_API_KEY", show_envvar=True,
+@click.option("--api-key", envvar="SARAI_ROUTER_API_KEY", show_envvar=True, type=TEXT,
               help="Require 'Authorization: Bearer KEY' (default: [server] api_key; none).")
 @click.option("--allow-unauthenticated", is_flag=True,
               help="Listen beyond loopback without an API key (default: [server] "
@@ -36,7 +36,10 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     import attrs
 
     from ..engine import Engine, share_cores
+    from ..pool import tune_malloc_for_serving
 
+    # Before any thread starts: idle RSS must not creep up with the requests served.
+    tune_malloc_for_serving()
     config = app.config()
     host = host or config.server.host
     port = port or config.server.port

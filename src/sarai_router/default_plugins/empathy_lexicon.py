@@ -91,7 +91,7 @@ FEELING_WORDS_ES = [
     "emocionante", "guay", "chido", "chida", "bacan", "flipando", "encantada",
     "encantado", "entusiasmo", "esperanza", "gratitud", "paz", "calma", "aburrido",
     "aburrida", "aburrimiento",
-    "duele", "duelen", "dolio", "odio", "odie", "odiar", "echo", "extrano", "extranamos",
+    "duele", "duelen", "dolio", "odio", "odie", "odiar", "extrano", "extranamos",
     "quiero", "amo", "adoro", "siento", "sentia", "senti",
 ]
 FEELING_WORDS_EN = [

@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from ..backend import (Backend, BackendError, Capabilities, ContextLengthError, Delta,
-                       GenerationParams, Presence, Usage)
+from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
+                       ContextLengthError, Delta, GenerationParams, Presence, Usage)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
 from ..errors import ModelLoadError
 from ..hookspecs import hookimpl
@@ -153,10 +153,18 @@ class LlamaCppModel:
             features.check_grammar(self.llama, grammar, "tools" if params.tools
                                    else "response_format")
         sampled = 0
+        # Told to stop (the runaway guard): the end-of-text token becomes the only choice,
+        # so the answer ends at once and cleanly, its usage counted. Not under a grammar,
+        # which may not allow the end yet (the engine then closes the stream itself).
+        stop_check = params.stop_check if grammar is None else None
+        end_of_text = self.llama.token_eos()
 
         def count_sampling(_input_ids, scores):
             nonlocal sampled
             sampled += 1
+            if stop_check is not None and stop_check():
+                scores[:] = -float("inf")
+                scores[end_of_text] = 0.0
             return scores
 
         processors = [count_sampling]
@@ -226,16 +234,15 @@ class LlamaCppModel:
     def _create(self, messages, params: GenerationParams, grammar: str | None, processors):
         from llama_cpp import LlamaGrammar, LogitsProcessorList
 
+        # Unset settings (a caller that bypassed Engine.stream) take the built-in defaults.
+        sampling = params.with_defaults(BUILTIN_SAMPLING).sampling()
         return self.llama.create_chat_completion(
             messages=list(messages),
             max_tokens=params.max_tokens or self.spec.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
             seed=params.seed,
             stop=list(params.stop) or None,
             stream=True,
-            presence_penalty=params.presence_penalty or 0.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
+            **sampling,
             grammar=None if grammar is None else LlamaGrammar.from_string(grammar,
                                                                           verbose=False),
             logits_processor=LogitsProcessorList(processors),
@@ -352,6 +359,16 @@ class LlamaCppBackend(Backend):
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx,
                             tools=True, json_schema=True, logprobs=True)
 
+    def sampling_defaults(self, spec: ModelSpec) -> Mapping[str, float]:
+        """The GGUF's ``general.sampling.*`` recommendation (what llama.cpp's own tools read),
+        empty when the file has none or cannot be read."""
+        from ..gguf_info import GGUFError, read_info
+
+        try:
+            return read_info(spec.path).sampling
+        except GGUFError:
+            return {}
+
     def load(self, spec: ModelSpec) -> LlamaCppModel:
         settings: LlamaCppSettings = spec.settings
         if not os.path.isfile(spec.path):
@@ -362,11 +379,15 @@ class LlamaCppBackend(Backend):
         except ImportError as exc:  # pragma: no cover - a broken install
             raise BackendError(f"llama-cpp-python is not importable: {exc}") from None
         route_llama_logs_to_logging(llama_cpp)
+        threads = settings.n_threads or default_threads()
         kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=spec.n_ctx,
             n_batch=settings.n_batch,
-            n_threads=settings.n_threads or default_threads(),
+            n_threads=threads,
+            # Prompt evaluation too: llama-cpp-python's default is every core, which undoes
+            # the server's share of the cores (engine.share_cores) for every prompt.
+            n_threads_batch=threads,
             # Not False: that silences the whole process while the model loads (see
             # _ThisThreadToLog); its notes go to the log instead.
             verbose=True,

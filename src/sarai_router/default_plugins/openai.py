@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 #: What an upstream may be asked for beyond text; ``capabilities = [...]`` narrows it.
 FEATURES = ("tools", "json_schema", "logprobs")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-#: Idle pooled connections are dropped after this. Servers close idle keep-alive connections
-#: after 5 s (llama-server's cpp-httplib, uvicorn) and httpx's own default is also 5 s: a
-#: request sent on a connection the server is closing at that moment fails with "server
-#: disconnected without sending a response" (seen under load with llama-server).
-KEEPALIVE_EXPIRY_SECONDS = 2.0
 
 
 @attrs.frozen
@@ -383,6 +378,11 @@ class OpenAIModel:
     threads) and ``achat`` (async, for the server: no thread per stream) share the replica
     health; each has its own pooled keep-alive connections."""
 
+    #: sampling sent when set (the model's defaults or the request's); the rest is left to
+    #: the endpoint. ``llama_server`` adds llama.cpp's own keys (top_k, min_p, ...).
+    sampling_keys: tuple[str, ...] = ("temperature", "top_p", "presence_penalty",
+                                      "frequency_penalty")
+
     def __init__(self, spec: ModelSpec, api_key: str):
         settings: OpenAISettings = spec.settings
         self.spec = spec
@@ -409,8 +409,7 @@ class OpenAIModel:
         import httpx
 
         total = self.settings.max_concurrency * len(self.urls)
-        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4,
-                            keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
+        return httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
 
     def _timeout(self):
         import httpx
@@ -461,9 +460,9 @@ class OpenAIModel:
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": params.max_tokens or self.spec.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
         }
+        body.update({key: getattr(params, key) for key in self.sampling_keys
+                     if getattr(params, key) is not None})
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
+import os
 import signal
+import sys
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -100,6 +103,9 @@ class SaraiServer:
         self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
                              max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
+        self.stop_deadline = float("inf")
+        #: generations still running when the grace ran out (serve() then exits at once)
+        self.unfinished = 0
         # Generations still running (worker threads or loop tasks), stopped and joined at
         # shutdown.
         self._live: weakref.WeakSet[Generation | AsyncGeneration] = weakref.WeakSet()
@@ -114,23 +120,30 @@ class SaraiServer:
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
-        with an error saying so, instead of being cut off by the grace timeout.
+        with an error saying so, instead of being cut off by the grace timeout; requests
+        still queued leave the queue at once (503) without reaching the model.
 
         A generation stops between tokens; one still before its first token when the grace
         timeout cancels its handler gets the same 503 from the handler (not uvicorn's
         plain-text 500)."""
-        self.shutting_down = True
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.stop_deadline = time.monotonic() + self.config.server.shutdown_grace_seconds
         for generation in list(self._live):
             generation.cancel()
 
     def shutdown(self) -> None:
-        # A process that exits with a generation inside llama.cpp crashes: stop them first.
-        self.shutting_down = True
+        # A process that exits with a generation inside llama.cpp crashes: stop them first,
+        # waiting no longer than what is left of [server] shutdown_grace_seconds.
+        self.stop_generations()
         live = list(self._live)
         for generation in live:
-            generation.cancel()
-        for generation in live:
-            generation.join(timeout=30)
+            generation.join(timeout=max(0.0, self.stop_deadline - time.monotonic()))
+        self.unfinished = sum(1 for g in live if not g.finished)
+        if self.unfinished:  # e.g. inside a long prompt's evaluation, which cannot be cut
+            log.warning("%d generation(s) still running after [server] shutdown_grace_seconds "
+                        "= %g; exiting anyway", self.unfinished,
+                        self.config.server.shutdown_grace_seconds)
         self.engine.close()
 
     # -- helpers
@@ -199,7 +212,10 @@ class SaraiServer:
         else:
             generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
                                     queue_limit=self.config.server.queue_size)
+        # Registered before the check: a stop that starts between the two still cancels it.
         self._live.add(generation)
+        if self.shutting_down:
+            return self._fail(_shutting_down())
         generation.start()
         stopping = lambda: self.shutting_down  # noqa: E731
         try:
@@ -220,6 +236,8 @@ class SaraiServer:
         if isinstance(first, Failed):
             log.debug("request failed before its first token", exc_info=first.error)
             return self._fail(error_for(first.error), first.error, decision=decision)
+        if isinstance(first, Done) and first.cancelled:  # stopped before any byte went out
+            return self._fail(_shutting_down())
         self.metrics.request_started(decision)
         meta = _Meta(decision, include_usage=parsed.include_usage,
                      logprobs=parsed.params.logprobs)
@@ -253,7 +271,8 @@ class SaraiServer:
         self.metrics.request_finished(completion)
         return JSONResponse({
             **meta.completion(completion, "".join(pieces)),
-            "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"]},
+            "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
+                      "stopped_by": completion.stopped_by},
         }, headers=self._headers(decision))
 
     async def _sse(self, first, events: asyncio.Queue,
@@ -278,7 +297,12 @@ class SaraiServer:
                     if completion.tool_calls:
                         yield meta.chunk({"tool_calls": tool_calls_json(completion.tool_calls,
                                                                         indexed=True)})
-                    yield meta.chunk({}, finish_reason=finish_reason(completion))
+                    last = meta.chunk({}, finish_reason=finish_reason(completion))
+                    if completion.stopped_by:
+                        # Why the answer ended when the model did not end it (runaway guard).
+                        data = json.loads(last.removeprefix("data: "))
+                        last = meta.sse({**data, "sarai": {"stopped_by": completion.stopped_by}})
+                    yield last
                     if meta.include_usage:
                         yield meta.usage_chunk(completion)
                     break
@@ -452,7 +476,7 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
     settings = engine.config.server
     server = Server(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         http=guarded_h11_protocol(settings.header_timeout_seconds),
         h11_max_incomplete_event_size=settings.max_header_bytes))
     # After its graceful shutdown uvicorn restores the handlers it found and raises the
@@ -465,3 +489,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if state.unfinished:
+        # A thread is still inside llama.cpp: the interpreter's normal exit would tear the
+        # model down under it (a crash). Leave now, without finalisers, saying it failed.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)

@@ -137,6 +137,16 @@ class Metrics:
             "sarai_fallbacks",
             "requests answered by another model after one failed before its first token",
             ["from", "to", "reason"], registry=r)
+        self.generations = Counter(
+            "sarai_generations_started", "generations the models started (prompts evaluated)",
+            ["model"], registry=r)
+        self.dropped = Counter(
+            "sarai_generations_dropped",
+            "requests cancelled while queued (client gone, shutdown): the model never saw them",
+            ["model"], registry=r)
+        self.runaway = Counter(
+            "sarai_runaway_stops", "answers the runaway guard stopped for repeating themselves",
+            ["model"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         r.register(PoolCollector(pool))
         pool.listeners.append(self.on_pool_event)
@@ -158,6 +168,12 @@ class Metrics:
             self.crashes.labels(model).inc()
         elif event.kind == "queue_full":
             self.queue_full.labels(model).inc()
+        elif event.kind == "generation_started":
+            self.generations.labels(model).inc()
+        elif event.kind == "generation_dropped":
+            self.dropped.labels(model).inc()
+        elif event.kind == "runaway_stopped":
+            self.runaway.labels(model).inc()
         elif event.kind == "prewarm":
             self.prewarms.labels(model, "started").inc()
         elif event.kind.startswith("prewarm_"):

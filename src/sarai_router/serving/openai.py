@@ -321,6 +321,9 @@ class _Messages:
         self.calls: dict[str, str] = {}  # tool call id -> function name
         self.chars = 0
         self.index = 0
+        # Each assistant message's ``name`` ("" if none): the model that answered it, when
+        # the client copies the response's ``model`` there (routing's previous_models).
+        self.answered: list[str] = []
 
     def parse(self, raw: Any, index: int) -> dict[str, Any]:
         param = f"messages[{index}]"
@@ -338,6 +341,7 @@ class _Messages:
         if name is not None and not isinstance(name, str):
             raise _invalid(f"{param}.name must be a string", f"{param}.name")
         if role == "assistant":
+            self.answered.append(name or "")
             return self._assistant(raw, param)
         if role == "tool":
             return self._tool(raw, param)
@@ -711,10 +715,11 @@ def parse_chat_body(body: Any, limits: Limits = Limits()) -> ParsedChat:
         needs.add("logprobs")
     params = GenerationParams(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else temperature,
+        # Left out of the body: the model's defaults ([models.NAME], its GGUF).
+        temperature=temperature,
         seed=_integer(body, "seed"),
         stop=stops,
-        top_p=0.95 if top_p is None else top_p,
+        top_p=top_p,
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
         tools=tuple(tools),
@@ -725,7 +730,7 @@ def parse_chat_body(body: Any, limits: Limits = Limits()) -> ParsedChat:
     )
     request = ChatRequest(messages=messages, images=tuple(parser.images),
                           audio=parser.audio[0] if parser.audio else None,
-                          needs=frozenset(needs))
+                          needs=frozenset(needs), previous_models=tuple(parser.answered))
     include_usage = bool(options and options.get("include_usage"))
     return ParsedChat(model, request, params, bool(stream), include_usage)
 
