@@ -119,6 +119,7 @@ def cases(f: Path) -> list[tuple[str, list, dict, bytes]]:
     ]
 
 
+@pytest.mark.models  # one of the lines loads a junk GGUF, which must fail cleanly
 def test_bad_command_lines_fail_cleanly(files):
     env = {k: v for k, v in os.environ.items()
            if k not in ("SARAI_ROUTER_CONFIG", "SARAI_ROUTER_NO_PLUGINS")}
@@ -152,6 +153,7 @@ def test_non_utf8_prompt_is_a_usage_error_naming_the_byte(files):
     assert "PROMPT" in stderr and "not valid UTF-8" in stderr and "0xff" in stderr
 
 
+@pytest.mark.models
 def test_chat_skips_a_non_utf8_line_and_goes_on(files):
     # The line with the bad bytes is refused; the session goes on to /models and /quit.
     result = subprocess.run(

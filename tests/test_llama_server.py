@@ -92,7 +92,9 @@ def engine_for(tmp_path: Path, models_dir: Path):
 
 
 def kinds(engine: Engine) -> list[str]:
-    return [event.kind for event in engine.events]  # type: ignore[attr-defined]
+    """What the pool did with the model's instance (per-request events left out)."""
+    return [event.kind for event in engine.events  # type: ignore[attr-defined]
+            if not event.kind.startswith(("generation_", "runaway_"))]
 
 
 def loaded_model(engine: Engine, name: str = "fast"):
@@ -483,3 +485,19 @@ def test_the_example_config_checks_and_serves_four_slots():
         assert [slot["n_ctx"] for slot in slots] == [2048] * 4
     finally:
         engine.close()
+
+
+def test_a_port_taken_before_the_child_binds_it_is_recognised(llama_server_binary: Path,
+                                                                fast_path: Path):
+    from sarai_router.default_plugins.llama_server_process import ServerProcess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess("fast", [str(llama_server_binary), "--model", str(fast_path),
+                                        "--host", "127.0.0.1", "--port", str(port)], port)
+        with pytest.raises(BackendError, match="exited during start-up"):
+            server.start(timeout=DEADLINE)
+    assert server.bind_failed()  # what makes load() retry on another port
+    assert not server.alive()

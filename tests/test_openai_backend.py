@@ -874,3 +874,21 @@ def test_async_slots_go_to_waiters_in_order_and_none_is_lost(make_config):
         assert asyncio.run(scenario()) == [0, 1, 3, 4, 99]
     finally:
         pool.close()
+
+
+def test_bench_concurrency_through_serve_and_direct(remote_config):
+    """The command runs end to end: `serve` as a child, the endpoint directly, paired
+    requests; it prints figures (their values are the bench's business, not this test's)."""
+    result = CliRunner().invoke(cli, ["--config", str(remote_config), "bench-concurrency",
+                                      "remote", "--concurrency", "2", "--requests", "4",
+                                      "--max-tokens", "2", "--pairs", "2", "--rounds", "2",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["requests"] == 4 and data["rounds"] == 2
+    for target in ("router", "direct"):
+        assert data[target]["errors"] == 0 and data[target]["tokens"] >= 4
+        assert data[target]["ttft_s"]["p50"] is not None
+    assert data["router"]["router_cpu_ms_per_request"] is not None
+    assert data["overhead"]["pairs"] == 2 and data["overhead"]["errors"] == 0
+    assert UPSTREAM_KEY not in result.stdout

@@ -256,7 +256,8 @@ class Engine:
 
         Unset sampling settings take the model's defaults (:meth:`sampling_for`). The
         runaway guard (``[generation]``) stops an answer that keeps repeating itself:
-        ``completion.stopped_by`` is then ``"runaway_guard"`` and the finish reason "stop".
+        ``completion.stopped_by`` is then ``"runaway_guard"`` and the finish reason "stop"
+        ("length" for a JSON or tool-call answer, which is incomplete when cut).
 
         ``decision`` comes from :meth:`prepare`. When the model fails before its first
         piece (a load failure, or a remote endpoint that refused, answered 5xx or timed
@@ -460,9 +461,12 @@ class _Answer:
         self.stop = threading.Event()
         self.after_stop = 0
         self.gen_started = 0.0
+        # An answer held to a shape (JSON, a tool call) is incomplete when cut early.
+        self.shaped = False
 
     def params(self, params: GenerationParams) -> GenerationParams:
         """``params`` with the model's sampling defaults, and the guard's stop request."""
+        self.shaped = bool(params.response_format is not None or params.tools)
         params = params.with_defaults(self.engine.sampling_for(self.model))
         if self.guard is not None:
             params = attrs.evolve(params, stop_check=self.stop.is_set)
@@ -511,7 +515,9 @@ class _Answer:
         completion.text = "".join(completion.pieces)
         if self.guard is not None and self.guard.tripped:
             completion.stopped_by = "runaway_guard"
-            completion.finish_reason = "stop"
+            # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells
+            # the client not to parse it as complete, as when max_tokens cuts it.
+            completion.finish_reason = "length" if self.shaped else "stop"
             log.info("runaway guard stopped %s after %d tokens: %s", self.model,
                      completion.usage.completion_tokens, self.guard.reason)
             self.engine.pool.emit(PoolEvent("runaway_stopped", self.model,

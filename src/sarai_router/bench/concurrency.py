@@ -242,8 +242,24 @@ def direct_target(config, model: str) -> tuple[Target | None, Any]:
     return Target(name="direct", url=url, headers=headers, model=name), loaded
 
 
+def _merge(runs: list[StreamRun]) -> StreamRun:
+    """Several runs of one target as one: tokens and wall time added up."""
+    merged = StreamRun(target=runs[0].target, concurrency=runs[0].concurrency,
+                       requests=sum(r.requests for r in runs))
+    for run in runs:
+        merged.errors += run.errors
+        merged.error_samples += run.error_samples
+        merged.tokens += run.tokens
+        merged.wall_s += run.wall_s
+        merged.ttfts += run.ttfts
+        merged.latencies += run.latencies
+        if run.cpu_s is not None:
+            merged.cpu_s = (merged.cpu_s or 0.0) + run.cpu_s
+    return merged
+
+
 def run_concurrency(config, config_path: str | None, model: str, *, concurrency: int,
-                    requests: int, max_tokens: int, prompt: str, pairs: int,
+                    requests: int, max_tokens: int, prompt: str, pairs: int, rounds: int = 2,
                     report=lambda message: None) -> dict[str, Any]:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
@@ -255,16 +271,27 @@ def run_concurrency(config, config_path: str | None, model: str, *, concurrency:
     result: dict[str, Any] = {"model": model, "concurrency": concurrency,
                               "requests": requests, "max_tokens": max_tokens}
     try:
-        # One request first, not counted: a lazy load (or a cold upstream) is not the
-        # steady state being measured.
-        asyncio.run(_streams(router, body, 1, 1))
-        report(f"{concurrency} concurrent streams through the router ...")
-        result["router"] = asyncio.run(_streams(router, body, concurrency, requests,
-                                                cpu_of=router_process.process.pid)).to_dict()
+        # A burst first, not counted, through each: a lazy load, new pooled connections
+        # and first-time code paths are not the steady state being measured.
+        targets = [router] + ([direct] if direct is not None else [])
+        for target in targets:
+            asyncio.run(_streams(target, body, concurrency, concurrency))
+        # Rounds alternate which target goes first, so that a machine whose load drifts
+        # (other work, thermal) favours neither; the figures add the rounds up.
+        runs: dict[str, list[StreamRun]] = {t.name: [] for t in targets}
+        per_round = max(1, requests // rounds)
+        for index in range(rounds):
+            for target in targets if index % 2 == 0 else targets[::-1]:
+                report(f"round {index + 1}/{rounds}: {concurrency} concurrent streams "
+                       f"to the {'router' if target is router else 'endpoint directly'} ...")
+                runs[target.name].append(asyncio.run(_streams(
+                    target, body, concurrency, per_round,
+                    cpu_of=router_process.process.pid if target is router else None)))
+        result["requests"] = per_round * rounds
+        result["rounds"] = rounds
+        result["router"] = _merge(runs["router"]).to_dict()
         if direct is not None:
-            report(f"{concurrency} concurrent streams to the endpoint directly ...")
-            result["direct"] = asyncio.run(_streams(direct, body, concurrency,
-                                                    requests)).to_dict()
+            result["direct"] = _merge(runs["direct"]).to_dict()
             r, d = result["router"], result["direct"]
             result["ratio"] = {
                 "tokens_per_second": round(r["tokens_per_second"] / d["tokens_per_second"], 3)
@@ -286,7 +313,8 @@ def run_concurrency(config, config_path: str | None, model: str, *, concurrency:
 
 def format_concurrency(result: Mapping[str, Any]) -> str:
     lines = [f"model {result['model']}: {result['requests']} streamed requests of "
-             f"{result['max_tokens']} tokens, {result['concurrency']} at a time"]
+             f"{result['max_tokens']} tokens, {result['concurrency']} at a time, in "
+             f"{result.get('rounds', 1)} alternating rounds"]
     header = f"{'':8} {'tok/s':>8} {'TTFT p50':>9} {'p95':>8} {'p99':>8} {'errors':>7}"
     lines.append(header)
     for key in ("router", "direct"):

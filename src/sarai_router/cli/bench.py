@@ -207,10 +207,13 @@ def _request(prompt: str):
 @click.option("--pairs", type=click.IntRange(min=0), default=40, show_default=True,
               help="Paired one-at-a-time requests, router vs direct, for the proxy overhead "
                    "(0: skip).")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Rounds, alternating router and direct first; the figures add them up.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def bench_concurrency(app: AppContext, model: str, concurrency: int, n_requests: int | None,
-                      max_tokens: int, prompt: str, pairs: int, as_json: bool) -> None:
+                      max_tokens: int, prompt: str, pairs: int, rounds: int,
+                      as_json: bool) -> None:
     """N concurrent streams through `serve` (a child process) vs the engine directly."""
     from ..bench.concurrency import format_concurrency, run_concurrency
 
@@ -220,7 +223,7 @@ def bench_concurrency(app: AppContext, model: str, concurrency: int, n_requests:
         result = run_concurrency(config, app.config_path, model, concurrency=concurrency,
                                  requests=n_requests or 4 * concurrency,
                                  max_tokens=max_tokens, prompt=prompt, pairs=pairs,
-                                 report=say)
+                                 rounds=rounds, report=say)
     except SaraiError as exc:
         raise cli_error(exc) from None
     except RuntimeError as exc:

@@ -12,15 +12,17 @@ import queue
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from ..backend import GenerationParams
 from ..config import Config
-from ..engine import Engine
 from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
-from ..streaming import Done, Failed, Generation, Piece
+if TYPE_CHECKING:  # the engine (asyncio, the pool) loads when a chat starts, not for `route`
+    from ..engine import Engine
+    from ..streaming import Generation
+
 from ..types import AudioInput, ChatRequest, message_text
 from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
                      utf8_problem)
@@ -58,7 +60,7 @@ def chat(app: AppContext, max_tokens: int | None, temperature: float | None, see
 class ChatSession:
     """The REPL's state and commands; ``run()`` drives it from a terminal (or a pipe)."""
 
-    def __init__(self, engine: Engine, params: GenerationParams = GenerationParams(), *,
+    def __init__(self, engine: "Engine", params: GenerationParams = GenerationParams(), *,
                  system: str | None = None, echo: Callable[..., Any] = click.echo):
         self.engine = engine
         self.config = engine.config
@@ -156,6 +158,8 @@ class ChatSession:
         self.echo(dim(decision.summary()))
 
     def turn(self, text: str, audio: AudioInput | None = None) -> None:
+        from ..streaming import Failed
+
         request = self.request(text, audio)
         try:
             decision = self.engine.prepare(request, model=self.model, on_route=self._on_route)
@@ -200,6 +204,8 @@ class ChatSession:
     def _generate(self, request: ChatRequest, decision):
         """Stream one answer; return its final event (None if stopped early) and pieces."""
         events: queue.Queue = queue.Queue()
+        from ..streaming import Generation
+
         generation = Generation(self.engine, request, decision, self.params, events.put)
         pieces: list[str] = []
         final = None
@@ -218,8 +224,10 @@ class ChatSession:
             final = self._drain(events, pieces)
         return final, pieces
 
-    def _stream(self, generation: Generation, events: queue.Queue, pieces: list[str]):
+    def _stream(self, generation: "Generation", events: queue.Queue, pieces: list[str]):
         """Print pieces until the generation ends; Ctrl-C (anywhere in here) cancels it."""
+        from ..streaming import Done, Failed, Piece
+
         while True:
             event = None
             try:
@@ -238,6 +246,8 @@ class ChatSession:
 
     def _drain(self, events: queue.Queue, pieces: list[str]):
         """Print what an ended generation left in the queue; return its Done/Failed, if any."""
+        from ..streaming import Piece
+
         while True:
             try:
                 event = events.get_nowait()
@@ -288,6 +298,8 @@ def run_chat(config: Config, params: GenerationParams, *, system: str | None = N
     if hasattr(sys.stdin, "reconfigure"):
         # An undecodable byte typed or piped in must cost its line, not the session.
         sys.stdin.reconfigure(errors="surrogateescape")
+    from ..engine import Engine
+
     engine = Engine(config, report=say, progressbar=progressbar)
     try:
         try:

@@ -20,7 +20,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -31,8 +31,10 @@ from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
 from .llama_cpp import default_threads, file_presence
-from .llama_server_process import ServerProcess, free_port
 from .openai import OpenAIModel, OpenAISettings
+
+if TYPE_CHECKING:
+    from .llama_server_process import ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,12 @@ class LlamaServerBackend(Backend):
         if binary is None:
             raise BackendError(_no_binary_message(spec.name))
         for attempt in range(1, START_ATTEMPTS + 1):
-            port = free_port()
-            server = ServerProcess(spec.name, server_argv(spec, str(binary), port), port,
+            # The process side (http.client, ctypes) loads with the first child, not for
+            # every command that reads the config.
+            from . import llama_server_process as child
+
+            port = child.free_port()
+            server = child.ServerProcess(spec.name, server_argv(spec, str(binary), port), port,
                                    private_paths=(spec.path, settings.mmproj, str(binary)))
             try:
                 server.start(timeout=settings.startup_timeout_seconds)
@@ -281,7 +287,7 @@ class LlamaServerModel:
     :class:`InstanceDead`, and the pool starts a new child for the next request.
     """
 
-    def __init__(self, spec: ModelSpec, server: ServerProcess):
+    def __init__(self, spec: ModelSpec, server: "ServerProcess"):
         self.spec = spec
         self.server = server
         client_settings = OpenAISettings(

@@ -228,7 +228,8 @@ class ServerProcess:
 
     def bind_failed(self) -> bool:
         """Whether a failed start was the port being taken (worth a retry on another)."""
-        return any("bind" in line.lower() for line in self.tail)
+        return any("couldn't bind" in line or "address already in use" in line.lower()
+                   for line in self.tail)
 
     # -- while running ----------------------------------------------------------------
 

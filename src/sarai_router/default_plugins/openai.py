@@ -63,7 +63,8 @@ class OpenAISettings:
     #: any time the request queues inside the upstream)
     timeout_seconds: float = 300.0
     #: requests one endpoint takes at once (the pool admits this x the endpoints): the
-    #: upstream's own parallelism (llama-server --parallel), so that the rest queue here
+    #: upstream's own parallelism (llama-server --parallel) plus a few, so that it never
+    #: waits for the router between answers and the rest queue here
     max_concurrency: int = 16
     #: extra HTTP headers sent with every request
     headers: dict[str, str] = attrs.field(factory=dict)
