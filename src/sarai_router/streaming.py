@@ -47,8 +47,9 @@ class Failed:
 Event = Piece | Done | Failed
 
 
-class Generation:
-    """``engine.stream(...)`` on a worker thread; every event goes to ``sink``."""
+class _GenerationBase:
+    """What a thread-run and a loop-run generation share: the request, the sink that
+    hears every event, the completion filled in, and the cancel flag."""
 
     def __init__(
         self,
@@ -69,8 +70,26 @@ class Generation:
         self.completion = Completion(decision=decision)
         self._cancel = threading.Event()
         self._finished = threading.Event()
+        self._sent_logprobs = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _piece(self, text: str) -> Piece:
+        """``text`` with the logprobs the engine added for it (before yielding it)."""
+        logprobs = tuple(self.completion.logprobs[self._sent_logprobs:])
+        self._sent_logprobs += len(logprobs)
+        return Piece(text, logprobs)
+
+
+class Generation(_GenerationBase):
+    """``engine.stream(...)`` on a worker thread; every event goes to ``sink``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self._launched = False
-        self._thread = threading.Thread(target=self._run, name=f"sarai-gen-{decision.model}",
+        self._thread = threading.Thread(target=self._run, name=f"sarai-gen-{self.decision.model}",
                                         daemon=True)
 
     def start(self) -> "Generation":
@@ -93,10 +112,6 @@ class Generation:
         self.engine.pool.wake()  # a request waiting for the model sees the flag at once
 
     @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
     def finished(self) -> bool:
         return not self._launched or self._finished.is_set()
 
@@ -115,16 +130,12 @@ class Generation:
         produced = False
         stream = self.engine.stream(self.request, self.decision, self.params, self.completion,
                                     queue_limit=self.queue_limit, cancel=self._cancel)
-        sent_logprobs = 0
         try:
             for text in stream:
                 if self._cancel.is_set():
                     break
                 produced = True
-                # The engine adds a piece's logprobs before yielding it, on this thread.
-                logprobs = tuple(self.completion.logprobs[sent_logprobs:])
-                sent_logprobs += len(logprobs)
-                self.sink(Piece(text, logprobs))
+                self.sink(self._piece(text))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
             self.sink(Failed(exc, before_first_piece=not produced))
             return
@@ -133,31 +144,14 @@ class Generation:
         self.sink(Done(self.completion, cancelled=self._cancel.is_set()))
 
 
-class AsyncGeneration:
+class AsyncGeneration(_GenerationBase):
     """``engine.astream(...)`` as a task on the running event loop, for models whose backend
     streams asynchronously (a remote endpoint): no thread per answer. The same events and
     the same interface as :class:`Generation`; ``cancel()`` may be called from any thread
     and stops the upstream request at once."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        request: ChatRequest,
-        decision: RouteDecision,
-        params: GenerationParams,
-        sink: Callable[[Event], Any],
-        *,
-        queue_limit: int | None = None,
-    ):
-        self.engine = engine
-        self.request = request
-        self.decision = decision
-        self.params = params
-        self.sink = sink
-        self.queue_limit = queue_limit
-        self.completion = Completion(decision=decision)
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
 
@@ -175,10 +169,6 @@ class AsyncGeneration:
                 pass
 
     @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
     def finished(self) -> bool:
         return self._task is None or self._finished.is_set()
 
@@ -193,15 +183,11 @@ class AsyncGeneration:
             async with aclosing(self.engine.astream(
                     self.request, self.decision, self.params, self.completion,
                     queue_limit=self.queue_limit)) as pieces:
-                sent_logprobs = 0
                 async for text in pieces:
                     if self._cancel.is_set():
                         break
                     produced = True
-                    # The engine adds a piece's logprobs before yielding it.
-                    logprobs = tuple(self.completion.logprobs[sent_logprobs:])
-                    sent_logprobs += len(logprobs)
-                    self.sink(Piece(text, logprobs))
+                    self.sink(self._piece(text))
         except asyncio.CancelledError:
             pass  # cancel(): the upstream request is closed; say so below
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost

@@ -308,14 +308,7 @@ class LlamaCppBackend(Backend):
     def check(self, spec: ModelSpec, *, config: Config,
               check_files: bool) -> Iterable[tuple[str, str]]:
         settings: LlamaCppSettings = spec.settings
-        if not spec.path:
-            yield "path", "must not be empty (the GGUF file to load)"
-        elif check_files and not os.path.isfile(spec.path):
-            hint = " (run `sarai-router models pull`)" if self.presence(spec).fetchable else ""
-            yield "path", f"model file not found: {spec.path}{hint}"
-        elif check_files:
-            for problem in gguf_problems(spec.path):
-                yield "path", problem
+        yield from gguf_path_problems(spec, "the GGUF file to load", check_files=check_files)
         if settings.n_batch < 1:
             yield "n_batch", "must be >= 1"
         if settings.n_threads < 0:
@@ -423,6 +416,20 @@ def _ram_estimate(spec: ModelSpec):
         return estimate_ram(read_info(spec.path), spec.n_ctx, spec.settings.n_batch)
     except GGUFError:
         return None
+
+
+def gguf_path_problems(spec: ModelSpec, role: str, *,
+                       check_files: bool) -> Iterator[tuple[str, str]]:
+    """``path`` problems of a model read from a GGUF file (``role`` says what it is for);
+    the file itself is looked at only by ``config check``."""
+    if not spec.path:
+        yield "path", f"must not be empty ({role})"
+    elif check_files and not os.path.isfile(spec.path):
+        hint = " (run `sarai-router models pull`)" if file_presence(spec).fetchable else ""
+        yield "path", f"model file not found: {spec.path}{hint}"
+    elif check_files:
+        for problem in gguf_problems(spec.path):
+            yield "path", problem
 
 
 def file_presence(spec: ModelSpec) -> Presence:

@@ -26,11 +26,11 @@ import attrs
 
 from ..backend import (SAMPLING_KEYS, Backend, BackendError, Capabilities, Delta,
                        GenerationParams, Presence)
-from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
+from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
-from .llama_cpp import default_threads, file_presence
+from .llama_cpp import default_threads, file_presence, gguf_path_problems
 from .openai import OpenAIModel, OpenAISettings
 
 if TYPE_CHECKING:
@@ -88,14 +88,7 @@ class LlamaServerBackend(Backend):
     def check(self, spec: ModelSpec, *, config: Config,
               check_files: bool) -> Iterable[tuple[str, str]]:
         settings: LlamaServerSettings = spec.settings
-        if not spec.path:
-            yield "path", "must not be empty (the GGUF file to serve)"
-        elif check_files and not os.path.isfile(spec.path):
-            hint = " (run `sarai-router models pull`)" if self.presence(spec).fetchable else ""
-            yield "path", f"model file not found: {spec.path}{hint}"
-        elif check_files:
-            for problem in gguf_problems(spec.path):
-                yield "path", problem
+        yield from gguf_path_problems(spec, "the GGUF file to serve", check_files=check_files)
         if settings.parallel < 1:
             yield "parallel", "must be >= 1 (the number of requests the server decodes together)"
         if settings.n_threads < 0:
