@@ -23,6 +23,9 @@ MAX_TOKENS_CAP = 4096
 HEADER_TIMEOUT = 2
 BODY_TIMEOUT = 2
 CORS_ORIGIN = "http://allowed.example"
+#: The environment variable holding the misbehaving upstream's API key (``PROBE_KEY``).
+PROBE_KEY_ENV = "SARAI_TEST_PROBE_KEY"
+UPSTREAM_TOTAL_SECONDS = 3
 
 #: [server] and the extra models of the corpus server (appended to the base config).
 SERVER_TOML = f"""
@@ -46,7 +49,24 @@ backend = "textonly_double"
 path = "{{fast}}"
 n_ctx = 512
 max_tokens = 8
-"""
+
+[models.nostart]
+backend = "llama_server"
+path = "{{fast}}"
+n_ctx = 512
+# A real program that exits at once: a managed model whose server cannot start.
+binary = "false"
+startup_timeout_seconds = 10
+""" + "".join(f"""
+[models.up_{behaviour}]
+backend = "openai"
+base_url = "{{upstream}}/{behaviour}/v1"
+api_key_env = "{PROBE_KEY_ENV}"
+max_tokens = 8
+timeout_seconds = 5
+total_timeout_seconds = {UPSTREAM_TOTAL_SECONDS}
+""" for behaviour in ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut",
+                      "trickle", "keepalive", "echo300", "echo1000", "midecho", "fine"))
 
 
 class Case(NamedTuple):
@@ -308,6 +328,30 @@ CASES: list[Case] = [
           "unsupported_parameter"),
     _post("a model whose GGUF header is junk", chat(model="broken"), 503, "model_unavailable"),
     _post("a model whose file is missing", chat(model="missing"), 503, "model_unavailable"),
+    _post("a managed model whose llama-server cannot start", chat(model="nostart"), 503,
+          "model_unavailable"),
+    _post("input_audio without a format", say({"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA"}}]}), 400, "invalid_value"),
+    # -- an upstream that misbehaves (``bad_upstream.BadUpstream``, a real HTTP server
+    # forced to): before the first token a 502, never an empty answer; after it, the
+    # error (a streamed answer: see test_a_cut_stream_...).
+    *(_post(f"upstream sends {what}{' (streamed)' if stream else ''}",
+            chat(model=f"up_{behaviour}", stream=stream), 502, "upstream_unavailable")
+      for behaviour, what in (("garbage", "200 KB of random bytes"),
+                              ("longline", "a 20 MB line"),
+                              ("html", "a web page"), ("notjson", "chunks that are not JSON"),
+                              ("empty", "no body"),
+                              ("cutearly", "a role chunk, then nothing"))
+      for stream in (False, True)),
+    _post("upstream cuts the stream after a token", chat(model="up_cut"), 502, "backend_error"),
+    _post("upstream never ends (keep-alive comments)", chat(model="up_keepalive"), 502,
+          "backend_error"),
+    _post("upstream 500 echoing the key across char 300", chat(model="up_echo300"), 502,
+          "upstream_unavailable"),
+    _post("upstream 400 echoing the key across char 1000", chat(model="up_echo1000"), 400,
+          "upstream_error"),
+    _post("upstream error event echoing the key", chat(model="up_midecho"), 502,
+          "backend_error"),
     # -- the protocol
     _raw("1 MB header", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
          + b"a" * (1 << 20) + b"\r\n\r\n", 431, "headers_too_large"),
