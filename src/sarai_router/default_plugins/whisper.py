@@ -57,8 +57,8 @@ class WhisperSettings:
     compute_type: str = "int8"
     threads: int = 0
     max_seconds: float = 300.0
-    #: the longest one transcription may take, its wait for the model included (white
-    #: noise can make the decoder retry each window at every temperature)
+    #: the longest one transcription may take, its wait for the model included, its load
+    #: not (white noise can make the decoder retry each window at every temperature)
     timeout_seconds: float = 600.0
 
     def check(self, config) -> Iterator[tuple[str, str]]:
@@ -105,8 +105,9 @@ def register_config_tables(register):
 @hookimpl(trylast=True)
 def transcribe(audio, language, config, cancel):
     settings = settings_of(config)
-    budget = _Budget(settings.timeout_seconds, cancel)
     loaded = load_model(settings, config)
+    # From here: the model's load (once per process) is not the clip's time.
+    budget = _Budget(settings.timeout_seconds, cancel)
     samples = decode(audio.data, audio.source or "the audio", settings.max_seconds)
     budget.check()
     return loaded.transcribe(samples, audio.source or "the audio",

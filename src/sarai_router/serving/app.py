@@ -35,7 +35,7 @@ from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
 from ..types import RouteDecision
-from .audio import transcriptions
+from .audio import TranscriptionQueue, transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol)
 from .metrics import CONTENT_TYPE, Metrics
