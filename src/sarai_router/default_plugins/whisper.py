@@ -181,6 +181,7 @@ class LoadedWhisper:
             content = features.shape[-1] - 1
             first = pad_or_trim(features[:, :min(content, model.feature_extractor.nb_max_frames)])
             self.primed = (first, self._original_encode(first))
+            budget.check()
             try:
                 if language is None:
                     detected = model.model.detect_language(self.primed[1])[0]
