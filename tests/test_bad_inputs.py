@@ -360,3 +360,25 @@ def test_a_body_no_endpoint_reads_cannot_hold_the_connection(corpus_server):
                 break
     assert closed_after is not None, "the connection is still open"
     assert closed_after < BODY_TIMEOUT + 3, closed_after
+
+
+def test_a_body_sent_in_time_keeps_the_connection_for_the_next_request(corpus_server):
+    port, *_ = corpus_server
+    head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+
+    def one_answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head_, flags=re.I).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head_
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: 10\r\n\r\n")
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"0123456789")  # the unread body, at once: nothing to hold against it
+        sock.sendall(head + b"\r\n")  # the next request on the same connection
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")

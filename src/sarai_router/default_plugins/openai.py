@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import time
+from contextlib import aclosing
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping,
                     Sequence)
 from urllib.parse import urlsplit, urlunsplit
@@ -720,11 +721,12 @@ class OpenAIModel:
                         failover.refused(attempt, response.status_code,
                                          await _aread_capped(response.aiter_bytes()))
                         continue
-                    async for line in self._alines(response, attempt):
-                        if (delta := self._on_line(line, attempt)) is not None:
-                            yield delta
-                        if attempt.cut:
-                            break
+                    async with aclosing(self._alines(response, attempt)) as lines:
+                        async for line in lines:
+                            if (delta := self._on_line(line, attempt)) is not None:
+                                yield delta
+                            if attempt.cut:
+                                break
                 yield self._finish(attempt, messages)
                 return
             except Exception as exc:

@@ -193,6 +193,7 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
     class GuardedH11Protocol(H11Protocol):
         _head_deadline = None
         _body_deadline = None
+        _body_cycle = None  # the request whose unread body the deadline is for
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -205,12 +206,13 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if self._body_deadline is not None and (self.cycle is not self._body_cycle or
+                                                    self.conn.their_state is not h11.SEND_BODY):
+                self._cancel_body_deadline()  # the unread body is in
+                if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                    self._arm_head_deadline()  # the next request on this connection
             if self.conn.their_state is not h11.IDLE:  # the request's head is complete
                 self._cancel_head_deadline()
-            elif self._body_deadline is not None:  # the unread body is in: the next request
-                self._cancel_body_deadline()
-                if not self.transport.is_closing():
-                    self._arm_head_deadline()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -220,6 +222,7 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
                 self._arm_head_deadline()  # the next request on this connection
             elif self.conn.their_state is h11.SEND_BODY:
                 self._cancel_body_deadline()
+                self._body_cycle = self.cycle
                 self._body_deadline = self.loop.call_later(unread_body_timeout,
                                                            self._body_too_slow)
 
@@ -230,7 +233,8 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
 
         def _body_too_slow(self) -> None:
             self._body_deadline = None
-            if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            if (not self.transport.is_closing() and self.cycle is self._body_cycle
+                    and self.conn.their_state is h11.SEND_BODY):
                 # Answered already: nothing to say, and nothing more to read.
                 self.transport.close()
 
