@@ -14,6 +14,7 @@ server's config is ``SERVER_TOML`` (the API key, limits and models named here).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, NamedTuple
 
 API_KEY = "corpus-key-1"
@@ -119,6 +120,25 @@ def _get(name: str, path: str, status: int, code: str, **headers: str | None) ->
 
 def _raw(name: str, request: bytes, status: int, code: str) -> Case:
     return Case(name, "RAW", "", {}, b"", status, code, raw=request)
+
+
+def _form(**fields: str | bytes) -> bytes:
+    """A multipart form for ``/v1/audio/transcriptions`` (boundary ``FORM_BOUNDARY``); a
+    bytes value is the uploaded file."""
+    out = b""
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            out += (f"--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                    f"filename=\"clip.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
+            out += value + b"\r\n"
+        else:
+            out += (f"--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\""
+                    f"\r\n\r\n{value}\r\n").encode()
+    return out + f"--{FORM_BOUNDARY}--\r\n".encode()
+
+
+FORM_BOUNDARY = "corpus-form-boundary"
+SPEECH = (Path(__file__).resolve().parent / "fixtures" / "es_triste.wav").read_bytes()
 
 
 def _nested(levels: int, open_: str = "[", close: str = "]") -> bytes:
@@ -334,6 +354,10 @@ CASES: list[Case] = [
           "model_unavailable"),
     _post("input_audio without a format", say({"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA"}}]}), 400, "invalid_value"),
+    _post("transcription in a language Whisper does not know", _form(
+        model="whisper", language="xx", file=SPEECH), 400, "invalid_audio",
+          path="/v1/audio/transcriptions",
+          content_type=f"multipart/form-data; boundary={FORM_BOUNDARY}"),
     # -- an upstream that misbehaves (``bad_upstream.BadUpstream``, a real HTTP server
     # forced to): before the first token a 502, never an empty answer; after it, the
     # error (a streamed answer: see test_a_cut_stream_...).
