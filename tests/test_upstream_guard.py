@@ -197,3 +197,20 @@ def test_redaction_comes_before_every_cut(cut, offset):
     for raw in (text.encode(), ('{"error": {"message": "%s"}}' % text).encode()):
         message = _upstream_message(raw, redact)
         assert not key_fragments(message, key, shortest=4), (cut, offset, message[-40:])
+
+
+def test_sse_lines_survive_any_split_and_refuse_what_is_not_text():
+    from sarai_router.default_plugins.openai import _BadStream, _SSELines
+
+    stream = "data: á\r\n\r\n: ping\ndata: [DONE]\n\n".encode()
+    for size in (1, 2, 3, 7, len(stream)):
+        lines = _SSELines()
+        got = [line for start in range(0, len(stream), size)
+               for line in lines.feed(stream[start:start + size])] + lines.end()
+        assert got == ["data: á", "", ": ping", "data: [DONE]", ""], size
+    with pytest.raises(_BadStream, match="not UTF-8"):
+        _SSELines().feed(b"data: \xff\n")
+    lines = _SSELines()
+    with pytest.raises(_BadStream, match="longer than"):
+        for _ in range(MAX_SSE_LINE_BYTES // 4096 + 1):
+            lines.feed(b"a" * 4096)

@@ -780,31 +780,47 @@ class _SSELines:
     most MAX_SSE_LINE_BYTES each; _BadStream for bytes that are neither."""
 
     def __init__(self) -> None:
-        self._rest = b""
+        #: the start of a line whose end has not come yet, in pieces (joined once, when
+        #: it comes: an upstream that trickles a long line byte by byte costs O(n))
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def feed(self, data: bytes) -> list[str]:
-        if b"\n" not in data:
-            self._rest += data
-            self._check(self._rest)
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._hold(data)
             return []
-        *lines, self._rest = (self._rest + data).split(b"\n")
-        self._check(self._rest)
-        return [self._decode(line) for line in lines]
+        if self._pending:
+            head = b"".join(self._pending) + data[:end]
+            self._pending, self._pending_bytes = [], 0
+        else:
+            head = data[:end]
+        self._hold(data[end + 1:])
+        return self._lines(head)
 
     def end(self) -> list[str]:
-        rest, self._rest = self._rest, b""
-        return [self._decode(rest)] if rest else []
+        rest = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        return self._lines(rest) if rest else []
 
-    def _check(self, line: bytes) -> None:
-        if len(line) > MAX_SSE_LINE_BYTES:
+    def _hold(self, data: bytes) -> None:
+        if data:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > MAX_SSE_LINE_BYTES:
+                raise _BadStream(f"it sent a line longer than {MAX_SSE_LINE_BYTES} bytes")
+
+    @staticmethod
+    def _lines(data: bytes) -> list[str]:
+        """Whole lines, decoded at once (the common chunk is one event: two lines)."""
+        if len(data) > MAX_SSE_LINE_BYTES and any(
+                len(line) > MAX_SSE_LINE_BYTES for line in data.split(b"\n")):
             raise _BadStream(f"it sent a line longer than {MAX_SSE_LINE_BYTES} bytes")
-
-    def _decode(self, line: bytes) -> str:
-        self._check(line)
         try:
-            return line.removesuffix(b"\r").decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise _BadStream("it sent bytes that are not UTF-8 text") from None
+        return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def _read_capped(chunks: Iterable[bytes]) -> bytes:
