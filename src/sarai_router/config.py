@@ -40,6 +40,9 @@ PLUGINS_OWN_KEYS = ("dirs", "disable")
 @attrs.frozen
 class RoutingConfig:
     default_model: str = "fast"
+    #: fallbacks one request may take before its error is returned: a long chain (or a
+    #: ring of models) must not hold a request for minutes
+    max_fallbacks: int = 5
 
 
 @attrs.frozen
@@ -652,6 +655,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     if generation.runaway_repeats < 2:
         problems.append(f"{src}: generation.runaway_repeats: must be >= 2")
     pinned = [n for n, s in config.models.items() if s.pinned]
+    if config.routing.max_fallbacks < 0:
+        problems.append(f"{src}: routing.max_fallbacks: must be >= 0")
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
                         f"{len(pinned)} pinned models ({', '.join(pinned)})")
@@ -682,6 +687,35 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
             if not Path(directory).is_dir():
                 problems.append(f"{src}: plugins.dirs[{index}]: not a directory: {directory}")
     return problems
+
+
+def fallback_cycles(models: Mapping[str, ModelSpec]) -> list[list[str]]:
+    """Each cycle of the ``fallbacks`` graph once, as ``[a, b, ..., a]`` (a self-loop is a
+    problem of its own, reported by the checks). A cycle is allowed, since a request tries
+    each model at most once, but ``config check`` shows it. Walked with an explicit stack,
+    so 1,500 models in one ring cost no recursion."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in models:
+        if start in state:
+            continue
+        path = [start]
+        state[start] = 1
+        stack = [iter(models[start].fallbacks)]
+        while stack:
+            other = next(stack[-1], None)
+            if other is None:
+                stack.pop()
+                state[path.pop()] = 2
+            elif other not in models or other == path[-1]:
+                continue
+            elif state.get(other) == 1:
+                cycles.append(path[path.index(other):] + [other])
+            elif other not in state:
+                state[other] = 1
+                path.append(other)
+                stack.append(iter(models[other].fallbacks))
+    return cycles
 
 
 #: The range of each sampling setting (the OpenAI API's where it has one).
