@@ -249,9 +249,8 @@ def default_models_dir() -> Path:
 
 
 def builtin_config_text() -> str:
-    from importlib.resources import files
-
-    return files("sarai_router").joinpath("default_config.toml").read_text(encoding="utf-8")
+    # Next to this module (package data); importlib.resources would cost `route` ~10 ms.
+    return Path(__file__).with_name("default_config.toml").read_text(encoding="utf-8")
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -527,9 +526,14 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
     hooks = Hooks(plugin_set, config)
     backends = {kind: factory for kind, (_, factory) in hooks.backends().items()}
     owners: dict[str, list[str]] = {}
-    for kind, factory in backends.items():
-        for field in attrs.fields(settings_class_of(factory)):
-            owners.setdefault(field.name, []).append(kind)
+
+    def owners_of(key: str) -> list[str]:
+        # Only for an error's hint: asking every backend for its keys imports them all.
+        if not owners:
+            for kind, factory in backends.items():
+                for field in attrs.fields(settings_class_of(factory)):
+                    owners.setdefault(field.name, []).append(kind)
+        return owners.get(key, [])
     resolve = path_resolver(Path(config.models_dir), base_dir)
     models = {}
     for name, spec in config.models.items():
@@ -543,7 +547,7 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
             continue
 
         def owner_hint(key: str, _kind: str = spec.backend) -> str:
-            others = [k for k in owners.get(key, []) if k != _kind]
+            others = [k for k in owners_of(key) if k != _kind]
             return (f" for backend {_kind!r} (a key of backend {', '.join(map(repr, others))})"
                     if others else f" for backend {_kind!r}")
 
@@ -754,11 +758,15 @@ def _non_finite_numbers(config: Config) -> list[str]:
     def walk(value: Any, key: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{config.source}: {key}: must be a finite number, got {value}")
-        elif isinstance(value, dict):
+        elif attrs.has(type(value)):  # walked as is: unstructuring the config costs more
+            for field in attrs.fields(type(value)):
+                if field.name != "plugin_set":
+                    walk(getattr(value, field.name), f"{key}.{field.name}" if key else field.name)
+        elif isinstance(value, Mapping):
             for name, item in value.items():
                 walk(item, f"{key}.{name}" if key else name)
 
-    walk(_converter.unstructure(config), "")
+    walk(config, "")
     return problems
 
 

@@ -9,7 +9,6 @@ logprobs: see ``llama_cpp_features``.
 from __future__ import annotations
 
 import base64
-import ctypes
 import logging
 import os
 import sys
@@ -57,6 +56,8 @@ def route_llama_logs_to_logging(llama_cpp) -> None:
             _llama_log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
         elif python_level >= logging.ERROR:
             _llama_log.error("%s", text.decode("utf-8", errors="replace").rstrip())
+
+    import ctypes  # here, with llama_cpp: `route` imports this module for its settings only
 
     _log_callback = callback  # ctypes must keep the callback alive
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
