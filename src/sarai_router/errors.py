@@ -63,6 +63,16 @@ class TranscriptionTimeout(SaraiError):
     timeout_seconds``); the work was stopped."""
 
 
+class AttachmentError(SaraiError):
+    """A file given as an attachment (``--image``, ``--audio``) can't be taken: not a regular
+    file (a FIFO, a device, a directory), too large, or unreadable. The message names it."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
 class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 
