@@ -104,7 +104,7 @@ function fmtNumber(value, digits) {
 }
 
 function fmtClock(time) {
-  return new Date(time * 1000).toLocaleTimeString();
+  return new Date(time * 1000).toTimeString().slice(0, 8);
 }
 
 // -- the models panel ----------------------------------------------------------------------
