@@ -16,7 +16,8 @@ import importlib.util
 import logging
 import os
 import sys
-from collections import deque
+import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -25,11 +26,16 @@ import pluggy
 
 from . import hookspecs
 from .errors import BackendError, PluginError, SaraiError
+from .events import REQUEST_ID, Event
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    import click
+    from starlette.routing import BaseRoute
+
     from .backend import BackendFactory
     from .config import Config
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,10 @@ DEFAULT_PLUGINS = {
     "whisper": "sarai_router.default_plugins.whisper",
 }
 
-
+#: name -> plugin registered in every plugin manager this process builds, after the
+#: defaults. Empty unless the testing kit (``sarai_router.testing``) puts its ``echo``
+#: backend here, in a test process or a server it starts for a test.
+PROCESS_PLUGINS: dict[str, object] = {}
 
 
 @attrs.frozen
@@ -91,6 +100,10 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
             continue
         pm.register(importlib.import_module(module_name), name=name)
         plugins.sources[name] = "default"
+    for name, plugin in PROCESS_PLUGINS.items():
+        if not pm.is_blocked(name) and not pm.has_plugin(name):
+            pm.register(plugin, name=name)
+            plugins.sources[name] = "testing kit"
     if not _env_flag(NO_PLUGINS_ENV):
         _load_entry_points(plugins)
         for directory in config.plugins.dirs:
@@ -214,6 +227,10 @@ class Hooks:
         self._backends: dict[str, tuple[str, "BackendFactory"]] | None = None
         self._signals: dict[str, tuple[str, Callable[..., Any]]] | None = None
         self._tables: dict[str, tuple[str, type]] | None = None
+        #: the core's own observers (the server's metrics): the same stream as ``observe``
+        self._subscribers: list[tuple[str, Callable[[Event], Any]]] = []
+        #: observers that raised, by name: ``sarai_observer_errors_total``
+        self.observer_errors: Counter[str] = Counter()
 
     def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
         # pluggy calls the last-registered, non-trylast implementation first.
@@ -269,6 +286,76 @@ class Hooks:
             except Exception as exc:
                 self._skip(impl, hook_name, exc)
         return collected
+
+    # -- the event stream ------------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[Event], Any], name: str) -> None:
+        """Have ``observer(event)`` see every event, after the ``observe`` plugins, isolated
+        like them. For the core's own observers (metrics); plugins implement ``observe``."""
+        self._subscribers.append((name, observer))
+
+    def unsubscribe(self, observer: Callable[[Event], Any]) -> None:
+        self._subscribers = [(n, o) for n, o in self._subscribers if o != observer]
+
+    def emit(self, kind: str, model: str | None = None, **data: Any) -> Event | None:
+        """Tell every observer that ``kind`` happened (see ``events.EVENT_KINDS``); the
+        current request's id is added when one is set and ``data`` has none. Returns the
+        event, or None when nobody observes (then nothing is built)."""
+        impls = self.pm.hook.observe.get_hookimpls()
+        if not impls and not self._subscribers:
+            return None
+        if "request_id" not in data:
+            request_id = REQUEST_ID.get()
+            if request_id:
+                data["request_id"] = request_id
+        event = Event(kind=kind, model=model, time=time.time(), data=data)
+        for impl in reversed(impls):
+            try:
+                self._call(impl, "observe", {"event": event})
+            except Exception as exc:
+                self._observer_failed(impl.plugin_name, kind, exc)
+        for name, observer in self._subscribers:
+            try:
+                observer(event)
+            except Exception as exc:
+                self._observer_failed(name, kind, exc)
+        return event
+
+    def _observer_failed(self, name: str, kind: str, exc: Exception) -> None:
+        self.observer_errors[name] += 1
+        message = f"observer {name!r} raised on a {kind} event: {type(exc).__name__}: {exc}"
+        log.warning("%s; the request goes on", message, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.errors.append(message)
+
+    # -- extending the command line and the server -------------------------------------
+
+    def register_commands(self, cli: "click.Group") -> None:
+        self.call_each("register_commands", cli=cli)
+
+    def routes(self) -> list[tuple[str, "BaseRoute"]]:
+        """Every plugin's routes for ``serve``: ``[(plugin, route), ...]``."""
+        from starlette.routing import BaseRoute
+
+        found: list[tuple[str, BaseRoute]] = []
+        for impl in self._impls("register_routes"):
+            try:
+                routes = self._call(impl, "register_routes", {})
+            except Exception as exc:
+                self._skip(impl, "register_routes", exc)
+                continue
+            for route in routes or ():
+                if not isinstance(route, BaseRoute):
+                    self._skip(impl, "register_routes", TypeError(
+                        f"returned {type(route).__name__}; expected starlette routes"))
+                    continue
+                found.append((impl.plugin_name, route))
+        return found
+
+    def startup(self, engine: "Engine") -> None:
+        self.call_each("startup", engine=engine)
+
+    def shutdown(self, engine: "Engine") -> None:
+        self.call_each("shutdown", engine=engine)
 
     # -- the typed surface the core uses ---------------------------------------------
 

@@ -14,6 +14,7 @@ import attrs
 from .backend import Capabilities
 from .config import Config, rebind
 from .errors import BackendError, CapabilityError, PluginError, RoutingError, not_configured
+from .events import SOURCE
 from .plugins import Hooks, PluginSet, build_plugins
 from .types import (COLD_LOAD_MB_PER_S, ChatRequest, ModelState, Residency, Route,
                     RouteDecision)
@@ -75,8 +76,16 @@ class Router:
         """Decide which model answers ``request``; ``model`` set means the caller chose.
 
         ``residency``: what is loaded, for ``select_route`` (default: :meth:`residency`;
-        ``eval`` passes the state of its simulated pool).
+        ``eval`` passes the state of its simulated pool). Emits a ``routed`` event.
         """
+        decision = self._route(request, model, residency)
+        self.hooks.emit("routed", decision.model, plugin=decision.plugin,
+                        reason=decision.reason, signals=dict(decision.signals),
+                        fallback=decision.fallback, source=SOURCE.get())
+        return decision
+
+    def _route(self, request: ChatRequest, model: str | None,
+               residency: Mapping[str, ModelState] | None) -> RouteDecision:
         signals = self.signals(request)
         if model is not None:
             if model not in self.config.models:

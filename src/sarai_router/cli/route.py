@@ -29,9 +29,11 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     request = request_from_options(prompt, images, audio)
     try:
         if request.audio is None:
+            from ..events import begin_request
             from ..router import Router
 
             router = Router(app.config())
+            begin_request()
             decision = router.route(request)
         else:
             from ..engine import Engine
