@@ -247,7 +247,7 @@ def test_a_pinned_model_is_refused_with_a_clear_message(served):
 
 @pytest.mark.models
 def test_cli_errors_say_what_is_wrong(served):
-    nokey = served.cli("models", "ps", key=None)
+    nokey = served.cli("models", "ps", "--api-key", "wrong", key=None)
     assert nokey.returncode == 2 and "refused the API key" in nokey.stderr
     unknown = served.cli("models", "load", "gpt-4")
     assert unknown.returncode == 2 and "unknown model 'gpt-4'" in unknown.stderr
@@ -315,8 +315,16 @@ def test_the_playground_routes_without_loading_or_generating(served):
 def test_the_event_stream_carries_a_request_and_the_models_status(served):
     seen: list[dict] = []
     ready = threading.Event()
+    failures: list[BaseException] = []
 
     def read() -> None:
+        try:
+            follow()
+        except BaseException as exc:  # shown by the assertion below
+            failures.append(exc)
+            ready.set()
+
+    def follow() -> None:
         with httpx.stream("GET", served.url + "/admin/events", timeout=60,
                           headers={"authorization": f"Bearer {API_KEY}"}) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
@@ -326,13 +334,13 @@ def test_the_event_stream_carries_a_request_and_the_models_status(served):
                 frame = json.loads(line[6:])
                 seen.append(frame)
                 if frame["type"] == "live":
-                    ready.set()
-                if frame.get("kind") == "generation_finished":
+                    ready.set()  # what came before is the recent past, replayed
+                elif ready.is_set() and frame.get("kind") == "generation_finished":
                     return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert ready.wait(30)
+    assert ready.wait(30) and not failures, (failures, seen)
     chat = served.call("POST", "/v1/chat/completions", {
         "model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi!"}]})
     assert chat.status_code == 200, chat.text

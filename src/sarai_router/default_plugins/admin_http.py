@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from ..errors import CapabilityError, ModelBusy, ModelPinned, RoutingError, not_configured
 from ..serving.openai import AUTO_MODEL, ApiError, error_for, parse_chat_body
-from .admin import HUB
+from .admin_events import HUB
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,9 @@ async def route(request: Request) -> Response:
         engine = server.engine
 
         def decide():
-            decision = engine.route(parsed.request, model=explicit)
+            # Router._route: the decision without the ``routed`` event, which would put a
+            # request that never happened in the feed and the metrics.
+            decision = engine.router._route(parsed.request, explicit, None)
             decision = engine.check_capabilities(decision, parsed.request)
             return decision, *route_trace(engine, parsed.request)
 
