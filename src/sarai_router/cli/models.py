@@ -229,9 +229,12 @@ def ask_server(app: AppContext, server: str | None, api_key: str | None, method:
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    return f"{seconds / 60:.0f}min"
+    whole = int(round(seconds))
+    if whole < 90:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 @models.command("ps")
