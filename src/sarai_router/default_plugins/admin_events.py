@@ -74,6 +74,9 @@ class EventHub:
         self._subscribers: set[Subscriber] = set()
         self._lock = threading.Lock()
         self.published = 0
+        #: Set while a server runs (``startup`` to ``shutdown``): a one-shot command such as
+        #: ``route`` or ``bench`` has nobody to show its events to, and pays nothing.
+        self.active = False
 
     def publish(self, event: Any) -> None:
         frame = json.dumps({"type": "event", **event_json(event)}, default=str,
