@@ -365,6 +365,9 @@ CASES: list[Case] = [
           "context_length_exceeded", path=ROUTE),
     _post("route a body over the limit", chat(messages=[
         {"role": "user", "content": "x" * MAX_BODY}]), 413, "body_too_large", path=ROUTE),
+    _post("route audio (the playground transcribes nothing)", say({"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}), 400,
+          "unsupported_value", path=ROUTE),
     _post("route an image for a text model", say({"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": PNG}}]}), 400, "unsupported_modality",

@@ -369,3 +369,42 @@ def test_the_page_loads_without_the_key_and_its_data_needs_it(served):
         refused = served.call("GET", path, key=None)
         assert refused.status_code == 401, path
         assert refused.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.models
+def test_an_open_event_stream_does_not_hold_up_a_stop(tmp_path, models_dir):
+    port = free_port()
+    config = tmp_path / "sarai.toml"
+    config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1")
+                      + f"\n[server]\nport = {port}\nshutdown_grace_seconds = 20\n",
+                      encoding="utf-8")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([SAR, "--config", str(config), "serve"], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        with httpx.stream("GET", url + "/admin/events", timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert any(line.startswith('data: {"type": "live"') for line in lines)
+            process.terminate()
+            for _ in lines:  # the server ends the stream itself
+                pass
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    # uvicorn cancels what is still open once the grace runs out, and says so.
+    assert "graceful shutdown exceeded" not in text and "Traceback" not in text, text[-3000:]

@@ -11,8 +11,8 @@ the key, and they hold no data.
   config says where from), evicting idle models by the cache policy if needed;
 - ``POST /admin/models/unload`` ``{"model": NAME, "timeout_seconds": 120}``: unload it once
   its in-flight and queued requests have ended; a pinned model is refused (409);
-- ``POST /admin/route``: a chat-completions body; answers the routing decision and each
-  routing plugin's answer, without loading or generating anything;
+- ``POST /admin/route``: a chat-completions body (text and images); answers the routing
+  decision and each routing plugin's answer, without loading or generating anything;
 - ``GET /admin/events``: Server-Sent Events: the recent events, then each one as it
   happens, and the models' status whenever it may have changed (every 2 s at least).
 """
@@ -180,7 +180,7 @@ def route_trace(engine, request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 async def route(request: Request) -> Response:
     """The routing playground: the decision and the trace; no model loads, nothing is
-    generated (audio is routed on what the request says, not transcribed)."""
+    generated or transcribed (audio is refused)."""
     server = _server(request)
     try:
         parsed = parse_chat_body(await server._read_json(request), server.limits)
@@ -189,6 +189,10 @@ async def route(request: Request) -> Response:
             raise ApiError(404, not_configured(explicit[:100],
                                                [AUTO_MODEL, *server.config.models]),
                            code="model_not_found", param="model")
+        if parsed.request.audio is not None:
+            raise ApiError(400, "the routing playground takes text and images, not audio: it "
+                           "transcribes nothing (send the words as text)",
+                           code="unsupported_value", param="messages")
         engine = server.engine
 
         def decide():
