@@ -242,8 +242,10 @@ def _ago(seconds: float | None) -> str:
 @click.pass_obj
 def models_ps(app: AppContext, server: str | None, api_key: str | None,
               as_json: bool = False) -> None:
-    """Show what a running server holds: per model its state, RSS, pinning, when its TTL
-    unloads it, requests in flight and queued, and when it was last used."""
+    """Show what a running server holds.
+
+    Per model: its state, RSS, pinning, when its TTL unloads it if it stays idle, requests
+    in flight and queued, and when it was last used."""
     import time
 
     data = ask_server(app, server, api_key, "GET", "/admin/models")
@@ -280,8 +282,9 @@ def models_ps(app: AppContext, server: str | None, api_key: str | None,
 @click.pass_obj
 def models_load(app: AppContext, name: str, server: str | None, api_key: str | None,
                 as_json: bool = False) -> None:
-    """Load model NAME on a running server now (idle models may be evicted to make room,
-    by the cache policy)."""
+    """Load model NAME on a running server.
+
+    Idle models may be evicted to make room, by the cache policy."""
     data = ask_server(app, server, api_key, "POST", "/admin/models/load", {"model": name},
                       timeout=LOAD_TIMEOUT_SECONDS)
     if as_json:
@@ -302,8 +305,10 @@ def models_load(app: AppContext, name: str, server: str | None, api_key: str | N
 @click.pass_obj
 def models_unload(app: AppContext, name: str, wait_seconds: float, server: str | None,
                   api_key: str | None, as_json: bool = False) -> None:
-    """Unload model NAME on a running server once its requests have ended (a pinned model
-    is refused: unpin it in the config)."""
+    """Unload model NAME on a running server.
+
+    It goes once its requests in flight and queued have ended. A pinned model is refused:
+    unpin it in the config."""
     data = ask_server(app, server, api_key, "POST", "/admin/models/unload",
                       {"model": name, "timeout_seconds": wait_seconds},
                       timeout=wait_seconds + 30.0)
