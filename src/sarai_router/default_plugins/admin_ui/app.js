@@ -261,6 +261,9 @@ function feedRow(event) {
 
 function onRequestEvent(event) {
   const data = event.data || {};
+  // A row per routed request; refusals of other calls (a bad body, the admin API's own
+  // answers) have no routing to show.
+  if (event.kind !== "routed" && !feedRows.has(data.request_id)) return;
   const { cells } = feedRow(event);
   switch (event.kind) {
     case "routed": {
@@ -297,6 +300,7 @@ function onRequestEvent(event) {
       cells.finish.textContent = data.finish_reason || "";
       finished.push({ time: event.time, tokens: data.completion_tokens || 0,
                       ttft: data.ttft_s, total: data.total_s });
+      finished.sort((a, b) => a.time - b.time);
       break;
     case "request_refused":
       cells.finish.textContent = (data.status || "") + " " + (data.code || "");
@@ -395,6 +399,9 @@ async function stream() {
       const response = await fetch("/admin/events", { headers: headers(false), cache: "no-store" });
       if (response.status === 401) { await askForKey(); continue; }
       if (!response.ok || !response.body) throw new Error("HTTP " + response.status);
+      // Each connection starts with the recent past: what an earlier one showed comes again.
+      $("model-log").replaceChildren();
+      finished.length = 0;
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
