@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,8 +22,8 @@ from conftest import base_toml
 from sarai_router.errors import ModelBusy, ModelPinned
 from sarai_router.plugins import Hooks, build_plugins
 from sarai_router.pool import ModelPool
+from sarai_router.testing import SARAI_ROUTER, free_port, start_serve
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 API_KEY = "admin-key-1"
 QUALITY_TTL = 3600.0
 
@@ -137,15 +135,9 @@ def test_unload_when_idle_gives_up_on_a_busy_model_and_refuses_a_pinned_one(pool
 # -- a real server ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
-    def __init__(self, url: str, config: Path, process: subprocess.Popen, log: Path):
-        self.url, self.config, self.process, self.log = url, config, process, log
+    def __init__(self, url: str, config: Path):
+        self.url, self.config = url, config
 
     def call(self, method: str, path: str, body=None, key: str | None = API_KEY,
              timeout: float = 120) -> httpx.Response:
@@ -162,7 +154,7 @@ class Served:
         env = {k: v for k, v in os.environ.items() if k != "SARAI_ROUTER_API_KEY"}
         if key:
             env["SARAI_ROUTER_API_KEY"] = key
-        return subprocess.run([SAR, "--config", str(self.config), *args], env=env,
+        return subprocess.run([SARAI_ROUTER, "--config", str(self.config), *args], env=env,
                               capture_output=True, text=True, timeout=300)
 
 
@@ -171,33 +163,14 @@ def served(tmp_path_factory, models_dir):
     folder = tmp_path_factory.mktemp("admin")
     port = free_port()
     config = folder / "sarai.toml"
+    # The port in [server] too: `models ps` without --server finds the server there.
     config.write_text(base_toml(
         models_dir, cache=f"ttl_seconds = {QUALITY_TTL}\nmax_loaded = 2",
         fast="pinned = true\nn_threads = 1", quality="n_threads = 1")
         + f"\n[server]\nport = {port}\napi_key = \"{API_KEY}\"\n", encoding="utf-8")
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve"], stdout=out,
-                                   stderr=subprocess.STDOUT,
-                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
-    srv = Served(f"http://127.0.0.1:{port}", config, process, log)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    yield srv
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with start_serve(config, port=port, echo=False,
+                     env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}) as server:
+        yield Served(server.url, config)
 
 
 @pytest.mark.models
@@ -378,33 +351,18 @@ def test_an_open_event_stream_does_not_hold_up_a_stop(tmp_path, models_dir):
     config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1")
                       + f"\n[server]\nport = {port}\nshutdown_grace_seconds = 20\n",
                       encoding="utf-8")
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve"], stdout=out,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = start_serve(config, port=port, echo=False)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        with httpx.stream("GET", url + "/admin/events", timeout=60) as stream:
+        with httpx.stream("GET", server.url + "/admin/events", timeout=60) as stream:
             lines = stream.iter_lines()
             assert any(line.startswith('data: {"type": "live"') for line in lines)
-            process.terminate()
+            server.process.terminate()
             for _ in lines:  # the server ends the stream itself
                 pass
-        assert process.wait(timeout=60) == 0
+        assert server.stop() == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    text = log.read_text()
+        if server.process.poll() is None:
+            server.stop()
+    text = server.log()
     # uvicorn cancels what is still open once the grace runs out, and says so.
     assert "graceful shutdown exceeded" not in text and "Traceback" not in text, text[-3000:]

@@ -12,18 +12,14 @@ Playwright's own browser downloads are never used: the browser is /usr/bin/chrom
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import base_toml
+from sarai_router.testing import start_serve
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 API_KEY = "ui-key-1"
 CHROMIUM = os.environ.get("SARAI_ROUTER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
@@ -34,44 +30,15 @@ WAIT_MS = 60_000
 pytestmark = pytest.mark.models
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, models_dir):
-    folder = tmp_path_factory.mktemp("ui")
-    port = free_port()
-    config = folder / "sarai.toml"
+    config = tmp_path_factory.mktemp("ui") / "sarai.toml"
     config.write_text(base_toml(
         models_dir, cache="ttl_seconds = 600\nmax_loaded = 2",
         fast="pinned = true\nn_threads = 1", quality="n_threads = 1"), encoding="utf-8")
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY],
-            stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with start_serve(config, args=["--api-key", API_KEY], echo=False,
+                     env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}) as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")
