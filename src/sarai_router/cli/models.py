@@ -166,7 +166,16 @@ def _server_url(app: AppContext, server: str | None) -> str:
 
 
 def _check_url(ctx, param, value: str | None) -> str | None:
-    if value is not None and not value.lower().startswith(("http://", "https://")):
+    if value is None:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsed on access: a bad port raises here
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a valid URL ({exc})", ctx, param) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise click.BadParameter(f"{value!r} is not an http:// or https:// URL", ctx, param)
     return value
 
@@ -199,6 +208,8 @@ def ask_server(app: AppContext, server: str | None, api_key: str | None, method:
     try:
         response = httpx.request(method, url + path, json=body, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=5.0))
+    except httpx.InvalidURL as exc:
+        raise CliError(f"--server {url}: not a usable URL ({exc})", EXIT_USAGE) from None
     except httpx.TimeoutException:
         raise CliError(f"the server at {url} did not answer within {timeout:g} s",
                        EXIT_FAILURE) from None
