@@ -162,3 +162,21 @@ def test_a_reloaded_page_asks_no_key_again_and_a_wrong_key_is_asked_again(browse
     other.wait_for_selector("#key-error:has-text('refused')")
     assert other.locator("#key-form").is_visible()
     other.context.close()
+
+
+def test_without_an_api_key_the_page_asks_for_none(browser, tmp_path, models_dir):
+    config = tmp_path / "sarai.toml"
+    config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1"),
+                      encoding="utf-8")
+    with start_serve(config, echo=False) as served:
+        page = browser.new_context().new_page()
+        page.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(served.url + "/ui")
+        page.locator("tr[data-model=fast] .state.loaded").wait_for()
+        assert page.locator("#key-form").is_hidden()
+        assert page.locator("#forget-key").is_hidden()
+        assert page.evaluate("sessionStorage.length") == 0
+        assert errors == []
+        page.context.close()
