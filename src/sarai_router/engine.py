@@ -608,6 +608,11 @@ class _Attempts:
             self._chain.pop(0)
         if not self._chain:
             return False
+        if len(current.fallbacks) >= self.engine.config.routing.max_fallbacks:
+            log.warning("model %s could not answer (%s); no more fallbacks for this request "
+                        "([routing] max_fallbacks = %d)", current.model, reason,
+                        self.engine.config.routing.max_fallbacks)
+            return False
         following = self._chain.pop(0)
         step = FallbackStep(from_model=current.model, to_model=following, reason=reason,
                             detail=str(_unwrap(exc)))

@@ -207,18 +207,24 @@ class Router:
     def fallback_chain(self, model: str) -> list[str]:
         """The models tried, in order, when ``model`` fails before its first token: its
         ``fallbacks``, then theirs (depth first), each at most once."""
-        chain: list[str] = []
-        seen = {model}
+        return fallback_order(self.config.models, model)
 
-        def visit(name: str) -> None:
-            for other in self.config.models[name].fallbacks:
-                if other not in seen and other in self.config.models:
-                    seen.add(other)
-                    chain.append(other)
-                    visit(other)
 
-        visit(model)
-        return chain
+def fallback_order(models: Mapping[str, Any], model: str) -> list[str]:
+    """``model``'s fallbacks depth first, each once. Walked with an explicit stack, not by
+    recursion: a chain as long as the config has models must not exhaust Python's stack."""
+    chain: list[str] = []
+    seen = {model}
+    stack = [iter(models[model].fallbacks)]
+    while stack:
+        other = next(stack[-1], None)
+        if other is None:
+            stack.pop()
+        elif other not in seen and other in models:
+            seen.add(other)
+            chain.append(other)
+            stack.append(iter(models[other].fallbacks))
+    return chain
 
 
 def missing_modalities(config: Config, model: str, request: ChatRequest) -> list[str]:
