@@ -244,6 +244,9 @@ def test_an_unload_waits_for_the_answer_in_flight(served):
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         chunks.append(json.loads(first[6:]))
+        during = served.status()["quality"]
+        assert during["state"] == "loaded" and during["in_flight"] == 1, during
+        assert during["expires_in_seconds"] is None  # busy: no idle clock
         # The answer is under way: ask for the unload now, from another thread.
         outcome: list[httpx.Response] = []
         unloader = threading.Thread(target=lambda: outcome.append(served.call(

@@ -380,7 +380,12 @@ function drawCharts() {
 // -- the event stream ----------------------------------------------------------------------
 
 function onFrame(payload) {
-  if (payload.type === "status") { showStatus(payload); return; }
+  if (payload.type === "status") {
+    showStatus(payload);
+    // A page that could not keep up (a hidden tab, a slow link) is told what it missed.
+    if (payload.lost) setConnection("live (" + payload.lost + " events missed)", "live");
+    return;
+  }
   if (payload.type === "live") { setConnection("live", "live"); return; }
   if (payload.type !== "event") return;
   if (payload.kind.startsWith("model_") || payload.kind === "load_failed") logModelEvent(payload);
