@@ -132,6 +132,22 @@ def test_unload_when_idle_gives_up_on_a_busy_model_and_refuses_a_pinned_one(pool
         assert rows(pool)["quality"]["state"] == "loaded"
 
 
+@pytest.mark.models
+def test_unload_when_idle_stops_waiting_once_cancelled(pool_for):
+    pool = pool_for()
+    cancel = threading.Event()
+    with pool.use("quality"):
+        timer = threading.Timer(0.3, lambda: (cancel.set(), pool.wake()))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(ModelBusy, match=r"gave up unloading model 'quality': cancelled"):
+            pool.unload_when_idle("quality", timeout=60, cancel=cancel)
+        # Given up at the cancel, not at the 60 s timeout.
+        assert time.monotonic() - started < 30
+        timer.join()
+    assert rows(pool)["quality"]["state"] == "loaded"
+
+
 # -- a real server ---------------------------------------------------------------------------
 
 

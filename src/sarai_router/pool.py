@@ -925,11 +925,15 @@ class ModelPool:
                 # Loading, in use, or being closed by someone else: look again when the
                 # pool changes (every release notifies).
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (cancel is not None and cancel.is_set()):
-                    users = resident.users if resident is not None else 0
-                    raise ModelBusy(f"model {name!r} is still in use ({users} request"
-                                    f"{'s' if users != 1 else ''} generating or queued) "
-                                    f"after {wait:g} s; try again later")
+                users = resident.users if resident is not None else 0
+                in_use = (f"{users} request{'s' if users != 1 else ''} generating or "
+                          "queued")
+                if cancel is not None and cancel.is_set():
+                    raise ModelBusy(f"gave up unloading model {name!r}: cancelled while "
+                                    f"it was still in use ({in_use})")
+                if remaining <= 0:
+                    raise ModelBusy(f"model {name!r} is still in use ({in_use}) after "
+                                    f"{wait:g} s; try again later")
                 self._cond.wait(timeout=min(remaining, 0.5))
         self._close(*taken)
         return True

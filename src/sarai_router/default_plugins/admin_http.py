@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from importlib import resources
 from typing import Any, Mapping
@@ -130,8 +131,7 @@ async def unload(request: Request) -> Response:
                            f"{MAX_UNLOAD_WAIT_SECONDS:g}", code="invalid_value",
                            param="timeout_seconds")
         started = time.perf_counter()
-        unloaded = await anyio.to_thread.run_sync(
-            lambda: server.engine.pool.unload_when_idle(name, timeout=float(wait)))
+        unloaded = await _unload_while_asked(request, server, name, float(wait))
     except ModelPinned as exc:
         return server._fail(ApiError(409, str(exc), code="model_pinned", param="model"), exc)
     except ModelBusy as exc:
@@ -143,6 +143,27 @@ async def unload(request: Request) -> Response:
                          "waited_seconds": round(time.perf_counter() - started, 3),
                          **({} if unloaded else {"detail": f"model {name!r} was not loaded"}),
                          **status(server)})
+
+
+async def _unload_while_asked(request: Request, server, name: str, wait: float) -> bool:
+    """``unload_when_idle`` on a worker thread, given up when the client leaves or the
+    server stops: a wait of up to an hour must not hold a thread nobody listens to."""
+    pool = server.engine.pool
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while not (getattr(server, "shutting_down", False) or await request.is_disconnected()):
+            await anyio.sleep(0.5)
+        cancel.set()
+        pool.wake()
+
+    # A plain task, not a task group: the pool's errors must come out as themselves.
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await anyio.to_thread.run_sync(
+            lambda: pool.unload_when_idle(name, timeout=wait, cancel=cancel))
+    finally:
+        watcher.cancel()
 
 
 def route_trace(engine, request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
