@@ -975,8 +975,12 @@ class ModelPool:
                     if resident.idle:
                         idle = max(0.0, now - resident.last_used)
                         row["idle_seconds"] = round(idle, 1)
-                        if ttl is not None:
-                            left = max(0.0, ttl - idle)
+                        # A client's keep_alive (the Ollama dialect), where the pool keeps
+                        # one, replaces the TTL for this instance.
+                        limit = getattr(resident, "keep_alive_s", None)
+                        limit = ttl if limit is None or spec.pinned else limit
+                        if limit is not None:
+                            left = max(0.0, limit - idle)
                             row["expires_in_seconds"] = round(left, 1)
                             row["expires_at"] = round(wall + left, 3)
                 rows.append(row)
