@@ -385,3 +385,49 @@ def test_an_open_event_stream_does_not_hold_up_a_stop(tmp_path, models_dir):
     text = server.log()
     # uvicorn cancels what is still open once the grace runs out, and says so.
     assert "graceful shutdown exceeded" not in text and "Traceback" not in text, text[-3000:]
+
+
+MISROUTING_PLUGIN = '''
+from sarai_router import hookimpl
+
+
+@hookimpl
+def select_route(request):
+    if "ghost" in request.text:
+        return "ghost-model"
+    if "boom" in request.text:
+        raise RuntimeError("boom")
+    return None
+'''
+
+
+def test_the_playground_shows_a_misbehaving_routing_plugin(tmp_path, models_dir):
+    """In process, no model loaded: the trace names the plugin that broke routing."""
+    from starlette.testclient import TestClient
+
+    from sarai_router.serving import create_app
+    from sarai_router.testing import config_from_toml
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "misrouting.py").write_text(MISROUTING_PLUGIN, encoding="utf-8")
+    config = config_from_toml(base_toml(models_dir) + '\n[plugins]\ndirs = ["plugins"]\n',
+                              base_dir=tmp_path, echo=False)
+    app = create_app(config, load_pinned=False)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        def ask(prompt: str) -> dict:
+            answer = client.post("/admin/route", json={
+                "model": "auto", "messages": [{"role": "user", "content": prompt}]})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        ghost = ask("send this to the ghost")
+        assert ghost["decision"] is None and "'ghost-model'" in ghost["error"]
+        first = ghost["trace"][0]
+        assert first == {"plugin": "misrouting", "model": "ghost-model", "reason": None,
+                         "error": None, "decided": True}
+        boom = ask("boom")
+        assert boom["trace"][0]["error"] == "RuntimeError: boom"
+        assert not boom["trace"][0]["decided"]
+        assert boom["decision"]["plugin"] == "heuristic"
+        assert [step["plugin"] for step in boom["trace"] if step["decided"]] == ["heuristic"]
+        assert not [r for r in app.state.sarai.engine.pool.status() if r["state"] != "unloaded"]

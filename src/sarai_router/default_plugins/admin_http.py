@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import CapabilityError, ModelBusy, ModelPinned, RoutingError, not_configured
+from ..errors import ModelBusy, ModelPinned, PluginError, RoutingError, not_configured
 from ..serving.openai import AUTO_MODEL, ApiError, error_for, parse_chat_body
 from .admin_events import HUB
 
@@ -217,20 +217,23 @@ async def route(request: Request) -> Response:
         engine = server.engine
 
         def decide():
-            # Router._route: the decision without the ``routed`` event, which would put a
-            # request that never happened in the feed and the metrics.
-            decision = engine.router._route(parsed.request, explicit, None)
-            decision = engine.check_capabilities(decision, parsed.request)
-            return decision, *route_trace(engine, parsed.request)
+            signals, trace = route_trace(engine, parsed.request)
+            try:
+                # Router._route: the decision without the ``routed`` event, which would put
+                # a request that never happened in the feed and the metrics.
+                decision = engine.router._route(parsed.request, explicit, None)
+            except (RoutingError, PluginError) as exc:
+                # A routing plugin's mistake (an unknown model, a wrong type): the trace
+                # shows which; the client did nothing wrong.
+                return None, str(exc), signals, trace
+            return engine.check_capabilities(decision, parsed.request), None, signals, trace
 
-        decision, signals, trace = await anyio.to_thread.run_sync(decide)
-    except (RoutingError, CapabilityError) as exc:
-        return server._fail(error_for(exc) if isinstance(exc, CapabilityError) else
-                            ApiError(400, str(exc), code="routing_failed"), exc)
-    except Exception as exc:  # noqa: BLE001
+        decision, failure, signals, trace = await anyio.to_thread.run_sync(decide)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
         return server._fail(error_for(exc), exc)
     residency = engine.router.residency()
-    return JSONResponse({"decision": decision.to_dict(), "signals": signals, "trace": trace,
+    return JSONResponse({"decision": None if decision is None else decision.to_dict(),
+                         "error": failure, "signals": signals, "trace": trace,
                          "residency": {name: residency.state(name) for name in residency}})
 
 

@@ -436,11 +436,17 @@ function showDecision(prompt, answer) {
   const result = $("route-result");
   const decision = answer.decision;
   const facts = el("dl", {},
-    el("dt", { text: "prompt" }), el("dd", {}, el("pre", { class: "prompt", text: prompt })),
-    el("dt", { text: "model" }), el("dd", { class: "route-model", text: decision.model }),
-    el("dt", { text: "decided by" }), el("dd", { class: "route-plugin", text: decision.plugin }),
-    el("dt", { text: "reason" }), el("dd", { class: "route-reason", text: decision.reason }));
-  for (const warning of decision.warnings || []) {
+    el("dt", { text: "prompt" }), el("dd", {}, el("pre", { class: "prompt", text: prompt })));
+  if (decision === null) {
+    facts.append(el("dt", { text: "no decision" }),
+                 el("dd", { class: "route-error error", text: answer.error }));
+  } else {
+    facts.append(
+      el("dt", { text: "model" }), el("dd", { class: "route-model", text: decision.model }),
+      el("dt", { text: "decided by" }), el("dd", { class: "route-plugin", text: decision.plugin }),
+      el("dt", { text: "reason" }), el("dd", { class: "route-reason", text: decision.reason }));
+  }
+  for (const warning of (decision && decision.warnings) || []) {
     facts.append(el("dt", { text: "warning" }), el("dd", { class: "error", text: warning }));
   }
   const signals = el("table", { class: "signals" },
