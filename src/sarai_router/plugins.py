@@ -48,6 +48,8 @@ DEFAULT_PLUGINS = {
     "lru_ttl": "sarai_router.default_plugins.lru_ttl",
     "prewarm": "sarai_router.default_plugins.prewarm",
     "whisper": "sarai_router.default_plugins.whisper",
+    "ollama": "sarai_router.default_plugins.ollama",
+    "embeddings": "sarai_router.default_plugins.embeddings",
 }
 
 

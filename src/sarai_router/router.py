@@ -141,6 +141,8 @@ class Router:
         """What ``request`` needs that ``model`` cannot give, in words (empty: it can)."""
         caps = self.capabilities(model)
         missing = []
+        if self.config.models[model].embedding:
+            missing.append("chat (it is loaded for embeddings: embedding = true)")
         if request.images and "image" not in caps.modalities:
             missing.append("image input")
         if request.audio is not None and "audio" not in caps.modalities:

@@ -23,7 +23,7 @@ import re
 import uuid
 from typing import Sequence
 
-from .openai import REQUEST_ID, ApiError, internal_error
+from .openai import DIALECT, REQUEST_ID, ApiError, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class RequestIdMiddleware:
         given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex[:20]}"
         token = REQUEST_ID.set(request_id)
+        # Ollama's clients read {"error": "..."}: every error on its paths takes that shape.
+        dialect = DIALECT.set("ollama" if scope.get("path", "").startswith("/api/")
+                              else "openai")
         started = False
 
         async def send_with_id(message):
@@ -77,6 +80,7 @@ class RequestIdMiddleware:
                 await _answer(internal_error(), scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
+            DIALECT.reset(dialect)
 
 
 def host_allowed(host: str, names: frozenset[str]) -> bool:
