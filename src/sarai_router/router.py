@@ -185,6 +185,7 @@ class Router:
                   if (lacks := self.unmet_needs(name, request))]
         detail = (f"[models.{decision.model}] modalities = {list(spec.modalities)}"
                   if all(m.endswith(" input") for m in missing)
+                  else "send its requests to an embeddings endpoint" if spec.embedding
                   else f"its backend {spec.backend!r} does not offer it")
         message = (f"model {decision.model!r} cannot take {' or '.join(missing)}: {detail} "
                    f"(routed by {decision.plugin}: {decision.reason})")

@@ -29,7 +29,8 @@ from ..types import RouteDecision
 from . import ollama_dialect as dialect
 from .app import ClientGone, ShuttingDown, _next_event
 from .embeddings import check_inputs, embed, embedding_model, read_json, sarai_field
-from .openai import AUTO_MODEL, REQUEST_ID, ApiError, _shutting_down, error_for
+from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, _check_keys, _short, _shutting_down,
+                     error_for)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ async def _answer(request: Request, kind: str) -> Response:
         body = await read_json(state, request)
         parse = dialect.parse_chat if kind == "chat" else dialect.parse_generate
         asked = parse(body, state.config, state.limits)
+        if asked.parsed is not None and asked.model != AUTO_MODEL \
+                and state.config.models[asked.model].embedding:
+            raise ApiError(400, f"model {asked.model!r} is loaded for embeddings (embedding = "
+                           "true) and does not chat: send its requests to /api/embed",
+                           code="unsupported_value", param="model")
         if asked.parsed is None:
             return await _load_or_unload(state, asked, kind)
         explicit = None if asked.model == AUTO_MODEL else asked.model
@@ -356,8 +362,6 @@ async def show(request: Request) -> Response:
     state = request.app.state.sarai
     try:
         body = dialect.check_body(await read_json(state, request))
-        from .openai import _check_keys
-
         _check_keys(body, ("model", "name", "verbose"), "body")
         raw = body.get("model") if body.get("model") is not None else body.get("name")
         name = dialect.model_name(state.config, raw)
@@ -432,8 +436,6 @@ async def embed_endpoint(request: Request) -> Response:
     state = request.app.state.sarai
     try:
         body = dialect.check_body(await read_json(state, request))
-        from .openai import _check_keys
-
         _check_keys(body, EMBED_FIELDS, "body")
         if body.get("dimensions") is not None:
             raise dialect.refused("dimensions is not supported: the models here give vectors "
@@ -470,8 +472,6 @@ async def embeddings_legacy(request: Request) -> Response:
     state = request.app.state.sarai
     try:
         body = dialect.check_body(await read_json(state, request))
-        from .openai import _check_keys
-
         _check_keys(body, EMBEDDINGS_FIELDS, "body")
         decision = embedding_model(state.config, body.get("model"))
         options = dialect.parse_options(body.get("options"), state.limits, sampling=False)
@@ -481,10 +481,10 @@ async def embeddings_legacy(request: Request) -> Response:
         prompt = body.get("prompt")
         if prompt in (None, ""):
             return await _embed_load(state, decision, keep, {"embedding": []})
+        if not isinstance(prompt, str):
+            raise dialect.invalid(f"prompt must be a string, got {_short(prompt)}", "prompt")
         inputs = check_inputs(prompt, state.config.server.max_prompt_chars, param="prompt",
                               tokens=False)
-        if not isinstance(prompt, str):
-            raise dialect.invalid("prompt must be a string", "prompt")
         result = await embed(state, decision, inputs)
         outcome = await anyio.to_thread.run_sync(state.engine.pool.keep_alive,
                                                  decision.model, keep.seconds)
