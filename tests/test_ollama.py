@@ -278,3 +278,33 @@ def test_embeddings_without_an_embedding_model_say_how_to_configure_one(tmp_path
     finally:
         assert stop(srv) == 0
 
+
+
+def test_an_openai_upstream_embedding_model_is_passed_through(server, tmp_path, models_dir,
+                                                              monkeypatch):
+    """A second router whose embedding model is the first one's, through the ``openai``
+    backend: what it answers is the upstream's answer."""
+    monkeypatch.setenv("UPSTREAM_ROUTER_KEY", API_KEY)
+    front = launch(tmp_path, base_toml(models_dir, fast="n_threads = 1") + f"""
+[models.remote]
+backend = "openai"
+base_url = "{server.url}/v1"
+remote_model = "vectors"
+api_key_env = "UPSTREAM_ROUTER_KEY"
+embedding = true
+""")
+    try:
+        oa = openai.OpenAI(base_url=front.url + "/v1", api_key="none", max_retries=0)
+        through = oa.embeddings.create(model="auto", input=["hello world", "a cat"],
+                                       encoding_format="float")
+        direct = client(server).embed(model="vectors", input=["hello world", "a cat"])
+        assert through.model == "remote" and len(through.data) == 2
+        for ours, theirs in zip(through.data, direct.embeddings):
+            assert ours.embedding == pytest.approx(theirs, abs=1e-6)
+        assert through.usage.prompt_tokens == direct.prompt_eval_count
+        status, body = front.post("/api/embed", json.dumps(
+            {"model": "remote", "input": "hello world"}).encode(), key=None)
+        assert status == 200 and body["embeddings"][0] == pytest.approx(
+            direct.embeddings[0], abs=1e-6)
+    finally:
+        assert stop(front) == 0
