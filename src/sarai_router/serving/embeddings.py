@@ -26,6 +26,7 @@ from ..backend import Usage
 from ..config import Config
 from ..engine import Completion, Timings
 from ..errors import BackendError, not_configured
+from ..events import SOURCE
 from ..router import EXPLICIT_PLUGIN
 from ..types import RouteDecision
 from .openai import AUTO_MODEL, ApiError, _check_keys, _short, _type_name, error_for
@@ -120,9 +121,12 @@ class Embedded:
 async def embed(state: Any, decision: RouteDecision, inputs: Sequence[str | Sequence[int]], *,
                 truncate: bool = True) -> Embedded:
     """Embed ``inputs`` with ``decision.model``, held through the pool like any request
-    (loaded if needed, its queue, its idle clock), and counted in the metrics."""
+    (loaded if needed, its queue, its idle clock), and counted in the metrics (the
+    ``routed``... ``generation_finished`` events a chat's answer has)."""
     engine = state.engine
     name = decision.model
+    engine.hooks.emit("routed", name, plugin=decision.plugin, reason=decision.reason,
+                      signals={}, fallback=False, source=SOURCE.get())
 
     def work() -> Embedded:
         started = time.perf_counter()
@@ -130,6 +134,8 @@ async def embed(state: Any, decision: RouteDecision, inputs: Sequence[str | Sequ
         was_loaded = engine.pool.is_loaded(name)
         with engine.pool.use(name, queue_limit=state.config.server.queue_size) as resident:
             load_s = 0.0 if was_loaded else resident.load_seconds
+            # The same events as a chat's: metrics count the tokens, observers see it.
+            engine.hooks.emit("generation_started", name, load_s=load_s)
             embed_fn = getattr(resident.model, "embed", None)
             if embed_fn is None:
                 raise ApiError(400, f"model {name!r}: its backend "
@@ -141,21 +147,15 @@ async def embed(state: Any, decision: RouteDecision, inputs: Sequence[str | Sequ
         completion = Completion(decision=decision, usage=Usage(int(tokens), 0),
                                 timings=Timings(load_s=load_s, generation_s=spent,
                                                 total_s=time.perf_counter() - started))
+        engine.hooks.emit("generation_finished", name, prompt_tokens=int(tokens),
+                          completion_tokens=0, ttft_s=None, generation_s=spent,
+                          total_s=completion.timings.total_s, tokens_per_second=0.0,
+                          finish_reason="embedding", stopped_by=None)
         return Embedded(decision, [list(map(float, v)) for v in vectors], completion)
 
     result = await anyio.to_thread.run_sync(work)
-    count_request(state, result.completion)
+    state.metrics.request_started(decision)
     return result
-
-
-def count_request(state: Any, completion: Completion) -> None:
-    """An embedding request in the metrics, as a chat request is counted."""
-    metrics = getattr(state, "metrics", None)
-    for method, argument in (("request_started", completion.decision),
-                             ("request_finished", completion)):
-        record = getattr(metrics, method, None)
-        if record is not None:
-            record(argument)
 
 
 def vector_base64(vector: Sequence[float]) -> str:
@@ -222,8 +222,7 @@ async def openai_embeddings(request: Request) -> Response:
 
 async def read_json(state: Any, request: Request) -> Any:
     """The body as JSON, within the server's limits (its own reader)."""
-    reader = getattr(state, "read_json", None) or state._read_json
-    return await reader(request)
+    return await state._read_json(request)
 
 
 def routes() -> list[Route]:

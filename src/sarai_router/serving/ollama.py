@@ -142,7 +142,7 @@ async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
         return state._fail(error_for(first.error), first.error, decision=decision)
     if isinstance(first, Done) and first.cancelled:
         return state._fail(_shutting_down())
-    _started(state, decision)
+    state.metrics.request_started(decision)
     answer = _Answer(state, asked, decision, kind)
     headers = {"x-sarai-model": decision.model}
     if parsed.stream:
@@ -174,18 +174,6 @@ async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
     return JSONResponse(final, headers=headers)
 
 
-def _started(state: Any, decision: RouteDecision) -> None:
-    record = getattr(getattr(state, "metrics", None), "request_started", None)
-    if record is not None:
-        record(decision)
-
-
-def _finished(state: Any, completion) -> None:
-    record = getattr(getattr(state, "metrics", None), "request_finished", None)
-    if record is not None:
-        record(completion)
-
-
 class _Answer:
     """One answer's Ollama objects: the streamed lines and the last one."""
 
@@ -213,8 +201,8 @@ class _Answer:
 
     async def final(self, completion, text: str | None, tokens=()) -> dict[str, Any]:
         """The last object: the whole text when not streamed (``text``), the counts,
-        durations and our routing; ``keep_alive`` applied now that the answer is done."""
-        _finished(self.state, completion)
+        durations and our routing; ``keep_alive`` applied now that the answer is done (the
+        tokens are counted by the engine's ``generation_finished`` event)."""
         outcome = await anyio.to_thread.run_sync(
             self.state.engine.pool.keep_alive, completion.decision.model,
             self.asked.keep_alive.seconds)
@@ -245,7 +233,7 @@ class _Answer:
                 else:  # stopped by shutdown, or failed mid-answer: say it in the stream
                     error = _shutting_down() if isinstance(event, Done) else \
                         error_for(event.error)
-                    _refused(self.state, error)
+                    self.state.refused(error.status, error.code, error.message)
                     if isinstance(event, Failed):
                         log.warning("generation failed mid-stream (request id %s): %s",
                                     REQUEST_ID.get(), event.error)
@@ -254,17 +242,6 @@ class _Answer:
                 event = await events.get()
         finally:
             generation.cancel()  # a client that went away stops the generation
-
-
-def _refused(state: Any, error: ApiError) -> None:
-    for name in ("refused", ):
-        method = getattr(state, name, None)
-        if method is not None:
-            method(error.status, error.code, error.message)
-            return
-    record = getattr(getattr(state, "metrics", None), "request_failed", None)
-    if record is not None:
-        record(error.status, error.code)
 
 
 # -- models ---------------------------------------------------------------------------------
