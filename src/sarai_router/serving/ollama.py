@@ -487,8 +487,8 @@ async def _embed_load(state: Any, decision: RouteDecision, keep: dialect.KeepAli
 
 
 def routes() -> list[Route]:
-    """Every Ollama endpoint (``HEAD /`` and ``GET /`` are Ollama's "is it running" probe,
-    left to the server's own routes)."""
+    """Every Ollama endpoint this router serves (not the ones that manage model files:
+    pull, push, create, copy, delete, blobs)."""
     return [
         Route("/api/version", version, methods=["GET"]),
         Route("/api/tags", tags, methods=["GET"]),
