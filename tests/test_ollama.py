@@ -189,23 +189,23 @@ def test_load_and_unload_without_a_prompt(server):
 def test_keep_alive_0_waits_for_the_requests_in_flight(server):
     client(server).generate(model="quality")  # loaded
     started = threading.Event()
-    texts: list[str] = []
+    parts: list = []
 
     def long_answer():
         for part in client(server).generate(model="quality", prompt="Tell a long story.",
-                                            stream=True, options={"num_predict": 16}):
+                                            stream=True, options={"num_predict": 64}):
             started.set()
-            texts.append(part.response)
+            parts.append(part)
 
     worker = threading.Thread(target=long_answer)
     worker.start()
     assert started.wait(120)
     status, body = raw(server, "/api/generate", {"model": "quality", "keep_alive": 0})
-    outcome = body["sarai"]["keep_alive"]
+    in_flight = worker.is_alive()
     worker.join(120)
-    assert status == 200 and outcome in ("unload_pending", "unloaded")
-    if outcome == "unload_pending":  # the stream was still going: it finished whole
-        assert len("".join(texts)) > 0
+    assert status == 200 and in_flight
+    assert body["sarai"]["keep_alive"] == "unload_pending"
+    assert parts[-1].done and parts[-1].eval_count > 1  # the stream finished whole
     server.wait_until(lambda: "quality" not in loaded(server), 30, "quality unloaded")
 
 
@@ -308,3 +308,43 @@ embedding = true
             direct.embeddings[0], abs=1e-6)
     finally:
         assert stop(front) == 0
+
+
+# -- ModelPool.keep_alive, on a fake clock
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pool_keep_alive_replaces_the_ttl_and_never_touches_a_pinned_model(config):
+    from sarai_router.plugins import Hooks
+    from sarai_router.pool import ModelPool
+
+    clock = FakeClock()
+    pool = ModelPool(config, Hooks(config.plugin_set, config), clock=clock)
+    try:
+        pool.load_pinned()
+        with pool.use("quality"):
+            pass  # loaded; idle from now (the config's TTL: 60 s)
+        assert pool.keep_alive("fast", 0) == "pinned" and pool.is_loaded("fast")
+        assert pool.keep_alive("quality", 5) == "set"
+        assert pool.expires_in("quality") == 5
+        assert pool.reap(now=clock.now + 4) == []
+        assert pool.reap(now=clock.now + 6) == ["quality"]  # before its 60 s TTL
+        with pool.use("quality"):
+            pass
+        pool.keep_alive("quality", 5)
+        assert pool.keep_alive("quality", None) == "set"  # the TTL again
+        assert pool.reap(now=clock.now + 30) == [] and pool.expires_in("quality") == 60
+        with pool.use("quality"):
+            assert pool.keep_alive("quality", 0) == "unload_pending"
+            assert pool.is_loaded("quality")
+        assert not pool.is_loaded("quality")  # the last user left: unloaded at once
+        assert pool.keep_alive("quality", 0) == "not_loaded"
+        assert pool.reap(now=clock.now + 10**6) == [] and pool.is_loaded("fast")
+    finally:
+        pool.close()
