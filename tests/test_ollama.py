@@ -9,9 +9,11 @@ state: tests poll the server's own view (``/api/ps``) with generous deadlines.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import threading
+from pathlib import Path
 
 import ollama
 import openai
@@ -143,6 +145,20 @@ def test_errors_come_in_ollamas_shape(server):
     assert caught.value.status_code == 401 and isinstance(caught.value.error, str)
     status, body = server.get("/api/tags", key=None)
     assert status == 401 and set(json.loads(body)) == {"error"}
+
+
+def test_a_spoken_clip_among_the_images_goes_through_the_speech_stage(server):
+    """Ollama has no audio field: a WAV clip sent as an image is transcribed (whisper)
+    and routed on what was said, as an ``input_audio`` part on /v1."""
+    clip = (Path(__file__).resolve().parent / "fixtures" / "es_triste.wav").read_bytes()
+    status, body = raw(server, "/api/chat", {
+        "model": "auto", "stream": False, "options": {"num_predict": 4},
+        "messages": [{"role": "user", "content": "",
+                      "images": [base64.b64encode(clip).decode()]}]})
+    assert status == 200, body
+    transcript = body["sarai"]["route"]["transcript"]
+    assert "triste" in transcript["text"].lower() and transcript["plugin"] == "whisper"
+    assert body["sarai"]["route"]["signals"]["empathy"] > 0.5
 
 
 # -- keep_alive
