@@ -364,3 +364,21 @@ def test_pool_keep_alive_replaces_the_ttl_and_never_touches_a_pinned_model(confi
         assert pool.reap(now=clock.now + 10**6) == [] and pool.is_loaded("fast")
     finally:
         pool.close()
+
+
+def test_an_unload_by_keep_alive_says_so_in_the_event_stream(config):
+    from sarai_router.plugins import Hooks
+    from sarai_router.pool import ModelPool
+
+    hooks = Hooks(config.plugin_set, config)
+    events: list = []
+    hooks.subscribe(events.append, "test")
+    pool = ModelPool(config, hooks)
+    try:
+        with pool.use("quality"):
+            pass
+        assert pool.keep_alive("quality", 0) == "unloaded"
+        unloads = [e.data["reason"] for e in events if e.kind == "model_unloaded"]
+        assert unloads == ["keep_alive"]
+    finally:
+        pool.close()

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelPool", "PoolError", "QueueFull", "Resident", "ResidentInfo"]
 
 
+#: The detail of an unload a client's ``keep_alive: 0`` asked for.
+KEEP_ALIVE_0 = "keep_alive 0"
 #: A verified unload must give back at least this share of what the load took.
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
@@ -458,7 +460,7 @@ class ModelPool:
                 self._close_dead_locked(resident)
             elif (resident.unload_after_use and resident.idle
                     and self._residents.get(resident.name) is resident):
-                taken = self._take_out_locked(resident, kind="unload", detail="keep_alive 0")
+                taken = self._take_out_locked(resident, kind="unload", detail=KEEP_ALIVE_0)
             self._cond.notify_all()
         if taken is not None:
             self._close(*taken)
@@ -843,8 +845,9 @@ class ModelPool:
             self.hooks.emit("model_evicted", resident.name, reason=detail, by=by,
                             rss_mb=resident.ram_mb)
         else:
-            self.hooks.emit("model_unloaded", resident.name,
-                            reason="shutdown" if detail == "shutdown" else kind,
+            # A client's keep_alive 0 is told apart from an operator's unload.
+            reason = {"shutdown": "shutdown", KEEP_ALIVE_0: "keep_alive"}.get(detail, kind)
+            self.hooks.emit("model_unloaded", resident.name, reason=reason,
                             rss_mb=resident.ram_mb)
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
@@ -929,7 +932,7 @@ class ModelPool:
                 resident.unload_after_use = True
                 if resident.idle:
                     taken = self._take_out_locked(resident, kind="unload",
-                                                  detail="keep_alive 0")
+                                                  detail=KEEP_ALIVE_0)
             else:
                 resident.unload_after_use = False
                 resident.keep_alive_s = seconds
