@@ -75,7 +75,14 @@ def test_list_show_version(server):
     assert fast.details.format == "gguf" and fast.details.family == "llama"
     assert fast.details.quantization_level == "Q4_1"
     assert "completion" in fast.capabilities and "tools" in fast.capabilities
-    assert fast.modelinfo["llama.context_length"] > 0
+    # The context it is loaded with ([models.fast] n_ctx), which clients send back as
+    # options.num_ctx; the file's own is under sarai.
+    assert fast.modelinfo["llama.context_length"] == 512
+    status, shown = raw(server, "/api/show", {"model": "fast"})
+    assert shown["sarai"]["trained_context_length"] > 512
+    answer = client(server).chat(model="fast", options={"num_ctx": 512, "num_predict": 2},
+                                 messages=[{"role": "user", "content": "hi"}])
+    assert answer.done
     assert client(server).show("vectors").capabilities == ["embedding"]
     status, body = server.get("/api/version", key=API_KEY)
     assert status == 200 and json.loads(body)["version"]

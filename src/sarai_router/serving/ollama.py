@@ -366,8 +366,10 @@ def _show(state: Any, name: str) -> dict[str, Any]:
     model_info: dict[str, Any] = {}
     if info is not None:
         arch = info.architecture
+        # The context this server loads the model with, not the file's trained one:
+        # clients (Continue) send it back as options.num_ctx.
         model_info = {"general.architecture": arch,
-                      f"{arch}.context_length": info.context_length,
+                      f"{arch}.context_length": spec.n_ctx,
                       f"{arch}.embedding_length": info.n_embd,
                       f"{arch}.block_count": info.n_layer,
                       f"{arch}.attention.head_count": info.n_head,
@@ -381,6 +383,7 @@ def _show(state: Any, name: str) -> dict[str, Any]:
             "modified_at": dialect.timestamp(modified),
             "sarai": {"backend": spec.backend, "description": spec.description,
                       "pinned": spec.pinned, "n_ctx": spec.n_ctx,
+                      "trained_context_length": info.context_length if info else None,
                       "max_tokens": spec.max_tokens,
                       "ttl_seconds": None if spec.pinned else config.ttl_for(spec),
                       "modalities": list(spec.modalities), "fallbacks": list(spec.fallbacks),
