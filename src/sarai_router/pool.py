@@ -173,7 +173,8 @@ class PoolEvent:
     loaded instance died and was dropped; ``detail`` says how it was found); and from the
     engine, per request: generation_started (the model took the request),
     generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
-    (the runaway guard ended a generation that kept repeating itself).
+    (the runaway guard ended a generation that kept repeating itself), time_limit_stopped
+    (a generation ran past ``max_request_seconds`` or ``max_token_sampling_seconds``).
     """
 
     kind: str
