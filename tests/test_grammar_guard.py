@@ -81,6 +81,23 @@ def test_too_many_optional_properties_are_refused_by_name_not_as_nesting():
                  PARAM)
 
 
+def test_every_schema_a_request_carries_is_checked_where_the_client_put_it():
+    from sarai_router.backend import GenerationParams
+    from sarai_router.default_plugins.grammar_limits import check_params
+
+    fine = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    big = {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"xs": {"type": "array", "maxItems": 100000}}}}}
+    with pytest.raises(InvalidRequest, match=r"^tools\[1\]\.function\.parameters: maxItems at "
+                                             r"#/properties/xs/maxItems") as caught:
+        check_params(GenerationParams(tools=(fine, big), tool_choice="auto"))
+    assert caught.value.param == "tools[1].function.parameters"
+    with pytest.raises(InvalidRequest, match="^response_format.json_schema.schema: pattern"):
+        check_params(GenerationParams(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"pattern": "^(a?){99}$"}}}))
+    check_params(GenerationParams(tools=(fine,), response_format={"type": "json_object"}))
+
+
 def test_a_place_in_the_schema_is_not_taken_for_a_server_path():
     text = "x: $ref '#/$defs/a' points at nothing; maxLength at #/properties/s/maxLength"
     assert scrub_paths(text) == text

@@ -86,6 +86,17 @@ def check_schema(schema: Any, param: str) -> None:
         pending.extend((value, parts + (str(key),)) for key, value in node.items())
 
 
+def check_params(params: Any) -> None:
+    """Check every schema a generation's ``GenerationParams`` would turn into a grammar:
+    ``response_format``'s and every tool's ``parameters`` (llama-server builds grammars
+    for tools even under ``tool_choice`` "auto")."""
+    fmt = params.response_format
+    if fmt is not None and fmt.get("type") == "json_schema":
+        check_schema(fmt["json_schema"].get("schema"), "response_format.json_schema.schema")
+    for i, tool in enumerate(params.tools):
+        check_schema(tool["function"].get("parameters"), f"tools[{i}].function.parameters")
+
+
 def check_pattern(pattern: str, param: str, parts: tuple[str, ...]) -> None:
     """Refuse a pattern whose grammar would be too big or too ambiguous (see
     ``pattern_shape``)."""

@@ -269,6 +269,10 @@ def grammar_for(params: GenerationParams) -> str | None:
             param = "tool_choice"
         else:
             tools, param = list(params.tools), "tools"
+        for i, tool in enumerate(params.tools):  # named by where the client put them
+            if any(tool is t for t in tools):
+                check_schema(tool["function"].get("parameters"),
+                             f"tools[{i}].function.parameters")
         schemas = [_call_schema(t) for t in tools]
         return schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, param)
     fmt = params.response_format
