@@ -307,6 +307,15 @@ def test_a_constrained_answer_past_its_time_bound_ends_with_length_and_frees_the
         assert data["choices"][0]["finish_reason"] == "length", data
         assert data["sarai"]["stopped_by"] == "time_limit", data
         assert data["usage"]["completion_tokens"] <= 2
+    streamed = _chat(url, model="bounded", stream=True, response_format=_schema_format(
+        {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}))
+    assert streamed.status_code == 200, streamed.text
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]
+            and c["choices"][0].get("finish_reason")] == ["length"]
+    assert any(c.get("sarai", {}).get("stopped_by") == "time_limit" for c in chunks), chunks
+    assert streamed.text.rstrip().endswith("data: [DONE]")
     answer = _chat(url, model="bounded", max_tokens=4)  # unconstrained: no grammar to wait on
     assert answer.status_code == 200, answer.text
     _plain_is_served(url, process)

@@ -104,7 +104,7 @@ class GenerationConfig:
     runaway_repeats: int = 4
     #: The longest one answer may hold its model, in seconds (0: no bound); past it the
     #: answer ends with finish_reason "length". ``[models.NAME]`` overrides it.
-    max_request_seconds: float = 300.0
+    max_request_seconds: float = 600.0
     #: The longest choosing one token may take (a grammar's work, not the model's), in
     #: seconds (0: no bound); past it the answer ends the same way.
     max_token_sampling_seconds: float = 2.0

@@ -467,6 +467,7 @@ class _Answer:
         self.model = completion.decision.model
         self.guard = engine.guard_for(engine.config.models[self.model])
         self.budget = engine.budget_for(engine.config.models[self.model])
+        self.after_budget = 0
         self.stop = threading.Event()
         self.after_stop = 0
         self.gen_started = 0.0
@@ -505,9 +506,13 @@ class _Answer:
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
         if self.budget is not None and delta.usage is None and self.budget.exceeded():
-            # Past the time bound with a backend that goes on: end it here.
-            completion.usage = Usage(completion.usage.prompt_tokens, len(completion.pieces))
-            return self.END
+            # Past the time bound: a backend that enforces it ends within a piece (its
+            # usage counted); one that goes on is closed a few pieces later.
+            self.after_budget += 1
+            if self.after_budget > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
         if not delta.text:
             return None
         if self.stop.is_set():
