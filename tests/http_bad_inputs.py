@@ -89,6 +89,13 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
 
 
+LOAD, UNLOAD, ROUTE = "/admin/models/load", "/admin/models/unload", "/admin/route"
+
+
+def admin(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
 def _post(name: str, body: bytes, status: int, code: str, path: str = "/v1/chat/completions",
           **headers: str | None) -> Case:
     return Case(name, "POST", path, {k.replace("_", "-"): v for k, v in headers.items()},
@@ -355,6 +362,63 @@ CASES: list[Case] = [
           "unsupported_parameter"),
     _post("a model whose GGUF header is junk", chat(model="broken"), 503, "model_unavailable"),
     _post("a model whose file is missing", chat(model="missing"), 503, "model_unavailable"),
+    # -- the admin API (residency control, the routing playground, the event stream)
+    _get("admin status without a key", "/admin/models", 401, "invalid_api_key",
+         authorization=None),
+    _get("event stream without a key", "/admin/events", 401, "invalid_api_key",
+         authorization=None),
+    _post("load without a key", admin(model="quality"), 401, "invalid_api_key", path=LOAD,
+          authorization=None),
+    _get("the page from a foreign Host", "/ui", 421, "invalid_host", host="evil.example"),
+    _get("event stream from a foreign Host", "/admin/events", 421, "invalid_host",
+         host="evil.example"),
+    _post("load as text/plain", admin(model="quality"), 415, "unsupported_media_type",
+          path=LOAD, content_type="text/plain"),
+    _post("unload as a form", b"model=quality", 415, "unsupported_media_type", path=UNLOAD,
+          content_type="application/x-www-form-urlencoded"),
+    _get("GET load", LOAD, 405, "method_not_allowed"),
+    Case("DELETE unload", "DELETE", UNLOAD, {}, b"", 405, "method_not_allowed"),
+    _post("POST the status", b"{}", 405, "method_not_allowed", path="/admin/models"),
+    _post("POST the page", b"{}", 405, "method_not_allowed", path="/ui"),
+    _get("unknown admin path", "/admin/nope", 404, "not_found"),
+    _post("load with broken JSON", b"{", 400, "invalid_json", path=LOAD),
+    _post("load a list", b'["quality"]', 400, "invalid_body", path=LOAD),
+    _post("load without a model", b"{}", 400, "invalid_value", path=LOAD),
+    _post("load model a number", admin(model=5), 400, "invalid_value", path=LOAD),
+    _post("load an empty name", admin(model=""), 400, "invalid_value", path=LOAD),
+    _post("load with an unknown field", admin(model="quality", force=True), 400,
+          "unknown_parameter", path=LOAD),
+    _post("load an unknown model", admin(model="gpt-4"), 404, "model_not_found", path=LOAD),
+    _post("load a model whose file is missing", admin(model="missing"), 503,
+          "model_unavailable", path=LOAD),
+    _post("load a model whose GGUF header is junk", admin(model="broken"), 503,
+          "model_unavailable", path=LOAD),
+    _post("unload a pinned model", admin(model="fast"), 409, "model_pinned", path=UNLOAD),
+    _post("unload an unknown model", admin(model="gpt-4"), 404, "model_not_found",
+          path=UNLOAD),
+    _post("unload timeout negative", admin(model="quality", timeout_seconds=-1), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout a string", admin(model="quality", timeout_seconds="soon"), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout a day", admin(model="quality", timeout_seconds=86400), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout true", admin(model="quality", timeout_seconds=True), 400,
+          "invalid_value", path=UNLOAD),
+    _post("route without messages", chat(messages=...), 400, "invalid_value", path=ROUTE),
+    _post("route an unknown model", chat(model="gpt-4"), 404, "model_not_found", path=ROUTE),
+    _post("route with an unknown field", chat(foo=1), 400, "unknown_parameter", path=ROUTE),
+    _post("route a prompt over max_prompt_chars", say(
+        {"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}), 400,
+          "context_length_exceeded", path=ROUTE),
+    _post("route a body over the limit", chat(messages=[
+        {"role": "user", "content": "x" * MAX_BODY}]), 413, "body_too_large", path=ROUTE),
+    _post("route audio (the playground transcribes nothing)", say({"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}), 400,
+          "unsupported_value", path=ROUTE),
+    _post("route an image for a text model", say({"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": PNG}}]}), 400, "unsupported_modality",
+          path=ROUTE),
     # -- the protocol
     _raw("1 MB header", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
          + b"a" * (1 << 20) + b"\r\n\r\n", 431, "headers_too_large"),

@@ -40,7 +40,8 @@ import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
+from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
+                     QueueFull, not_configured)
 from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
@@ -893,6 +894,97 @@ class ModelPool:
             taken = self._take_out_locked(resident, kind="unload")
         self._close(*taken)
         return True
+
+    def unload_when_idle(self, name: str, *, timeout: float | None = None,
+                         cancel: threading.Event | None = None) -> bool:
+        """An operator's unload: wait until no request uses or waits for ``name``, then
+        unload it. Requests keep being served meanwhile; the model goes as soon as it is
+        idle. Returns False if it was not resident.
+
+        Raises :class:`ModelPinned` for a pinned model (the config holds it), and
+        :class:`ModelBusy` if it is still in use after ``timeout`` seconds (default: the
+        pool's ``wait_seconds``) or ``cancel`` is set.
+        """
+        spec = self.config.models.get(name)
+        if spec is None:
+            raise PoolError(f"cannot unload {not_configured(name, self.config.models)}")
+        if spec.pinned:
+            raise ModelPinned(f"model {name!r} is pinned ([models.{name}] pinned = true): it "
+                              "stays loaded while the server runs; unpin it in the config "
+                              "to unload it")
+        wait = self.wait_seconds if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                resident = self._residents.get(name)
+                if resident is None and name not in self._closing:
+                    return False
+                if resident is not None and resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload", detail="asked")
+                    break
+                # Loading, in use, or being closed by someone else: look again when the
+                # pool changes (every release notifies).
+                remaining = deadline - time.monotonic()
+                users = resident.users if resident is not None else 0
+                in_use = (f"{users} request{'s' if users != 1 else ''} generating or "
+                          "queued")
+                if cancel is not None and cancel.is_set():
+                    raise ModelBusy(f"gave up unloading model {name!r}: cancelled while "
+                                    f"it was still in use ({in_use})")
+                if remaining <= 0:
+                    raise ModelBusy(f"model {name!r} is still in use ({in_use}) after "
+                                    f"{wait:g} s; try again later")
+                self._cond.wait(timeout=min(remaining, 0.5))
+        self._close(*taken)
+        return True
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every configured model's residency as the operator sees it (``models ps``, the
+        admin API, the page): ``state`` (unloaded, loading, loaded, unloading), ``rss_mb``
+        (what it holds: measured, else estimated; None when unloaded), ``pinned``,
+        ``in_flight`` (generating now), ``queued`` (waiting for the load or a slot),
+        ``last_used`` (wall clock, None before its first request ends), ``idle_seconds``,
+        ``ttl_seconds`` and ``expires_at`` / ``expires_in_seconds``: when the TTL unloads it
+        if it stays idle (None when pinned, busy or not loaded; the reaper runs every
+        ``[cache] reap_interval_seconds``, so it goes within that much after)."""
+        now, wall = self.clock(), time.time()
+        with self._cond:
+            held = {**{r.name: r for r in self._closing.values()}, **self._residents}
+            rows = []
+            for name, spec in self.config.models.items():
+                resident = held.get(name)
+                ttl = None if spec.pinned else self.config.ttl_for(spec)
+                row: dict[str, Any] = {
+                    "name": name, "state": "unloaded", "pinned": spec.pinned,
+                    "backend": spec.backend, "rss_mb": None, "estimated_mb": None,
+                    "in_flight": 0, "queued": 0, "concurrency": None, "last_used": None,
+                    "idle_seconds": None, "ttl_seconds": ttl, "expires_at": None,
+                    "expires_in_seconds": None, "load_seconds": self._load_seconds.get(name),
+                }
+                if resident is not None:
+                    loaded = resident.state == "loaded"
+                    row.update(
+                        state=resident.state, rss_mb=round(resident.ram_mb, 1),
+                        estimated_mb=round(resident.estimated_mb, 1),
+                        in_flight=resident.active,
+                        queued=max(0, resident.queued - resident.active),
+                        concurrency=resident.concurrency)
+                    # A request's end restarts the idle clock; a load alone does not count.
+                    if loaded and resident.last_used > resident.loaded_at:
+                        row["last_used"] = round(wall - (now - resident.last_used), 3)
+                    if resident.idle:
+                        idle = max(0.0, now - resident.last_used)
+                        row["idle_seconds"] = round(idle, 1)
+                        # A client's keep_alive (the Ollama dialect), where the pool keeps
+                        # one, replaces the TTL for this instance.
+                        limit = getattr(resident, "keep_alive_s", None)
+                        limit = ttl if limit is None or spec.pinned else limit
+                        if limit is not None:
+                            left = max(0.0, limit - idle)
+                            row["expires_in_seconds"] = round(left, 1)
+                            row["expires_at"] = round(wall + left, 3)
+                rows.append(row)
+        return rows
 
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""

@@ -28,8 +28,9 @@ from .openai import ApiError, internal_error
 
 log = logging.getLogger(__name__)
 
-#: Paths that answer without the API key (load balancers and probes have none).
-OPEN_PATHS = frozenset({"/health"})
+#: Paths that answer without the API key: load balancers and probes have none, and a browser
+#: loads the ``/ui`` page's static files (which hold no data) before it can ask for the key.
+OPEN_PATHS = frozenset({"/health", "/ui", "/ui/app.js", "/ui/app.css"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
