@@ -342,6 +342,8 @@ CASES: list[Case] = [
           400, "invalid_value"),
     _post("$ref to a missing $defs entry", chat(response_format=_schema({
         "$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"})), 400, "invalid_value"),
+    _post("maxLength of 400 digits", chat(response_format=_schema({
+        "type": "string", "maxLength": 10 ** 400})), 400, "invalid_value"),
     _post("$ref to a remote schema", chat(response_format=_schema({
         "$ref": "https://example.com/schema.json"})), 400, "invalid_value"),
     # -- what the models can take

@@ -52,6 +52,9 @@ def test_a_bound_over_the_limit_is_refused_by_keyword_and_place():
     assert "maxItems at #/maxItems" in _refused({"type": "array", "maxItems": 100000})
     assert "minLength at #/items/minLength" in _refused({"items": {"minLength": 5000}})
     check_schema({"type": "string", "maxLength": MAX_REPEAT}, PARAM)  # the limit itself passes
+    assert "maxLength at #/maxLength is 10000000000000000000...;" in _refused(
+        {"maxLength": 10 ** 400})  # no float can hold it: named all the same
+    assert "maxItems at #/maxItems is 1e+300" in _refused({"maxItems": 1e300})
 
 
 def test_patterns_are_measured_as_the_converter_expands_them():

@@ -27,7 +27,8 @@ MAX_REPEAT = 1000
 MAX_PATTERN_SIZE = 20000
 #: The most variable-length parts in a row in a pattern (``(a?){120}``): each multiplies
 #: the ways a prefix can match, which llama.cpp tracks one by one for every candidate
-#: token. Measured per token: 32 in a row 0.15 s, 120 in a row 5-15 s (docs/RELIABILITY.md).
+#: token. Measured per token: 32 in a row at most 0.3 s, 120 in a row 4-32 s
+#: (docs/RELIABILITY.md).
 MAX_AMBIGUITY = 32
 #: The most optional properties in one object: llama.cpp walks the chain of them at every
 #: step of sampling, for every candidate token. Measured per token: 200 optional
@@ -66,8 +67,10 @@ def check_schema(schema: Any, param: str) -> None:
             value = node.get(keyword)
             if isinstance(value, (int, float)) and not isinstance(value, bool) \
                     and value > MAX_REPEAT:
+                # (not "{value:g}": an integer of 400 digits has no float)
+                shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:20]}..."
                 raise _refuse(param, keyword, parts + (keyword,),
-                              f"is {value:g}; at most {MAX_REPEAT} here (each unit becomes "
+                              f"is {shown}; at most {MAX_REPEAT} here (each unit becomes "
                               "a grammar rule)")
         pattern = node.get("pattern")
         if isinstance(pattern, str):
