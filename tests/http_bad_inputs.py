@@ -344,6 +344,8 @@ CASES: list[Case] = [
         "$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"})), 400, "invalid_value"),
     _post("maxLength of 400 digits", chat(response_format=_schema({
         "type": "string", "maxLength": 10 ** 400})), 400, "invalid_value"),
+    _post("pattern bound of 5,000 digits", chat(response_format=_schema({
+        "type": "string", "pattern": "^a{" + "9" * 5000 + "}$"})), 400, "invalid_value"),
     _post("$ref to a remote schema", chat(response_format=_schema({
         "$ref": "https://example.com/schema.json"})), 400, "invalid_value"),
     # -- what the models can take

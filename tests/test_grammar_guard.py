@@ -63,6 +63,7 @@ def test_patterns_are_measured_as_the_converter_expands_them():
     assert "expands to about" in _refused({"pattern": "^((a{1,50}){1,50}){1,50}$"})
     assert "variable-length parts in a row" in _refused({"pattern": "^(a?){120}a{120}$"})
     assert "may match nothing" in _refused({"pattern": "^(a?)*$"})
+    assert "repeats something" in _refused({"pattern": "^a{" + "9" * 5000 + "}$"})
     assert "may match nothing" in _refused({"pattern": "^(a*)+$"})
     assert pattern_shape("^(a?){120}a{120}$").ambiguity == 120
     assert pattern_shape("^(a|aa){100}$").ambiguity == 100

@@ -203,6 +203,11 @@ class _Group:
 _CAP = 10 ** 12  # past this, any size is refused: no need to keep multiplying
 
 
+def _count(digits: str) -> int:
+    # (int() refuses more than 4,300 digits: a pattern may hold more)
+    return int(digits) if len(digits) <= 12 else _CAP
+
+
 def pattern_shape(pattern: str) -> PatternShape:
     """Measure ``pattern`` the way llama-cpp-python's converter expands it: ``x{m,n}`` is
     n copies of x, ``x{m,}`` m + 1, ``x+`` two; groups and classes count as their content."""
@@ -263,8 +268,8 @@ def pattern_shape(pattern: str) -> PatternShape:
             braces = _BRACES.match(pattern, i)
             if braces:
                 low, comma, high = braces.groups()
-                low_n = min(int(low), _CAP) if low else 0
-                high_n = (min(int(high), _CAP) if high else None) if comma else low_n
+                low_n = _count(low) if low else 0
+                high_n = (_count(high) if high else None) if comma else low_n
                 bound = max(bound, low_n, high_n or 0)
                 quantify(group, low_n, high_n)
                 i = braces.end()
