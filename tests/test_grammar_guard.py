@@ -80,6 +80,9 @@ def test_too_many_optional_properties_are_refused_by_name_not_as_nesting():
     message = _refused(many)
     assert "properties at #/properties has 2000 optional properties" in message
     assert "nested" not in message
+    # Whatever "required" holds, the count is made (the converter refuses the rest).
+    check_schema({"type": "object", "properties": {"a": {}}, "required": [{"x": 1}, None]},
+                 PARAM)
     # Required ones do not count.
     check_schema({**many, "required": [f"p{i}" for i in range(2000 - MAX_OPTIONAL_PROPERTIES)]},
                  PARAM)
@@ -385,7 +388,11 @@ _LEAVES = st.one_of(
     st.builds(lambda p: {"type": "string", "pattern": p}, patterns()),
     st.just({"type": "integer", "minimum": -5, "maximum": 10 ** 6}),
     st.just({"type": "number"}), st.just({"type": "boolean"}), st.just({"enum": ["a", 1, None]}),
-    st.just({"$ref": "#/$defs/word"}))
+    st.just({"$ref": "#/$defs/word"}),
+    # junk where a schema is expected: a clean 400, never a 500
+    st.sampled_from([{"$ref": 5}, {"type": ["string", 7]}, {"pattern": 5}, {"enum": 5},
+                     {"type": "object", "properties": {"a": {}}, "required": [{"x": 1}]},
+                     {"maxLength": 10 ** 30}, {"pattern": "^(a"}, {"pattern": "[z-a]"}]))
 
 
 def _extend(children):

@@ -78,7 +78,8 @@ def check_schema(schema: Any, param: str) -> None:
         properties = node.get("properties")
         if isinstance(properties, Mapping):
             required = node.get("required")
-            required = set(required) if isinstance(required, list) else set()
+            required = ({r for r in required if isinstance(r, str)}
+                        if isinstance(required, list) else set())
             optional = sum(1 for key in properties if key not in required)
             if optional > MAX_OPTIONAL_PROPERTIES:
                 raise _refuse(param, "properties", parts + ("properties",),
