@@ -440,6 +440,12 @@ CASES: list[Case] = [
     _post("/api/chat format xml", ochat(format="xml"), 400, "invalid_value", path="/api/chat"),
     _post("/api/chat format with a dangling $ref", ochat(format={"$ref": "#/nope"}), 400,
           "invalid_value", path="/api/chat"),
+    _post("/api/chat format with maxLength 20000", ochat(format={
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}}), 400,
+          "invalid_value", path="/api/chat"),
+    _post("/api/chat format with an ambiguous pattern", ochat(format={
+        "type": "string", "pattern": "^(a?){120}a{120}$"}), 400, "invalid_value",
+          path="/api/chat"),
     _post("/api/chat options a list", ochat(options=[1]), 400, "invalid_value",
           path="/api/chat"),
     _post("/api/chat unknown option", ochat_options(num_beams=4), 400, "unknown_parameter",
