@@ -198,16 +198,20 @@ class Engine:
         return attrs.evolve(decision, transcript=transcript)
 
     def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
-                   language: str | None = None, why: str = "") -> Transcript:
+                   language: str | None = None, why: str = "",
+                   cancel: threading.Event | None = None) -> Transcript:
         """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
 
         Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
         transcribe (the message says why audio needed transcribing, and what to install).
+        ``cancel``: set when nobody wants the transcript any more (the plugin then stops
+        and raises Cancelled).
         """
         request = request or ChatRequest(messages=(), audio=audio)
         started = time.perf_counter()
         try:
-            answer = self.hooks.transcribe(audio=audio, request=request, language=language)
+            answer = self.hooks.transcribe(audio=audio, request=request, language=language,
+                                           cancel=cancel)
         except TranscriptionUnavailable as exc:
             raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
         if answer is None:

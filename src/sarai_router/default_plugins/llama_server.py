@@ -27,7 +27,7 @@ import attrs
 from ..backend import (SAMPLING_KEYS, Backend, BackendError, Capabilities, Delta,
                        GenerationParams, Presence)
 from ..config import PATH_SETTING, Config, ModelSpec
-from ..errors import ContextLengthError, InstanceDead, UpstreamError
+from ..errors import ContextLengthError, InstanceDead, ModelLoadError, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
 from .grammar_limits import check_params
@@ -162,6 +162,16 @@ class LlamaServerBackend(Backend):
     # -- running ----------------------------------------------------------------------
 
     def load(self, spec: ModelSpec) -> "LlamaServerModel":
+        """A started, healthy child; ModelLoadError (a load failure: 503, fallbacks
+        apply) when its file, its program or its start fails."""
+        try:
+            return self._start(spec)
+        except ModelLoadError:
+            raise
+        except BackendError as exc:
+            raise ModelLoadError(str(exc), spec.name) from None
+
+    def _start(self, spec: ModelSpec) -> "LlamaServerModel":
         settings: LlamaServerSettings = spec.settings
         if not os.path.isfile(spec.path):
             raise BackendError(f"model {spec.name!r}: its file is missing ({Path(spec.path).name})")
