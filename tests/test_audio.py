@@ -338,7 +338,8 @@ def test_chat_audio_command_answers_and_keeps_the_transcript(config, whisper_dir
     assert "[transcribed audio, es" in output and "[fast] short emotional" in output
     assert session.history[0]["content"].startswith(f"{TRANSCRIPT_MARK} Me siento")
     assert session.history[1]["role"] == "assistant"
-    assert "/audio: cannot read" in output and len(session.history) == 2
+    assert f"/audio: {tmp_path / 'missing.wav'}: cannot read it (No such file or directory)" \
+        in output and len(session.history) == 2
 
 
 def click_plain(text) -> str:
