@@ -29,10 +29,11 @@ from sarai_router.engine import Engine
 from sarai_router.errors import AudioError, TranscriptionUnavailable
 from sarai_router.fetch import BUNDLES, bundle_present, sha256_of, whisper_vocabulary
 from sarai_router.plugins import build_plugins
+from sarai_router.testing import start_serve
 from sarai_router.types import TRANSCRIPT_MARK, AudioInput, ChatRequest, Transcript
 
 from conftest import base_toml
-from test_server import SAR, Server, _healthy, free_port
+from test_server import Server, _healthy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENGLISH = FIXTURES / "en_picture.wav"  # "Please describe the picture I sent you yesterday"
@@ -368,23 +369,14 @@ def audio_server(tmp_path_factory, models_dir, whisper_dir):
     config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1",
                                 quality="n_threads = 1")
                       + "\n[plugins.whisper]\nmax_seconds = 5\n", encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", process, log)
+    started = start_serve(config, echo=False, log_path=folder / "server.log", timeout=60,
+                          env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    srv = Server(started.url, started.process, started.log_path)
     try:
-        srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
         yield srv
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    assert process.returncode in (0, -15), log.read_text()[-3000:]
+        code = srv.stop(timeout=15)
+    assert code in (0, -15), srv.log()[-3000:]
 
 
 def test_openai_client_transcribes_against_serve(audio_server):
