@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sarai_router.engine import Engine
+from sarai_router.serving.metrics import Metrics
 from sarai_router.events import EVENT_KINDS, Event, request_scope
 from sarai_router.testing import SARAI_ROUTER, config_from_toml, start_serve
 from sarai_router.types import ChatRequest, Transcript
@@ -138,6 +139,11 @@ def test_an_observer_that_raises_is_logged_counted_and_harms_nothing(tmp_path, c
         assert engine.hooks.observer_errors["broken"] == len(events) >= 5
         assert "observer 'broken' raised on a routed event: RuntimeError: observer bug" in \
             caplog.text
+        metrics = Metrics(engine.pool, engine.hooks)
+        engine.complete(ChatRequest.from_prompt("counted"))
+        assert engine.hooks.observer_errors["metrics"] == 0
+        assert f'sarai_observer_errors_total{{observer="broken"}} {float(len(recorded(engine)))}' \
+            in metrics.render().decode()
     finally:
         engine.close()
 
