@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure what the HTTP server costs compared with calling the engine in process.
 
-    /work/venv/bin/python scripts/measure_server.py [--runs 15] [--json]
+    python scripts/measure_server.py [--runs 15] [--json]
 
 Uses the built-in default config (the two real models, their real n_ctx), with the quality
 model's TTL shortened so its unload can be watched. In order, never at the same time:

@@ -4,7 +4,7 @@
 
 Within each (kind, lang) stratum the cases are ordered by the sha1 of their JSON line and the
 first 40 % (rounded) go to test, so re-running on ``cat routing-dev.jsonl routing-test.jsonl``
-gives the same split. Cases marked ``"source": "issue-10"`` (the examples quoted in the issue)
+gives the same split. Cases marked ``"source": "quoted"`` (the examples quoted when the set was asked for)
 always go to test, so nothing is tuned on them.
 """
 
@@ -24,7 +24,7 @@ def split(lines: list[str]) -> tuple[list[str], list[str]]:
     forced: list[str] = []
     for line in lines:
         case = json.loads(line)
-        if case.get("source") == "issue-10":
+        if case.get("source") == "quoted":
             forced.append(line)
         else:
             strata[(case.get("kind", ""), case.get("lang", ""))].append(line)

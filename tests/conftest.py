@@ -179,12 +179,7 @@ UPSTREAM_KEY = "sk-upstream-secret-4f9d2a"
 UPSTREAM_KEY_ENV = "SARAI_TEST_UPSTREAM_KEY"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sarai_router.testing import free_port  # noqa: E402 - test modules import it from here
 
 
 @pytest.fixture(scope="session")

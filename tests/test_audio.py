@@ -31,10 +31,11 @@ from sarai_router.engine import Engine
 from sarai_router.errors import AudioError, TranscriptionUnavailable
 from sarai_router.fetch import BUNDLES, bundle_present, sha256_of, whisper_vocabulary
 from sarai_router.plugins import build_plugins
+from sarai_router.testing import start_serve
 from sarai_router.types import TRANSCRIPT_MARK, AudioInput, ChatRequest, Transcript
 
 from conftest import base_toml
-from test_server import SAR, Server, _healthy, free_port
+from test_server import Server, _healthy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ENGLISH = FIXTURES / "en_picture.wav"  # "Please describe the picture I sent you yesterday"
@@ -371,23 +372,14 @@ def audio_server(tmp_path_factory, models_dir, whisper_dir):
     config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1",
                                 quality="n_threads = 1")
                       + "\n[plugins.whisper]\nmax_seconds = 5\n", encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", process, log)
+    started = start_serve(config, echo=False, log_path=folder / "server.log", timeout=60,
+                          env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    srv = Server(started.url, started.process, started.log_path)
     try:
-        srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
         yield srv
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    assert process.returncode in (0, -15), log.read_text()[-3000:]
+        code = srv.stop(timeout=15)
+    assert code in (0, -15), srv.log()[-3000:]
 
 
 def test_openai_client_transcribes_against_serve(audio_server):
@@ -511,14 +503,9 @@ def _start_audio_server(folder: Path, models_dir: Path, whisper_toml: str):
     config.write_text(base_toml(models_dir, fast="n_threads = 1", quality="n_threads = 1")
                       + "\n[server]\nqueue_size = 1\n"
                       + f"\n[plugins.whisper]\n{whisper_toml}\n", encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", process, log)
-    srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
+    served = start_serve(config, env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"},
+                         echo=False, log_path=folder / "server.log", timeout=60)
+    srv = Server(served.url, served.process, served.log_path)
     # The model loads on the first transcription: not inside a test's bound.
     with SPANISH.open("rb") as file:
         srv.client().audio.transcriptions.create(model="whisper", file=file)
@@ -530,11 +517,7 @@ def _start_audio_server(folder: Path, models_dir: Path, whisper_toml: str):
 
 
 def _stop(srv: Server) -> None:
-    srv.process.terminate()
-    try:
-        srv.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        srv.process.kill()
+    srv.stop(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -611,10 +594,10 @@ def test_a_client_that_leaves_stops_its_transcription(patient_audio_server, long
                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         time.sleep(1.5)  # transcribing by now
     left = time.monotonic()
-    while line not in srv.log.read_text() and time.monotonic() - left < 300:
+    while line not in srv.log() and time.monotonic() - left < 300:
         time.sleep(0.1)
     stopped_after = time.monotonic() - left
-    assert line in srv.log.read_text()
+    assert line in srv.log()
     # The clip is 10 windows long; its work stopped at the end of the window under way
     # when the client left (a window of a short clip, timed by the fixture, is the unit).
     assert stopped_after < 3 * srv.one_window + 3, (stopped_after, srv.one_window)

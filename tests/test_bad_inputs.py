@@ -12,7 +12,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from bad_upstream import PROBE_KEY, BadUpstream, key_fragments
+from sarai_router.testing import start_serve
+
 from conftest import FAST_FILE, base_toml
 from http_bad_inputs import API_KEY, CASES, PROBE_KEY_ENV, SERVER_TOML, Case
-
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 
 pytestmark = pytest.mark.models
 
@@ -44,12 +43,6 @@ class TextOnlyDouble(LlamaCppBackend):
 def register_backends(register):
     register("textonly_double", TextOnlyDouble())
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Answer:
@@ -127,30 +120,13 @@ def corpus_server(tmp_path_factory, models_dir, upstream):
         + SERVER_TOML.format(broken=broken.as_posix(), missing=(folder / "gone.gguf").as_posix(),
                              fast=(models_dir / FAST_FILE).as_posix(), upstream=upstream.url),
         encoding="utf-8")
-    port = free_port()
     log = folder / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, PROBE_KEY_ENV: PROBE_KEY})
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail("the server exited:\n" + log.read_text()[-3000:], pytrace=False)
-        try:
-            if exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        b"Connection: close\r\n\r\n", timeout=5).status == 200:
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("the server did not start:\n" + log.read_text()[-3000:], pytrace=False)
-    yield port, folder, models_dir, log
-    process.terminate()
+    server = start_serve(config, args=["--api-key", API_KEY], echo=False, log_path=log,
+                         env={**os.environ, PROBE_KEY_ENV: PROBE_KEY}, timeout=90)
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        yield server.port, folder, models_dir, log
+    finally:
+        server.stop(timeout=20)
 
 
 def leaks(body: bytes, folder: Path, models_dir: Path) -> list[str]:

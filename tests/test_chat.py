@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +13,10 @@ import pytest
 from sarai_router.backend import GenerationParams
 from sarai_router.cli.chat import PROMPT, ChatSession
 from sarai_router.engine import Engine
+from sarai_router.testing import SARAI_ROUTER as SAR
 
 pytestmark = pytest.mark.models
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 # One thread: robust on a busy 2-core machine (ggml's threads spin-wait when starved).
 ONE_THREAD_PINNED = "pinned = true\nn_threads = 1"
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import base_toml
+from sarai_router.testing import SARAI_ROUTER as SAR
 
 #: Some cases get as far as a model load (a junk GGUF, a directory), and chat loads fast.
 pytestmark = pytest.mark.models
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 BAD = b"\xff\xfe"
 #: An argument as Python gets it from bytes that are not UTF-8 (surrogateescape).
 BAD_TEXT = os.fsdecode(BAD + b" hola")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sarai_router.backend import GenerationParams
 from sarai_router.engine import Engine
+from sarai_router.serving.metrics import Metrics
 from sarai_router.events import EVENT_KINDS, Event, request_scope
 from sarai_router.testing import SARAI_ROUTER, config_from_toml, start_serve
 from sarai_router.types import ChatRequest, Transcript
@@ -139,6 +139,11 @@ def test_an_observer_that_raises_is_logged_counted_and_harms_nothing(tmp_path, c
         assert engine.hooks.observer_errors["broken"] == len(events) >= 5
         assert "observer 'broken' raised on a routed event: RuntimeError: observer bug" in \
             caplog.text
+        metrics = Metrics(engine.pool, engine.hooks)
+        engine.complete(ChatRequest.from_prompt("counted"))
+        assert engine.hooks.observer_errors["metrics"] == 0
+        assert f'sarai_observer_errors_total{{observer="broken"}} {float(len(recorded(engine)))}' \
+            in metrics.render().decode()
     finally:
         engine.close()
 
@@ -146,7 +151,7 @@ def test_an_observer_that_raises_is_logged_counted_and_harms_nothing(tmp_path, c
 def test_queued_fallback_evicted_and_failed_loads_are_events(tmp_path):
     # A remote model whose key variable is unset: its load fails (no model file loads).
     os.environ.pop("SARAI_TEST_UNSET_KEY", None)
-    config = plugin_config(tmp_path, {"recorder": RECORDER}, toml=f"""
+    config = plugin_config(tmp_path, {"recorder": RECORDER}, toml="""
         [routing]
         default_model = "slow"
 
@@ -230,7 +235,7 @@ def test_a_transcription_is_an_event(tmp_path):
     assert event.data["plugin"] == "hears"
 
 
-# -- a plugin in a [plugins] dirs folder, served: the issue's "done when" -------------------
+# -- a plugin in a [plugins] dirs folder, served: events to a file, a command, a route -----
 
 #: Writes every event to events.jsonl next to itself, adds `sarai-router hello` and
 #: `GET /hello`, and notes its startup and shutdown.

@@ -22,7 +22,18 @@ def hook_names() -> list[str]:
 
 def test_hookspecs_are_found():
     assert {"select_route", "register_signals", "register_backends", "select_eviction",
-            "model_expired"} <= set(hook_names())
+            "model_expired", "observe", "register_commands", "register_routes", "startup",
+            "shutdown"} <= set(hook_names())
+
+
+def test_every_event_kind_is_documented():
+    """Each kind the core emits is in docs/plugins.md's table under ``### observe``."""
+    from sarai_router.events import EVENT_KINDS
+
+    text = PLUGIN_DOCS.read_text(encoding="utf-8")
+    section = text.split("### observe", 1)[1].split("\n### ", 1)[0]
+    missing = [kind for kind in EVENT_KINDS if f"`{kind}`" not in section]
+    assert missing == []
 
 
 def test_every_hookspec_has_a_docstring():
@@ -50,3 +61,15 @@ def _test_function_names() -> set[str]:
 def test_hook_is_tested(hook):
     assert f"test_hook_{hook}" in _test_function_names(), (
         f"no test function named test_hook_{hook} under tests/")
+
+
+def test_the_core_emits_only_listed_kinds():
+    """Every ``hooks.emit("kind", ...)`` in the package names a kind of ``EVENT_KINDS``, and
+    every listed kind is emitted somewhere."""
+    from sarai_router.events import EVENT_KINDS
+
+    emitted = set()
+    for path in (ROOT / "src" / "sarai_router").rglob("*.py"):
+        emitted |= set(re.findall(r"\.emit\(\s*\"(\w+)\"", path.read_text(encoding="utf-8")))
+    assert emitted - set(EVENT_KINDS) == set()
+    assert set(EVENT_KINDS) - emitted == set()

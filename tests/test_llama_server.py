@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import tomllib
@@ -36,11 +35,11 @@ from sarai_router.config import load_config
 from sarai_router.engine import Engine
 from sarai_router.errors import BackendError, ConfigError, InstanceDead
 from sarai_router.llama_server_install import BINARY_ENV, CACHE_ENV, build_llama_server
+from sarai_router.testing import start_serve
 from sarai_router.types import ChatRequest
 
 pytestmark = [pytest.mark.llama_server, pytest.mark.models]
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 #: Deadline for a state we wait on (a start on a busy 2-core machine, a process exit).
 DEADLINE = 120.0
 
@@ -346,12 +345,6 @@ def test_a_child_that_fails_to_start_is_reported_with_its_last_lines(
 # -- under `sarai-router serve` ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Serve:
     """A real `sarai-router serve` subprocess on a llama_server config."""
 
@@ -360,15 +353,11 @@ class Serve:
         self.config.write_text(config_text(models_dir, fast=fast,
                                            cache="reap_interval_seconds = 0.25"),
                                encoding="utf-8")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = folder / "serve.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [SAR, "--config", str(self.config), "serve", "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
-        self.wait(lambda: self.status("/health") == 200, "serve to answer /health")
+        self.server = start_serve(self.config, echo=False, log_path=self.log, timeout=DEADLINE,
+                                  env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+        self.port, self.url, self.process = self.server.port, self.server.url, \
+            self.server.process
 
     def status(self, path: str) -> int | None:
         try:
@@ -411,13 +400,7 @@ class Serve:
             return json.loads(response.read())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.server.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from sarai_router.llama_server_install import (
     find_llama_server,
     installed_llama_cpp_version,
 )
+from sarai_router.testing import free_port as _free_port
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -282,12 +282,6 @@ def test_the_built_binary_serves_chat_with_the_fast_model(built_server, models_d
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, deadline_seconds: float = 120) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +26,7 @@ from sarai_router.config import load_config
 from sarai_router.default_plugins.openai import ReplicaSet, redact_url
 from sarai_router.engine import Completion, Engine
 from sarai_router.errors import (CapabilityError, UpstreamError, UpstreamUnavailable)
+from sarai_router.testing import ServeProcess, start_serve
 from sarai_router.types import ChatRequest
 
 from conftest import FAST_FILE, UPSTREAM_KEY, UPSTREAM_KEY_ENV, free_port
@@ -37,7 +36,6 @@ pytestmark = pytest.mark.models
 WRONG_KEY_ENV = "SARAI_TEST_WRONG_KEY"
 WRONG_KEY = "sk-wrong-key-77ab31"
 QUERY_TOKEN = "qtok-9a8b7c6d5e"
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 
 
 # -- a tiny real HTTP server for the faults llama_cpp.server cannot show ------------------
@@ -580,13 +578,8 @@ def test_no_model_can_take_it_names_what_is_missing(make_config):
 # -- the server ------------------------------------------------------------------------------
 
 
-class Router:
+class Router(ServeProcess):
     """A real ``sarai-router serve`` subprocess with the remote config."""
-
-    def __init__(self, url: str, process: subprocess.Popen, log: Path):
-        self.url = url
-        self.process = process
-        self.log = log
 
     def post(self, body: dict, stream: bool = False):
         return httpx.post(self.url + "/v1/chat/completions", json=body, timeout=120)
@@ -611,32 +604,16 @@ def router(tmp_path_factory, models_dir, llama_cpp_server, fault_server):
     config = folder / "sarai.toml"
     config.write_text(remote_toml(models_dir, llama_cpp_server, dead, fault_server[0]),
                       encoding="utf-8")
-    port = free_port()
-    log = folder / "router.log"
     env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1", UPSTREAM_KEY_ENV: UPSTREAM_KEY,
            WRONG_KEY_ENV: WRONG_KEY}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "-v", "--config", str(config), "serve", "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Router(f"http://127.0.0.1:{port}", process, log)
+    started = start_serve(config, global_args=["-v"], echo=False, env=env, timeout=60,
+                          log_path=folder / "router.log")
+    srv = Router(started.url, started.process, started.log_path)
     try:
-        _wait(lambda: _up(srv), "the router", timeout=60, log=log)
         yield srv
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode in (0, -15), log.read_text()[-3000:]
-
-
-def _up(srv: Router) -> bool:
-    try:
-        return httpx.get(srv.url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        code = srv.stop(timeout=15)
+    assert code in (0, -15), srv.log()[-3000:]
 
 
 def _wait(predicate, what: str, timeout: float = 60, log: Path | None = None) -> None:
@@ -736,7 +713,7 @@ def test_server_mid_stream_failure_is_an_error_event_not_a_fallback(router):
 def test_no_credential_reaches_a_client_or_the_log(router):
     bodies = [router.post(chat_body(m)).text for m in ("remote", "down", "wrongkey", "plain500")]
     bodies.append(httpx.get(router.url + "/v1/models", timeout=30).text)
-    log = router.log.read_text()
+    log = router.log()
     for secret in (UPSTREAM_KEY, WRONG_KEY, QUERY_TOKEN):
         assert all(secret not in body for body in bodies), secret
         assert secret not in log, secret

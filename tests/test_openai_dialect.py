@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -26,9 +22,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import openai_spec
 from conftest import base_toml
+from sarai_router.testing import SARAI_ROUTER as SAR, free_port, start_serve
 
 API_KEY = "dialect-key"
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 MODELS = ["fast", "quality"]
 
 pytestmark = pytest.mark.models
@@ -47,12 +43,6 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"},
           "required": ["name", "age"], "additionalProperties": False}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, models_dir):
     folder = tmp_path_factory.mktemp("dialect")
@@ -60,33 +50,22 @@ def server(tmp_path_factory, models_dir):
     config.write_text(base_toml(models_dir, cache="ttl_seconds = 600\nmax_loaded = 2",
                                 fast="pinned = true\nn_threads = 1",
                                 quality="pinned = true\nn_threads = 1"), encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY,
-             "--allowed-host", "sarai.test"],
-            stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
+    srv = start_serve(config, args=["--api-key", API_KEY, "--allowed-host", "sarai.test"],
+                      echo=False, log_path=folder / "server.log",
+                      env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+
+    def quality_loaded() -> bool:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                if json.loads(resp.read())["models"]["quality"] == "loaded":
-                    break
+            with urllib.request.urlopen(srv.url + "/health", timeout=5) as resp:
+                return json.loads(resp.read())["models"]["quality"] == "loaded"
         except OSError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("the server did not start:\n" + log.read_text()[-3000:], pytrace=False)
-    yield url, port
-    process.terminate()
+            return False
+
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        srv.wait_until(quality_loaded, 120, "the pinned quality model")
+        yield srv.url, srv.port
+    finally:
+        srv.stop(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The seams of issue 7: plugin config tables, backend-owned keys, hook snapshots, wrappers.
+"""The core seams: plugin config tables, backend-owned keys, hook snapshots, wrappers.
 
 Everything here goes through real config files, the real plugin discovery and the real
 router; no model is loaded (the echo backend below is a plugin, not a double of a part).

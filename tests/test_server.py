@@ -19,9 +19,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -32,26 +30,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_FILE, base_toml
+from sarai_router.testing import SARAI_ROUTER as SAR, ServeProcess, start_serve
 
 API_KEY = "test-key-123"
 BRIEF_TTL = 4.0
 LONG_TTL = 3600.0
 REAP = 0.25
 MAX_BODY = 8192
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path):
-        self.url = url
-        self.process = process
-        self.log = log
+class Server(ServeProcess):
+    """The kit's running server, with this module's ways of talking to it."""
 
     def client(self, key: str = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
@@ -91,15 +80,6 @@ class Server:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return samples
 
-    def wait_until(self, predicate, timeout: float, what: str) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if predicate():
-                return time.monotonic() - started
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; log:\n"
-                             + self.log.read_text()[-3000:])
-
 
 def metric(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
@@ -109,34 +89,14 @@ def launch(folder: Path, config_text: str, *args: str) -> Server:
     """Start ``sarai-router serve`` on a free port with ``config_text``; wait for /health."""
     config = folder / "sarai.toml"
     config.write_text(config_text, encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [SAR, "--config", str(config), "serve", "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        srv.wait_until(lambda: process.poll() is None and _healthy(srv), 120, "the server")
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return srv
+    started = start_serve(config, args=args, echo=False, log_path=folder / "server.log",
+                          env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    return Server(started.url, started.process, started.log_path)
 
 
 def stop(srv: Server, sig: int = signal.SIGTERM) -> int:
     """Signal the server and wait for it to exit; its exit code."""
-    if srv.process.poll() is None:
-        srv.process.send_signal(sig)
-    try:
-        return srv.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        srv.process.kill()
-        srv.process.wait()
-        raise AssertionError("the server did not stop within 60 s of the signal; log:\n"
-                             + srv.log.read_text()[-3000:]) from None
+    return srv.stop(sig)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +129,7 @@ max_body_bytes = {MAX_BODY}
         yield srv
     finally:
         code = stop(srv)
-    log = srv.log.read_text()
+    log = srv.log()
     # SIGTERM is a clean shutdown: exit 0, and the shutdown is in the log.
     assert code == 0, log[-3000:]
     assert "unloaded model fast (shutdown)" in log and "Application shutdown complete" in log
@@ -343,7 +303,7 @@ def test_ttl_unload_seen_from_models_endpoint_without_requests(server):
                       "the brief model to expire")
     # Idle time as the server measured it, from the end of the generation to the unload.
     idles = [float(line.rsplit("(idle ", 1)[1].split("s)", 1)[0])
-             for line in server.log.read_text().splitlines()
+             for line in server.log().splitlines()
              if "expired model brief (idle " in line]
     assert idles and all(idle >= BRIEF_TTL for idle in idles), idles
     assert server.models()["fast"]["loaded"], "a pinned model never expires"
@@ -415,7 +375,7 @@ def test_prewarm_loads_quality_before_it_is_asked_for(tmp_path, models_dir):
         assert metric(after, "sarai_prewarms_total", model="quality", outcome="used") == 1
         assert metric(after, "sarai_model_loads_total", model="quality") == 1, "loaded once"
     finally:
-        assert stop(srv) == 0, srv.log.read_text()[-3000:]
+        assert stop(srv) == 0, srv.log()[-3000:]
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -596,7 +556,7 @@ def test_a_client_that_hangs_up_stops_its_non_streamed_answer(server):
     # The server notices within about half a second and stops after the current token (a
     # generous deadline: on a starved machine one token can take seconds).
     server.wait_until(lambda: "client went away; stopped its answer from fast"
-                      in server.log.read_text(), 60, "the server to notice")
+                      in server.log(), 60, "the server to notice")
     server.wait_until(lambda: server.models()["fast"]["resident"]["users"] == 0, 60,
                       "the generation to stop")
     assert ask(server.client(), "Hola").parse().model == "fast"
@@ -618,8 +578,8 @@ def test_ctrl_c_stops_a_non_streamed_answer_with_503_and_exits_0(tmp_path, model
         # grace timeout ends the handler) or already answering, the client gets the 503.
         assert status == 503, data
         assert data["error"]["code"] == "server_shutting_down"
-        assert srv.process.wait(timeout=90) == 0, srv.log.read_text()[-3000:]  # one signal
-        log = srv.log.read_text()
+        assert srv.process.wait(timeout=90) == 0, srv.log()[-3000:]  # one signal
+        log = srv.log()
         assert "Traceback" not in log and "Application shutdown complete" in log, log[-3000:]
     finally:
         if srv.process.poll() is None:
@@ -652,8 +612,8 @@ def test_sigterm_ends_a_stream_with_the_shutdown_error_and_exits_0(tmp_path, mod
         error = json.loads(events[-2])["error"]
         assert error["code"] == "server_shutting_down", events[-3:]
         assert len(events) < 450, "the answer ran to its end"
-        assert srv.process.wait(timeout=90) == 0, srv.log.read_text()[-3000:]
-        log = srv.log.read_text()
+        assert srv.process.wait(timeout=90) == 0, srv.log()[-3000:]
+        log = srv.log()
         assert "Traceback" not in log, log[-3000:]
         # Stopped between tokens, so the model was free to unload before the exit.
         assert "unloaded model fast (shutdown)" in log, log[-3000:]

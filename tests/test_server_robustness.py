@@ -1,4 +1,4 @@
-"""A real ``sarai-router serve`` under the faults of issue 9: clients that hang up while
+"""A real ``sarai-router serve`` under hostile faults: clients that hang up while
 queued, a stop (SIGTERM) with a long queue, a model file deleted under a loaded model.
 
 Everything syncs on the server's state (``/v1/models``, ``/metrics``), never on elapsed time;
@@ -12,15 +12,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from sarai_router.testing import start_serve
+
 from conftest import FAST_FILE
-from test_server import SAR, Server, _healthy, free_port, metric
+from test_server import Server, metric
 
 pytestmark = pytest.mark.models
 
@@ -33,25 +34,13 @@ COUNT = "Count from 1 to 1000, separated by commas: 1, 2, 3,"
 def start_server(folder: Path, config_toml: str) -> Server:
     config = folder / "sarai.toml"
     config.write_text(config_toml, encoding="utf-8")
-    port = free_port()
-    log = folder / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    server.wait_until(lambda: process.poll() is not None or _healthy(server), 120, "the server")
-    assert process.poll() is None, log.read_text()[-3000:]
-    return server
+    started = start_serve(config, echo=False, log_path=folder / "server.log",
+                          env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    return Server(started.url, started.process, started.log_path)
 
 
 def stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
+    server.stop()
 
 
 def config_text(models_dir: Path, *, queue_size: int, grace: float) -> str:
@@ -113,7 +102,7 @@ n_threads = 1
         yield srv
     finally:
         stop(srv)
-    assert srv.process.returncode == 0, srv.log.read_text()[-3000:]
+    assert srv.process.returncode == 0, srv.log()[-3000:]
 
 
 def test_clients_that_leave_while_queued_never_reach_the_model(server):
@@ -191,8 +180,8 @@ def test_sigterm_with_a_long_queue_answers_503_at_once_and_exits_within_the_grac
         exited_after = time.monotonic() - signalled
         print(f"SIGTERM with 1 answer + 10 queued: exit {code} after {exited_after:.2f}s "
               f"(grace {grace}s)")
-        assert code == 0, server.log.read_text()[-3000:]
-        log = server.log.read_text()
+        assert code == 0, server.log()[-3000:]
+        log = server.log()
         assert "Traceback" not in log
         assert "still running after [server] shutdown_grace_seconds" not in log
     finally:

@@ -103,7 +103,9 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     ctx.obj = AppContext(config_path)
-    SOURCE.set("cli")  # every request of this process came through the command line
+    # Every request of this command came through the command line (its events say so).
+    token = SOURCE.set("cli")
+    ctx.call_on_close(lambda: SOURCE.reset(token))
 
 
 def main() -> None:
