@@ -19,7 +19,6 @@ import pytest
 from conftest import base_toml
 
 #: Some cases get as far as a model load (a junk GGUF, a directory), and chat loads fast.
-pytestmark = pytest.mark.models
 
 SAR = str(Path(sys.executable).with_name("sarai-router"))
 BAD = b"\xff\xfe"
