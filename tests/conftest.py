@@ -70,8 +70,10 @@ _spec.loader.exec_module(load_guard)
 load_guard.install()
 
 
-#: Markers of slow or online tests that ``-m "not models"`` leaves out with the model tests.
-HEAVY_MARKERS = ("llama_server", "network")
+#: Markers of slow or online tests that ``-m "not models"`` leaves out with the model tests,
+#: and their per-test timeout (pyproject's ``timeout`` is the rest's): the first test that
+#: needs llama-server may build it (4-9 minutes on 2 cores), a network test downloads.
+HEAVY_MARKERS = {"llama_server": 1800, "network": 900}
 #: Set on a test counted as ``models`` only for its heavy marker: it may still load no model.
 _LOADS_FORBIDDEN = pytest.StashKey[bool]()
 
@@ -79,10 +81,14 @@ _LOADS_FORBIDDEN = pytest.StashKey[bool]()
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` selects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if not item.get_closest_marker("models") and any(
-                item.get_closest_marker(name) for name in HEAVY_MARKERS):
+        heavy = [name for name in HEAVY_MARKERS if item.get_closest_marker(name)]
+        if not heavy:
+            continue
+        if not item.get_closest_marker("models"):
             item.add_marker(pytest.mark.models)
             item.stash[_LOADS_FORBIDDEN] = True
+        if not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(max(HEAVY_MARKERS[name] for name in heavy)))
 
 
 @pytest.hookimpl(tryfirst=True)
