@@ -54,17 +54,38 @@ def _guard_method(cls, name: str, describe: Callable[..., str], error: type[Exce
     setattr(cls, name, guarded)
 
 
+def _guard_class(cls, describe: Callable[..., str], error: type[Exception]) -> None:
+    """Refuse to make an instance at all (``__new__``): a half-made one would fail again in
+    its ``__del__``."""
+    if cls.__dict__.get("_sarai_guarded"):
+        return
+    real_new = cls.__new__
+
+    def guarded_new(klass, *args, **kwargs):
+        message = forbidden(describe(*args, **kwargs))
+        if message is not None:
+            raise error(message)
+        if real_new is object.__new__:
+            return real_new(klass)
+        return real_new(klass, *args, **kwargs)
+
+    cls.__new__ = staticmethod(guarded_new)
+    cls._sarai_guarded = True
+
+
+def _first(name: str, args, kwargs) -> str:
+    return str(kwargs.get(name, args[0] if args else "?"))
+
+
 def _guard_llama(module) -> None:
-    _guard_method(module.Llama, "__init__",
-                  lambda self, *args, **kwargs: "loaded llama_cpp.Llama("
-                  f"{kwargs.get('model_path', args[0] if args else '?')})", ValueError)
+    _guard_class(module.Llama, lambda *args, **kwargs: "loaded llama_cpp.Llama("
+                 f"{_first('model_path', args, kwargs)})", ValueError)
 
 
 def _guard_faster_whisper(module) -> None:
-    _guard_method(module.WhisperModel, "__init__",
-                  lambda self, *args, **kwargs: "loaded faster_whisper.WhisperModel("
-                  f"{kwargs.get('model_size_or_path', args[0] if args else '?')})",
-                  RuntimeError)
+    _guard_class(module.WhisperModel, lambda *args, **kwargs: "loaded "
+                 f"faster_whisper.WhisperModel({_first('model_size_or_path', args, kwargs)})",
+                 RuntimeError)
 
 
 def _guard_whisper_plugin(module) -> None:
