@@ -30,8 +30,11 @@ from conftest import base_toml
 API_KEY = "dialect-key"
 SAR = str(Path(sys.executable).with_name("sarai-router"))
 MODELS = ["fast", "quality"]
-#: Characters whose UTF-8 bytes the fast model's tokenizer splits across tokens.
+#: Characters whose UTF-8 bytes the fast model's tokenizer splits across tokens, and an
+#: answer held to them.
 EMOJI = "\U0001f389\U0001f973"
+EMOJI_ONLY = {"type": "json_schema", "json_schema": {
+    "name": "emoji", "schema": {"type": "string", "enum": [EMOJI]}}}
 
 
 WEATHER = {"type": "function", "function": {
@@ -294,18 +297,14 @@ def test_logprobs_of_a_character_split_across_tokens_carry_its_bytes(client):
     """An answer held to emoji (by a JSON schema): the tokenizer splits each one's bytes
     across tokens, whose text is then "\\ufffd"; the bytes still add up to the answer."""
     data, completion = create(client, model="fast", max_tokens=24, messages=ask("Party!"),
-                              logprobs=True, response_format={
-                                  "type": "json_schema", "json_schema": {
-                                      "name": "emoji", "schema": {"enum": [EMOJI]}}})
+                              logprobs=True, response_format=EMOJI_ONLY)
     text = completion.choices[0].message.content
     assert json.loads(text) == EMOJI
     tokens = completion.choices[0].logprobs.content
     assert any("\ufffd" in t.token for t in tokens)  # the case this test is about
     assert adds_up(tokens, text)
     streamed = stream(client, model="fast", max_tokens=24, messages=ask("Party!"),
-                      logprobs=True, response_format={
-                          "type": "json_schema", "json_schema": {
-                              "name": "emoji", "schema": {"enum": [EMOJI]}}})
+                      logprobs=True, response_format=EMOJI_ONLY)
     pieces = [t for c in streamed if c["choices"] and c["choices"][0]["logprobs"]
               for t in c["choices"][0]["logprobs"]["content"]]
     assert b"".join(bytes(t["bytes"]) for t in pieces).decode("utf-8") == text
@@ -460,8 +459,7 @@ def test_logprobs_and_json_come_back_through_the_openai_backend(relay):
         for text, _, raw in ((token.token, token.logprob, token.bytes), *token.top):
             assert bytes(raw).decode("utf-8", errors="replace") == text
     # A character split across tokens: its bytes come through the relay too.
-    completion = relayed(relay, "Party!", logprobs=True, response_format={
-        "type": "json_schema", "json_schema": {"name": "emoji", "schema": {"enum": [EMOJI]}}})
+    completion = relayed(relay, "Party!", logprobs=True, response_format=EMOJI_ONLY)
     assert json.loads(completion.text) == EMOJI
     assert any("\ufffd" in t.token for t in completion.logprobs)
     assert adds_up(completion.logprobs, completion.text)
