@@ -31,10 +31,12 @@ API_KEY = "dialect-key"
 SAR = str(Path(sys.executable).with_name("sarai-router"))
 MODELS = ["fast", "quality"]
 #: Characters whose UTF-8 bytes the fast model's tokenizer splits across tokens, and an
-#: answer held to them.
+#: answer held to them (by a pattern: llama-cpp-python's schema converter writes an
+#: ``enum`` or ``const`` of non-ASCII text as JSON surrogate escapes that its grammar
+#: reads as other bytes).
 EMOJI = "\U0001f389\U0001f973"
 EMOJI_ONLY = {"type": "json_schema", "json_schema": {
-    "name": "emoji", "schema": {"type": "string", "enum": [EMOJI]}}}
+    "name": "emoji", "schema": {"type": "string", "pattern": f"^{EMOJI}$"}}}
 
 
 WEATHER = {"type": "function", "function": {
