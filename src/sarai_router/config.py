@@ -40,6 +40,9 @@ PLUGINS_OWN_KEYS = ("dirs", "disable")
 @attrs.frozen
 class RoutingConfig:
     default_model: str = "fast"
+    #: fallbacks one request may take before its error is returned: a long chain (or a
+    #: ring of models) must not hold a request for minutes
+    max_fallbacks: int = 5
 
 
 @attrs.frozen
@@ -86,6 +89,9 @@ class ServerConfig:
     #: How long a stop (Ctrl-C, SIGTERM) may take: answers in flight are stopped at once,
     #: queued requests get 503 at once, and the process exits within this many seconds.
     shutdown_grace_seconds: float = 10.0
+    #: The longest idle time a client's ``keep_alive`` (Ollama dialect) may ask for a
+    #: model; longer asks are cut to this. 0: clients may only unload (keep_alive 0).
+    keep_alive_max_seconds: float = 300.0
 
 
 @attrs.frozen
@@ -102,6 +108,12 @@ class GenerationConfig:
     #: Stop once the same passage has come this many times in a row, or the same line
     #: (of at least ``runaway_min_chars``, list numbering aside) this many times at all.
     runaway_repeats: int = 4
+    #: The longest one answer may hold its model, in seconds (0: no bound); past it the
+    #: answer ends with finish_reason "length". ``[models.NAME]`` overrides it.
+    max_request_seconds: float = 600.0
+    #: The longest choosing one token may take (a grammar's work, not the model's), in
+    #: seconds (0: no bound); past it the answer ends the same way.
+    max_token_sampling_seconds: float = 2.0
 
 
 @attrs.frozen
@@ -159,6 +171,11 @@ class ModelSpec:
     frequency_penalty: float | None = None
     #: None: ``[generation] runaway_guard``
     runaway_guard: bool | None = None
+    #: None: ``[generation] max_request_seconds`` / ``max_token_sampling_seconds``
+    max_request_seconds: float | None = None
+    max_token_sampling_seconds: float | None = None
+    #: loaded for embeddings only (``/v1/embeddings``, ``/api/embed``), not for chat
+    embedding: bool = False
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -214,6 +231,14 @@ class Config:
         guard = spec.runaway_guard
         return self.generation.runaway_guard if guard is None else guard
 
+    def time_bounds_for(self, spec: ModelSpec) -> tuple[float, float]:
+        """(max_request_seconds, max_token_sampling_seconds) for ``spec``; 0: no bound."""
+        generation = self.generation
+        total = spec.max_request_seconds
+        token = spec.max_token_sampling_seconds
+        return (generation.max_request_seconds if total is None else total,
+                generation.max_token_sampling_seconds if token is None else token)
+
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
@@ -246,9 +271,8 @@ def default_models_dir() -> Path:
 
 
 def builtin_config_text() -> str:
-    from importlib.resources import files
-
-    return files("sarai_router").joinpath("default_config.toml").read_text(encoding="utf-8")
+    # Next to this module (package data); importlib.resources would cost `route` ~10 ms.
+    return Path(__file__).with_name("default_config.toml").read_text(encoding="utf-8")
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -524,9 +548,14 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
     hooks = Hooks(plugin_set, config)
     backends = {kind: factory for kind, (_, factory) in hooks.backends().items()}
     owners: dict[str, list[str]] = {}
-    for kind, factory in backends.items():
-        for field in attrs.fields(settings_class_of(factory)):
-            owners.setdefault(field.name, []).append(kind)
+
+    def owners_of(key: str) -> list[str]:
+        # Only for an error's hint: asking every backend for its keys imports them all.
+        if not owners:
+            for kind, factory in backends.items():
+                for field in attrs.fields(settings_class_of(factory)):
+                    owners.setdefault(field.name, []).append(kind)
+        return owners.get(key, [])
     resolve = path_resolver(Path(config.models_dir), base_dir)
     models = {}
     for name, spec in config.models.items():
@@ -540,7 +569,7 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
             continue
 
         def owner_hint(key: str, _kind: str = spec.backend) -> str:
-            others = [k for k in owners.get(key, []) if k != _kind]
+            others = [k for k in owners_of(key) if k != _kind]
             return (f" for backend {_kind!r} (a key of backend {', '.join(map(repr, others))})"
                     if others else f" for backend {_kind!r}")
 
@@ -613,6 +642,10 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     names = set(config.models)
     if not names:
         problems.append(f"{src}: models: no model is configured (add a [models.NAME] table)")
+    embedders = {n for n, s in config.models.items() if s.embedding}
+    if config.routing.default_model in embedders:
+        problems.append(f"{src}: routing.default_model: {config.routing.default_model!r} is "
+                        "an embedding model (embedding = true); chat cannot be routed to it")
     if names and config.routing.default_model not in names:
         problems.append(f"{src}: routing.default_model: routes to "
                         f"{not_configured(config.routing.default_model, names)}")
@@ -643,6 +676,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
     if server.shutdown_grace_seconds < 0:
         problems.append(f"{src}: server.shutdown_grace_seconds: must be >= 0")
+    if server.keep_alive_max_seconds < 0:
+        problems.append(f"{src}: server.keep_alive_max_seconds: must be >= 0")
     generation = config.generation
     if generation.runaway_min_chars < 1:
         problems.append(f"{src}: generation.runaway_min_chars: must be >= 1")
@@ -651,7 +686,12 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                         f"({generation.runaway_min_chars})")
     if generation.runaway_repeats < 2:
         problems.append(f"{src}: generation.runaway_repeats: must be >= 2")
+    for key in ("max_request_seconds", "max_token_sampling_seconds"):
+        if getattr(generation, key) < 0:
+            problems.append(f"{src}: generation.{key}: must be >= 0 (0: no bound)")
     pinned = [n for n, s in config.models.items() if s.pinned]
+    if config.routing.max_fallbacks < 0:
+        problems.append(f"{src}: routing.max_fallbacks: must be >= 0")
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
                         f"{len(pinned)} pinned models ({', '.join(pinned)})")
@@ -662,6 +702,10 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                 problems.append(f"{src}: {key}.{field}: must be >= 1")
         if spec.ttl_seconds is not None and spec.ttl_seconds < 0:
             problems.append(f"{src}: {key}.ttl_seconds: must be >= 0")
+        for field in ("max_request_seconds", "max_token_sampling_seconds"):
+            value = getattr(spec, field)
+            if value is not None and value < 0:
+                problems.append(f"{src}: {key}.{field}: must be >= 0 (0: no bound)")
         unknown = [m for m in spec.modalities if m not in MODALITIES]
         if unknown:
             problems.append(f"{src}: {key}.modalities: unknown modality {', '.join(map(repr, unknown))}"
@@ -682,6 +726,35 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
             if not Path(directory).is_dir():
                 problems.append(f"{src}: plugins.dirs[{index}]: not a directory: {directory}")
     return problems
+
+
+def fallback_cycles(models: Mapping[str, ModelSpec]) -> list[list[str]]:
+    """Each cycle of the ``fallbacks`` graph once, as ``[a, b, ..., a]`` (a self-loop is a
+    problem of its own, reported by the checks). A cycle is allowed, since a request tries
+    each model at most once, but ``config check`` shows it. Walked with an explicit stack,
+    so 1,500 models in one ring cost no recursion."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in models:
+        if start in state:
+            continue
+        path = [start]
+        state[start] = 1
+        stack = [iter(models[start].fallbacks)]
+        while stack:
+            other = next(stack[-1], None)
+            if other is None:
+                stack.pop()
+                state[path.pop()] = 2
+            elif other not in models or other == path[-1]:
+                continue
+            elif state.get(other) == 1:
+                cycles.append(path[path.index(other):] + [other])
+            elif other not in state:
+                state[other] = 1
+                path.append(other)
+                stack.append(iter(models[other].fallbacks))
+    return cycles
 
 
 #: The range of each sampling setting (the OpenAI API's where it has one).
@@ -720,11 +793,15 @@ def _non_finite_numbers(config: Config) -> list[str]:
     def walk(value: Any, key: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{config.source}: {key}: must be a finite number, got {value}")
-        elif isinstance(value, dict):
+        elif attrs.has(type(value)):  # walked as is: unstructuring the config costs more
+            for field in attrs.fields(type(value)):
+                if field.name != "plugin_set":
+                    walk(getattr(value, field.name), f"{key}.{field.name}" if key else field.name)
+        elif isinstance(value, Mapping):
             for name, item in value.items():
                 walk(item, f"{key}.{name}" if key else name)
 
-    walk(_converter.unstructure(config), "")
+    walk(config, "")
     return problems
 
 

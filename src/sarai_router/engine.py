@@ -26,11 +26,13 @@ from .config import Config, ModelSpec
 from .errors import (BackendError, Cancelled, CapabilityError, InstanceDead, PoolError,
                      QueueFull, SaraiError, TranscriptionUnavailable, UpstreamUnavailable,
                      not_configured)
+from .events import REQUEST_ID, begin_request
 from .fetch import ensure_present
 from .plugins import PluginSet
-from .pool import ModelPool, PoolEvent
+from .pool import ModelPool
 from .router import EXPLICIT_PLUGIN, Router
 from .runaway import RunawayGuard
+from .time_budget import TimeBudget
 from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ class Completion:
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
     #: cancelled while queued: the model never saw the request
     dropped: bool = False
-    #: what ended the answer early, when not the model: "runaway_guard"
+    #: what ended the answer early, when not the model: "runaway_guard", "time_limit"
     stopped_by: str | None = None
+    #: the request it answers (its events carry it): the front end's id, when it set one
+    request_id: str = attrs.field(factory=REQUEST_ID.get)
 
     def to_dict(self) -> dict[str, Any]:
         transcript = self.decision.transcript
@@ -111,8 +115,6 @@ class Engine:
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
-        #: Called with each FallbackStep taken (the server counts them in its metrics).
-        self.fallback_listeners: list[Callable[[FallbackStep], None]] = []
         self._sampling: dict[str, dict[str, Any]] = {}
 
     # -- the request path
@@ -127,6 +129,7 @@ class Engine:
         A transcribed request's decision carries the ``transcript``; :meth:`stream` then
         gives the model the transcript instead of the audio (:meth:`model_request`).
         """
+        begin_request()
         decision = self.decide(request, model=model)
         request = self.model_request(request, decision)
         decision = self.check_capabilities(decision, request)
@@ -212,8 +215,11 @@ class Engine:
                 (f"{why}, and " if why else "")
                 + "no plugin transcribes audio (the default, 'whisper', may be disabled in "
                 "[plugins] disable)")
-        return attrs.evolve(answer.value, plugin=answer.plugin,
-                            seconds=time.perf_counter() - started)
+        transcript = attrs.evolve(answer.value, plugin=answer.plugin,
+                                  seconds=time.perf_counter() - started)
+        self.hooks.emit("transcribed", language=transcript.language, seconds=transcript.seconds,
+                        chars=len(transcript.text), plugin=transcript.plugin)
+        return transcript
 
     @staticmethod
     def model_request(request: ChatRequest, decision: RouteDecision) -> ChatRequest:
@@ -281,6 +287,7 @@ class Engine:
                     raise _unwrap(exc) from None
                 continue
             completion.timings.total_s = time.perf_counter() - started
+            self._finished(completion)
             return
 
     async def astream(
@@ -308,6 +315,7 @@ class Engine:
                     raise _unwrap(exc) from None
                 continue
             completion.timings.total_s = time.perf_counter() - started
+            self._finished(completion)
             return
 
     def _stream_one(self, request: ChatRequest, completion: Completion,
@@ -390,6 +398,18 @@ class Engine:
                         yield text
             answer.end()
 
+    def _finished(self, completion: Completion) -> None:
+        if completion.dropped:
+            return
+        timings, usage = completion.timings, completion.usage
+        self.hooks.emit(
+            "generation_finished", completion.decision.model, request_id=completion.request_id,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            ttft_s=timings.first_token_s, generation_s=timings.generation_s,
+            total_s=timings.total_s,
+            tokens_per_second=timings.tokens_per_second(usage.completion_tokens),
+            finish_reason=completion.finish_reason, stopped_by=completion.stopped_by)
+
     def sampling_for(self, name: str) -> dict[str, Any]:
         """What model ``name`` sets for sampling (:func:`backend.model_sampling`), read once."""
         cached = self._sampling.get(name)
@@ -413,6 +433,13 @@ class Engine:
         return RunawayGuard(min_chars=generation.runaway_min_chars,
                             max_chars=generation.runaway_max_chars,
                             repeats=generation.runaway_repeats)
+
+    def budget_for(self, spec: ModelSpec) -> TimeBudget | None:
+        """A fresh time budget for one answer of ``spec``, or None when it has no bound."""
+        total, token = self.config.time_bounds_for(spec)
+        if not total and not token:
+            return None
+        return TimeBudget(max_seconds=total, max_token_sampling_seconds=token)
 
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
@@ -458,6 +485,8 @@ class _Answer:
         self.completion = completion
         self.model = completion.decision.model
         self.guard = engine.guard_for(engine.config.models[self.model])
+        self.budget = engine.budget_for(engine.config.models[self.model])
+        self.after_budget = 0
         self.stop = threading.Event()
         self.after_stop = 0
         self.gen_started = 0.0
@@ -470,17 +499,22 @@ class _Answer:
         params = params.with_defaults(self.engine.sampling_for(self.model))
         if self.guard is not None:
             params = attrs.evolve(params, stop_check=self.stop.is_set)
+        if self.budget is not None:
+            params = attrs.evolve(params, time_budget=self.budget)
         return params
 
     def dropped(self) -> None:
         self.completion.dropped = True
-        self.engine.pool.emit(PoolEvent("generation_dropped", self.model,
-                                        detail="cancelled while queued"))
+        self.engine.hooks.emit("generation_dropped", self.model,
+                               request_id=self.completion.request_id)
 
     def start(self, load_s: float) -> None:
-        self.engine.pool.emit(PoolEvent("generation_started", self.model))
+        self.engine.hooks.emit("generation_started", self.model,
+                               request_id=self.completion.request_id, load_s=load_s)
         self.completion.timings = Timings(load_s=load_s)
         self.gen_started = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
 
     def take(self, delta: Delta) -> Any:
         """The text to yield for ``delta`` (None: nothing), or END."""
@@ -491,6 +525,14 @@ class _Answer:
             completion.usage = delta.usage
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
+        if self.budget is not None and delta.usage is None and self.budget.exceeded():
+            # Past the time bound: a backend that enforces it ends within a piece (its
+            # usage counted); one that goes on is closed a few pieces later.
+            self.after_budget += 1
+            if self.after_budget > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
         if not delta.text:
             return None
         if self.stop.is_set():
@@ -513,6 +555,15 @@ class _Answer:
         completion = self.completion
         completion.timings.generation_s = time.perf_counter() - self.gen_started
         completion.text = "".join(completion.pieces)
+        if self.budget is not None and self.budget.tripped:
+            # Cut before its end, as max_tokens would: "length" says so.
+            completion.stopped_by = "time_limit"
+            completion.finish_reason = "length"
+            log.warning("time limit stopped %s after %d tokens: %s", self.model,
+                        completion.usage.completion_tokens, self.budget.reason)
+            self.engine.hooks.emit("time_limit_stopped", self.model,
+                                   request_id=completion.request_id, reason=self.budget.reason)
+            return
         if self.guard is not None and self.guard.tripped:
             completion.stopped_by = "runaway_guard"
             # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells
@@ -520,8 +571,8 @@ class _Answer:
             completion.finish_reason = "length" if self.shaped else "stop"
             log.info("runaway guard stopped %s after %d tokens: %s", self.model,
                      completion.usage.completion_tokens, self.guard.reason)
-            self.engine.pool.emit(PoolEvent("runaway_stopped", self.model,
-                                            detail=self.guard.reason))
+            self.engine.hooks.emit("runaway_stopped", self.model,
+                                   request_id=completion.request_id, reason=self.guard.reason)
 
 
 class _LoadFailed(Exception):
@@ -588,6 +639,11 @@ class _Attempts:
             self._chain.pop(0)
         if not self._chain:
             return False
+        if len(current.fallbacks) >= self.engine.config.routing.max_fallbacks:
+            log.warning("model %s could not answer (%s); no more fallbacks for this request "
+                        "([routing] max_fallbacks = %d)", current.model, reason,
+                        self.engine.config.routing.max_fallbacks)
+            return False
         following = self._chain.pop(0)
         step = FallbackStep(from_model=current.model, to_model=following, reason=reason,
                             detail=str(_unwrap(exc)))
@@ -599,11 +655,8 @@ class _Attempts:
         completion.pieces.clear()
         completion.logprobs.clear()
         self.count += 1
-        for listener in list(self.engine.fallback_listeners):
-            try:
-                listener(step)
-            except Exception:
-                log.exception("a fallback listener failed")
+        self.engine.hooks.emit("fallback", following, request_id=completion.request_id,
+                               from_model=step.from_model, to_model=following, reason=reason)
         return True
 
 

@@ -51,6 +51,16 @@ class AudioError(SaraiError):
     that cannot be decoded. The message names the clip and the problem (bad input)."""
 
 
+class AttachmentError(SaraiError):
+    """A file given as an attachment (``--image``, ``--audio``) can't be taken: not a regular
+    file (a FIFO, a device, a directory), too large, or unreadable. The message names it."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
 class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 
@@ -124,6 +134,14 @@ class QueueFull(PoolError):
         super().__init__(f"model {model!r} is busy and {limit} request"
                          f"{'s' if limit != 1 else ''} already wait for it "
                          "([server] queue_size); try again shortly")
+
+
+class ModelPinned(PoolError):
+    """An unload asked for a pinned model: the config holds it resident for good."""
+
+
+class ModelBusy(PoolError):
+    """An unload waited for the model's requests to end, and they did not in time."""
 
 
 class InstanceDead(BackendError):

@@ -40,7 +40,8 @@ import attrs
 
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
+from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
+                     QueueFull, not_configured)
 from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
@@ -48,9 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "ResidentInfo"]
+__all__ = ["ModelPool", "PoolError", "QueueFull", "Resident", "ResidentInfo"]
 
 
+#: The detail of an unload a client's ``keep_alive: 0`` asked for.
+KEEP_ALIVE_0 = "keep_alive 0"
 #: A verified unload must give back at least this share of what the load took.
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
@@ -127,6 +130,11 @@ class Resident:
     sync_waiters: list = attrs.field(factory=list)
     #: generations holding a slot now
     active: int = 0
+    #: a client's idle limit for this instance (``keep_alive``), seconds; None: the cache
+    #: policy's TTL. Never set on a pinned model.
+    keep_alive_s: float | None = None
+    #: unload as soon as the last request using it ends (``keep_alive`` 0)
+    unload_after_use: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -160,27 +168,9 @@ class Resident:
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
+            "keep_alive_s": self.keep_alive_s,
+            "unload_after_use": self.unload_after_use,
         }
-
-
-@attrs.frozen
-class PoolEvent:
-    """What the pool did, for logs and metrics.
-
-    ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
-    by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
-    loaded instance died and was dropped; ``detail`` says how it was found); and from the
-    engine, per request: generation_started (the model took the request),
-    generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
-    (the runaway guard ended a generation that kept repeating itself).
-    """
-
-    kind: str
-    model: str
-    seconds: float = 0.0
-    ram_mb: float = 0.0
-    detail: str = ""
 
 
 def process_rss_mb() -> float:
@@ -284,7 +274,6 @@ class ModelPool:
         self.estimator = estimator or (
             lambda spec: self.hooks.backend(spec.backend).estimate_ram_mb(spec))
         self.wait_seconds = wait_seconds
-        self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
         #: taken out of ``_residents`` and being closed (outside the lock)
         self._closing: dict[str, Resident] = {}
@@ -460,6 +449,7 @@ class ModelPool:
 
     def _release_user(self, resident: Resident, *, used: bool = True) -> None:
         """``used``: it generated (the idle clock restarts); else it left the queue."""
+        taken = None
         with self._cond:
             resident.users -= 1
             resident.queued -= 1
@@ -468,7 +458,12 @@ class ModelPool:
                 self._heap_dirty = True
             if resident.state == "dead" and resident.users == 0:
                 self._close_dead_locked(resident)
+            elif (resident.unload_after_use and resident.idle
+                    and self._residents.get(resident.name) is resident):
+                taken = self._take_out_locked(resident, kind="unload", detail=KEEP_ALIVE_0)
             self._cond.notify_all()
+        if taken is not None:
+            self._close(*taken)
 
     def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
         """Take a slot of ``resident`` on this thread, in arrival order; Cancelled (the
@@ -477,10 +472,17 @@ class ModelPool:
             if not (resident.async_waiters or resident.sync_waiters) and \
                     resident.slots.acquire(blocking=False):
                 resident.active += 1
-                granted = True
+                wait = None
             else:
                 wait = _SlotWait(next(self._arrivals))
                 resident.sync_waiters.append(wait)
+                position = len(resident.sync_waiters) + len(resident.async_waiters) - 1
+        if wait is None:
+            granted = True
+        else:
+            # Observers run outside the lock; a release meanwhile sets ``granted``.
+            self.hooks.emit("queued", resident.name, position=position)
+            with self._cond:
                 while not wait.granted and not (cancel is not None and cancel.is_set()):
                     # Woken by a release or a cancel (wake()); the timeout is a backstop.
                     self._cond.wait(timeout=1.0)
@@ -504,7 +506,9 @@ class ModelPool:
                 return
             entry = (next(self._arrivals), loop, future)
             resident.async_waiters.append(entry)
+            position = len(resident.sync_waiters) + len(resident.async_waiters) - 1
         try:
+            self.hooks.emit("queued", resident.name, position=position)
             await future
         except BaseException:
             with self._cond:
@@ -532,10 +536,10 @@ class ModelPool:
                     resident.prewarm_pending = False
                     prewarm_used = True
         if full:
-            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self.hooks.emit("queue_full", name, queue_size=queue_limit)
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self._emit(PoolEvent("prewarm_used", name))
+            self.hooks.emit("prewarm_used", name)
         return resident
 
     def ensure_loaded(self, name: str) -> Resident:
@@ -572,7 +576,7 @@ class ModelPool:
                 resident.prewarm_pending = True
         if skipped:
             log.info("pre-warm of %s skipped: %s", name, skipped)
-            self._emit(PoolEvent("prewarm_skipped", name, detail=skipped))
+            self.hooks.emit("prewarm_skipped", name, reason=skipped)
             return None
         thread = threading.Thread(target=self._prewarm_load, args=(resident, reason),
                                   name=f"sarai-prewarm-{name}", daemon=True)
@@ -589,8 +593,8 @@ class ModelPool:
             resident.users -= 1
             self._cond.notify_all()
         log.info("pre-warmed model %s (%s)", resident.name, reason or "asked by a plugin")
-        self._emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
-                             ram_mb=resident.ram_mb, detail=reason))
+        self.hooks.emit("prewarm_started", resident.name, reason=reason,
+                        load_s=resident.load_seconds, rss_mb=resident.ram_mb)
 
     def load_pinned(self) -> list[str]:
         pinned = [name for name, spec in self.config.models.items() if spec.pinned]
@@ -609,7 +613,7 @@ class ModelPool:
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
-        victims: list[tuple[Resident, str, str]] = []
+        victims: list[tuple[Resident, str, str, str]] = []
         try:
             with self._cond:
                 # A model still being closed is loaded again once the close is done (shown
@@ -647,10 +651,10 @@ class ModelPool:
             for victim in victims:
                 self._close(*victim)
         if full:
-            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self.hooks.emit("queue_full", name, queue_size=queue_limit)
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self._emit(PoolEvent("prewarm_used", name))
+            self.hooks.emit("prewarm_used", name)
         if loader:
             try:
                 self._load(resident)
@@ -677,7 +681,7 @@ class ModelPool:
                 raise PoolError(f"model {name!r} failed to load (see the log above)")
         return resident
 
-    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str]],
+    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str, str]],
                  evict: bool = True, cancel: threading.Event | None = None) -> Resident:
         """Make room for ``spec`` and reserve its slot. Holds the lock.
 
@@ -695,7 +699,7 @@ class ModelPool:
         deadline = time.monotonic() + self.wait_seconds
         self._refresh_measured_locked()
         while True:
-            ours = {id(victim) for victim, _, _ in victims}
+            ours = {id(victim) for victim, *_ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
             over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
             over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
@@ -719,8 +723,10 @@ class ModelPool:
                         f"(answer: {victim!r}; candidates: {', '.join(by_name)}); "
                         "is the default 'lru_ttl' plugin disabled?"
                     )
-                victims.append(self._take_out_locked(by_name[victim], kind="evict",
-                                                     detail=f"to load {spec.name}"))
+                victims.append(self._take_out_locked(
+                    by_name[victim], kind="evict", detail=(
+                        f"[cache] max_loaded = {self.config.cache.max_loaded}" if over_count
+                        else f"[cache] ram_budget_mb = {budget:.0f}"), by=spec.name))
                 continue
             _check_cancel(cancel, spec.name)
             remaining = deadline - time.monotonic()
@@ -755,6 +761,7 @@ class ModelPool:
 
     def _load(self, resident: Resident) -> None:
         spec = resident.spec
+        self.hooks.emit("model_loading", resident.name)
         rss_before = process_rss_mb()
         started = time.perf_counter()
         try:
@@ -765,7 +772,7 @@ class ModelPool:
                 self._residents.pop(resident.name, None)
                 resident.users -= 1
                 self._cond.notify_all()
-            self._emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
+            self.hooks.emit("load_failed", resident.name, error=str(exc))
             if isinstance(exc, (BackendError, PoolError)):
                 raise
             if isinstance(exc, Exception):
@@ -789,7 +796,7 @@ class ModelPool:
         log.info("loaded model %s in %.2fs (estimated %.0f MB, %s %.0f MB)",
                  resident.name, seconds, resident.estimated_mb,
                  "its RSS" if own is not None else "RSS +", measured)
-        self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
+        self.hooks.emit("model_loaded", resident.name, load_s=seconds, rss_mb=resident.ram_mb)
 
     # -- unloading ----------------------------------------------------------------------
     #
@@ -798,16 +805,16 @@ class ModelPool:
     # it is closed, the heap trimmed and the RSS drop checked. Closing a 250 MB model takes
     # tens of milliseconds: /health, /metrics and other requests must not wait for it.
 
-    def _take_out_locked(self, resident: Resident, *, kind: str,
-                         detail: str = "") -> tuple[Resident, str, str]:
+    def _take_out_locked(self, resident: Resident, *, kind: str, detail: str = "",
+                         by: str = "") -> tuple[Resident, str, str, str]:
         """Take an idle resident out of service; the caller must ``_close`` it, unlocked."""
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
         resident.state = "unloading"
         self._closing[resident.name] = resident
-        return resident, kind, detail
+        return resident, kind, detail, by
 
-    def _close(self, resident: Resident, kind: str, detail: str = "") -> None:
+    def _close(self, resident: Resident, kind: str, detail: str = "", by: str = "") -> None:
         """Close a taken-out resident (never under the pool lock) and report it."""
         try:
             with self._close_lock:
@@ -832,13 +839,21 @@ class ModelPool:
                 self._cond.notify_all()  # a reload of this model may go on
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
-                 resident.name, f" ({detail})" if detail else "", freed)
-        self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+                 resident.name, f" (to load {by}: {detail})" if by else
+                 f" ({detail})" if detail else "", freed)
+        if kind == "evict":
+            self.hooks.emit("model_evicted", resident.name, reason=detail, by=by,
+                            rss_mb=resident.ram_mb)
+        else:
+            # A client's keep_alive 0 is told apart from an operator's unload.
+            reason = {"shutdown": "shutdown", KEEP_ALIVE_0: "keep_alive"}.get(detail, kind)
+            self.hooks.emit("model_unloaded", resident.name, reason=reason,
+                            rss_mb=resident.ram_mb)
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
             resident.prewarm_pending = False
-            self._emit(PoolEvent("prewarm_wasted", resident.name,
-                                 detail=f"{kind} before any request used it"))
+            self.hooks.emit("prewarm_wasted", resident.name,
+                            reason=f"{kind} before any request used it")
 
     def _verify_unload(self, resident: Resident, freed_mb: float) -> None:
         """Check that closing gave back about what loading took (measured, else estimated)."""
@@ -848,8 +863,8 @@ class ModelPool:
         log.warning("unloading model %s freed only %.0f MB of RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
-        self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
-                             detail=f"freed {freed_mb:.0f} MB"))
+        self.hooks.emit("unload_unverified", resident.name, expected_mb=expected,
+                        freed_mb=freed_mb)
 
     def _drop_dead_locked(self, resident: Resident, detail: str) -> None:
         """Forget an instance that died: the next request loads the model again. Closed now
@@ -861,7 +876,7 @@ class ModelPool:
         resident.state = "dead"
         log.warning("model %s: its instance died (%s); the next request loads it again",
                     resident.name, detail)
-        self._emit(PoolEvent("crash", resident.name, ram_mb=resident.ram_mb, detail=detail))
+        self.hooks.emit("model_crashed", resident.name, detail=detail)
         if resident.users == 0:
             self._close_dead_locked(resident)
         self._cond.notify_all()
@@ -896,10 +911,143 @@ class ModelPool:
         self._close(*taken)
         return True
 
+    def keep_alive(self, name: str, seconds: float | None) -> str:
+        """A client's ``keep_alive`` for ``name``'s loaded instance, within the operator's
+        policy: ``0`` unloads it once the requests using it end (now if none does);
+        ``seconds > 0`` sets its idle limit to that many seconds, replacing the TTL;
+        ``None`` gives the TTL back. A pinned model is never touched; the budget and
+        ``max_loaded`` may still evict it. The caller caps ``seconds``.
+
+        Returns what happened: ``not_loaded``, ``pinned``, ``unloaded``, ``unload_pending``
+        (in use: unloaded when its last request ends) or ``set``.
+        """
+        taken = None
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state not in ("loaded", "loading"):
+                return "not_loaded"
+            if resident.pinned:
+                return "pinned"
+            if seconds is not None and seconds <= 0:
+                resident.unload_after_use = True
+                if resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload",
+                                                  detail=KEEP_ALIVE_0)
+            else:
+                resident.unload_after_use = False
+                resident.keep_alive_s = seconds
+        if taken is not None:
+            self._close(*taken)
+            return "unloaded"
+        return "unload_pending" if seconds is not None and seconds <= 0 else "set"
+
+    def expires_in(self, name: str, now: float | None = None) -> float | None:
+        """Seconds until ``name`` expires if it stays idle (0 when due; None: pinned, not
+        loaded, or in use, whose idle clock has not started)."""
+        now = self.clock() if now is None else now
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.pinned or not resident.idle:
+                return None
+            limit = (resident.keep_alive_s if resident.keep_alive_s is not None
+                     else self.config.ttl_for(resident.spec))
+            return max(0.0, resident.last_used + limit - now)
+
+    def unload_when_idle(self, name: str, *, timeout: float | None = None,
+                         cancel: threading.Event | None = None) -> bool:
+        """An operator's unload: wait until no request uses or waits for ``name``, then
+        unload it. Requests keep being served meanwhile; the model goes as soon as it is
+        idle. Returns False if it was not resident.
+
+        Raises :class:`ModelPinned` for a pinned model (the config holds it), and
+        :class:`ModelBusy` if it is still in use after ``timeout`` seconds (default: the
+        pool's ``wait_seconds``) or ``cancel`` is set.
+        """
+        spec = self.config.models.get(name)
+        if spec is None:
+            raise PoolError(f"cannot unload {not_configured(name, self.config.models)}")
+        if spec.pinned:
+            raise ModelPinned(f"model {name!r} is pinned ([models.{name}] pinned = true): it "
+                              "stays loaded while the server runs; unpin it in the config "
+                              "to unload it")
+        wait = self.wait_seconds if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                resident = self._residents.get(name)
+                if resident is None and name not in self._closing:
+                    return False
+                if resident is not None and resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload", detail="asked")
+                    break
+                # Loading, in use, or being closed by someone else: look again when the
+                # pool changes (every release notifies).
+                remaining = deadline - time.monotonic()
+                users = resident.users if resident is not None else 0
+                in_use = (f"{users} request{'s' if users != 1 else ''} generating or "
+                          "queued")
+                if cancel is not None and cancel.is_set():
+                    raise ModelBusy(f"gave up unloading model {name!r}: cancelled while "
+                                    f"it was still in use ({in_use})")
+                if remaining <= 0:
+                    raise ModelBusy(f"model {name!r} is still in use ({in_use}) after "
+                                    f"{wait:g} s; try again later")
+                self._cond.wait(timeout=min(remaining, 0.5))
+        self._close(*taken)
+        return True
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every configured model's residency as the operator sees it (``models ps``, the
+        admin API, the page): ``state`` (unloaded, loading, loaded, unloading), ``rss_mb``
+        (what it holds: measured, else estimated; None when unloaded), ``pinned``,
+        ``in_flight`` (generating now), ``queued`` (waiting for the load or a slot),
+        ``last_used`` (wall clock, None before its first request ends), ``idle_seconds``,
+        ``ttl_seconds`` and ``expires_at`` / ``expires_in_seconds``: when the TTL unloads it
+        if it stays idle (None when pinned, busy or not loaded; the reaper runs every
+        ``[cache] reap_interval_seconds``, so it goes within that much after)."""
+        now, wall = self.clock(), time.time()
+        with self._cond:
+            held = {**{r.name: r for r in self._closing.values()}, **self._residents}
+            rows = []
+            for name, spec in self.config.models.items():
+                resident = held.get(name)
+                ttl = None if spec.pinned else self.config.ttl_for(spec)
+                row: dict[str, Any] = {
+                    "name": name, "state": "unloaded", "pinned": spec.pinned,
+                    "backend": spec.backend, "rss_mb": None, "estimated_mb": None,
+                    "in_flight": 0, "queued": 0, "concurrency": None, "last_used": None,
+                    "idle_seconds": None, "ttl_seconds": ttl, "expires_at": None,
+                    "expires_in_seconds": None, "load_seconds": self._load_seconds.get(name),
+                }
+                if resident is not None:
+                    loaded = resident.state == "loaded"
+                    row.update(
+                        state=resident.state, rss_mb=round(resident.ram_mb, 1),
+                        estimated_mb=round(resident.estimated_mb, 1),
+                        in_flight=resident.active,
+                        queued=max(0, resident.queued - resident.active),
+                        concurrency=resident.concurrency)
+                    # A request's end restarts the idle clock; a load alone does not count.
+                    if loaded and resident.last_used > resident.loaded_at:
+                        row["last_used"] = round(wall - (now - resident.last_used), 3)
+                    if resident.idle:
+                        idle = max(0.0, now - resident.last_used)
+                        row["idle_seconds"] = round(idle, 1)
+                        # A client's keep_alive (the Ollama dialect), where the pool keeps
+                        # one, replaces the TTL for this instance.
+                        limit = getattr(resident, "keep_alive_s", None)
+                        limit = ttl if limit is None or spec.pinned else limit
+                        if limit is not None:
+                            left = max(0.0, limit - idle)
+                            row["expires_in_seconds"] = round(left, 1)
+                            row["expires_at"] = round(wall + left, 3)
+                rows.append(row)
+        return rows
+
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""
         now = self.clock() if now is None else now
-        taken: list[tuple[Resident, str, str]] = []
+        taken: list[tuple[Resident, str, str, str]] = []
         with self._cond:
             for resident in list(self._residents.values()):
                 if resident.state == "loaded" and not model_alive(resident.model):
@@ -908,13 +1056,19 @@ class ModelPool:
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
-                if self.hooks.model_expired(resident=resident.info(), now=now,
-                                            cache=self.config.cache):
+                if resident.unload_after_use:
+                    expired = True
+                elif resident.keep_alive_s is not None:  # a client's, within the cap
+                    expired = now - resident.last_used >= resident.keep_alive_s
+                else:
+                    expired = self.hooks.model_expired(resident=resident.info(), now=now,
+                                                       cache=self.config.cache)
+                if expired:
                     taken.append(self._take_out_locked(
                         resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
         for item in taken:
             self._close(*item)
-        return [resident.name for resident, _, _ in taken]
+        return [resident.name for resident, *_ in taken]
 
     def trim_if_idle(self) -> bool:
         """Give freed memory back to the OS when no generation runs and one ended since
@@ -962,17 +1116,6 @@ class ModelPool:
                      if resident.state == "loaded" and resident.users == 0]
         for item in taken:
             self._close(*item)
-
-    def _emit(self, event: PoolEvent) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("a pool listener failed on %s", event)
-
-    def emit(self, event: PoolEvent) -> None:
-        """Tell the listeners (logs, metrics) about ``event`` (the engine's per-request ones)."""
-        self._emit(event)
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:

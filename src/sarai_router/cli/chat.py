@@ -18,12 +18,13 @@ import click
 
 from ..backend import GenerationParams
 from ..config import Config
-from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
+from ..errors import (AttachmentError, ContextLengthError, RoutingError, SaraiError,
+                      not_configured)
 if TYPE_CHECKING:  # the engine (asyncio, the pool) loads when a chat starts, not for `route`
     from ..engine import Engine
     from ..streaming import Generation
 
-from ..types import AudioInput, ChatRequest, message_text
+from ..types import AudioInput, ChatRequest, message_text, read_attachment
 from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
                      utf8_problem)
 
@@ -143,9 +144,9 @@ class ChatSession:
             return
         path = Path(words[0]).expanduser()
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self.echo(click.style(f"/audio: cannot read {path}: {exc.strerror}", fg="red"))
+            data = read_attachment(path, self.config.server.max_body_bytes)
+        except AttachmentError as exc:
+            self.echo(click.style(f"/audio: {exc}", fg="red"))
             return
         import mimetypes
 
@@ -194,7 +195,9 @@ class ChatSession:
                           f"{t['tokens_per_second']:.0f} tok/s"
                           + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")
                           + ("; stopped: it kept repeating itself (runaway guard)"
-                             if data["stopped_by"] == "runaway_guard" else "")))
+                             if data["stopped_by"] == "runaway_guard" else "")
+                          + ("; stopped: it ran past its time limit"
+                             if data["stopped_by"] == "time_limit" else "")))
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})

@@ -26,12 +26,14 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     With --audio that no model takes, the clip is transcribed first (the speech model
     loads) and the decision is made on what was said, as `query` does.
     """
-    request = request_from_options(prompt, images, audio)
+    request = request_from_options(prompt, images, audio, app.config())
     try:
         if request.audio is None:
+            from ..events import begin_request
             from ..router import Router
 
             router = Router(app.config())
+            begin_request()
             decision = router.route(request)
         else:
             from ..engine import Engine
@@ -104,7 +106,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     from ..engine import Completion, Engine
 
     engine = Engine(app.config(), report=say, progressbar=progressbar)
-    request = request_from_options(prompt, images, audio)
+    request = request_from_options(prompt, images, audio, app.config())
     streaming = not (no_stream or as_json)
     printed = False
     try:
@@ -148,7 +150,9 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
         f"{t['tokens_per_second']:.1f} tok/s, first token {first}, load {t['load_s']:.2f}s, "
         f"total {t['total_s']:.2f}s"
         + ("; stopped: it kept repeating itself (runaway guard)"
-           if completion.stopped_by == "runaway_guard" else "")), err=True)
+           if completion.stopped_by == "runaway_guard" else "")
+        + ("; stopped: it ran past its time limit"
+           if completion.stopped_by == "time_limit" else "")), err=True)
 
 
 __all__ = ["route", "query", "EXIT_USAGE"]

@@ -30,7 +30,8 @@ from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
-from .llama_cpp import default_threads, file_presence, gguf_path_problems
+from .grammar_limits import check_params
+from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
 from .openai import OpenAIModel, OpenAISettings
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ MANAGED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-np", "--parallel"), "use `parallel`"),
     **dict.fromkeys(("-t", "--threads"), "use `n_threads`"),
     **dict.fromkeys(("-mm", "--mmproj"), "use `mmproj`"),
+    **dict.fromkeys(("--repack", "-nr", "--no-repack"), "use `repack`"),
     **dict.fromkeys(("--api-key", "--api-key-file"),
                     "the router talks to the server on 127.0.0.1 without a key"),
 }
@@ -78,6 +80,9 @@ class LlamaServerSettings:
     server_args: tuple[str, ...] = ()
     #: how long the model may take to load before the start is given up
     startup_timeout_seconds: float = 120.0
+    #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
+    #: AMX, whose kernels crash in llama.cpp's current version (``--no-repack`` then)
+    repack: bool | None = None
 
 
 class LlamaServerBackend(Backend):
@@ -205,6 +210,7 @@ def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
     ]
     if settings.mmproj:
         argv += ["--mmproj", settings.mmproj]
+    argv.append("--repack" if repack_weights(settings.repack) else "--no-repack")
     return argv + list(settings.server_args)
 
 
@@ -296,6 +302,8 @@ class LlamaServerModel:
     def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
              images: Sequence[ImageInput] = (),
              audio: AudioInput | None = None) -> Iterator[Delta]:
+        # llama-server builds its grammars with the same llama.cpp parser: the same limits.
+        check_params(params)
         deltas = self.client.chat(messages, params, images=images, audio=audio)
         try:
             yield from deltas
@@ -309,6 +317,7 @@ class LlamaServerModel:
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
+        check_params(params)
         deltas = self.client.achat(messages, params, images=images, audio=audio)
         try:
             async for delta in deltas:

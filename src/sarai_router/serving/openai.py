@@ -30,6 +30,7 @@ from ..backend import GenerationParams, TokenLogprob, ToolCall
 from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
                       InvalidRequest, ModelLoadError, PoolError, QueueFull, UpstreamError,
                       UpstreamUnavailable)
+from ..events import REQUEST_ID
 from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ AUTO_MODEL = "auto"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
 
-#: The request id of the request being answered (set by the server's outermost middleware).
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("sarai_request_id", default="")
+
+#: The error shape of the request being answered: "openai" (``{"error": {...}}``) or
+#: "ollama" (``{"error": "..."}``, on ``/api/*``); set by the server's outermost middleware.
+DIALECT: contextvars.ContextVar[str] = contextvars.ContextVar("sarai_dialect",
+                                                              default="openai")
 
 #: Deeper JSON is refused before anything walks it (OpenAI allows 10 levels in a schema).
 MAX_JSON_DEPTH = 64
@@ -66,6 +70,10 @@ class ApiError(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
+        if DIALECT.get() == "ollama":
+            # Ollama's shape has no code: it travels in a header of ours instead.
+            return JSONResponse({"error": self.message}, status_code=self.status,
+                                headers={**self.headers, "x-sarai-error-code": self.code})
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
@@ -82,7 +90,8 @@ def internal_error() -> ApiError:
 
 
 # Absolute paths (POSIX or Windows) inside messages built from a backend's exceptions.
-_PATH = re.compile(r"(?<![\w:/.\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
+# Not a JSON pointer's tail ("#/$defs/a" names a place in the request's own schema).
+_PATH = re.compile(r"(?<![\w:/.\\#-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
 
 
 def scrub_paths(message: str) -> str:
