@@ -20,10 +20,22 @@ from sarai_router.serving import create_app
 from sarai_router.serving.openai import ApiError, Limits, parse_chat_body
 
 #: Cases answered only once a model is loaded (its tokenizer counts the prompt, its
-#: vocabulary checks the grammar, or the load itself fails): test_bad_inputs.py's.
-NEED_A_MODEL = {"a model whose GGUF header is junk", "a model whose file is missing",
-                "prompt over n_ctx", "schema with a dangling $ref"}
-REFUSALS = [c for c in CASES if c.raw is None and c.name not in NEED_A_MODEL]
+#: vocabulary checks a grammar or a schema's limits, or the load itself fails):
+#: test_bad_inputs.py sends them to a server with the real models. A new case that needs a
+#: model fails here with the load guard's message: add it.
+NEED_A_MODEL = {
+    "a model whose GGUF header is junk", "a model whose file is missing", "prompt over n_ctx",
+    "schema with a dangling $ref", "$ref to a missing $defs entry", "$ref to a remote schema",
+    "2,000 optional properties", "ambiguous pattern (a?){120}a{120} (held the model 124 s)",
+    "ambiguous pattern (a?){240}a{240}", "embeddings token outside the vocabulary",
+    "maxLength 15000 (llama.cpp dumped 120 KB)", "maxLength 20000 (overflowed llama.cpp's parser)",
+    "maxLength 20000 streamed", "maxLength of 400 digits", "pattern a{1,100000}",
+    "pattern bound of 5,000 digits", "pattern repeating what may match nothing",
+    "pattern whose nested repetitions multiply", "tool with maxItems 100000, required",
+    "tool with maxItems 100000, required, streamed"}
+#: The OpenAI API's cases (Ollama's /api/* answer in Ollama's own error shape).
+REFUSALS = [c for c in CASES if c.raw is None and c.name not in NEED_A_MODEL
+            and not c.path.startswith("/api/")]
 
 #: A test double, clearly one: a backend that claims no tools, JSON output or logprobs
 #: (no real backend here lacks them).
