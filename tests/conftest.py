@@ -4,6 +4,10 @@ Tests that need the models fail loudly when a file is missing (CI pulls them fir
 ``sarai-router models pull``); they are never skipped. A test that loads a model carries
 the ``models`` marker, and one that doesn't is failed if it loads one (model_load_guard/),
 so ``pytest -m "not models"`` loads none.
+
+Tests that reach the package index (``network``) or need the llama-server build
+(``llama_server``) are counted as ``models`` tests too, so ``-m "not models"`` stays quick
+and offline; the load guard still holds for them unless they carry ``models`` themselves.
 """
 
 from __future__ import annotations
@@ -66,10 +70,31 @@ _spec.loader.exec_module(load_guard)
 load_guard.install()
 
 
+#: Markers of slow or online tests that ``-m "not models"`` leaves out with the model tests,
+#: and their per-test timeout (pyproject's ``timeout`` is the rest's): the first test that
+#: needs llama-server may build it (4-9 minutes on 2 cores), a network test downloads.
+HEAVY_MARKERS = {"llama_server": 1800, "network": 900}
+#: Set on a test counted as ``models`` only for its heavy marker: it may still load no model.
+_LOADS_FORBIDDEN = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        heavy = [name for name in HEAVY_MARKERS if item.get_closest_marker(name)]
+        if not heavy:
+            continue
+        if not item.get_closest_marker("models"):
+            item.add_marker(pytest.mark.models)
+            item.stash[_LOADS_FORBIDDEN] = True
+        if not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(max(HEAVY_MARKERS[name] for name in heavy)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test not marked ``models`` runs with model loads forbidden, here and in its children."""
-    if item.get_closest_marker("models"):
+    if item.get_closest_marker("models") and not item.stash.get(_LOADS_FORBIDDEN, False):
         return
     handle, name = tempfile.mkstemp(prefix="sarai-forbidden-loads-", suffix=".txt")
     os.close(handle)

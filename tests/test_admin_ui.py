@@ -27,8 +27,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-sync", "--no-first-run"]
 WAIT_MS = 60_000
 
-pytestmark = pytest.mark.models
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, models_dir):
@@ -83,6 +81,7 @@ def chat(server: str, prompt: str, model: str = "auto") -> httpx.Response:
     return answer
 
 
+@pytest.mark.models
 def test_the_page_shows_the_models_and_keeps_the_key_out_of_urls(page, server):
     fast = page.locator("tr[data-model=fast]")
     quality = page.locator("tr[data-model=quality]")
@@ -97,6 +96,7 @@ def test_the_page_shows_the_models_and_keeps_the_key_out_of_urls(page, server):
     assert page.errors == []
 
 
+@pytest.mark.models
 def test_a_request_appears_with_its_routing_reason(page, server):
     answer = chat(server, "Me siento muy triste hoy")
     request_id = answer.headers["x-request-id"]
@@ -113,6 +113,7 @@ def test_a_request_appears_with_its_routing_reason(page, server):
     assert page.errors == []
 
 
+@pytest.mark.models
 def test_the_load_and_unload_buttons_change_what_the_server_holds(page, server):
     quality = page.locator("tr[data-model=quality]")
     quality.locator("button.load").click()
@@ -129,6 +130,7 @@ def test_the_load_and_unload_buttons_change_what_the_server_holds(page, server):
     assert page.errors == []
 
 
+@pytest.mark.models
 def test_a_prompt_holding_script_is_shown_as_text_and_never_runs(page, server):
     prompt = ('<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
               " ¿qué ves en esta foto?")
@@ -148,6 +150,7 @@ def test_a_prompt_holding_script_is_shown_as_text_and_never_runs(page, server):
     assert page.errors == []
 
 
+@pytest.mark.models
 def test_a_reloaded_page_asks_no_key_again_and_a_wrong_key_is_asked_again(browser, server,
                                                                           page):
     page.reload()
@@ -164,6 +167,7 @@ def test_a_reloaded_page_asks_no_key_again_and_a_wrong_key_is_asked_again(browse
     other.context.close()
 
 
+@pytest.mark.models
 def test_without_an_api_key_the_page_asks_for_none(browser, tmp_path, models_dir):
     config = tmp_path / "sarai.toml"
     config.write_text(base_toml(models_dir, fast="pinned = true\nn_threads = 1"),

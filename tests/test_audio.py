@@ -42,8 +42,6 @@ ENGLISH = FIXTURES / "en_picture.wav"  # "Please describe the picture I sent you
 SPANISH = FIXTURES / "es_triste.wav"  # "Me siento muy triste hoy"
 WHISPER = BUNDLES["whisper-base-ct2"]
 
-pytestmark = pytest.mark.models
-
 
 @pytest.fixture(scope="session")
 def whisper_dir(models_dir: Path) -> Path:
@@ -108,6 +106,7 @@ def query_audio(run, audio: Path, *args: str) -> dict:
 # -- done when: spoken requests routed on what was said, and answered ----------------------
 
 
+@pytest.mark.models
 def test_spoken_english_picture_request_routes_to_quality_and_is_answered(run, default_config_here):
     data = query_audio(run, ENGLISH)  # no typed prompt
     assert data["model"] == "quality", data
@@ -121,6 +120,7 @@ def test_spoken_english_picture_request_routes_to_quality_and_is_answered(run, d
     assert data["usage"]["completion_tokens"] > 0 and data["text"].strip()
 
 
+@pytest.mark.models
 def test_spoken_spanish_sadness_routes_to_fast_and_is_answered(run, default_config_here):
     data = query_audio(run, SPANISH)
     assert data["model"] == "fast", data
@@ -131,6 +131,7 @@ def test_spoken_spanish_sadness_routes_to_fast_and_is_answered(run, default_conf
     assert data["usage"]["completion_tokens"] > 0 and data["text"].strip()
 
 
+@pytest.mark.models
 def test_query_audio_says_the_transcript_and_route_on_stderr(run, default_config_here):
     result = run("query", "--audio", str(SPANISH), "--max-tokens", "4", "--seed", "1")
     assert result.exit_code == 0, result.stderr
@@ -140,6 +141,7 @@ def test_query_audio_says_the_transcript_and_route_on_stderr(run, default_config
     assert result.stdout.strip()
 
 
+@pytest.mark.models
 def test_typed_text_and_transcript_are_routed_together(run, default_config_here):
     # The typed words alone are neutral; what was said makes it a sad, short message.
     assert json.loads(run("route", "--json", "Escucha esto").stdout)["signals"]["empathy"] < 0.8
@@ -150,6 +152,7 @@ def test_typed_text_and_transcript_are_routed_together(run, default_config_here)
     assert decision["signals"]["chars"] == len("Escucha esto\n") + len(decision["transcript"]["text"])
 
 
+@pytest.mark.models
 def test_route_audio_json_carries_the_transcript(run, default_config_here):
     result = run("route", "--json", "--audio", str(ENGLISH))
     assert result.exit_code == 0, result.stderr
@@ -159,6 +162,7 @@ def test_route_audio_json_carries_the_transcript(run, default_config_here):
     assert set(data["transcript"]) >= {"text", "language", "seconds", "duration", "plugin"}
 
 
+@pytest.mark.models
 def test_the_model_receives_the_transcript_marked_as_such(config, whisper_dir):
     engine = Engine(config)
     try:
@@ -177,6 +181,7 @@ def test_the_model_receives_the_transcript_marked_as_such(config, whisper_dir):
 # -- where audio goes: the model itself, or a transcript -----------------------------------
 
 
+@pytest.mark.models
 def test_a_model_that_takes_audio_gets_the_audio_itself(make_config, whisper_dir):
     config = make_config(quality='modalities = ["text", "audio"]')
     engine = Engine(config)
@@ -227,6 +232,7 @@ def test_hook_transcribe(config, whisper_dir):
     assert decision.to_dict()["transcript"]["seconds"] >= 0
 
 
+@pytest.mark.models
 def test_an_audio_error_from_a_plugin_passes_to_the_next_then_is_raised(config, whisper_dir):
     engine = Engine(config, build_plugins(config, extra=[("refuser", RefusingTranscriber())]))
     try:
@@ -254,6 +260,7 @@ def test_no_transcriber_is_a_capability_error_naming_the_plugin(make_config):
         engine.close()
 
 
+@pytest.mark.models
 def test_without_the_audio_extra_the_error_names_it(config, monkeypatch):
     # A test double of a missing package: faster_whisper made unimportable.
     monkeypatch.setitem(sys.modules, "faster_whisper", None)
@@ -285,6 +292,7 @@ def test_route_and_help_never_import_faster_whisper(tmp_path, models_dir):
     ("silence.wav", wav_bytes(np.zeros(32000)), "the clip is silent"),
     ("noise.wav", wav_bytes(np.random.default_rng(0).normal(0, 3000, 32000)), "no speech"),
 ])
+@pytest.mark.models
 def test_bad_audio_is_exit_2_naming_the_problem(run, default_config_here, tmp_path, name,
                                                 content, message):
     path = tmp_path / name
@@ -295,6 +303,7 @@ def test_bad_audio_is_exit_2_naming_the_problem(run, default_config_here, tmp_pa
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.models
 def test_a_clip_over_max_seconds_is_refused(run, write_config, whisper_dir):
     config = write_config("[plugins.whisper]\nmax_seconds = 2\n")
     result = run("--config", str(config), "query", "--audio", str(ENGLISH))
@@ -312,6 +321,7 @@ def test_whisper_settings_are_checked(run, write_config):
     assert "plugins.whisper.modle: unknown key" in result.stderr
 
 
+@pytest.mark.models
 def test_a_configured_language_skips_detection(make_config, whisper_dir):
     engine = Engine(make_config('[plugins.whisper]\nlanguage = "es"\n'))
     try:
@@ -325,6 +335,7 @@ def test_a_configured_language_skips_detection(make_config, whisper_dir):
 # -- chat -----------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_chat_audio_command_answers_and_keeps_the_transcript(config, whisper_dir, tmp_path):
     lines: list[str] = []
     engine = Engine(config)
@@ -382,6 +393,7 @@ def audio_server(tmp_path_factory, models_dir, whisper_dir):
     assert code in (0, -15), srv.log()[-3000:]
 
 
+@pytest.mark.models
 def test_openai_client_transcribes_against_serve(audio_server):
     client = audio_server.client()
     with ENGLISH.open("rb") as file:
@@ -404,6 +416,7 @@ def _audio_message(data: bytes, fmt: str) -> list[dict]:
                                                 "format": fmt}}]}]
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("fmt", ["wav", "mp3"])
 def test_input_audio_is_transcribed_routed_and_answered(audio_server, fmt):
     data = SPANISH.read_bytes() if fmt == "wav" else mp3_bytes(SPANISH)
@@ -415,6 +428,7 @@ def test_input_audio_is_transcribed_routed_and_answered(audio_server, fmt):
     assert reply.choices[0].message.content
 
 
+@pytest.mark.models
 def test_bad_audio_over_http_is_400_and_the_server_keeps_serving(audio_server):
     client = audio_server.client()
     long_clip = wav_bytes(np.concatenate([wav_samples(ENGLISH)] * 2))  # 6.6 s > 5 s
@@ -452,6 +466,7 @@ def test_bad_audio_over_http_is_400_and_the_server_keeps_serving(audio_server):
         assert "triste" in client.audio.transcriptions.create(model="whisper", file=file).text.lower()
 
 
+@pytest.mark.models
 def test_transcriptions_endpoint_refuses_a_json_body(audio_server):
     status, body = audio_server.post("/v1/audio/transcriptions", b'{"model": "whisper"}', key=None)
     assert status == 400 and body["error"]["code"] == "invalid_body"
@@ -460,6 +475,7 @@ def test_transcriptions_endpoint_refuses_a_json_body(audio_server):
 # -- the bench ------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_bench_audio_reports_transcription_time_and_real_time_factor(run, write_config, whisper_dir):
     result = run("--config", str(write_config()), "bench", "--audio", str(SPANISH),
                  "--audio-only", "--iterations", "1", "--max-tokens", "4",

@@ -15,7 +15,6 @@ import pytest
 
 from conftest import FAST_FILE
 
-pytestmark = pytest.mark.models
 
 LOG_DURING_LOAD = r"""
 import logging, sys, threading
@@ -55,6 +54,7 @@ print("LOADED")
 """
 
 
+@pytest.mark.models
 def test_a_log_line_from_another_thread_during_a_load_reaches_stderr(write_config):
     result = subprocess.run([sys.executable, "-c", LOG_DURING_LOAD, str(write_config())],
                             capture_output=True, text=True, timeout=300)

@@ -24,7 +24,6 @@ from sarai_router.testing import start_serve
 from conftest import FAST_FILE, base_toml
 from http_bad_inputs import API_KEY, CASES, PROBE_KEY_ENV, SERVER_TOML, Case
 
-pytestmark = pytest.mark.models
 
 #: A test double, clearly one: the llama_cpp backend claiming no tools, JSON output or
 #: logprobs, as a backend without them would (no real backend here lacks them).
@@ -137,6 +136,7 @@ def leaks(body: bytes, folder: Path, models_dir: Path) -> list[str]:
     return found
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(corpus_server, case: Case):
     port, folder, models_dir, _log = corpus_server
@@ -171,6 +171,7 @@ def test_the_corpus_is_large_and_every_5xx_is_a_model_or_its_upstream():
                for c in CASES if c.status >= 500)
 
 
+@pytest.mark.models
 def test_no_case_is_answered_with_a_500_in_the_log(corpus_server):
     """Run after the corpus (pytest keeps file order): nothing was our bug."""
     *_, log = corpus_server
@@ -180,6 +181,7 @@ def test_no_case_is_answered_with_a_500_in_the_log(corpus_server):
         text[-3000:]
 
 
+@pytest.mark.models
 def test_the_server_leaves_a_slow_client_after_its_header_deadline(corpus_server):
     from http_bad_inputs import HEADER_TIMEOUT
 
@@ -196,6 +198,7 @@ def test_the_server_leaves_a_slow_client_after_its_header_deadline(corpus_server
     assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
 
 
+@pytest.mark.models
 def test_an_idle_connection_is_closed_too(corpus_server):
     from http_bad_inputs import HEADER_TIMEOUT
 
@@ -204,6 +207,7 @@ def test_an_idle_connection_is_closed_too(corpus_server):
         assert sock.recv(4096) == b""  # closed without a word: nothing was asked
 
 
+@pytest.mark.models
 def test_cors_lets_the_configured_origin_in(corpus_server):
     from http_bad_inputs import CORS_ORIGIN
 

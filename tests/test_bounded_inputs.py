@@ -18,7 +18,7 @@ from sarai_router.errors import AttachmentError
 from sarai_router.router import fallback_order
 from sarai_router.types import read_attachment
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
+from sarai_router.testing import SARAI_ROUTER as SAR  # noqa: E402
 
 #: A config that loads no model file: endpoints nobody listens on (port 9, discard).
 RING_MODEL = """

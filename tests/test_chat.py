@@ -15,7 +15,6 @@ from sarai_router.cli.chat import PROMPT, ChatSession
 from sarai_router.engine import Engine
 from sarai_router.testing import SARAI_ROUTER as SAR
 
-pytestmark = pytest.mark.models
 
 # One thread: robust on a busy 2-core machine (ggml's threads spin-wait when starved).
 ONE_THREAD_PINNED = "pinned = true\nn_threads = 1"
@@ -52,6 +51,7 @@ def wait_for_models_line(child: pexpect.spawn, pattern: str, timeout: float = 60
         time.sleep(0.2)
 
 
+@pytest.mark.models
 def test_chat_turns_model_switch_models_and_ttl(write_config):
     # quality keeps the cache's long TTL (its "loaded" line cannot race an expiry); the
     # brief model's 1 s TTL is the one the reaper is watched on.
@@ -109,6 +109,7 @@ def test_chat_turns_model_switch_models_and_ttl(write_config):
     assert child.exitstatus == 0, (child.exitstatus, child.signalstatus, child.before)
 
 
+@pytest.mark.models
 def test_ctrl_c_stops_the_answer_not_the_session(write_config):
     child = spawn_chat(write_config(fast=ONE_THREAD_PINNED), "--max-tokens", "400",
                        "--temperature", "0")
@@ -132,6 +133,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(write_config):
     assert child.exitstatus == 0, (child.exitstatus, child.signalstatus, child.before)
 
 
+@pytest.mark.models
 def test_history_is_kept_and_reset(make_config):
     engine = Engine(make_config())
     lines = iter(["Hola", "¿Y tú?", "/reset", "/quit"])
@@ -154,6 +156,7 @@ def test_history_is_kept_and_reset(make_config):
     assert second == ({"role": "user", "content": "x"},)
 
 
+@pytest.mark.models
 def test_a_conversation_past_the_context_drops_its_oldest_exchanges(make_config):
     engine = Engine(make_config())  # fast: n_ctx 512
     out: list[str] = []
@@ -175,6 +178,7 @@ def test_a_conversation_past_the_context_drops_its_oldest_exchanges(make_config)
     assert session.history[-1]["content"].strip()
 
 
+@pytest.mark.models
 def test_a_single_prompt_past_the_context_is_an_error_not_a_crash(make_config):
     engine = Engine(make_config())
     out: list[str] = []

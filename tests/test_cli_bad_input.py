@@ -19,7 +19,6 @@ from conftest import base_toml
 from sarai_router.testing import SARAI_ROUTER as SAR
 
 #: Some cases get as far as a model load (a junk GGUF, a directory), and chat loads fast.
-pytestmark = pytest.mark.models
 
 BAD = b"\xff\xfe"
 #: An argument as Python gets it from bytes that are not UTF-8 (surrogateescape).

@@ -53,6 +53,7 @@ def small_case_file(tmp_path: Path, n: int = 24) -> Path:
     return path
 
 
+@pytest.mark.models
 def test_eval_json_agrees_with_route_json_case_by_case():
     """Every case of the test split: the model `eval --json` chose is the one `route --json`
     chooses for the same text and attachments (a `messages` case: its latest user turn, which
@@ -102,6 +103,7 @@ def test_eval_text_report_has_every_part(tmp_path):
         assert f"\n{strategy} " in out
 
 
+@pytest.mark.models
 def test_eval_json_has_the_documented_keys(tmp_path):
     result = run("--config", EVAL_CONFIG, "eval", "--json", str(small_case_file(tmp_path)))
     assert result.exit_code == 0, result.output
@@ -146,6 +148,7 @@ def test_missing_file_and_bad_options_are_usage_errors(tmp_path):
                        "no.json: file not found")
 
 
+@pytest.mark.models
 def test_bench_report_figures_replace_the_estimate(tmp_path):
     report = {"models": {"fast": {"mean_tokens_per_second": 12.5,
                                   "memory": {"load_s": 0.2, "load_delta_mb": 150.0}}}}
@@ -160,6 +163,7 @@ def test_bench_report_figures_replace_the_estimate(tmp_path):
     assert models["quality"]["source"] == "estimate (GGUF header)"
 
 
+@pytest.mark.models
 def test_calibrate_prints_a_snippet_that_config_check_accepts(tmp_path, write_config):
     cases = small_case_file(tmp_path)
     result = run("--config", EVAL_CONFIG, "eval", "--calibrate", str(cases))
@@ -180,6 +184,7 @@ def test_calibrate_prints_a_snippet_that_config_check_accepts(tmp_path, write_co
     assert len(as_json["curve"]) > 100 and as_json["target"] == "accuracy"
 
 
+@pytest.mark.models
 def test_calibrate_for_latency_with_a_plot(tmp_path):
     cases = small_case_file(tmp_path)
     png = tmp_path / "curve.png"

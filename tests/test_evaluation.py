@@ -1,15 +1,20 @@
 """Routing measured on the labelled bilingual set (eval/), through the real Router and the
 default plugins; case-file errors; the cost replay; calibration.
 
-No model is loaded: routing and the cost estimate need only the config (and GGUF headers).
+No model is loaded (but for the one test of the spoken cases): routing and the cost
+estimate need only the config (and GGUF headers); spoken cases are routed on their
+labelled transcript.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
 from sarai_router.config import load_config
@@ -26,8 +31,9 @@ from sarai_router.evaluation import (
     replay_cost,
     with_heuristic,
 )
+from sarai_router.engine import Engine
 from sarai_router.router import Router
-from sarai_router.types import ChatRequest
+from sarai_router.types import ChatRequest, Transcript
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,6 +56,19 @@ def eval_router(eval_config):
 
 def cases_of(name: str, config) -> list[Case]:
     return load_cases(EVAL / f"routing-{name}.jsonl", config.models)
+
+
+def heard_cases_of(name: str, config) -> list[Case]:
+    """The cases with each spoken clip replaced by its labelled transcript (``heard``):
+    routing is measured on what was said, not on one CPU's int8 transcription of it."""
+    return [as_heard(case) for case in cases_of(name, config)]
+
+
+def as_heard(case: Case) -> Case:
+    if case.request.audio is None:
+        return case
+    transcript = Transcript(text=case.extra["heard"], language=case.lang)
+    return attrs.evolve(case, request=case.request.with_transcript(transcript))
 
 
 # -- the set itself -----------------------------------------------------------------------
@@ -94,10 +113,31 @@ def test_media_fixtures_are_real_files(eval_config):
 
 @pytest.mark.parametrize("name", ["test", "fresh3"])
 def test_routing_accuracy_on_held_out_cases(eval_router, eval_config, name):
-    report = evaluate(eval_router, cases_of(name, eval_config), config=eval_config, costs=NO_COST)
+    cases = heard_cases_of(name, eval_config)
+    assert any(case.request.transcript for case in cases)  # the spoken cases are in
+    report = evaluate(eval_router, cases, config=eval_config, costs=NO_COST)
     assert report["accuracy"] >= 0.95, render_text(report)
     for kind in ("media", "image_keyword"):
         assert report["by_kind"][kind]["accuracy"] == 1.0, render_text(report)
+
+
+@pytest.mark.models  # whisper
+def test_the_spoken_clip_is_heard_close_to_its_label(eval_config):
+    """The clip through the real whisper plugin, as ``eval`` hears it. Int8 transcription
+    differs a little from CPU to CPU (one hears "Me piensó muy bien hoy"): at most one word
+    in five of the labelled transcript may be heard differently."""
+    (case, *_) = [case for case in cases_of("test", eval_config) if case.request.audio]
+    engine = Engine(eval_config)
+    try:
+        heard = engine.transcribe(case.request.audio, case.request, why="the test").text
+    finally:
+        engine.close()
+    label, words = _words(case.extra["heard"]), _words(heard)
+    assert difflib.SequenceMatcher(None, label, words).ratio() >= 0.8, (heard, label)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
 
 
 def test_the_issues_examples_route_to_the_conversation_model(eval_router):
@@ -254,7 +294,7 @@ def test_cost_estimate_from_gguf_headers(config):
 # -- calibration --------------------------------------------------------------------------
 
 def test_calibration_picks_a_threshold_and_prints_a_pasteable_snippet(eval_config):
-    cases = cases_of("dev", eval_config)
+    cases = heard_cases_of("dev", eval_config)
     result = calibrate(eval_config, cases, thresholds=(0.2, 0.5, 0.8, 0.95),
                        max_chars=(120, 200), costs=NO_COST)
     best = result["best"]
@@ -272,7 +312,7 @@ def test_calibration_picks_a_threshold_and_prints_a_pasteable_snippet(eval_confi
 
 
 def test_calibration_for_latency_sends_more_to_the_fast_model(eval_config, config):
-    cases = cases_of("dev", eval_config)
+    cases = heard_cases_of("dev", eval_config)
     grid = dict(thresholds=(0.1, 0.5, 0.8, 0.95), max_chars=(200, 400), costs=COSTS)
     accurate = calibrate(eval_config, cases, target="accuracy", **grid)
     quick = calibrate(eval_config, cases, target="latency", min_accuracy=0.8, **grid)
@@ -294,7 +334,7 @@ def test_with_heuristic_changes_what_the_router_decides(eval_config):
 def test_render_plot_writes_a_png(tmp_path, eval_config):
     from sarai_router.evaluation import render_plot  # matplotlib: a test dependency
 
-    result = calibrate(eval_config, cases_of("fresh3", eval_config),
+    result = calibrate(eval_config, heard_cases_of("fresh3", eval_config),
                        thresholds=(0.5, 0.8), max_chars=(200,), costs=COSTS)
     out = render_plot(result["curve"], tmp_path / "curve.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ from sarai_router.errors import InvalidRequest
 from sarai_router.serving.openai import scrub_paths
 from sarai_router.time_budget import OverBudget, TimeBudget
 
-SAR = str(Path(sys.executable).with_name("sarai-router"))
+from sarai_router.testing import SARAI_ROUTER as SAR  # noqa: E402
 PARAM = "response_format.json_schema.schema"
 
 

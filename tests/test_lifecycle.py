@@ -49,7 +49,9 @@ def kinds(engine: Engine, model: str | None = None) -> list[str]:
             and e.kind not in ("model_loading", "routed", "queued", "generation_finished")]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, what: str, timeout: float = 120) -> None:
+    """Poll until ``predicate()`` holds; the deadline is a backstop for a busy machine (the
+    per-test timeout is the other), not a measure of how long it should take."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -67,7 +69,7 @@ def test_reaper_unloads_an_idle_model_by_ttl_without_any_request(make_engine, ma
     engine.pool.start_reaper()
     engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
     # No "still loaded" check here: on a busy machine the 0.5 s TTL may pass before it.
-    wait_for(lambda: "model_unloaded:expire" in kinds(engine, "quality"), 30, "the reaper")
+    wait_for(lambda: "model_unloaded:expire" in kinds(engine, "quality"), "the reaper")
     assert kinds(engine, "quality") == ["model_loaded", "generation_started", "model_unloaded:expire"]
     assert not engine.pool.is_loaded("quality")
     assert engine.pool.is_loaded("fast"), "pinned models never expire"
@@ -85,10 +87,10 @@ def test_a_model_in_use_or_waited_for_is_never_unloaded(make_engine, make_config
     with pool.use("quality"):
         waiter = threading.Thread(target=wait_then_use)
         waiter.start()
-        wait_for(lambda: pool.residents()[0]["queued"] == 2, 5, "the waiter to queue")
+        wait_for(lambda: pool.residents()[0]["queued"] == 2, "the waiter to queue")
         assert pool.reap(now=time.monotonic() + 3600) == []
         assert pool.unload("quality") is False
-    waiter.join(10)
+    waiter.join()
     assert pool.reap(now=time.monotonic() + 3600) == ["quality"]
 
 
@@ -96,30 +98,27 @@ def test_a_model_in_use_or_waited_for_is_never_unloaded(make_engine, make_config
 def test_full_queue_raises_queue_full_at_once(make_engine, make_config):
     engine = make_engine(make_config())
     pool = engine.pool
-    admitted = threading.Event()
     results: list[str] = []
 
     def wait_in_queue():
-        admitted.set()
         with pool.use("fast", queue_limit=1):
             results.append("served")
 
     with pool.use("fast", queue_limit=1):
         waiter = threading.Thread(target=wait_in_queue)
         waiter.start()
-        admitted.wait(5)
-        wait_for(lambda: pool.residents()[0]["queued"] == 2, 5, "the waiter to queue")
-        started = time.perf_counter()
+        wait_for(lambda: pool.residents()[0]["queued"] == 2, "the waiter to queue")
+        # The holder never lets go inside this block: a refusal that waited would never
+        # come, and the per-test timeout would fail the test.
         with pytest.raises(QueueFull) as info:
             with pool.use("fast", queue_limit=1):
                 pass
-        # The holder never lets go inside this block: a refusal that waited would hang here.
-        assert time.perf_counter() - started < 5, "refused at once, not after waiting"
         assert "queue_size" in str(info.value)
         with pytest.raises(QueueFull):  # queue_size = 0: nobody may wait
             with pool.use("fast", queue_limit=0):
                 pass
-    waiter.join(10)
+        assert results == [], "the waiter is still queued behind the holder"
+    waiter.join()
     assert results == ["served"]
     assert pool.residents()[0]["queued"] == 0
     assert kinds(engine).count("queue_full") == 2
@@ -198,7 +197,7 @@ def test_prewarm_used(make_engine, make_config):
     thread = engine.pool.prewarm("quality", reason="test")
     assert thread is not None
     assert engine.pool.residents()[-1]["state"] in ("loading", "loaded"), "reserved at once"
-    thread.join(30)
+    thread.join()
     assert engine.pool.is_loaded("quality")
     assert engine.pool.prewarm("quality") is None, "resident: nothing to do"
     completion = engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
@@ -211,7 +210,7 @@ def test_prewarm_used(make_engine, make_config):
 @pytest.mark.models
 def test_prewarm_wasted_when_unloaded_unused(make_engine, make_config):
     engine = make_engine(make_config())
-    engine.pool.prewarm("quality").join(30)
+    engine.pool.prewarm("quality").join()
     assert engine.pool.unload("quality")
     assert kinds(engine, "quality") == ["model_loaded", "prewarm_started", "model_unloaded:unload", "prewarm_wasted"]
 
@@ -270,5 +269,5 @@ def test_hook_prewarm_models(make_engine, make_config):
     assert started == ["quality"]
     assert seen == {"text": "Buenos días", "model": "fast", "loaded": {"fast"}}
     assert any("'nope'" in e and "not configured" in e for e in engine.hooks.errors)
-    wait_for(lambda: engine.pool.is_loaded("quality"), 30, "the pre-warm")
+    wait_for(lambda: engine.pool.is_loaded("quality"), "the pre-warm")
     assert engine.prewarm_for(request, decision) == [], "resident: not again"

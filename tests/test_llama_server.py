@@ -1,8 +1,9 @@
 """Backend ``llama_server``: the router runs the real llama-server binary, one child per model.
 
-The binary comes from ``build_llama_server()`` (built from the llama-cpp-python sdist on
-first use, then cached) and reaches the router through ``$SARAI_ROUTER_LLAMA_SERVER``, the
-way a user points at their own. Nothing here is skipped: a missing binary is built, a
+The binary is ``$SARAI_ROUTER_LLAMA_SERVER`` when it is set (the user's own build), else
+the one from ``build_llama_server()`` (built from the llama-cpp-python sdist on first use,
+then cached); it reaches the router through ``$SARAI_ROUTER_LLAMA_SERVER``, the way a user
+points at their own. Nothing here is skipped: a missing binary is built, a
 missing model fails loudly (conftest).
 
 Tests wait on states (a process gone, a slot processing, a metric counted) with generous
@@ -34,11 +35,12 @@ from sarai_router.backend import GenerationParams
 from sarai_router.config import load_config
 from sarai_router.engine import Engine
 from sarai_router.errors import BackendError, ConfigError, InstanceDead
-from sarai_router.llama_server_install import BINARY_ENV, CACHE_ENV, build_llama_server
+from sarai_router.llama_server_install import (BINARY_ENV, CACHE_ENV, LlamaServerNotFound,
+                                               build_llama_server, find_llama_server)
 from sarai_router.testing import start_serve
 from sarai_router.types import ChatRequest
 
-pytestmark = [pytest.mark.llama_server, pytest.mark.models]
+pytestmark = pytest.mark.llama_server
 
 #: Deadline for a state we wait on (a start on a busy 2-core machine, a process exit).
 DEADLINE = 120.0
@@ -46,7 +48,13 @@ DEADLINE = 120.0
 
 @pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
-    """The real llama-server: built once from the package index, then cached."""
+    """The real llama-server: ``$SARAI_ROUTER_LLAMA_SERVER`` if set, else built once from
+    the package index, then cached."""
+    if os.environ.get(BINARY_ENV):
+        try:
+            return find_llama_server()
+        except LlamaServerNotFound as exc:
+            pytest.fail(str(exc), pytrace=False)
     return build_llama_server(report=lambda message: print(message, file=sys.stderr,
                                                            flush=True))
 
@@ -182,6 +190,7 @@ def test_ram_estimate_counts_every_slot(tmp_path: Path, models_dir: Path):
 # -- the child's life --------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_first_use_starts_a_healthy_child_that_the_budget_measures(engine_for):
     engine = engine_for()
     me = psutil.Process()
@@ -205,6 +214,7 @@ def test_first_use_starts_a_healthy_child_that_the_budget_measures(engine_for):
     assert row["concurrency"] == 2
 
 
+@pytest.mark.models
 def test_pinned_model_starts_with_the_router_and_stops_with_it(engine_for):
     engine = engine_for(fast="pinned = true")
     assert engine.start() == ["fast"]
@@ -219,6 +229,7 @@ def test_pinned_model_starts_with_the_router_and_stops_with_it(engine_for):
     assert "unload_unverified" not in kinds(engine)
 
 
+@pytest.mark.models
 def test_ttl_expiry_stops_the_process_and_releases_its_memory(engine_for):
     engine = engine_for(fast="ttl_seconds = 1")
     engine.complete(HELLO, GenerationParams(max_tokens=4))
@@ -235,6 +246,7 @@ def test_ttl_expiry_stops_the_process_and_releases_its_memory(engine_for):
     assert engine.pool.residents() == []
 
 
+@pytest.mark.models
 def test_concurrent_requests_share_the_slots_of_one_child(engine_for):
     # --ignore-eos: each answer runs to max_tokens, so both are still generating when looked at.
     engine = engine_for(fast="""\
@@ -280,6 +292,7 @@ def test_concurrent_requests_share_the_slots_of_one_child(engine_for):
              "the child to stop both slots after the hang-ups")
 
 
+@pytest.mark.models
 def test_a_child_killed_mid_answer_fails_that_answer_and_restarts_for_the_next(engine_for):
     engine = engine_for(fast="""\
         n_ctx = 2048
@@ -303,6 +316,7 @@ def test_a_child_killed_mid_answer_fails_that_answer_and_restarts_for_the_next(e
     assert kinds(engine) == ["model_loaded", "model_crashed", "model_loaded"]
 
 
+@pytest.mark.models
 def test_a_child_that_dies_while_idle_is_dropped_and_started_again(engine_for):
     engine = engine_for()
     engine.complete(HELLO, GenerationParams(max_tokens=4))
@@ -319,6 +333,7 @@ def test_a_child_that_dies_while_idle_is_dropped_and_started_again(engine_for):
     assert kinds(engine) == ["model_loaded", "model_crashed", "model_loaded"]
 
 
+@pytest.mark.models
 def test_a_child_that_fails_to_start_is_reported_with_its_last_lines(
         tmp_path: Path, models_dir: Path):
     private = tmp_path / "my private folder"  # a space: the path is not one word
@@ -414,6 +429,7 @@ def serve(tmp_path_factory, models_dir, llama_server_binary):
         os.environ.pop(BINARY_ENV, None)
 
 
+@pytest.mark.models
 def test_serve_runs_the_pinned_model_as_its_child(serve: Serve):
     serve.wait(lambda: serve.models()["fast"]["loaded"], "the pinned model to load")
     children = serve.children()
@@ -426,6 +442,7 @@ def test_serve_runs_the_pinned_model_as_its_child(serve: Serve):
     assert answer["model"] == "fast" and answer["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.models
 def test_serve_counts_a_crashed_child_and_starts_it_again(serve: Serve):
     serve.wait(lambda: len(serve.children()) == 1, "serve's llama-server child")
     before = serve.metric("sarai_backend_crashes_total", model="fast")
@@ -441,6 +458,7 @@ def test_serve_counts_a_crashed_child_and_starts_it_again(serve: Serve):
     assert serve.models()["fast"]["loaded"] is True
 
 
+@pytest.mark.models
 def test_no_orphan_when_serve_is_killed_with_sigkill(tmp_path: Path, models_dir: Path,
                                                      llama_server_binary: Path):
     server = Serve(tmp_path, models_dir)
@@ -458,6 +476,7 @@ def test_no_orphan_when_serve_is_killed_with_sigkill(tmp_path: Path, models_dir:
         server.stop()
 
 
+@pytest.mark.models
 def test_the_example_config_checks_and_serves_four_slots():
     example = Path(__file__).resolve().parent.parent / "config" / "llama-server.toml"
     config = load_config(example, check_files=True)
@@ -472,6 +491,7 @@ def test_the_example_config_checks_and_serves_four_slots():
         engine.close()
 
 
+@pytest.mark.models
 def test_a_port_taken_before_the_child_binds_it_is_recognised(llama_server_binary: Path,
                                                                 fast_path: Path):
     from sarai_router.default_plugins.llama_server_process import ServerProcess

@@ -323,6 +323,7 @@ def test_no_compiler_at_all(monkeypatch, tmp_path):
         build_llama_server(version="0.0.0")
 
 
+@pytest.mark.network  # pip download
 def test_a_version_missing_from_the_index_fails_with_pips_message(monkeypatch, tmp_path):
     monkeypatch.setenv("SARAI_ROUTER_CACHE_DIR", str(tmp_path))
     with pytest.raises(LlamaServerBuildError) as caught:
@@ -335,6 +336,7 @@ def test_a_version_missing_from_the_index_fails_with_pips_message(monkeypatch, t
     assert not (tmp_path / "llama-server" / "0.0.0.dev1").exists()
 
 
+@pytest.mark.network  # pip download
 def test_cmake_and_ninja_come_from_the_index_when_the_system_has_none(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     root = tmp_path / "cache"

@@ -22,7 +22,6 @@ import pytest
 from conftest import FAST_FILE, base_toml
 from test_server import Server, launch, stop
 
-pytestmark = pytest.mark.models
 
 API_KEY = "ollama-test-key"
 KEEP_ALIVE_CAP = 120
@@ -68,6 +67,7 @@ def loaded(srv: Server) -> dict[str, dict]:
 
 # -- models
 
+@pytest.mark.models
 def test_list_show_version(server):
     names = [m.model for m in client(server).list().models]
     assert names == ["auto", "fast", "quality", "vectors"]
@@ -88,6 +88,7 @@ def test_list_show_version(server):
     assert status == 200 and json.loads(body)["version"]
 
 
+@pytest.mark.models
 def test_ps_shows_the_pinned_model_without_an_expiry(server):
     models = {m.model: m for m in client(server).ps().models}
     assert models["fast"].expires_at is None and models["fast"].size > 0
@@ -97,6 +98,7 @@ def test_ps_shows_the_pinned_model_without_an_expiry(server):
 
 # -- chat and generate
 
+@pytest.mark.models
 def test_chat_not_streamed_carries_ollamas_fields_and_our_route(server):
     answer = client(server).chat(model="auto", stream=False, options={"num_predict": 8},
                                  messages=[{"role": "user", "content": "Hola, ¿cómo estás?"}])
@@ -112,6 +114,7 @@ def test_chat_not_streamed_carries_ollamas_fields_and_our_route(server):
     assert body["sarai"]["route"]["reason"]
 
 
+@pytest.mark.models
 def test_chat_streamed_matches_the_whole_answer(server):
     ask = dict(model="fast", messages=[{"role": "user", "content": "Name three colours."}],
                options={"num_predict": 12, **SEED})
@@ -122,6 +125,7 @@ def test_chat_streamed_matches_the_whole_answer(server):
     assert parts[-1].eval_count == whole.eval_count and parts[-1].done_reason
 
 
+@pytest.mark.models
 def test_generate_with_system_and_options(server):
     answer = client(server).generate(model="quality", prompt="Write a long story.",
                                      system="You are brief.", options={"num_predict": 3})
@@ -131,6 +135,7 @@ def test_generate_with_system_and_options(server):
     assert parts[-1].done and "".join(p.response for p in parts)
 
 
+@pytest.mark.models
 def test_format_schema_holds_the_answer_to_json(server):
     schema = {"type": "object", "properties": {"name": {"type": "string"}},
               "required": ["name"]}
@@ -139,6 +144,7 @@ def test_format_schema_holds_the_answer_to_json(server):
     assert "name" in json.loads(answer.message.content)
 
 
+@pytest.mark.models
 def test_errors_come_in_ollamas_shape(server):
     with pytest.raises(ollama.ResponseError) as caught:
         client(server).chat(model="gpt-4", messages=[{"role": "user", "content": "x"}])
@@ -154,6 +160,7 @@ def test_errors_come_in_ollamas_shape(server):
     assert status == 401 and set(json.loads(body)) == {"error"}
 
 
+@pytest.mark.models
 def test_a_spoken_clip_among_the_images_goes_through_the_speech_stage(server):
     """Ollama has no audio field: a WAV clip sent as an image is transcribed (whisper)
     and routed on what was said, as an ``input_audio`` part on /v1."""
@@ -170,6 +177,7 @@ def test_a_spoken_clip_among_the_images_goes_through_the_speech_stage(server):
 
 # -- keep_alive
 
+@pytest.mark.models
 def test_keep_alive_0_unloads_a_lazy_model_but_never_a_pinned_one(server):
     client(server).generate(model="quality", prompt="hi", options={"num_predict": 2})
     assert "quality" in loaded(server)
@@ -183,6 +191,7 @@ def test_keep_alive_0_unloads_a_lazy_model_but_never_a_pinned_one(server):
     assert "fast" in loaded(server)
 
 
+@pytest.mark.models
 def test_a_duration_is_capped_by_the_server(server):
     client(server).generate(model="quality", prompt="hi", keep_alive="10h",
                             options={"num_predict": 2})
@@ -202,6 +211,7 @@ def ollama_now(sample):
     return datetime.now(sample.tzinfo)
 
 
+@pytest.mark.models
 def test_load_and_unload_without_a_prompt(server):
     answer = client(server).generate(model="quality")
     assert answer.done_reason == "load" and "quality" in loaded(server)
@@ -209,6 +219,7 @@ def test_load_and_unload_without_a_prompt(server):
     assert answer.done_reason == "unload" and "quality" not in loaded(server)
 
 
+@pytest.mark.models
 def test_keep_alive_0_waits_for_the_requests_in_flight(server):
     client(server).generate(model="quality")  # loaded
     started = threading.Event()
@@ -238,6 +249,7 @@ def norm(vector) -> float:
     return math.sqrt(sum(v * v for v in vector))
 
 
+@pytest.mark.models
 def test_ollama_embed_and_the_legacy_endpoint(server):
     answer = client(server).embed(model="vectors", input=["hello world", "a cat on a mat"])
     first, second = answer.embeddings
@@ -250,6 +262,7 @@ def test_ollama_embed_and_the_legacy_endpoint(server):
     assert "vectors" in loaded(server)
 
 
+@pytest.mark.models
 def test_openai_embeddings_create(server):
     oa = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
     default = oa.embeddings.create(model="vectors", input=["hello world"])  # base64 by default
@@ -277,12 +290,14 @@ def prompt_tokens(srv: Server, model: str) -> float:
                and s.labels == {"model": model, "kind": "prompt"})
 
 
+@pytest.mark.models
 def test_embeddings_are_counted_like_any_request(server):
     before = prompt_tokens(server, "vectors")
     client(server).embed(model="vectors", input="count me")
     assert prompt_tokens(server, "vectors") > before
 
 
+@pytest.mark.models
 def test_a_chat_model_is_no_embedding_model_and_back(server):
     with pytest.raises(ollama.ResponseError) as caught:
         client(server).chat(model="vectors", messages=[{"role": "user", "content": "hi"}])
@@ -302,7 +317,7 @@ def test_embeddings_without_an_embedding_model_say_how_to_configure_one(tmp_path
         assert stop(srv) == 0
 
 
-
+@pytest.mark.models
 def test_an_openai_upstream_embedding_model_is_passed_through(server, tmp_path, models_dir,
                                                               monkeypatch):
     """A second router whose embedding model is the first one's, through the ``openai``
@@ -343,6 +358,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.models
 def test_pool_keep_alive_replaces_the_ttl_and_never_touches_a_pinned_model(config):
     from sarai_router.plugins import Hooks
     from sarai_router.pool import ModelPool
@@ -373,6 +389,7 @@ def test_pool_keep_alive_replaces_the_ttl_and_never_touches_a_pinned_model(confi
         pool.close()
 
 
+@pytest.mark.models
 def test_an_unload_by_keep_alive_says_so_in_the_event_stream(config):
     from sarai_router.plugins import Hooks
     from sarai_router.pool import ModelPool

@@ -31,8 +31,6 @@ from sarai_router.types import ChatRequest
 
 from conftest import FAST_FILE, UPSTREAM_KEY, UPSTREAM_KEY_ENV, free_port
 
-pytestmark = pytest.mark.models
-
 WRONG_KEY_ENV = "SARAI_TEST_WRONG_KEY"
 WRONG_KEY = "sk-wrong-key-77ab31"
 QUERY_TOKEN = "qtok-9a8b7c6d5e"
@@ -49,6 +47,16 @@ class _FaultHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         self.server.seen.append((self.path, dict(self.headers), body))  # type: ignore[attr-defined]
         kind = self.path.strip("/").split("/")[0]
+        if kind == "echo401":  # an upstream that quotes the credential it refuses
+            payload = json.dumps({"error": {
+                "message": f"invalid api key: {self.headers.get('authorization')}",
+                "type": "invalid_request_error"}}).encode()
+            self.send_response(401)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         if kind.startswith("s") and kind[1:].isdigit():
             payload = json.dumps({"error": {"message": f"fault server says {kind[1:]}",
                                             "type": "test"}}).encode()
@@ -74,6 +82,18 @@ class _FaultHandler(BaseHTTPRequestHandler):
             return
         if kind == "stall":  # headers, then nothing until the test ends
             self.server.release.wait(60)  # type: ignore[attr-defined]
+            self.close_connection = True
+        if kind == "pings":  # SSE keep-alive comments and never a token, for up to 20 s
+            deadline = time.monotonic() + 20
+            try:
+                while time.monotonic() < deadline and not self.server.release.is_set():
+                    data = b": ping\n\n"
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass  # the client gave up: what the test wants
             self.close_connection = True
 
     def log_message(self, *args) -> None:
@@ -215,6 +235,50 @@ def answer(engine: Engine, model: str, request: ChatRequest | None = None,
     return completion
 
 
+#: Models on the fault server alone: no model file, no llama_cpp.server.
+FAULT_TOML = """\
+[routing]
+default_model = "first"
+
+[plugins.heuristic]
+conversation_model = "first"
+multimodal_model = "first"
+
+[models.first]
+backend = "openai"
+base_url = "{fault}/s503/v1"
+fallbacks = ["second", "third"]
+
+[models.second]
+backend = "openai"
+base_url = "{fault}/s502/v1"
+
+[models.third]
+backend = "openai"
+base_url = "{fault}/s500/v1"
+
+[models.echokey]
+backend = "openai"
+base_url = "{fault}/echo401/v1"
+api_key_env = "{key_env}"
+
+[models.pings]
+backend = "openai"
+base_url = "{fault}/pings/v1"
+timeout_seconds = 0.5
+"""
+
+
+@pytest.fixture
+def fault_engine(tmp_path, fault_server, keys):
+    path = tmp_path / "faults.toml"
+    path.write_text(FAULT_TOML.format(fault=fault_server[0], key_env=UPSTREAM_KEY_ENV),
+                    encoding="utf-8")
+    engine = Engine(load_config(path))
+    yield engine
+    engine.close()
+
+
 # -- config ----------------------------------------------------------------------------------
 
 
@@ -254,6 +318,7 @@ backend = "openai"
     assert "models.c.base_url: required" in out
 
 
+@pytest.mark.models
 def test_an_unset_api_key_env_fails_the_load_not_the_config(tmp_path, monkeypatch,
                                                             llama_cpp_server):
     monkeypatch.delenv("SARAI_TEST_NOT_SET", raising=False)
@@ -284,6 +349,7 @@ def test_redact_url_drops_userinfo_query_and_fragment():
 # -- answers through the backend ---------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_query_through_the_openai_backend_streams_with_usage(engine):
     completion = answer(engine, "remote")
     assert completion.decision.model == "remote"
@@ -296,6 +362,7 @@ def test_query_through_the_openai_backend_streams_with_usage(engine):
     assert completion.timings.first_token_s is not None
 
 
+@pytest.mark.models
 def test_cli_query_json_and_streamed(remote_config, caplog):
     runner = CliRunner()
     result = runner.invoke(cli, ["--config", str(remote_config), "query", "--json",
@@ -311,6 +378,7 @@ def test_cli_query_json_and_streamed(remote_config, caplog):
     assert "[remote]" in streamed.stderr and "tokens" in streamed.stderr
 
 
+@pytest.mark.models
 def test_achat_streams_on_the_event_loop(engine):
     import asyncio
 
@@ -325,6 +393,7 @@ def test_achat_streams_on_the_event_loop(engine):
     assert deltas[-1].usage is not None and deltas[-1].finish_reason
 
 
+@pytest.mark.models
 def test_least_busy_replica_takes_the_next_request(engine, llama_cpp_server):
     """Two replicas (the same server under two host names): while a stream holds the first,
     the next request goes to the second."""
@@ -389,6 +458,20 @@ def test_replica_set_choice_and_cooldowns_follow_the_clock():
     assert replicas.snapshot()[0]["state"] == "healthy"
 
 
+def test_the_next_request_goes_to_the_least_busy_replica_not_the_next_in_turn():
+    replicas = ReplicaSet(["http://a/v1", "http://b/v1", "http://c/v1"], max_cooldown=4.0,
+                          clock=lambda: 0.0)
+    held = [replicas.pick(), replicas.pick()]  # two long streams hold two replicas
+    idle = next(r for r in replicas.replicas if r not in held)
+    for _ in range(4):  # whoever's turn it is, the idle one takes each short request
+        chosen = replicas.pick()
+        assert chosen is idle, [r.inflight for r in replicas.replicas]
+        replicas.release(chosen)
+    replicas.release(held[0])  # now two are idle: they share the requests
+    assert {replicas.pick(), replicas.pick()} == {held[0], idle}
+
+
+@pytest.mark.models
 def test_a_dead_replica_cools_down_and_the_live_one_answers(engine):
     pair = engine.pool.ensure_loaded("pair").model
     now = [1000.0]
@@ -412,6 +495,7 @@ def test_a_dead_replica_cools_down_and_the_live_one_answers(engine):
 # -- fallbacks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model,reason", [("down", "refused"), ("fail500", "http_503")])
 def test_fallback_before_the_first_token(engine, model, reason):
     steps = []
@@ -426,6 +510,38 @@ def test_fallback_before_the_first_token(engine, model, reason):
     assert completion.to_dict()["fallbacks"][0]["reason"] == reason
 
 
+def test_fallbacks_are_tried_in_the_order_listed(fault_engine):
+    request = hello()
+    decision = fault_engine.prepare(request, model="first", prewarm=False)
+    completion = Completion(decision=decision)
+    with pytest.raises(UpstreamUnavailable):
+        for _ in fault_engine.stream(request, decision, GenerationParams(max_tokens=2),
+                                     completion):
+            pass
+    steps = [(s.from_model, s.to_model, s.reason) for s in completion.decision.fallbacks]
+    assert steps == [("first", "second", "http_503"), ("second", "third", "http_502")]
+
+
+def test_an_upstream_error_that_quotes_the_key_reaches_no_one_with_it(fault_engine, caplog):
+    with caplog.at_level(logging.DEBUG), pytest.raises(UpstreamError) as info:
+        answer(fault_engine, "echokey")
+    message = str(info.value)
+    assert info.value.status == 401 and "invalid api key: Bearer [redacted]" in message
+    assert UPSTREAM_KEY not in message and UPSTREAM_KEY not in caplog.text
+
+
+def test_keep_alives_without_a_token_still_time_out(fault_engine, fault_server):
+    """``: ping`` comments keep the connection busy (no read timeout ever fires), but no
+    token comes: the first-token deadline (timeout_seconds) ends the wait."""
+    seen = len(fault_server[1].seen)
+    with pytest.raises(UpstreamUnavailable) as info:
+        answer(fault_engine, "pings")
+    assert fault_server[1].seen[seen][0].startswith("/pings/")  # it did reach the upstream
+    assert info.value.status == 504 and info.value.reason == "timeout"
+    assert "sent no token within timeout_seconds = 0.5" in str(info.value)
+
+
+@pytest.mark.models
 def test_no_fallback_after_a_token_was_sent(engine):
     request = hello()
     decision = engine.prepare(request, model="midstream", prewarm=False)
@@ -440,12 +556,14 @@ def test_no_fallback_after_a_token_was_sent(engine):
     assert completion.decision.model == "midstream" and not completion.decision.fallbacks
 
 
+@pytest.mark.models
 def test_a_4xx_is_not_a_reason_to_fall_back(engine):
     with pytest.raises(UpstreamError) as info:
         answer(engine, "teapot")
     assert info.value.status == 418 and "fault server says 418" in str(info.value)
 
 
+@pytest.mark.models
 def test_a_5xx_without_fallbacks_is_an_unavailable_upstream(engine):
     with pytest.raises(UpstreamUnavailable) as info:
         answer(engine, "plain500")
@@ -453,6 +571,7 @@ def test_a_5xx_without_fallbacks_is_an_unavailable_upstream(engine):
     assert "answered 500: fault server says 500" in str(info.value)
 
 
+@pytest.mark.models
 def test_a_cooling_endpoint_fails_fast_and_its_fallback_answers(engine):
     down = engine.pool.ensure_loaded("plain500").model
     down.replicas.clock = lambda: 50.0  # frozen: the cooldown does not end in this test
@@ -469,6 +588,7 @@ def test_a_cooling_endpoint_fails_fast_and_its_fallback_answers(engine):
     assert completion.decision.fallbacks[0].reason == "cooldown"
 
 
+@pytest.mark.models
 def test_timeout_before_the_first_token_is_504(engine):
     stall = engine.pool.ensure_loaded("stall").model
     (replica,) = stall.replicas.replicas
@@ -484,6 +604,7 @@ def test_timeout_before_the_first_token_is_504(engine):
     assert replica.failures == 1
 
 
+@pytest.mark.models
 def test_cli_fallback_shows_in_json_and_on_stderr(remote_config):
     runner = CliRunner()
     data = json.loads(runner.invoke(cli, ["--config", str(remote_config), "query", "--json",
@@ -503,6 +624,7 @@ def test_cli_fallback_shows_in_json_and_on_stderr(remote_config):
 # -- capabilities ------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_a_request_needing_tools_goes_to_a_model_that_offers_them(engine):
     needs = ChatRequest(messages=({"role": "user", "content": "hola"},),
                         needs=frozenset({"tools"}))
@@ -546,6 +668,37 @@ def test_routing_moves_a_request_the_routed_model_cannot_take(make_config):
         assert engine.prepare(long, prewarm=False).model == "plain"
     finally:
         engine.close()
+
+
+def test_rerouting_tries_the_routed_models_fallbacks_before_the_default(tmp_path):
+    path = tmp_path / "sarai.toml"
+    path.write_text(PLAIN_REMOTE + """
+fallbacks = ["backup"]
+
+[models.backup]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+
+[models.general]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+
+[routing]
+default_model = "general"
+
+[plugins.heuristic]
+conversation_model = "general"
+multimodal_model = "plain"
+""", encoding="utf-8")
+    engine = Engine(load_config(path))
+    request = ChatRequest(messages=({"role": "user", "content": "What is in this photo?"},),
+                          needs=frozenset({"json_schema"}))
+    try:
+        decision = engine.prepare(request, prewarm=False)
+    finally:
+        engine.close()
+    assert decision.routed_model == "plain"  # the keyword rule chose it; it can't take JSON
+    assert decision.model == "backup", decision.reason
 
 
 def test_no_model_can_take_it_names_what_is_missing(make_config):
@@ -638,6 +791,7 @@ def sse_events(response: httpx.Response) -> list[dict]:
     return events
 
 
+@pytest.mark.models
 def test_server_answers_through_the_remote_model(router):
     response = router.post(chat_body("remote"))
     assert response.status_code == 200, response.text
@@ -655,6 +809,7 @@ def test_server_answers_through_the_remote_model(router):
     assert row["health"]["endpoints"][0]["requests"] >= 2
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("stream", [False, True])
 def test_server_fallback_header_trace_and_metric(router, stream):
     def count(reason: str) -> float:
@@ -679,6 +834,7 @@ def test_server_fallback_header_trace_and_metric(router, stream):
     assert QUERY_TOKEN not in response.text
 
 
+@pytest.mark.models
 def test_server_passes_an_upstream_4xx_through(router):
     response = router.post(chat_body("wrongkey"))
     assert response.status_code == 401
@@ -688,6 +844,7 @@ def test_server_passes_an_upstream_4xx_through(router):
     assert teapot.status_code == 418 and "fault server says 418" in teapot.json()["error"]["message"]
 
 
+@pytest.mark.models
 def test_server_5xx_and_timeout_without_fallback(router):
     response = router.post(chat_body("plain500"))
     assert response.status_code in (502, 503)  # 503 while a previous failure cools it down
@@ -696,6 +853,7 @@ def test_server_5xx_and_timeout_without_fallback(router):
     assert stalled.status_code == 504 and stalled.json()["error"]["code"] == "upstream_timeout"
 
 
+@pytest.mark.models
 def test_server_mid_stream_failure_is_an_error_event_not_a_fallback(router):
     response = router.post(chat_body("midstream", stream=True))
     assert response.status_code == 200
@@ -710,6 +868,7 @@ def test_server_mid_stream_failure_is_an_error_event_not_a_fallback(router):
     assert events[-1]["sarai"] == {"stopped_by": "error"}
 
 
+@pytest.mark.models
 def test_no_credential_reaches_a_client_or_the_log(router):
     bodies = [router.post(chat_body(m)).text for m in ("remote", "down", "wrongkey", "plain500")]
     bodies.append(httpx.get(router.url + "/v1/models", timeout=30).text)
@@ -740,6 +899,7 @@ def inproc_router(remote_config):
     thread.join(30)
 
 
+@pytest.mark.models
 def test_many_concurrent_streams_need_no_thread_each(inproc_router):
     """32 streams at once to a remote model (the upstream answers one at a time, so most
     wait on it): every one answers, and no generation thread exists meanwhile."""
@@ -766,6 +926,7 @@ def test_many_concurrent_streams_need_no_thread_each(inproc_router):
     assert generation_threads == []
 
 
+@pytest.mark.models
 def test_no_credential_in_any_log_record(inproc_router, remote_config, caplog):
     caplog.set_level(logging.DEBUG)
     bodies = [inproc_router.post(chat_body(m)).text
@@ -781,6 +942,7 @@ def test_no_credential_in_any_log_record(inproc_router, remote_config, caplog):
         assert all(secret not in record.getMessage() for record in caplog.records), secret
 
 
+@pytest.mark.models
 def test_a_client_that_leaves_closes_the_upstream_stream(router):
     with httpx.stream("POST", router.url + "/v1/chat/completions",
                       json=chat_body("remote", stream=True, max_tokens=200),
@@ -793,6 +955,7 @@ def test_a_client_that_leaves_closes_the_upstream_stream(router):
           "the upstream stream to close")
 
 
+@pytest.mark.models
 def test_models_list_probes_remote_endpoints(remote_config):
     result = CliRunner().invoke(cli, ["--config", str(remote_config), "models", "list",
                                       "--json"])
@@ -857,6 +1020,7 @@ def test_async_slots_go_to_waiters_in_order_and_none_is_lost(make_config):
         pool.close()
 
 
+@pytest.mark.models
 def test_bench_concurrency_through_serve_and_direct(remote_config):
     """The command runs end to end: `serve` as a child, the endpoint directly, paired
     requests; it prints figures (their values are the bench's business, not this test's)."""

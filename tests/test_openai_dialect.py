@@ -26,8 +26,14 @@ from sarai_router.testing import SARAI_ROUTER as SAR, free_port, start_serve
 
 API_KEY = "dialect-key"
 MODELS = ["fast", "quality"]
+#: Characters whose UTF-8 bytes the fast model's tokenizer splits across tokens, and an
+#: answer held to them (by a pattern: llama-cpp-python's schema converter writes an
+#: ``enum`` or ``const`` of non-ASCII text as JSON surrogate escapes that its grammar
+#: reads as other bytes).
+EMOJI = "\U0001f389\U0001f973"
+EMOJI_ONLY = {"type": "json_schema", "json_schema": {
+    "name": "emoji", "schema": {"type": "string", "pattern": f"^{EMOJI}$"}}}
 
-pytestmark = pytest.mark.models
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -103,6 +109,7 @@ def ask(text: str) -> list[dict]:
 # -- shapes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_a_plain_answer_matches_the_spec(client, model):
     data, completion = create(client, model=model, max_tokens=8, messages=ask("Hola"))
@@ -113,6 +120,7 @@ def test_a_plain_answer_matches_the_spec(client, model):
     assert completion.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.models
 def test_stream_chunks_match_the_spec(client):
     chunks = stream(client, model="fast", max_tokens=8, messages=ask("Hola"),
                     stream_options={"include_usage": True})
@@ -134,6 +142,7 @@ def test_every_request_field_of_the_spec_is_honoured_or_refused():
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("text, tool", [("What's the weather in Paris?", WEATHER),
                                         ("What is 2 plus 3?", ADD)])
+@pytest.mark.models
 def test_tool_choice_required_gives_a_call_that_fits_the_schema(client, model, text, tool):
     data, completion = create(client, model=model, max_tokens=80, messages=ask(text),
                               tools=[WEATHER, ADD], tool_choice="required")
@@ -147,6 +156,7 @@ def test_tool_choice_required_gives_a_call_that_fits_the_schema(client, model, t
     print(f"{model}: {text!r} -> {call.function.name}({call.function.arguments})")
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_a_named_tool_choice_calls_that_function(client, model):
     _, completion = create(client, model=model, max_tokens=80,
@@ -157,6 +167,7 @@ def test_a_named_tool_choice_calls_that_function(client, model):
     jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
 
 
+@pytest.mark.models
 def test_a_streamed_tool_call(client):
     chunks = stream(client, model="fast", max_tokens=80, messages=ask("Weather in Rome?"),
                     tools=[WEATHER], tool_choice="required")
@@ -168,6 +179,7 @@ def test_a_streamed_tool_call(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_tool_choice_auto_answers_with_text_or_a_valid_call(client, model):
     _, completion = create(client, model=model, max_tokens=60,
@@ -181,6 +193,7 @@ def test_tool_choice_auto_answers_with_text_or_a_valid_call(client, model):
     print(f"{model} auto: {choice.finish_reason} {choice.message.content!r:.80}")
 
 
+@pytest.mark.models
 def test_tool_choice_none_answers_in_text(client):
     _, completion = create(client, model="fast", max_tokens=8, messages=ask("Hi"),
                            tools=[WEATHER], tool_choice="none")
@@ -188,6 +201,7 @@ def test_tool_choice_none_answers_in_text(client):
     assert completion.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_a_tool_result_goes_back_to_the_model(client, model):
     messages = [
@@ -205,6 +219,7 @@ def test_a_tool_result_goes_back_to_the_model(client, model):
 # -- JSON output ----------------------------------------------------------------------------
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_response_format_json_schema_gives_json_that_fits(client, model):
     _, completion = create(
@@ -218,6 +233,7 @@ def test_response_format_json_schema_gives_json_that_fits(client, model):
     print(f"{model}: {content}")
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_response_format_json_object_gives_a_json_object(client, model):
     _, completion = create(client, model=model, max_tokens=80,
@@ -233,29 +249,56 @@ def test_response_format_json_object_gives_a_json_object(client, model):
 # -- logprobs -------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("model", MODELS)
 def test_logprobs_add_up_to_the_text(client, model):
     data, completion = create(client, model=model, max_tokens=10, messages=ask("Say hello"),
                               logprobs=True, top_logprobs=3)
     tokens = completion.choices[0].logprobs.content
-    assert "".join(t.token for t in tokens) == completion.choices[0].message.content
+    assert adds_up(tokens, completion.choices[0].message.content)
     assert len(tokens) == completion.usage.completion_tokens
     for token in tokens:
         assert token.logprob <= 0
-        assert bytes(token.bytes).decode("utf-8", errors="replace") == token.token
+        for each in (token, *token.top_logprobs):
+            assert bytes(each.bytes).decode("utf-8", errors="replace") == each.token
         alternatives = [t.logprob for t in token.top_logprobs]
         assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
         # At temperature 0 the chosen token is the most likely one.
         assert token.logprob == pytest.approx(alternatives[0])
 
 
+def adds_up(tokens, text: str) -> bool:
+    """The tokens' bytes make up ``text``. Their ``token`` strings need not: a character
+    whose UTF-8 bytes span several tokens (an emoji) is "\\ufffd" in each of them."""
+    return b"".join(bytes(t.bytes) for t in tokens).decode("utf-8") == text
+
+
+@pytest.mark.models
+def test_logprobs_of_a_character_split_across_tokens_carry_its_bytes(client):
+    """An answer held to emoji (by a JSON schema): the tokenizer splits each one's bytes
+    across tokens, whose text is then "\\ufffd"; the bytes still add up to the answer."""
+    data, completion = create(client, model="fast", max_tokens=24, messages=ask("Party!"),
+                              logprobs=True, response_format=EMOJI_ONLY)
+    text = completion.choices[0].message.content
+    assert json.loads(text) == EMOJI
+    tokens = completion.choices[0].logprobs.content
+    assert any("\ufffd" in t.token for t in tokens)  # the case this test is about
+    assert adds_up(tokens, text)
+    streamed = stream(client, model="fast", max_tokens=24, messages=ask("Party!"),
+                      logprobs=True, response_format=EMOJI_ONLY)
+    pieces = [t for c in streamed if c["choices"] and c["choices"][0]["logprobs"]
+              for t in c["choices"][0]["logprobs"]["content"]]
+    assert b"".join(bytes(t["bytes"]) for t in pieces).decode("utf-8") == text
+
+
+@pytest.mark.models
 def test_streamed_logprobs_come_with_their_text(client):
     chunks = stream(client, model="fast", max_tokens=10, messages=ask("Say hello"),
                     logprobs=True)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    tokens = [t["token"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+    tokens = [t["bytes"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
               for t in c["choices"][0]["logprobs"]["content"]]
-    assert text and "".join(tokens) == text
+    assert text and b"".join(bytes(t) for t in tokens).decode("utf-8") == text
 
 
 # -- HTTP -----------------------------------------------------------------------------------
@@ -274,6 +317,7 @@ def _get(port: int, path: str, **headers: str) -> tuple[int, dict[str, str], byt
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
 
 
+@pytest.mark.models
 def test_the_bearer_scheme_is_case_insensitive(server):
     _, port = server
     for scheme in ("bearer", "BEARER", "Bearer"):
@@ -284,11 +328,13 @@ def test_the_bearer_scheme_is_case_insensitive(server):
     ("localhost", 200), ("127.0.0.1", 200), ("[::1]", 200), ("app.localhost", 200),
     ("sarai.test", 200),  # --allowed-host
     ("evil.example", 421), ("sarai.test.evil.example", 421)])
+@pytest.mark.models
 def test_host_allowlist(server, host, status):
     _, port = server
     assert _get(port, "/health", Host=f"{host}:{port}")[0] == status
 
 
+@pytest.mark.models
 def test_cors_is_off_by_default(server):
     _, port = server
     status, headers, _ = _get(port, "/v1/models", Origin="https://evil.example",
@@ -296,6 +342,7 @@ def test_cors_is_off_by_default(server):
     assert status == 200 and "access-control-allow-origin" not in headers
 
 
+@pytest.mark.models
 def test_request_ids(server):
     _, port = server
     _, headers, _ = _get(port, "/health")
@@ -373,6 +420,7 @@ def relayed(engine, text: str, **params):
     return completion
 
 
+@pytest.mark.models
 def test_tool_calls_come_back_through_the_openai_backend(relay):
     completion = relayed(relay, "What's the weather in Paris?", tools=(WEATHER, ADD),
                          tool_choice="required")
@@ -382,11 +430,20 @@ def test_tool_calls_come_back_through_the_openai_backend(relay):
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
 
 
+@pytest.mark.models
 def test_logprobs_and_json_come_back_through_the_openai_backend(relay):
     completion = relayed(relay, "Say hello", logprobs=True, top_logprobs=2, max_tokens=8)
     assert completion.logprobs
-    assert "".join(t.token for t in completion.logprobs) == completion.text
-    assert all(len(t.top) == 2 for t in completion.logprobs)
+    assert adds_up(completion.logprobs, completion.text)
+    for token in completion.logprobs:
+        assert len(token.top) == 2
+        for text, _, raw in ((token.token, token.logprob, token.bytes), *token.top):
+            assert bytes(raw).decode("utf-8", errors="replace") == text
+    # A character split across tokens: its bytes come through the relay too.
+    completion = relayed(relay, "Party!", logprobs=True, response_format=EMOJI_ONLY)
+    assert json.loads(completion.text) == EMOJI
+    assert any("\ufffd" in t.token for t in completion.logprobs)
+    assert adds_up(completion.logprobs, completion.text)
     completion = relayed(relay, "Invent a person as JSON.", response_format={
         "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
     jsonschema.validate(json.loads(completion.text), PERSON)

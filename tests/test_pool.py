@@ -584,3 +584,49 @@ def test_prompt_threads_follow_n_threads(make_pool, make_config):
         # n_threads_batch evaluates prompts: left alone it takes every core, which undoes
         # the server's share of the cores for every prompt.
         assert (params.n_threads, params.n_threads_batch) == (1, 1)
+
+
+# -- slots on an event loop ---------------------------------------------------------------
+
+
+def test_a_waiter_cancelled_as_a_slot_reaches_it_passes_the_slot_on(make_pool, make_config):
+    """The holder lets go, which hands the slot to the waiter; the waiter is cancelled
+    before it wakes (its client left). The slot must go on to the next request, not be lost
+    with the cancelled waiter (which would make every later request wait forever)."""
+    import asyncio
+
+    pool = make_pool(make_config("""
+        [models.remote]
+        backend = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        max_concurrency = 1
+        """), clock=time.monotonic)
+
+    async def scenario() -> None:
+        holder = pool.ause("remote")
+        resident = await holder.__aenter__()
+        entered = []
+
+        async def waiter() -> None:
+            async with pool.ause("remote"):
+                entered.append("waiter")
+
+        task = asyncio.create_task(waiter())
+        while not resident.async_waiters:
+            await asyncio.sleep(0)
+        # No await between these two: the slot is on its way when the cancel comes.
+        await holder.__aexit__(None, None, None)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert entered == []
+        async def next_request() -> None:
+            async with pool.ause("remote"):
+                entered.append("next")
+
+        # A lost slot: the next request would wait forever.
+        await asyncio.wait_for(next_request(), 30)
+        assert entered == ["next"]
+        assert resident.active == 0 and resident.users == 0 and not resident.async_waiters
+
+    asyncio.run(scenario())

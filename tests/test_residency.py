@@ -152,6 +152,16 @@ def test_a_borderline_case_goes_to_the_model_already_loaded(make_config):
                        ).model == "fast"
 
 
+def test_a_score_exactly_at_the_margin_is_borderline(make_config):
+    # 0.75 - 0.5 is exactly 0.25 in binary floating point: on the edge, not past it.
+    config = make_config(heuristic(empathy_threshold=0.5, borderline_margin=0.25),
+                         routing=EVAL_LIKE)
+    router = Router(config, build_plugins(config, extra=[("fixed", FixedEmpathy(0.75))]))
+    decision = router.route(ChatRequest.from_prompt("Hola, ¿qué tal?"),
+                            residency=residency(fast="unloaded", quality="loaded"))
+    assert decision.model == "quality" and decision.reason.startswith("borderline:")
+
+
 def test_outside_the_margin_or_off_the_residency_is_ignored(make_config):
     request = ChatRequest.from_prompt("Hola, ¿qué tal?")
     only_quality = residency(fast="unloaded", quality="loaded")

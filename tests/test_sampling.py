@@ -22,7 +22,6 @@ from sarai_router.types import ChatRequest
 
 from conftest import FAST_FILE
 
-pytestmark = pytest.mark.models
 
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 GGUF_FLOAT32, GGUF_UINT32 = 6, 4
@@ -157,6 +156,7 @@ def test_config_beats_gguf_beats_builtin(engine_for, greedy_gguf, models_dir):
     assert params.with_defaults(BUILTIN_SAMPLING).sampling() == BUILTIN_SAMPLING
 
 
+@pytest.mark.models
 def test_gguf_top_k_1_reaches_the_sampler(engine_for, greedy_gguf):
     # The file says top_k 1: whatever the seed, always the likeliest token, even at the
     # temperature 1.3 the file also asks for.
@@ -167,6 +167,7 @@ def test_gguf_top_k_1_reaches_the_sampler(engine_for, greedy_gguf):
     assert len(answers(loose, GenerationParams(max_tokens=12))) > 1
 
 
+@pytest.mark.models
 def test_the_request_overrides_the_model_defaults(engine_for, greedy_gguf):
     loose = engine_for(one_model(greedy_gguf, "top_k = 40\ntemperature = 2.0"))
     assert len(answers(loose, GenerationParams(max_tokens=12))) > 1
@@ -231,6 +232,27 @@ def test_guard_trips_on_sentences_that_come_back_in_varied_paragraphs():
     assert "came 4 times" in guard.reason
 
 
+def test_a_line_of_exactly_min_chars_counts_as_a_sentence():
+    """A numbered line whose text is exactly ``min_chars`` long trips at ``repeats``; a
+    shorter one is a short list item (twice as many)."""
+    line = "Los perros ladran"[:16]
+    assert len(line) == 16
+    text = "".join(f"{n}. {line}\n" for n in range(1, 6))
+    guard = RunawayGuard(min_chars=16, repeats=4)
+    assert feed_all(guard, text) is not None
+    assert "came 4 times" in guard.reason
+    shorter = "".join(f"{n}. {line[:15]}\n" for n in range(1, 6))
+    assert feed_all(RunawayGuard(min_chars=16, repeats=4), shorter) is None
+
+
+def test_a_passage_of_exactly_min_chars_repeated_in_a_row_trips():
+    unit = "perro gato loro "  # no sentence end: only the passage check can see it
+    assert len(unit) == 16
+    guard = RunawayGuard(min_chars=16, max_chars=400, repeats=4)
+    assert feed_all(guard, unit * 4, step=1) is not None
+    assert "came 4 times in a row" in guard.reason
+
+
 @pytest.mark.parametrize("text", [
     ", ".join(str(n) for n in range(300)),                       # counting is not a loop
     "| --- " * 12 + "|\n",                                       # a table rule
@@ -249,6 +271,7 @@ def test_guard_leaves_ordinary_text_alone(text):
 LOOP_PROMPT = "Tell me about dogs."
 
 
+@pytest.mark.models
 def test_guard_stops_a_real_loop_and_says_so(engine_for, models_dir):
     # Without the guard the loop runs to max_tokens; with it, it stops and says why.
     unguarded = engine_for(one_model(models_dir / FAST_FILE, "", "[generation]\nrunaway_guard = false",

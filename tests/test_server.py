@@ -229,14 +229,23 @@ def test_max_tokens_runs_over_only_to_finish_a_split_character(server):
 
 @pytest.mark.models
 def test_seed_makes_answers_repeatable(server):
+    """What docs/serving.md promises for a seed on llama_cpp: the same request, the same
+    answer, logprob for logprob, whatever the model answered before it (the prompt is then
+    in its KV cache whole, or only the chat template's opening)."""
     client = server.client()
-    answers = {
-        client.chat.completions.create(
+
+    def seeded():
+        choice = client.chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "Tell me a word."}],
-            max_tokens=8, temperature=1.0, seed=42).choices[0].message.content
-        for _ in range(2)
-    }
-    assert len(answers) == 1
+            max_tokens=8, temperature=1.0, seed=42, logprobs=True).choices[0]
+        return choice.message.content, [t.logprob for t in choice.logprobs.content]
+
+    first = seeded()
+    assert seeded() == first
+    client.chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "Name a colour, please."}],
+        max_tokens=8, temperature=1.0)
+    assert seeded() == first
 
 
 @pytest.mark.models

@@ -23,7 +23,6 @@ from sarai_router.testing import start_serve
 from conftest import FAST_FILE
 from test_server import Server, metric
 
-pytestmark = pytest.mark.models
 
 #: Long enough that the prompt's evaluation is real work (each queued client would cost it).
 LONG_PROMPT = ("Resume este texto en una frase. " + "El perro corre por el parque y juega "
@@ -105,6 +104,7 @@ n_threads = 1
     assert srv.process.returncode == 0, srv.log()[-3000:]
 
 
+@pytest.mark.models
 def test_clients_that_leave_while_queued_never_reach_the_model(server):
     before = server.metrics()
     started = metric(before, "sarai_generations_started_total", model="fast")
@@ -141,6 +141,7 @@ def test_clients_that_leave_while_queued_never_reach_the_model(server):
                   code="client_closed_request") >= 6
 
 
+@pytest.mark.models
 def test_a_loaded_model_keeps_answering_when_its_file_is_deleted(server):
     ask = json.dumps({"model": "copy", "max_tokens": 2,
                       "messages": [{"role": "user", "content": "Hola"}]}).encode()
@@ -153,6 +154,7 @@ def test_a_loaded_model_keeps_answering_when_its_file_is_deleted(server):
     assert body["model"] == "copy"
 
 
+@pytest.mark.models
 def test_sigterm_with_a_long_queue_answers_503_at_once_and_exits_within_the_grace(
         tmp_path, models_dir):
     grace = 5.0

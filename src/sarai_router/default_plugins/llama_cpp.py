@@ -235,6 +235,13 @@ class LlamaCppModel:
         held: list[str] = []
         emitted_bytes = 0
 
+        if params.seed is not None:
+            # A seed promises the same answer to the same request. Reusing the prefix an
+            # earlier request left in the KV cache evaluates this prompt in other batches (a
+            # prompt cached whole has its last token evaluated again alone, by another
+            # kernel), which moves the logits: measured, the same seeded request answered
+            # differently right after itself. So a seeded prompt is evaluated whole.
+            self.llama.reset()
         budget = params.time_budget
         if recorder is not None or budget is not None:
             self._hear_samples(recorder.sampled if recorder else None, budget)
