@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from sarai_router.config import fallback_cycles, parse_config
 from sarai_router.errors import AttachmentError
 from sarai_router.router import fallback_order
 from sarai_router.types import read_attachment
+from sarai_router.testing import SARAI_ROUTER as SAR
 
-from sarai_router.testing import SARAI_ROUTER as SAR  # noqa: E402
 
 #: A config that loads no model file: endpoints nobody listens on (port 9, discard).
 RING_MODEL = """
@@ -181,7 +180,7 @@ def test_a_request_on_a_ring_of_1500_refusing_models_ends_after_max_fallbacks(tm
             assert response.status_code == 502, response.text
             error = response.json()["error"]
             assert "refused the connection" in error["message"] and "m3" in error["message"]
-        log = server.log.read_text(errors="replace")
+        log = server.log()
         assert "no more fallbacks for this request ([routing] max_fallbacks = 3)" in log
         assert "falling back to m4" not in log and "Traceback" not in log
     finally:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,8 +28,8 @@ from sarai_router.default_plugins.grammar_limits import (MAX_AMBIGUITY,
 from sarai_router.errors import InvalidRequest
 from sarai_router.serving.openai import scrub_paths
 from sarai_router.time_budget import OverBudget, TimeBudget
+from sarai_router.testing import SARAI_ROUTER as SAR
 
-from sarai_router.testing import SARAI_ROUTER as SAR  # noqa: E402
 PARAM = "response_format.json_schema.schema"
 
 
