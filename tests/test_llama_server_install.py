@@ -142,7 +142,7 @@ def test_missing_explicit_path_is_an_error_naming_it_and_the_fix(monkeypatch, tm
     message = str(caught.value)
     assert f"binary = '{missing}'" in message
     assert "no such file" in message
-    assert "python -m sarai_router.llama_server_install" in message
+    assert "sarai-router engines install" in message
 
 
 def test_non_executable_explicit_path_says_chmod(tmp_path):
@@ -382,7 +382,7 @@ def test_cli_print_with_nothing_found_exits_1(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert "no llama-server" in result.stderr
-    assert "python -m sarai_router.llama_server_install" in result.stderr
+    assert "sarai-router engines install" in result.stderr
     assert "Traceback" not in result.stderr
 
 
