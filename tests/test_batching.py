@@ -162,3 +162,10 @@ def test_default_serve_without_a_binary_says_so_once_and_answers_in_process(
         log = server.log()
     assert log.count(f"run `{INSTALL_COMMAND}`") == 1
     assert "run in process, one request at a time" in log
+
+
+def test_engines_install_with_one_installed_prints_it(with_binary, llama_server_binary):
+    result = subprocess.run([SAR, "engines", "install"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(llama_server_binary)
+    assert "llama-server is installed" in result.stderr
