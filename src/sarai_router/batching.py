@@ -107,6 +107,8 @@ def server_keys(spec: ModelSpec) -> tuple[dict[str, Any] | None, str]:
     if settings.options:
         return None, (f"its llama_cpp options ({', '.join(sorted(settings.options))}) have "
                       "no llama-server equivalent here")
+    if spec.embedding:
+        return None, "an embedding model (the llama_server backend serves chat only)"
     if "audio" in spec.modalities:
         return None, "it takes audio input"
     # Written paths, not resolved ones: binding resolves them again.

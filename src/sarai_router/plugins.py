@@ -55,6 +55,8 @@ DEFAULT_PLUGINS = {
     "prewarm": "sarai_router.default_plugins.prewarm",
     "whisper": "sarai_router.default_plugins.whisper",
     "admin": "sarai_router.default_plugins.admin",
+    "ollama": "sarai_router.default_plugins.ollama",
+    "embeddings": "sarai_router.default_plugins.embeddings",
 }
 
 #: default plugins that only register a backend (of the same name): ``(module, class)``.

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelPool", "PoolError", "QueueFull", "Resident", "ResidentInfo"]
 
 
+#: The detail of an unload a client's ``keep_alive: 0`` asked for.
+KEEP_ALIVE_0 = "keep_alive 0"
 #: A verified unload must give back at least this share of what the load took.
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
@@ -128,6 +130,11 @@ class Resident:
     sync_waiters: list = attrs.field(factory=list)
     #: generations holding a slot now
     active: int = 0
+    #: a client's idle limit for this instance (``keep_alive``), seconds; None: the cache
+    #: policy's TTL. Never set on a pinned model.
+    keep_alive_s: float | None = None
+    #: unload as soon as the last request using it ends (``keep_alive`` 0)
+    unload_after_use: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -161,6 +168,8 @@ class Resident:
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
+            "keep_alive_s": self.keep_alive_s,
+            "unload_after_use": self.unload_after_use,
         }
 
 
@@ -440,6 +449,7 @@ class ModelPool:
 
     def _release_user(self, resident: Resident, *, used: bool = True) -> None:
         """``used``: it generated (the idle clock restarts); else it left the queue."""
+        taken = None
         with self._cond:
             resident.users -= 1
             resident.queued -= 1
@@ -448,7 +458,12 @@ class ModelPool:
                 self._heap_dirty = True
             if resident.state == "dead" and resident.users == 0:
                 self._close_dead_locked(resident)
+            elif (resident.unload_after_use and resident.idle
+                    and self._residents.get(resident.name) is resident):
+                taken = self._take_out_locked(resident, kind="unload", detail=KEEP_ALIVE_0)
             self._cond.notify_all()
+        if taken is not None:
+            self._close(*taken)
 
     def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
         """Take a slot of ``resident`` on this thread, in arrival order; Cancelled (the
@@ -830,8 +845,9 @@ class ModelPool:
             self.hooks.emit("model_evicted", resident.name, reason=detail, by=by,
                             rss_mb=resident.ram_mb)
         else:
-            self.hooks.emit("model_unloaded", resident.name,
-                            reason="shutdown" if detail == "shutdown" else kind,
+            # A client's keep_alive 0 is told apart from an operator's unload.
+            reason = {"shutdown": "shutdown", KEEP_ALIVE_0: "keep_alive"}.get(detail, kind)
+            self.hooks.emit("model_unloaded", resident.name, reason=reason,
                             rss_mb=resident.ram_mb)
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
@@ -894,6 +910,48 @@ class ModelPool:
             taken = self._take_out_locked(resident, kind="unload")
         self._close(*taken)
         return True
+
+    def keep_alive(self, name: str, seconds: float | None) -> str:
+        """A client's ``keep_alive`` for ``name``'s loaded instance, within the operator's
+        policy: ``0`` unloads it once the requests using it end (now if none does);
+        ``seconds > 0`` sets its idle limit to that many seconds, replacing the TTL;
+        ``None`` gives the TTL back. A pinned model is never touched; the budget and
+        ``max_loaded`` may still evict it. The caller caps ``seconds``.
+
+        Returns what happened: ``not_loaded``, ``pinned``, ``unloaded``, ``unload_pending``
+        (in use: unloaded when its last request ends) or ``set``.
+        """
+        taken = None
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state not in ("loaded", "loading"):
+                return "not_loaded"
+            if resident.pinned:
+                return "pinned"
+            if seconds is not None and seconds <= 0:
+                resident.unload_after_use = True
+                if resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload",
+                                                  detail=KEEP_ALIVE_0)
+            else:
+                resident.unload_after_use = False
+                resident.keep_alive_s = seconds
+        if taken is not None:
+            self._close(*taken)
+            return "unloaded"
+        return "unload_pending" if seconds is not None and seconds <= 0 else "set"
+
+    def expires_in(self, name: str, now: float | None = None) -> float | None:
+        """Seconds until ``name`` expires if it stays idle (0 when due; None: pinned, not
+        loaded, or in use, whose idle clock has not started)."""
+        now = self.clock() if now is None else now
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.pinned or not resident.idle:
+                return None
+            limit = (resident.keep_alive_s if resident.keep_alive_s is not None
+                     else self.config.ttl_for(resident.spec))
+            return max(0.0, resident.last_used + limit - now)
 
     def unload_when_idle(self, name: str, *, timeout: float | None = None,
                          cancel: threading.Event | None = None) -> bool:
@@ -998,8 +1056,14 @@ class ModelPool:
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
-                if self.hooks.model_expired(resident=resident.info(), now=now,
-                                            cache=self.config.cache):
+                if resident.unload_after_use:
+                    expired = True
+                elif resident.keep_alive_s is not None:  # a client's, within the cap
+                    expired = now - resident.last_used >= resident.keep_alive_s
+                else:
+                    expired = self.hooks.model_expired(resident=resident.info(), now=now,
+                                                       cache=self.config.cache)
+                if expired:
                     taken.append(self._take_out_locked(
                         resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
         for item in taken:

@@ -24,7 +24,7 @@ import uuid
 from typing import Sequence
 
 from ..events import request_scope
-from .openai import ApiError, internal_error
+from .openai import DIALECT, ApiError, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class RequestIdMiddleware:
             return
         given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex[:20]}"
+        # Ollama's clients read {"error": "..."}: every error on its paths takes that shape.
+        dialect = DIALECT.set("ollama" if scope.get("path", "").startswith("/api/")
+                              else "openai")
         started = False
 
         async def send_with_id(message):
@@ -69,14 +72,17 @@ class RequestIdMiddleware:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        with request_scope("http", request_id):
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
-                log.exception("unhandled error on %s %s (request id %s)", scope.get("method"),
-                              scope.get("path"), request_id)
-                if not started:
-                    await _answer(internal_error(), scope, receive, send_with_id)
+        try:
+            with request_scope("http", request_id):
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
+                    log.exception("unhandled error on %s %s (request id %s)",
+                                  scope.get("method"), scope.get("path"), request_id)
+                    if not started:
+                        await _answer(internal_error(), scope, receive, send_with_id)
+        finally:
+            DIALECT.reset(dialect)
 
 
 def host_allowed(host: str, names: frozenset[str]) -> bool:
