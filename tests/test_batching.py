@@ -169,3 +169,10 @@ def test_engines_install_with_one_installed_prints_it(with_binary, llama_server_
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(llama_server_binary)
     assert "llama-server is installed" in result.stderr
+
+
+def test_an_embedding_model_stays_in_process(make_config, with_binary):
+    served = plan(make_config(quality="embedding = true"), "auto")
+    assert served.config.models["quality"].backend == "llama_cpp"
+    assert "embedding" in served.in_process["quality"]
+    assert served.batched == ("fast",)
