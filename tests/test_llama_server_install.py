@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from sarai_router import llama_server_install as lsi
+from sarai_router.default_plugins.llama_cpp import repack_weights
 from sarai_router.llama_server_install import (
     BuildToolMissing,
     LlamaServerBuildError,
@@ -266,7 +267,9 @@ def test_the_built_binary_serves_chat_with_the_fast_model(built_server, models_d
     port = _free_port()
     process = subprocess.Popen(
         [built_server, "-m", models_dir / FAST_FILE, "--host", "127.0.0.1", "--port", str(port),
-         "-c", "1024", "--parallel", "2", "-t", "2"],
+         "-c", "1024", "--parallel", "2", "-t", "2",
+         # llama.cpp's AMX kernels crash in decode; the backends pass this too
+         *([] if repack_weights(None) else ["--no-repack"])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_healthy(port, process)
