@@ -8,7 +8,7 @@ never at the same time:
 
 1. **in process**: the model as written (``llama_cpp``), as ``query`` runs it;
 2. **llama_server**: the same model as ``serve`` runs it when llama-server is installed
-   (``sarai_router.batching.plan``), a child process on a free port.
+   (``sarai_router.default_plugins.batching.plan``), a child process on a free port.
 
 Each run is a fresh engine: load the model, answer one short prompt, close. Figures: the
 load (file to ready: for the child, until its ``/health`` says loaded), the first token
@@ -24,7 +24,7 @@ import sys
 import time
 
 from sarai_router.backend import GenerationParams
-from sarai_router.batching import plan
+from sarai_router.default_plugins.batching import plan
 from sarai_router.config import load_config
 from sarai_router.engine import Engine
 from sarai_router.llama_server_install import build_llama_server

@@ -179,7 +179,7 @@ def write_config(folder: Path, args: argparse.Namespace) -> Path:
 
 def default_serve_spec():
     """The fast model as `serve` runs it on the built-in default config."""
-    from sarai_router.batching import plan
+    from sarai_router.default_plugins.batching import plan
     from sarai_router.engine import share_cores
 
     served = plan(load_config(None), "auto")

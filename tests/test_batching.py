@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import BATCHING_ENV
-from sarai_router.batching import INSTALL_COMMAND, plan
+from sarai_router.default_plugins.batching import INSTALL_COMMAND, plan
 from sarai_router.errors import ConfigError
 from sarai_router.llama_server_install import BINARY_ENV, CACHE_ENV, build_llama_server
 from sarai_router.testing import start_serve

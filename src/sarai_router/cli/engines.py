@@ -46,7 +46,7 @@ def install(force: bool, jobs: int | None) -> None:
 @engines.command()
 def where() -> None:
     """Print the llama-server that `serve` would run (exit 1 if there is none)."""
-    from ..batching import INSTALL_COMMAND
+    from ..default_plugins.batching import INSTALL_COMMAND
     from ..llama_server_install import LlamaServerError, cache_dir, find_llama_server
 
     try:

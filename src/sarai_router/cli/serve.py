@@ -68,7 +68,7 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     if logging.getLogger().level > logging.INFO:
         # Loads, unloads and pre-warms are what a server operator wants to see.
         logging.getLogger("sarai_router").setLevel(logging.INFO)
-    from ..batching import plan
+    from ..default_plugins.batching import plan
 
     try:
         served = plan(config, batching)

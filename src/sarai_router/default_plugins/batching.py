@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from .config import Config, ModelSpec, rebind
+from ..config import Config, ModelSpec, rebind
 
 #: The command that installs llama-server, named wherever batching is missing.
 INSTALL_COMMAND = "sarai-router engines install"
@@ -62,8 +62,8 @@ def plan(config: Config, mode: str | None = None) -> Plan:
                   if not spec.backend_explicit and spec.backend == "llama_cpp"}
     if mode == "off" or not candidates:
         return Plan(config)
-    from .llama_server_install import LlamaServerError, find_llama_server
-    from .plugins import Hooks, build_plugins
+    from ..llama_server_install import LlamaServerError, find_llama_server
+    from ..plugins import Hooks, build_plugins
 
     plugin_set = config.plugin_set or build_plugins(config)
     if "llama_server" not in Hooks(plugin_set, config).backends():
