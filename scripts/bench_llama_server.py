@@ -329,7 +329,7 @@ def main() -> int:
                       f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
 
     def median(side: str, key: str) -> float:
-        return statistics.median(r[side][key] for r in rounds)
+        return round(statistics.median(r[side][key] for r in rounds), 3)
 
     summary = {
         "setup": {"concurrency": args.concurrency, "requests": args.requests,
