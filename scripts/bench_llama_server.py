@@ -4,6 +4,7 @@ called directly with the same flags.
 
     python scripts/bench_llama_server.py [--concurrency 16] [--requests 64] [--max-tokens 64]
                                          [--parallel 16] [--threads 2] [--rounds 2] [--json]
+    python scripts/bench_llama_server.py --default-config [--rounds 3]
 
 For each round, in order and never at the same time:
 
@@ -17,6 +18,18 @@ The load is the same for both: ``--requests`` streamed chat requests, ``--concur
 time, from one asyncio client (httpx) in this process, each asking for ``--max-tokens``
 tokens. ``--ignore-eos`` is passed to the server in both cases (unless ``--allow-eos``) so
 every request generates exactly that many tokens and both sides do the same work.
+
+``--default-config``: the router side is ``sarai-router serve`` on the built-in default
+config, untouched (no ``--config``, no ``sarai.toml``, ``[server] batching`` at its default),
+asked for its ``fast`` model; the direct side is llama-server with the command line that
+``serve`` gives that model's child (the same slots and threads). Answers may end at EOS
+(the default config can't pass ``--ignore-eos``), so both sides get the default config's
+sampling in every request, with the same seeds, and tok/s counts the tokens generated.
+``--direct-threads N`` runs the direct side with N threads instead.
+
+``--slots 4,8,16`` (with ``--default-config``): llama-server alone, as ``serve`` runs the
+default config's fast model but with each of these ``--parallel`` values in turn, each
+round; it prints the median tok/s and TTFT of each (how ``serve``'s slot count was chosen).
 
 Figures: aggregate tok/s (completion tokens / wall time of the whole batch), TTFT
 percentiles (request sent -> first content piece), latency p50, errors, and for the router
@@ -67,10 +80,17 @@ class Result:
     error: str = ""
 
 
+#: The request's sampling. ``--default-config``: the router applies the config's own
+#: sampling and takes only the OpenAI keys in a request, so the direct side gets
+#: ``DIRECT_SAMPLING`` as well: the config's values of llama.cpp's own keys.
+SAMPLING: dict = {"temperature": 0.7}
+DIRECT_SAMPLING: dict = {}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, index: int,
-                      max_tokens: int) -> Result:
+                      max_tokens: int, extra: dict) -> Result:
     body = {"model": model, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": max_tokens, "temperature": 0.7, "seed": index,
+            "max_tokens": max_tokens, **SAMPLING, **extra, "seed": index,
             "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]}
     result = Result()
     started = time.perf_counter()
@@ -95,7 +115,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, index: in
 
 
 async def run_load(base_url: str, model: str, *, requests: int, concurrency: int,
-                   max_tokens: int) -> dict:
+                   max_tokens: int, extra: dict | None = None) -> dict:
+    extra = extra or {}
     url = f"{base_url}/v1/chat/completions"
     # A new connection per request, to both sides: llama-server sometimes closes a kept-alive
     # connection after a streamed answer without saying so, and the next request on it fails
@@ -103,12 +124,12 @@ async def run_load(base_url: str, model: str, *, requests: int, concurrency: int
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
         # Warm-up: one request, not counted (first-use costs are not what is compared).
-        await one_request(client, url, model, 0, 8)
+        await one_request(client, url, model, 0, 8, extra)
         gate = asyncio.Semaphore(concurrency)
 
         async def bounded(index: int) -> Result:
             async with gate:
-                return await one_request(client, url, model, index, max_tokens)
+                return await one_request(client, url, model, index, max_tokens, extra)
 
         started = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -156,8 +177,25 @@ def write_config(folder: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def run_direct(config_path: Path, binary: str, args: argparse.Namespace) -> dict:
-    spec = load_config(config_path).models["fast"]
+def default_serve_spec():
+    """The fast model as `serve` runs it on the built-in default config."""
+    from sarai_router.default_plugins.batching import plan
+    from sarai_router.engine import share_cores
+
+    served = plan(load_config(None), "auto")
+    if "fast" not in served.batched:
+        raise SystemExit(f"serve would not batch the default config: {served.message}")
+    return share_cores(served.config).models["fast"]
+
+
+def run_direct(config_path: Path | None, binary: str, args: argparse.Namespace,
+               slots: int = 0) -> dict:
+    spec = default_serve_spec() if config_path is None else load_config(config_path).models["fast"]
+    if slots:
+        spec = attrs.evolve(spec, settings=attrs.evolve(spec.settings, parallel=slots))
+    if args.direct_threads:
+        spec = attrs.evolve(spec, settings=attrs.evolve(spec.settings,
+                                                        n_threads=args.direct_threads))
     port = free_port()
     argv = server_argv(spec, binary, port)
     server = ServerProcess("direct", argv, port)
@@ -165,20 +203,27 @@ def run_direct(config_path: Path, binary: str, args: argparse.Namespace) -> dict
     try:
         figures = asyncio.run(run_load(server.base_url, "fast", requests=args.requests,
                                        concurrency=args.concurrency,
-                                       max_tokens=args.max_tokens))
+                                       max_tokens=args.max_tokens,
+                                       extra=DIRECT_SAMPLING))
     finally:
         server.stop()
     figures["command"] = " ".join(Path(a).name if a.startswith("/") else a for a in argv)
     return figures
 
 
-def run_router(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
+def run_router(config_path: Path | None, args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
+    if config_path is None:  # the built-in default config, as a new user starts it
+        for name in ("SARAI_ROUTER_CONFIG", "SARAI_ROUTER_BATCHING"):
+            env.pop(name, None)
+        command = [SAR, "serve", "--port", str(port)]
+    else:
+        command = [SAR, "--config", str(config_path), "serve", "--port", str(port)]
     with open(log, "ab") as out:
-        process = subprocess.Popen([SAR, "--config", str(config_path), "serve", "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   cwd=log.parent)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -212,6 +257,26 @@ def run_router(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
     return figures
 
 
+def sweep_slots(binary: str, args: argparse.Namespace, choices: list[int]) -> int:
+    runs: dict[int, list[dict]] = {n: [] for n in choices}
+    for number in range(1, args.rounds + 1):
+        for slots in choices:
+            figures = run_direct(None, binary, args, slots)
+            runs[slots].append(figures)
+            print(f"round {number}: --parallel {slots}: {figures['aggregate_tok_s']} tok/s, "
+                  f"TTFT p50 {figures['ttft_p50_s']} s, errors {figures['errors']}",
+                  file=sys.stderr)
+    best = max(statistics.median(r["aggregate_tok_s"] for r in runs[n]) for n in choices)
+    print(f"{args.requests} streamed requests, {args.concurrency} at a time; llama-server "
+          f"alone, median of {args.rounds} rounds")
+    print(f"{'--parallel':>10}{'tok/s':>9}{'of best':>9}{'TTFT p50':>10}")
+    for slots in choices:
+        tok_s = statistics.median(r["aggregate_tok_s"] for r in runs[slots])
+        ttft = statistics.median(r["ttft_p50_s"] for r in runs[slots])
+        print(f"{slots:>10}{tok_s:>9}{tok_s / best:>9.2f}{ttft:>10}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -224,8 +289,25 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=default_models_dir() / FAST_FILE)
     parser.add_argument("--allow-eos", action="store_true",
                         help="let answers end early (the two sides may then do unequal work)")
+    parser.add_argument("--default-config", action="store_true",
+                        help="the router side is `serve` on the built-in default config")
+    parser.add_argument("--direct-threads", type=int, default=0,
+                        help="threads of the direct llama-server (default: the router's)")
+    parser.add_argument("--slots", default="",
+                        help="with --default-config: compare these llama-server --parallel "
+                             "values, llama-server alone (e.g. 4,8,16)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.default_config:
+        # What the default config asks of the fast model, sent to both sides.
+        fast = load_config(None).models["fast"]
+        SAMPLING.clear()
+        SAMPLING.update(temperature=fast.temperature)
+        DIRECT_SAMPLING.update({k: getattr(fast, k) for k in ("top_k", "min_p",
+                                                              "repeat_penalty")})
+        spec = default_serve_spec()
+        args.parallel, args.threads = spec.settings.parallel, spec.settings.n_threads
+        args.n_ctx, args.model, args.allow_eos = spec.n_ctx, Path(spec.path), True
     if not args.model.is_file():
         parser.error(f"model file not found: {args.model} (run `sarai-router models pull`)")
     binary = str(build_llama_server(report=lambda m: print(m, file=sys.stderr)))
@@ -234,7 +316,9 @@ def main() -> int:
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-llama-server-") as tmp:
         folder = Path(tmp)
-        config_path = write_config(folder, args)
+        config_path = None if args.default_config else write_config(folder, args)
+        if args.slots and args.default_config:
+            return sweep_slots(binary, args, [int(n) for n in args.slots.split(",")])
         for number in range(1, args.rounds + 1):
             direct = run_direct(config_path, binary, args)
             router = run_router(config_path, args, folder / "serve.log")
@@ -245,12 +329,13 @@ def main() -> int:
                       f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
 
     def median(side: str, key: str) -> float:
-        return statistics.median(r[side][key] for r in rounds)
+        return round(statistics.median(r[side][key] for r in rounds), 3)
 
     summary = {
         "setup": {"concurrency": args.concurrency, "requests": args.requests,
                   "max_tokens": args.max_tokens, "parallel": args.parallel,
-                  "threads": args.threads, "n_ctx_per_slot": args.n_ctx,
+                  "threads": args.threads, "direct_threads": args.direct_threads or args.threads,
+                  "default_config": args.default_config, "n_ctx_per_slot": args.n_ctx,
                   "model": args.model.name, "ignore_eos": not args.allow_eos,
                   "cpus": os.cpu_count(), "command": rounds[0]["direct"]["command"]},
         "rounds": rounds,
@@ -272,7 +357,9 @@ def main() -> int:
         return 0
     d, r = summary["direct"], summary["router"]
     print(f"{args.requests} streamed requests of {args.max_tokens} tokens, {args.concurrency} "
-          f"at a time; llama-server --parallel {args.parallel}, {args.threads} threads; "
+          f"at a time; llama-server --parallel {args.parallel}, {args.threads} threads "
+          f"(direct: {args.direct_threads or args.threads}); "
+          f"{'serve on the built-in default config; ' if args.default_config else ''}"
           f"median of {args.rounds} rounds")
     print(f"{'':28}{'aggregate tok/s':>16}{'TTFT p50':>10}{'TTFT p90':>10}{'latency p50':>13}")
     print(f"{'llama-server direct':28}{d['aggregate_tok_s']:>16}{d['ttft_p50_s']:>10}"

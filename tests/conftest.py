@@ -23,6 +23,13 @@ import pytest
 
 from sarai_router.config import Config, default_models_dir, load_config
 
+#: The server tests (test_server.py, test_openai_dialect.py, test_bad_inputs.py, ...) test the
+#: in-process path, on configs whose models name no backend, which `serve` would otherwise
+#: move to a batching llama-server: they keep the in-process one (the servers they start
+#: inherit this). tests/test_batching.py tests the default, with this removed.
+BATCHING_ENV = "SARAI_ROUTER_BATCHING"
+os.environ.setdefault(BATCHING_ENV, "off")
+
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_FILE = "gemma-3-270m-q4_k_m.gguf"
 

@@ -155,7 +155,7 @@ def test_config_check_names_each_bad_key(tmp_path: Path, models_dir: Path,
     assert "'--port' is managed by the router" in text
     assert "'--ctx-size' is managed by the router: use `n_ctx`" in text
     assert "--cache-ram" not in text  # anything else goes through
-    assert "models.fast.binary" in text and "python -m sarai_router.llama_server_install" in text
+    assert "models.fast.binary" in text and "sarai-router engines install" in text
 
 
 def test_config_check_without_any_binary_says_how_to_get_one(
@@ -168,10 +168,10 @@ def test_config_check_without_any_binary_says_how_to_get_one(
     with pytest.raises(ConfigError) as caught:
         load_config(path, check_files=True)
     assert ("models.fast.binary: no llama-server found" in str(caught.value)
-            and "python -m sarai_router.llama_server_install" in str(caught.value))
+            and "sarai-router engines install" in str(caught.value))
     # Without file checks the config loads; the first load says the same.
     engine = Engine(load_config(path))
-    with pytest.raises(BackendError, match="no llama-server found.*llama_server_install"):
+    with pytest.raises(BackendError, match="no llama-server found.*engines install"):
         engine.complete(HELLO)
 
 

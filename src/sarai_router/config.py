@@ -31,6 +31,8 @@ MODELS_DIR_ENV = "SARAI_ROUTER_MODELS_DIR"
 LOCAL_CONFIG_NAME = "sarai.toml"
 BUILTIN_CONFIG_LABEL = "<built-in default config>"
 MODALITIES = ("text", "image", "audio")
+#: ``[server] batching``: see ServerConfig
+BATCHING_MODES = ("auto", "off")
 
 
 #: Tables under ``[plugins]`` that are settings of the plugin system itself, not a plugin's.
@@ -89,6 +91,9 @@ class ServerConfig:
     #: How long a stop (Ctrl-C, SIGTERM) may take: answers in flight are stopped at once,
     #: queued requests get 503 at once, and the process exits within this many seconds.
     shutdown_grace_seconds: float = 10.0
+    #: "auto": `serve` runs GGUF models that name no backend under a managed llama-server
+    #: (continuous batching) when one is installed; "off": in process, one request at a time.
+    batching: str = "auto"
     #: The longest idle time a client's ``keep_alive`` (Ollama dialect) may ask for a
     #: model; longer asks are cut to this. 0: clients may only unload (keep_alive 0).
     keep_alive_max_seconds: float = 300.0
@@ -179,10 +184,13 @@ class ModelSpec:
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    #: whether the table wrote ``backend`` (else it is the default, which `serve` may
+    #: replace with a batching one)
+    backend_explicit: bool = attrs.field(default=True, eq=False, repr=False)
 
     def __getattr__(self, key: str) -> Any:
         # Only reached for names that are not fields: a backend key, read from settings.
-        if key.startswith("_") or key in ("settings", "backend_keys"):
+        if key.startswith("_") or key in ("settings", "backend_keys", "backend_explicit"):
             raise AttributeError(key)
         settings = object.__getattribute__(self, "settings")
         if settings is not None and hasattr(settings, key):
@@ -195,7 +203,7 @@ class ModelSpec:
 
 #: The keys of a ``[models.NAME]`` table that are not the backend's own.
 COMMON_MODEL_KEYS = frozenset(f.name for f in attrs.fields(ModelSpec)) - {
-    "name", "settings", "backend_keys"}
+    "name", "settings", "backend_keys", "backend_explicit"}
 
 
 @attrs.frozen
@@ -337,6 +345,8 @@ class _Split:
     backend_keys: dict[str, dict[str, Any]]
     #: plugin table name -> the key path it was written under (for messages)
     table_paths: dict[str, str]
+    #: models whose table wrote ``backend``
+    explicit_backends: set[str] = attrs.field(factory=set)
 
 
 def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]) -> _Split:
@@ -347,6 +357,7 @@ def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]
             problems.append(f"{source}: {reserved}: unknown key{hint}")
             raw.pop(reserved)
     backend_keys: dict[str, dict[str, Any]] = {}
+    explicit_backends: set[str] = set()
     models_raw = raw.get("models", {})
     if isinstance(models_raw, dict):
         for name, table in models_raw.items():
@@ -355,11 +366,13 @@ def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]
             if "name" in table:
                 problems.append(f"{source}: models.{name}.name: unknown key "
                                 "(a model's name is its table name)")
-            for reserved in ("settings", "backend_keys"):
+            for reserved in ("settings", "backend_keys", "backend_explicit"):
                 if reserved in table:
                     problems.append(f"{source}: models.{name}.{reserved}: unknown key "
                                     "(a backend's keys go in the model's table itself)")
                     table.pop(reserved)
+            if "backend" in table:
+                explicit_backends.add(name)
             backend_keys[name] = {k: table.pop(k) for k in list(table)
                                   if k not in COMMON_MODEL_KEYS and k != "name"}
             table["name"] = name
@@ -384,7 +397,8 @@ def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]
             tables = plugins_raw.setdefault("tables", {})
             tables["heuristic"] = {**old, **tables.get("heuristic", {})}
             table_paths.setdefault("heuristic", "routing.heuristic")
-    return _Split(core=raw, backend_keys=backend_keys, table_paths=table_paths)
+    return _Split(core=raw, backend_keys=backend_keys, table_paths=table_paths,
+                  explicit_backends=explicit_backends)
 
 
 def _structure(raw: dict[str, Any], kind: type, source: str, prefix: str,
@@ -513,7 +527,8 @@ def _bind(config: Config, split: _Split, problems: list[str], *, base_dir: Path 
     with the class its plugin declared, and let them check themselves."""
     from .plugins import build_plugins
 
-    models = {name: attrs.evolve(spec, backend_keys=split.backend_keys.get(name, {}))
+    models = {name: attrs.evolve(spec, backend_keys=split.backend_keys.get(name, {}),
+                                 backend_explicit=name in split.explicit_backends)
               for name, spec in config.models.items()}
     config = attrs.evolve(config, models=models)
     return bind_plugins(config, build_plugins(config), problems, base_dir=base_dir,
@@ -676,6 +691,9 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
     if server.shutdown_grace_seconds < 0:
         problems.append(f"{src}: server.shutdown_grace_seconds: must be >= 0")
+    if server.batching not in BATCHING_MODES:
+        problems.append(f"{src}: server.batching: must be one of "
+                        f"{', '.join(map(repr, BATCHING_MODES))}, got {server.batching!r}")
     if server.keep_alive_max_seconds < 0:
         problems.append(f"{src}: server.keep_alive_max_seconds: must be >= 0")
     generation = config.generation
@@ -814,6 +832,7 @@ def to_dict(config: Config) -> dict[str, Any]:
         data.pop(key, None)
     for name, spec in data["models"].items():
         spec.pop("name", None)
+        spec.pop("backend_explicit", None)
         keys = spec.pop("backend_keys", {})
         # Unbound (no plugin claims its backend here): the keys as written.
         spec.update(spec.pop("settings") or keys)

@@ -15,8 +15,9 @@ Cache layout: ``<cache_dir()>/<llama-cpp-python version>/llama-server`` plus ``b
 complete (built elsewhere, then renamed into place); a lock file keeps two callers from
 building at once.
 
-``python -m sarai_router.llama_server_install`` builds if needed and prints the path;
-``--print`` only prints (exit 1 if there is none).
+``sarai-router engines install`` builds if needed and prints the path (``python -m
+sarai_router.llama_server_install`` does the same; ``--print`` only prints, exit 1 if there
+is none).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ DISTRIBUTION = "llama-cpp-python"
 MANIFEST = "build.json"
 #: llama.cpp's ``cmake_minimum_required``; an older system cmake is passed over for PyPI's.
 MIN_CMAKE = (3, 14)
-INSTALL_COMMAND = "python -m sarai_router.llama_server_install"
+INSTALL_COMMAND = "sarai-router engines install"
 
 #: Only the server, no network at build time (the embedded web UI would be downloaded from a
 #: model hub; HTTPS is only for fetching models by URL), static so the binary stands alone.

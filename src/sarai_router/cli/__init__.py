@@ -34,6 +34,7 @@ BUILTIN_COMMANDS = {
     "chat": ("chat", "chat"),
     "bench": ("bench", "bench"),
     "bench-concurrency": ("bench", "bench_concurrency"),
+    "engines": ("engines", "engines"),
 }
 
 

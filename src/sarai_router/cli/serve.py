@@ -28,11 +28,21 @@ from .common import EXIT_USAGE, TEXT, AppContext, CliError, cli_error, dim, prog
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from this origin call the API (repeatable; added to "
                    "[server] cors_origins; none by default).")
+@click.option("--batching", type=click.Choice(["auto", "off"]), envvar="SARAI_ROUTER_BATCHING",
+              show_envvar=True,
+              help="auto: GGUF models whose table sets no backend run under a managed "
+                   "llama-server that decodes many requests together, when one is installed "
+                   "(`sarai-router engines install`); off: in process, one request at a time "
+                   "per model (default: [server] batching, auto).")
 @click.pass_obj
 def serve(app: AppContext, host: str | None, port: int | None, api_key: str | None,
           allow_unauthenticated: bool, allowed_hosts: tuple[str, ...],
-          cors_origins: tuple[str, ...]) -> None:
-    """Serve an OpenAI-compatible API (model "auto" routes) until Ctrl-C."""
+          cors_origins: tuple[str, ...], batching: str | None) -> None:
+    """Serve an OpenAI-compatible API (model "auto" routes) until Ctrl-C.
+
+    With llama-server installed, models that set no backend decode concurrent requests
+    together (continuous batching); see --batching.
+    """
     import attrs
 
     from ..engine import Engine, share_cores
@@ -58,6 +68,16 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     if logging.getLogger().level > logging.INFO:
         # Loads, unloads and pre-warms are what a server operator wants to see.
         logging.getLogger("sarai_router").setLevel(logging.INFO)
+    from ..default_plugins.batching import plan
+
+    try:
+        served = plan(config, batching)
+    except SaraiError as exc:
+        raise cli_error(exc) from None
+    if served.message:
+        # Once, at startup: whether concurrent requests are decoded together or queue.
+        click.echo(dim(f"sarai-router: {served.message}"), err=True)
+    config = served.config
     engine = Engine(share_cores(config), report=say, progressbar=progressbar)
     try:
         # Before binding: a model that can't be had is the user's to fix, not a crash.

@@ -7,8 +7,8 @@ eviction, shutdown). Its ``parallel`` slots decode together (continuous batching
 pool lets ``parallel`` requests use one instance at once.
 
 The binary: ``[models.NAME] binary``, else ``$SARAI_ROUTER_LLAMA_SERVER``, else
-``llama-server`` on ``PATH``, else the build that ``python -m
-sarai_router.llama_server_install`` made from the llama-cpp-python sdist.
+``llama-server`` on ``PATH``, else the build that ``sarai-router engines install`` made
+from the llama-cpp-python sdist.
 
 Requests go to the child's OpenAI-compatible ``/v1/chat/completions`` through the ``openai``
 backend's client. The process side lives in ``llama_server_process``.
@@ -54,7 +54,7 @@ MANAGED_FLAGS: dict[str, str] = {
                     "the router talks to the server on 127.0.0.1 without a key"),
 }
 
-INSTALL_HINT = "python -m sarai_router.llama_server_install"
+INSTALL_HINT = "sarai-router engines install"
 #: Bind failures (another process took the free port first) are retried on a new port.
 START_ATTEMPTS = 3
 #: llama-server's micro-batch (``-ub``) default, which sizes its compute buffers.
