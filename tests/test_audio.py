@@ -561,6 +561,7 @@ def _transcribe(srv: Server, data: bytes, **fields: str) -> httpx.Response:
                       data={"model": "whisper", "language": "en", **fields})
 
 
+@pytest.mark.models
 def test_a_transcription_that_runs_too_long_is_stopped_with_a_504(bounded_audio_server,
                                                                   long_clip):
     started = time.monotonic()
@@ -576,6 +577,7 @@ def test_a_transcription_that_runs_too_long_is_stopped_with_a_504(bounded_audio_
             model="whisper", file=file).text.lower()
 
 
+@pytest.mark.models
 def test_transcriptions_past_the_queue_get_429(bounded_audio_server, long_clip):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -591,6 +593,7 @@ def test_transcriptions_past_the_queue_get_429(bounded_audio_server, long_clip):
     assert refused.headers["retry-after"] == "1"
 
 
+@pytest.mark.models
 def test_a_client_that_leaves_stops_its_transcription(patient_audio_server, long_clip):
     import socket
     from urllib.parse import urlsplit
@@ -622,6 +625,7 @@ def test_a_client_that_leaves_stops_its_transcription(patient_audio_server, long
             model="whisper", file=file, language="es").text.lower()
 
 
+@pytest.mark.models
 def test_an_unknown_language_names_the_language_field(audio_server):
     with SPANISH.open("rb") as file:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -244,6 +244,7 @@ def _content(events: list) -> str:
                    if isinstance(e, dict) and e.get("choices"))
 
 
+@pytest.mark.models
 def test_a_cut_stream_ends_with_an_error_event_then_finish_reason_length(corpus_server):
     port, *_ = corpus_server
     answer = _post_chat(port, {"model": "up_cut", "stream": True, "max_tokens": 8,
@@ -261,6 +262,7 @@ def test_a_cut_stream_ends_with_an_error_event_then_finish_reason_length(corpus_
                    e["choices"][0]["finish_reason"] == "stop" for e in events)
 
 
+@pytest.mark.models
 def test_a_mid_stream_error_event_carries_no_part_of_the_key(corpus_server):
     port, *_ = corpus_server
     answer = _post_chat(port, {"model": "up_midecho", "stream": True, "max_tokens": 8,
@@ -271,6 +273,7 @@ def test_a_mid_stream_error_event_carries_no_part_of_the_key(corpus_server):
     assert not key_fragments(answer.body.decode(), PROBE_KEY), error
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_bounds_an_upstream_that_ignores_it(corpus_server, upstream, stream):
     port, *_ = corpus_server
@@ -296,6 +299,7 @@ def test_max_tokens_bounds_an_upstream_that_ignores_it(corpus_server, upstream, 
     assert upstream.closed.get("trickle", 0) == closed + 1  # the router hung up on it
 
 
+@pytest.mark.models
 def test_a_never_ending_upstream_is_cut_at_total_timeout_seconds(corpus_server):
     from http_bad_inputs import UPSTREAM_TOTAL_SECONDS
 
@@ -311,6 +315,7 @@ def test_a_never_ending_upstream_is_cut_at_total_timeout_seconds(corpus_server):
     assert UPSTREAM_TOTAL_SECONDS <= elapsed < UPSTREAM_TOTAL_SECONDS + 3, elapsed
 
 
+@pytest.mark.models
 def test_after_the_bad_upstreams_the_next_request_is_served_normally(corpus_server):
     port, *_ = corpus_server
     answer = _post_chat(port, {"model": "up_fine", "max_tokens": 8,
@@ -319,6 +324,7 @@ def test_after_the_bad_upstreams_the_next_request_is_served_normally(corpus_serv
     assert json.loads(answer.body)["choices"][0]["message"]["content"] == "Hola"
 
 
+@pytest.mark.models
 def test_a_body_no_endpoint_reads_cannot_hold_the_connection(corpus_server):
     """GET /health with a large Content-Length is answered at once; the body that then
     trickles in must arrive within body_timeout_seconds, else the connection closes."""
@@ -347,6 +353,7 @@ def test_a_body_no_endpoint_reads_cannot_hold_the_connection(corpus_server):
     assert closed_after < BODY_TIMEOUT + 3, closed_after
 
 
+@pytest.mark.models
 def test_a_body_sent_in_time_keeps_the_connection_for_the_next_request(corpus_server):
     port, *_ = corpus_server
     head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()

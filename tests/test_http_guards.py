@@ -32,10 +32,14 @@ NEED_A_MODEL = {
     "maxLength 20000 streamed", "maxLength of 400 digits", "pattern a{1,100000}",
     "pattern bound of 5,000 digits", "pattern repeating what may match nothing",
     "pattern whose nested repetitions multiply", "tool with maxItems 100000, required",
-    "tool with maxItems 100000, required, streamed"}
+    "tool with maxItems 100000, required, streamed",
+    # the language is checked by the speech plugin, which loads its model first
+    "transcription in a language Whisper does not know"}
 #: The OpenAI API's cases (Ollama's /api/* answer in Ollama's own error shape).
+#: The cases that need a misbehaving upstream server are run against one in
+#: test_bad_inputs.py; here their models point nowhere.
 REFUSALS = [c for c in CASES if c.raw is None and c.name not in NEED_A_MODEL
-            and not c.path.startswith("/api/")]
+            and not c.path.startswith("/api/") and not c.name.startswith("upstream ")]
 
 #: A test double, clearly one: a backend that claims no tools, JSON output or logprobs
 #: (no real backend here lacks them).
@@ -65,7 +69,9 @@ def app(tmp_path_factory, models_dir):
     config = folder / "sarai.toml"
     server = SERVER_TOML.format(broken=(folder / "broken.gguf").as_posix(),
                                 missing=(folder / "gone.gguf").as_posix(),
-                                fast=(models_dir / FAST_FILE).as_posix())
+                                fast=(models_dir / FAST_FILE).as_posix(),
+                                # The misbehaving-upstream models are not reached here.
+                                upstream="http://127.0.0.1:9")
     config.write_text(
         base_toml(models_dir) + f'\n[plugins]\ndirs = ["{plugins.as_posix()}"]\n'
         + server.replace("[server]\n", '[server]\nallowed_hosts = ["sarai.test"]\n', 1),
