@@ -122,6 +122,8 @@ class Delta:
     and ``tool_calls`` when the model called tools (finish reason "tool_calls").
 
     ``logprobs``: the tokens of ``text``, when the request asked for them.
+    ``placement``: on the last one, where a model with several replicas sent the request
+    (``endpoint``, ``balance``, ``prefix``: "hit", "miss" or None), for the trace.
     """
 
     text: str
@@ -129,6 +131,7 @@ class Delta:
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    placement: Mapping[str, Any] | None = None
 
 
 @attrs.frozen

@@ -68,6 +68,8 @@ class Completion:
     dropped: bool = False
     #: what ended the answer early, when not the model: "runaway_guard"
     stopped_by: str | None = None
+    #: the replica that answered, for a model with several (see ``Delta.placement``)
+    placement: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         transcript = self.decision.transcript
@@ -81,6 +83,7 @@ class Completion:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "stopped_by": self.stopped_by,
+            "placement": self.placement,
             "usage": {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
@@ -491,6 +494,8 @@ class _Answer:
             completion.usage = delta.usage
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
+        if delta.placement is not None:
+            completion.placement = dict(delta.placement)
         if not delta.text:
             return None
         if self.stop.is_set():

@@ -144,6 +144,11 @@ class Metrics:
             "sarai_generations_dropped",
             "requests cancelled while queued (client gone, shutdown): the model never saw them",
             ["model"], registry=r)
+        self.prefix = Counter(
+            "sarai_prefix_routing",
+            "requests with history to a model with balance = \"prefix\": hit (sent to the "
+            "replica holding their prefix) or miss (placed least busy)",
+            ["model", "outcome"], registry=r)
         self.runaway = Counter(
             "sarai_runaway_stops", "answers the runaway guard stopped for repeating themselves",
             ["model"], registry=r)
@@ -192,6 +197,9 @@ class Metrics:
         if completion.timings.first_token_s is not None:
             self.ttft.labels(model).observe(completion.timings.first_token_s)
         self.generation.labels(model).observe(completion.timings.generation_s)
+        outcome = (completion.placement or {}).get("prefix")
+        if outcome in ("hit", "miss"):
+            self.prefix.labels(model, outcome).inc()
 
     def request_failed(self, status: int, code: str) -> None:
         self.errors.labels(str(status), code).inc()
