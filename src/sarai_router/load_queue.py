@@ -6,10 +6,11 @@ for room; meanwhile requests for the resident model keep coming. Two orders:
 * ``"grouped"`` (the default): a request for a model that is resident (loaded or
   loading) uses it at once, ahead of the requests that wait for room to load another, so
   that one load serves every queued request for its model instead of models taking turns
-  (llama-swap's "group by model"). Fairness: once the oldest of those waits has lasted
-  ``max_queue_wait_seconds``, no request may join a resident model ahead of it any more;
-  the resident finishes the generations it has, becomes idle, and the waiting model is
-  loaded.
+  (llama-swap's "group by model"). Fairness: once a waiting request has been overtaken
+  for ``max_queue_wait_seconds`` (counted from its arrival, or from the latest load if
+  that came later: a load is the queue moving on), no request may join a resident model
+  ahead of it any more; the resident finishes the generations it has, becomes idle, and
+  the oldest waiting request's model is loaded.
 * ``"fifo"``: arrival order across models. A request for a resident model waits behind
   every older request for another model (so two models that don't fit together take
   turns: a load per request when their requests alternate).
@@ -56,8 +57,13 @@ class LoadQueue:
         #: how many times a request joined a resident model ahead of an older one that
         #: waited for room (the grouping at work)
         self.overtakes = 0
+        #: tickets issued so far (requests that came through the pool's waiting path)
+        self.issued = 0
+        #: when the latest load for a request started
+        self.last_load = 0.0
 
     def ticket(self, model: str) -> Ticket:
+        self.issued += 1
         return Ticket(next(self._seq), model, self.clock())
 
     def wait(self, ticket: Ticket, why: str) -> None:
@@ -73,19 +79,34 @@ class LoadQueue:
         """Whether a request (``ticket``; None: one that just arrived) may use ``model``,
         which is resident, now."""
         seq = ticket.seq if ticket is not None else None
+        # Older requests for another model: waiting for room, or held back themselves.
         older = [t for t in self.waiting.values()
                  if t.model != model and (seq is None or t.seq < seq)]
-        if self.order == "fifo":
-            # Every older request for another model goes first, held back or not.
-            return not older
-        ahead = [t for t in older if t.waiting == "room"]
-        if not ahead:
+        if not older:
             return True
-        now = self.clock()
-        if any(now - t.arrived >= self.max_wait for t in ahead):
+        if self.order == "fifo":
+            return False
+        if any(self.overdue(t) for t in older):
             return False
         self.overtakes += 1
         return True
+
+    def overdue(self, ticket: Ticket) -> bool:
+        """Whether ``ticket`` may be overtaken no more: in ``grouped``, it was overtaken for
+        ``max_wait`` since it arrived or since the latest load (a switch of models is its
+        queue moving on), whichever is later; in ``fifo``, always."""
+        if self.order == "fifo":
+            return True
+        return self.clock() - max(ticket.arrived, self.last_load) >= self.max_wait
+
+    def queued_behind(self, ticket: Ticket | None) -> bool:
+        """Whether ``ticket`` waits behind others (older requests for room, or requests
+        still allowed to overtake it): its own wait for room has not begun."""
+        return ticket is not None and not (self.may_make_room(ticket) and self.overdue(ticket))
+
+    def loading(self) -> None:
+        """A request's model is being loaded: the models switch."""
+        self.last_load = self.clock()
 
     def may_make_room(self, ticket: Ticket | None) -> bool:
         """Whether ``ticket`` is the next to evict for its load: the oldest waiting for

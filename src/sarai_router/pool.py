@@ -642,6 +642,8 @@ class ModelPool:
                         if resident is None:
                             continue  # loaded by another request meanwhile: join it
                         loader = True
+                        if request:
+                            self.load_queue.loading()
                         break
                     if self.load_queue.may_join(ticket, name):
                         loader = False
@@ -754,6 +756,9 @@ class ModelPool:
                                                      detail=f"to load {spec.name}"))
                 continue
             _check_cancel(cancel, spec.name)
+            if self.load_queue.queued_behind(ticket):
+                # Its turn has not come: the wait for room counts from when it does.
+                deadline = time.monotonic() + self.wait_seconds
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not (self._others_busy_locked() or closing or candidates):
                 raise PoolError(self._why_full(spec, estimated, over_count))
