@@ -176,7 +176,7 @@ def ask(engine, messages):
 @pytest.mark.models
 def test_two_replicas_keep_each_conversation_on_its_own_child(_binary, engine_for):
     engine = engine_for(fast='balance = "prefix"\nreplicas = 2\nn_ctx = 1024')
-    metrics = Metrics(engine.pool)
+    metrics = Metrics(engine.pool, engine.hooks)  # counts the engine's events
     homes = {}
     for name in ("ada", "bob"):
         first = ask(engine, turn(f"My name is {name}. Say hi."))
@@ -188,7 +188,6 @@ def test_two_replicas_keep_each_conversation_on_its_own_child(_binary, engine_fo
         follow_up = ask(engine, turn(f"My name is {name}. Say hi.", answer, "And again?"))
         assert follow_up.placement == {"endpoint": endpoint, "balance": "prefix",
                                        "prefix": "hit"}
-        metrics.request_finished(follow_up)
     model = loaded_model(engine)
     assert len({p for p in model.pids}) == 2
     assert all(psutil.Process(p).is_running() for p in model.pids)

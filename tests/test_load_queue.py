@@ -24,7 +24,7 @@ def two_models(write_config, **cache: str):
     path = write_config(cache=lines, fast="pinned = false")
     engine = Engine(load_config(path))
     engine.events = []  # type: ignore[attr-defined]
-    engine.pool.listeners.append(engine.events.append)  # type: ignore[attr-defined]
+    engine.hooks.subscribe(engine.events.append, "test")  # type: ignore[attr-defined]
     return engine
 
 
@@ -62,7 +62,7 @@ def burst(engine: Engine, models: list[str]) -> list[tuple[str, float, float]]:
 
 
 def loads(engine: Engine) -> list[str]:
-    return [event.model for event in engine.events if event.kind == "load"]
+    return [event.model for event in engine.events if event.kind == "model_loaded"]
 
 
 ALTERNATING = ["fast", "quality"] * 6

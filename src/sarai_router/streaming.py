@@ -13,6 +13,7 @@ model out of the queue: it never reaches the model.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from contextlib import aclosing
 from typing import Any, Callable
@@ -89,8 +90,9 @@ class Generation(_GenerationBase):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._launched = False
-        self._thread = threading.Thread(target=self._run, name=f"sarai-gen-{self.decision.model}",
-                                        daemon=True)
+        # In the caller's context: the request's id reaches the events emitted on the thread.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"sarai-gen-{self.decision.model}", daemon=True)
 
     def start(self) -> "Generation":
         self._launched = True
