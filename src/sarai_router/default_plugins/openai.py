@@ -6,9 +6,11 @@ router's process but the proxying. Requests stream from ``POST {base_url}/chat/c
 with ``stream: true`` and ``stream_options.include_usage``.
 
 ``endpoints = [...]`` lists replicas of one model. Each request goes to the least busy
-healthy replica; a replica that refuses, answers 5xx, or times out before the first token
-cools down (1 s, doubling per consecutive failure, at most ``max_cooldown_seconds``) and
-is tried again by the first request after its cooldown (one at a time until it answers).
+healthy replica (with ``balance = "prefix"``, a conversation's follow-up goes to the
+replica that served its history: see ``balance``); a replica that refuses, answers 5xx, or
+times out before the first token cools down (1 s, doubling per consecutive failure, at
+most ``max_cooldown_seconds``) and is tried again by the first request after its cooldown
+(one at a time until it answers).
 
 Nothing here puts a credential in an error or a log line: URLs are shown without userinfo
 and query, and the API key's value is removed from any upstream message.
@@ -851,6 +853,7 @@ class OpenAIBackend(Backend):
         settings: OpenAISettings = spec.settings
         return {"remote_model": settings.remote_model or spec.name,
                 "endpoints": [redact_url(u) for u in settings_urls(settings)],
+                "balance": settings.balance,
                 "api_key_env": settings.api_key_env or None,
                 "max_concurrency": settings.max_concurrency,
                 "capabilities": list(settings.capabilities)}
