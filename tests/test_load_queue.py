@@ -85,10 +85,10 @@ def test_grouped_twelve_alternating_requests_need_two_loads(write_config):
 def test_fifo_takes_turns(write_config):
     engine = two_models(write_config, queue_order='"fifo"')
     try:
-        burst(engine, ALTERNATING[:6])
+        burst(engine, ALTERNATING[:4])
     finally:
         engine.close()
-    assert loads(engine) == ALTERNATING[:6]  # arrival order: a load per request
+    assert loads(engine) == ALTERNATING[:4]  # arrival order: a load per request
     assert engine.pool.load_queue.overtakes == 0
 
 
