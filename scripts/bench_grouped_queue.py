@@ -13,8 +13,10 @@ have been sent.
 
 Figures per order: loads (``sarai_model_loads_total`` in ``/metrics``) in the first burst
 and per 100 requests, the worst and the mean wait (request sent -> first token: queueing,
-loads and the prompt), wall time, errors. ``--max-wait`` is ``max_queue_wait_seconds``,
-the fairness limit of ``grouped``.
+loads and the prompt), wall time, errors, and from ``/metrics`` how often a request went
+ahead of an older one and the longest an older one had then been overtaken
+(``sarai_queue_longest_overtaken_seconds``), which the fairness limit bounds.
+``--max-wait`` is ``max_queue_wait_seconds``, the fairness limit of ``grouped``.
 """
 
 from __future__ import annotations
@@ -91,11 +93,23 @@ async def bursts(base: str,
     return done, wall, first_loads
 
 
-def loads(base: str) -> float:
+def scrape(base: str) -> dict[str, float]:
+    """Loads, overtakes and the longest overtaken wait, from the router's /metrics."""
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               if family.name == "sarai_model_loads" for sample in family.samples
-               if sample.name.endswith("_total"))
+    found = {"loads": 0.0, "overtakes": 0.0, "longest_overtaken_s": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sarai_model_loads_total":
+                found["loads"] += sample.value
+            elif sample.name == "sarai_queue_overtakes_total":
+                found["overtakes"] = sample.value
+            elif sample.name == "sarai_queue_longest_overtaken_seconds":
+                found["longest_overtaken_s"] = round(sample.value, 2)
+    return found
+
+
+def loads(base: str) -> float:
+    return scrape(base)["loads"]
 
 
 def write_config(folder: Path, order: str, args: argparse.Namespace) -> Path:
@@ -140,7 +154,8 @@ def run_order(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
                 raise SystemExit(f"serve did not start; see {log}")
             time.sleep(0.2)
         results, wall, first_burst_loads = asyncio.run(bursts(base, args))
-        total_loads = loads(base)
+        figures = scrape(base)
+        total_loads = figures["loads"]
     finally:
         process.terminate()
         try:
@@ -162,6 +177,8 @@ def run_order(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
         "worst_wait_s": round(max(waits), 2) if waits else None,
         "mean_wait_s": round(statistics.mean(waits), 2) if waits else None,
         "wall_s": round(wall, 1),
+        "overtakes": figures["overtakes"],
+        "longest_overtaken_s": figures["longest_overtaken_s"],
     }
 
 
@@ -200,8 +217,8 @@ def main() -> int:
     summary["target"] = {
         f"grouped: the first {args.burst} answered with <= 4 loads":
             sides["grouped"]["first_burst_loads"] <= 4 and sides["grouped"]["errors"] == 0,
-        "grouped: no wait past the fairness limit":
-            (sides["grouped"]["worst_wait_s"] or 0) <= args.max_wait,
+        "grouped: nobody overtaken past the fairness limit":
+            sides["grouped"]["longest_overtaken_s"] <= args.max_wait,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -209,12 +226,12 @@ def main() -> int:
     print(f"bursts of {args.burst} requests alternating fast/quality, max_loaded = 1, "
           f"{args.requests} requests, {args.backend}")
     print(f"{'order':9}{'loads, first burst':>20}{'loads / 100 req':>17}{'worst wait':>12}"
-          f"{'mean wait':>11}{'wall':>8}{'errors':>8}")
+          f"{'mean wait':>11}{'wall':>8}{'errors':>8}{'longest overtaken':>19}")
     for order in ORDERS:
         s = sides[order]
         print(f"{order:9}{s['first_burst_loads']:>20.0f}{s['loads_per_100_requests']:>17}"
               f"{s['worst_wait_s']:>11}s{s['mean_wait_s']:>10}s{s['wall_s']:>7}s"
-              f"{s['errors']:>8}")
+              f"{s['errors']:>8}{s['longest_overtaken_s']:>18}s")
     for target, met in summary["target"].items():
         print(f"{target}: {'met' if met else 'NOT met'}")
     return 0

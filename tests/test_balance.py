@@ -8,8 +8,10 @@ model, through the engine and the server's metrics.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from click.testing import CliRunner
@@ -213,3 +215,38 @@ def test_a_dead_child_restarts_the_replicas_at_the_next_request(_binary, engine_
     fresh = loaded_model(engine)
     assert fresh is not model and len(fresh.pids) == 2
     assert model.pids[1] not in fresh.pids
+
+
+@pytest.mark.llama_server
+@pytest.mark.models
+def test_the_server_answer_names_the_replica_and_metrics_count_hits(_binary, tmp_path: Path,
+                                                                    models_dir: Path):
+    from sarai_router.testing import start_serve
+
+    config = tmp_path / "sarai.toml"
+    config.write_text(config_text(models_dir, fast='balance = "prefix"\nreplicas = 2\n'
+                                                  'pinned = true'), encoding="utf-8")
+    with start_serve(config, echo=False, timeout=300) as server:
+        url = f"{server.url}/v1/chat/completions"
+        first = httpx.post(url, json={"model": "fast", "max_tokens": 8,
+                                      "messages": turn("Say hi.")}, timeout=300).json()
+        placement = first["sarai"]["placement"]
+        assert placement["balance"] == "prefix" and placement["prefix"] is None
+        answer = first["choices"][0]["message"]["content"]
+        last = None
+        with httpx.stream("POST", url, timeout=300, json={
+                "model": "fast", "max_tokens": 8, "stream": True,
+                "messages": turn("Say hi.", answer, "Again.")}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("sarai"):
+                        last = chunk["sarai"]
+        assert last is not None and last["placement"] == {
+            "endpoint": placement["endpoint"], "balance": "prefix", "prefix": "hit"}
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    counted = {s.labels["outcome"]: s.value
+               for family in text_string_to_metric_families(metrics)
+               if family.name == "sarai_prefix_routing" for s in family.samples
+               if s.name.endswith("_total")}
+    assert counted == {"hit": 1.0}

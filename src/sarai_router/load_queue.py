@@ -61,6 +61,9 @@ class LoadQueue:
         self.issued = 0
         #: when the latest load for a request started
         self.last_load = 0.0
+        #: the longest a waiting request had been overtaken (seconds, counted as for the
+        #: fairness limit) when another request went ahead of it: at most ``max_wait``
+        self.longest_overtaken = 0.0
 
     def ticket(self, model: str) -> Ticket:
         self.issued += 1
@@ -89,6 +92,9 @@ class LoadQueue:
         if any(self.overdue(t) for t in older):
             return False
         self.overtakes += 1
+        now = self.clock()
+        self.longest_overtaken = max(self.longest_overtaken, *(
+            now - max(t.arrived, self.last_load) for t in older))
         return True
 
     def overdue(self, ticket: Ticket) -> bool:

@@ -56,7 +56,7 @@ def reason_label(reason: str) -> str:
 
 
 class PoolCollector:
-    """Residency gauges read from the pool when scraped."""
+    """Residency gauges (and the load queue's figures) read from the pool when scraped."""
 
     def __init__(self, pool: "ModelPool"):
         self.pool = pool
@@ -85,6 +85,15 @@ class PoolCollector:
         yield loaded
         yield ram
         yield queued
+        queue = self.pool.load_queue
+        yield CounterMetricFamily(
+            "sarai_queue_overtakes",
+            "requests that used a resident model ahead of an older one waiting to load "
+            "another ([cache] queue_order = \"grouped\")", value=float(queue.overtakes))
+        yield GaugeMetricFamily(
+            "sarai_queue_longest_overtaken_seconds",
+            "the longest a waiting request had been overtaken when another went ahead of it "
+            "(at most [cache] max_queue_wait_seconds)", value=queue.longest_overtaken)
         yield GaugeMetricFamily("sarai_resident_models", "models resident now",
                                 value=float(len(residents)))
         yield GaugeMetricFamily("sarai_resident_ram_mb",
