@@ -3,13 +3,14 @@
 replicas of one model: ``balance = "least_busy"`` against ``balance = "prefix"``.
 
     python scripts/bench_prefix.py [--conversations 4] [--turns 4] [--system-words 1500]
-                                   [--max-tokens 24] [--parallel 2] [--threads 1]
-                                   [--rounds 2] [--json]
+                                   [--max-tokens 24] [--think 3] [--parallel 2]
+                                   [--threads 1] [--rounds 2] [--json]
 
 Each round starts a real ``sarai-router serve`` twice (the order of the two alternates by
 round), whose only model is the fast GGUF with ``backend = "llama_server"``,
 ``replicas = 2``, pinned, and the balance under test. Then ``--conversations``
-conversations run at once, each ``--turns`` turns one after the other: every conversation
+conversations run at once, each ``--turns`` turns one after the other (with a pause of up
+to ``--think`` seconds between turns, as a person or a tool takes): every conversation
 has a system prompt of its own (``--system-words`` words of generated text, about 2,000
 tokens by default: an agent's instructions and tool documentation, say), and each turn
 sends the whole history again with the answers as they came, streamed, the way a chat UI
@@ -89,7 +90,11 @@ async def conversation(client: httpx.AsyncClient, url: str, index: int,
                        args: argparse.Namespace) -> list[dict]:
     messages = [{"role": "system", "content": system_prompt(index, args.system_words)}]
     turns = []
+    pauses = random.Random(1000 + index)
     for turn in range(args.turns):
+        if turn:
+            # A person reads the answer, an agent runs a tool: turns are not in lockstep.
+            await asyncio.sleep(pauses.uniform(0, args.think))
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
         body = {"model": "fast", "stream": True, "stream_options": {"include_usage": True},
                 "max_tokens": args.max_tokens, "temperature": 0.7, "seed": index * 100 + turn,
@@ -225,6 +230,8 @@ def main() -> int:
     parser.add_argument("--system-words", type=int, default=1500,
                         help="words of each system prompt (about 2,000 tokens for 1500)")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--think", type=float, default=3.0,
+                        help="longest pause between a conversation's turns (uniform, seeded)")
     parser.add_argument("--parallel", type=int, default=2, help="slots of each replica")
     parser.add_argument("--threads", type=int, default=1, help="threads of each replica")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context per slot")
@@ -259,6 +266,7 @@ def main() -> int:
             "aggregate_tok_s")
     summary = {
         "setup": {"conversations": args.conversations, "turns": args.turns,
+                  "think_s": args.think,
                   "system_words": args.system_words, "max_tokens": args.max_tokens,
                   "replicas": 2, "parallel": args.parallel, "threads_per_replica": args.threads,
                   "n_ctx_per_slot": args.n_ctx, "model": args.model.name,
