@@ -55,11 +55,14 @@ EVENT_KINDS: Mapping[str, str] = MappingProxyType({
                            "stopped_by, placement (the replica, for a model with several)",
     "generation_dropped": "request_id (cancelled while queued: the model never saw it)",
     "runaway_stopped": "request_id, reason (the runaway guard ended the answer)",
+    "time_limit_stopped": "request_id, reason (max_request_seconds or "
+                          "max_token_sampling_seconds ended the answer)",
     "fallback": "request_id, from_model, to_model, reason",
     "transcribed": "request_id, language, seconds, chars, plugin",
     "model_loading": "(a load starts)",
     "model_loaded": "load_s, rss_mb",
-    "model_unloaded": "reason (expire, unload, shutdown), rss_mb",
+    "model_unloaded": "reason (expire, unload, shutdown, keep_alive: a client's keep_alive 0), "
+                      "rss_mb",
     "model_evicted": "reason, by (the model it made room for), rss_mb",
     "load_failed": "error",
     "model_crashed": "detail (a loaded instance died and was dropped)",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -22,8 +24,9 @@ import attrs
 from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
                        ContextLengthError, Delta, GenerationParams, Presence, Usage)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
-from ..errors import ModelLoadError
+from ..errors import InvalidRequest, ModelLoadError
 from ..hookspecs import hookimpl
+from ..time_budget import OverBudget, TimeBudget
 from ..types import AudioInput, ImageInput
 from . import llama_cpp_features as features
 
@@ -232,8 +235,9 @@ class LlamaCppModel:
         held: list[str] = []
         emitted_bytes = 0
 
-        if recorder is not None:
-            self._hear_samples(recorder.sampled)
+        budget = params.time_budget
+        if recorder is not None or budget is not None:
+            self._hear_samples(recorder.sampled if recorder else None, budget)
         try:
             stream = self._create(messages, params, grammar, processors)
         except BaseException:
@@ -255,6 +259,9 @@ class LlamaCppModel:
                                 if recorder else ())
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
+        except OverBudget:
+            # Past its time bound (the engine says so in stopped_by): cut, as by max_tokens.
+            finish_reason = "length"
         except ValueError as exc:
             # llama-cpp-python says a prompt is too long (before any token) with a bare
             # ValueError; name the model and the key to change.
@@ -267,7 +274,7 @@ class LlamaCppModel:
             # A generation stopped early must end now, while the model is alive: left to the
             # garbage collector, it would run against a closed context (a crash at exit).
             stream.close()
-            if recorder is not None:
+            if recorder is not None or budget is not None:
                 self._hear_samples(None)
         # Every sampled token but the last was evaluated into the context after the prompt.
         prompt_tokens = max(0, self.llama.n_tokens - max(0, sampled - 1))
@@ -301,24 +308,80 @@ class LlamaCppModel:
             logits_processor=LogitsProcessorList(processors),
         )
 
-    def _hear_samples(self, listener) -> None:
-        """Call ``listener(token)`` with each token the model samples (None: stop).
+    def _hear_samples(self, listener, budget: TimeBudget | None = None) -> None:
+        """Call ``listener(token)`` with each token the model samples, and hold each
+        sampling to ``budget`` (None, None: stop).
 
         llama-cpp-python gives a logits processor the logits but never the token chosen
         from them; its generate loop calls ``self.sample`` for each one, so an instance
-        attribute wraps that method for this generation only.
+        attribute wraps that method for this generation only. Sampling is where a grammar
+        does its work (llama.cpp checks every candidate token against it), so its time is
+        what ``max_token_sampling_seconds`` bounds; OverBudget raised here ends the
+        generate loop between two tokens.
         """
-        if listener is None:
+        if listener is None and budget is None:
             self.llama.__dict__.pop("sample", None)
             return
         sample = type(self.llama).sample.__get__(self.llama)
 
         def sample_and_tell(*args, **kwargs):
+            if budget is not None:
+                budget.check()
+            started = time.perf_counter()
             token = sample(*args, **kwargs)
-            listener(token)
+            if budget is not None:
+                budget.add_sampling(time.perf_counter() - started)
+            if listener is not None:
+                listener(token)
             return token
 
         self.llama.sample = sample_and_tell
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], *,
+              truncate: bool = True) -> tuple[list[list[float]], int]:
+        """One L2-normalised vector per input (text, or token ids) and the tokens read.
+
+        ``truncate``: an input longer than the context is cut to it; else it is refused
+        (ContextLengthError)."""
+        if not self.spec.embedding:
+            raise BackendError(f"model {self.spec.name!r} is not loaded for embeddings "
+                               "(set embedding = true in its table)")
+        limit = min(self.llama.n_ctx(), self.llama.n_batch)
+        vectors, tokens = [], 0
+        for item in inputs:
+            ids = (self.llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                   if isinstance(item, str) else list(item))
+            if not ids:
+                raise InvalidRequest("input: an input is empty", param="input")
+            vocab = self.llama.n_vocab()
+            if any(not 0 <= i < vocab for i in ids):
+                raise InvalidRequest(f"input: a token id is outside model {self.spec.name!r}'s "
+                                     f"vocabulary (0..{vocab - 1})", param="input")
+            if len(ids) > limit:
+                if not truncate:
+                    raise ContextLengthError(
+                        f"model {self.spec.name!r}: an input has {len(ids)} tokens, more than "
+                        f"the {limit} it embeds at once (n_ctx / n_batch)")
+                ids = ids[:limit]
+            vectors.append(self._embed_ids(ids))
+            tokens += len(ids)
+        return vectors, tokens
+
+    def _embed_ids(self, ids: list[int]) -> list[float]:
+        # One sequence at a time, the way llama-cpp-python's own ``embed`` decodes a batch
+        # (which takes only text; OpenAI's ``input`` may be token ids).
+        import llama_cpp
+
+        llama = self.llama
+        llama._batch.reset()
+        llama._batch.add_sequence(ids, 0, True)  # every token an output, as embed() does
+        llama._ctx.kv_cache_clear()
+        llama._ctx.decode(llama._batch)
+        llama._batch.reset()
+        vector = [float(v) for v in llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, 0)
+                  [:llama.n_embd()]]
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
 
     def close(self) -> None:
         llama, self.llama = self.llama, None
@@ -341,6 +404,10 @@ def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]
     return out
 
 
+#: How an embedding model may pool (llama.cpp's pooling types that give one vector).
+POOLING = ("mean", "cls", "last")
+
+
 @attrs.frozen
 class LlamaCppSettings:
     """The ``llama_cpp`` backend's own keys in ``[models.NAME]``."""
@@ -351,6 +418,9 @@ class LlamaCppSettings:
     chat_format: str = ""
     #: the vision projector GGUF that lets the model take images
     mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
+    #: how an embedding model (``embedding = true``) pools its hidden states into one
+    #: vector per input: mean, cls or last
+    pooling: str = "mean"
     #: extra keyword arguments for ``llama_cpp.Llama`` (``chat_handler`` names the image handler)
     options: dict[str, Any] = attrs.field(factory=dict)
     #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
@@ -369,6 +439,10 @@ class LlamaCppBackend(Backend):
             yield "n_batch", "must be >= 1"
         if settings.n_threads < 0:
             yield "n_threads", "must be >= 0 (0 = all cores)"
+        if settings.pooling not in POOLING:
+            yield "pooling", f"must be one of {', '.join(POOLING)}, got {settings.pooling!r}"
+        if spec.embedding and settings.mmproj:
+            yield "mmproj", "an embedding model (embedding = true) takes text only"
         if not check_files:
             return
         # What would fail at the first request, caught by `config check`.
@@ -441,6 +515,10 @@ class LlamaCppBackend(Backend):
             # _ThisThreadToLog); its notes go to the log instead.
             verbose=True,
         )
+        if spec.embedding:
+            # llama.cpp pools any model's hidden states; a chat model's too.
+            kwargs.update(embedding=True, pooling_type=getattr(
+                llama_cpp, f"LLAMA_POOLING_TYPE_{settings.pooling.upper()}"))
         if settings.chat_format:
             kwargs["chat_format"] = settings.chat_format
         if settings.mmproj:

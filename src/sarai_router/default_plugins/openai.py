@@ -690,6 +690,41 @@ class OpenAIModel:
                 self.replicas.release(attempt.replica)
         raise failover.exhausted()
 
+    def embed(self, inputs: Sequence[str | Sequence[int]], *,
+              truncate: bool = True) -> tuple[list[list[float]], int]:
+        """``POST {base_url}/embeddings`` (a model with ``embedding = true``) on the least
+        busy healthy endpoint, the next one on a failure; the vectors and the prompt tokens.
+        ``truncate`` is the endpoint's business (OpenAI's API has no such field)."""
+        body = {"model": self.remote_model, "input": list(inputs), "encoding_format": "float"}
+        client = self.client()
+        failover = _Failover(self)
+        while (attempt := failover.next()) is not None:
+            url = endpoint_url(attempt.replica.url, "embeddings")
+            try:
+                response = client.post(url, json=body, headers={"accept": "application/json"})
+                if response.status_code >= 400:
+                    failover.refused(attempt, response.status_code, response.content)
+                    continue
+                try:
+                    data = response.json()
+                    rows = sorted(data["data"], key=lambda row: row["index"])
+                    vectors = [[float(v) for v in row["embedding"]] for row in rows]
+                    tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+                except (ValueError, KeyError, TypeError):
+                    raise BackendError(f"model {self.spec.name!r}: endpoint "
+                                       f"{attempt.replica.shown} answered /embeddings with "
+                                       "something that is not OpenAI's shape") from None
+                if len(vectors) != len(body["input"]):
+                    raise BackendError(f"model {self.spec.name!r}: endpoint "
+                                       f"{attempt.replica.shown} returned {len(vectors)} "
+                                       f"vectors for {len(body['input'])} inputs")
+                return vectors, tokens
+            except Exception as exc:
+                failover.failed(attempt, exc)
+            finally:
+                self.replicas.release(attempt.replica)
+        raise failover.exhausted()
+
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
