@@ -105,11 +105,6 @@ class LoadQueue:
             return True
         return self.clock() - max(ticket.arrived, self.last_load) >= self.max_wait
 
-    def queued_behind(self, ticket: Ticket | None) -> bool:
-        """Whether ``ticket`` waits behind others (older requests for room, or requests
-        still allowed to overtake it): its own wait for room has not begun."""
-        return ticket is not None and not (self.may_make_room(ticket) and self.overdue(ticket))
-
     def loading(self) -> None:
         """A request's model is being loaded: the models switch."""
         self.last_load = self.clock()

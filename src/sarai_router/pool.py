@@ -726,6 +726,7 @@ class ModelPool:
                 f"[cache] ram_budget_mb = {budget:.0f}"
             )
         deadline = time.monotonic() + self.wait_seconds
+        seen_progress = max((r.last_used for r in self._residents.values()), default=0.0)
         self._refresh_measured_locked()
         while True:
             if ticket is not None and spec.name in self._residents:
@@ -762,9 +763,14 @@ class ModelPool:
                         else f"[cache] ram_budget_mb = {budget:.0f}"), by=spec.name))
                 continue
             _check_cancel(cancel, spec.name)
-            if self.load_queue.queued_behind(ticket):
-                # Its turn has not come: the wait for room counts from when it does.
-                deadline = time.monotonic() + self.wait_seconds
+            if ticket is not None:
+                # A request behind older ones, or behind a model whose queue still moves
+                # (a generation ended), is queued, not stuck: its wait for room counts from
+                # its turn and from the latest generation that ended.
+                progress = max((r.last_used for r in self._residents.values()), default=0.0)
+                if not self.load_queue.may_make_room(ticket) or progress != seen_progress:
+                    seen_progress = progress
+                    deadline = time.monotonic() + self.wait_seconds
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not (self._others_busy_locked() or closing or candidates):
                 raise PoolError(self._why_full(spec, estimated, over_count))
