@@ -126,6 +126,8 @@ class Delta:
     and ``tool_calls`` when the model called tools (finish reason "tool_calls").
 
     ``logprobs``: the tokens of ``text``, when the request asked for them.
+    ``placement``: on the last one, where a model with several replicas sent the request
+    (``endpoint``, ``balance``, ``prefix``: "hit", "miss" or None), for the trace.
     """
 
     text: str
@@ -133,6 +135,7 @@ class Delta:
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    placement: Mapping[str, Any] | None = None
 
 
 @attrs.frozen

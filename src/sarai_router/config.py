@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from .errors import ConfigError, not_configured
+from .load_queue import QUEUE_ORDERS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ class CacheConfig:
     max_loaded: int = 2
     ram_budget_mb: float = 12288.0
     reap_interval_seconds: float = 5.0
+    # When models can't all be resident: "grouped" (requests for a resident model first)
+    # or "fifo" (arrival order across models).
+    queue_order: str = "grouped"
+    # grouped: the longest a request waiting to load its model is overtaken by requests
+    # for the resident one.
+    max_queue_wait_seconds: float = 30.0
 
 
 @attrs.frozen
@@ -673,6 +680,11 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: cache.ram_budget_mb: must be > 0")
     if cache.reap_interval_seconds <= 0:
         problems.append(f"{src}: cache.reap_interval_seconds: must be > 0")
+    if cache.queue_order not in QUEUE_ORDERS:
+        problems.append(f"{src}: cache.queue_order: must be one of "
+                        f"{', '.join(map(repr, QUEUE_ORDERS))}, got {cache.queue_order!r}")
+    if cache.max_queue_wait_seconds < 0:
+        problems.append(f"{src}: cache.max_queue_wait_seconds: must be >= 0")
     server = config.server
     if not 0 < server.port < 65536:
         problems.append(f"{src}: server.port: must be 1..65535, got {server.port}")

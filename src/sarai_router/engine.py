@@ -70,6 +70,8 @@ class Completion:
     dropped: bool = False
     #: what ended the answer early, when not the model: "runaway_guard", "time_limit"
     stopped_by: str | None = None
+    #: the replica that answered, for a model with several (see ``Delta.placement``)
+    placement: dict[str, Any] | None = None
     #: the request it answers (its events carry it): the front end's id, when it set one
     request_id: str = attrs.field(factory=REQUEST_ID.get)
 
@@ -85,6 +87,7 @@ class Completion:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "stopped_by": self.stopped_by,
+            "placement": self.placement,
             "usage": {
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
@@ -412,7 +415,8 @@ class Engine:
             ttft_s=timings.first_token_s, generation_s=timings.generation_s,
             total_s=timings.total_s,
             tokens_per_second=timings.tokens_per_second(usage.completion_tokens),
-            finish_reason=completion.finish_reason, stopped_by=completion.stopped_by)
+            finish_reason=completion.finish_reason, stopped_by=completion.stopped_by,
+            placement=completion.placement)
 
     def sampling_for(self, name: str) -> dict[str, Any]:
         """What model ``name`` sets for sampling (:func:`backend.model_sampling`), read once."""
@@ -529,6 +533,8 @@ class _Answer:
             completion.usage = delta.usage
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
+        if delta.placement is not None:
+            completion.placement = dict(delta.placement)
         if self.budget is not None and delta.usage is None and self.budget.exceeded():
             # Past the time bound: a backend that enforces it ends within a piece (its
             # usage counted); one that goes on is closed a few pieces later.

@@ -52,7 +52,7 @@ EVENT_KINDS: Mapping[str, str] = MappingProxyType({
     "generation_started": "request_id, load_s (0 when the model was loaded already)",
     "generation_finished": "request_id, prompt_tokens, completion_tokens, ttft_s, "
                            "generation_s, total_s, tokens_per_second, finish_reason, "
-                           "stopped_by",
+                           "stopped_by, placement (the replica, for a model with several)",
     "generation_dropped": "request_id (cancelled while queued: the model never saw it)",
     "runaway_stopped": "request_id, reason (the runaway guard ended the answer)",
     "time_limit_stopped": "request_id, reason (max_request_seconds or "

@@ -42,6 +42,7 @@ from .backend import LoadedModel
 from .config import Config, ModelSpec
 from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
                      QueueFull, not_configured)
+from .load_queue import LoadQueue, Ticket
 from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
@@ -290,6 +291,9 @@ class ModelPool:
         self._heap_dirty = False
         #: arrival order of slot waiters, sync and async alike
         self._arrivals = itertools.count()
+        #: who goes next when models can't all be resident ([cache] queue_order)
+        self.load_queue = LoadQueue(config.cache.queue_order,
+                                    config.cache.max_queue_wait_seconds)
 
     # -- queries -----------------------------------------------------------------------
 
@@ -527,6 +531,8 @@ class ModelPool:
                 return None
             if not model_alive(resident.model):
                 return None  # _acquire, on a worker thread, drops it and loads again
+            if not self.load_queue.may_join(None, name):
+                return None  # its turn comes later: _acquire, on a worker thread, waits
             full = (queue_limit is not None
                     and resident.queued >= resident.concurrency + queue_limit)
             if not full:
@@ -614,31 +620,47 @@ class ModelPool:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
         victims: list[tuple[Resident, str, str, str]] = []
+        # A request's place in the load queue (a load that is no request has none).
+        ticket = self.load_queue.ticket(name) if request else None
         try:
             with self._cond:
-                # A model still being closed is loaded again once the close is done (shown
-                # as waiting on the closing instance meanwhile).
-                while name in self._closing:
-                    closing = self._closing[name]
-                    closing.queued += 1
-                    try:
-                        _check_cancel(cancel, name)
-                        self._cond.wait(timeout=1.0)
-                    finally:
-                        closing.queued -= 1
-                resident = self._residents.get(name)
-                if (resident is not None and resident.state == "loaded"
-                        and not model_alive(resident.model)):
-                    self._drop_dead_locked(resident, "found dead at the next request")
-                    resident = None
-                if resident is None:
-                    resident = self._reserve(spec, victims=victims, cancel=cancel)
-                    loader = True
-                else:
-                    # ``concurrency`` requests use the instance; ``queue_limit`` more may wait.
-                    full = (request and queue_limit is not None
-                            and resident.queued >= resident.concurrency + queue_limit)
-                    loader = False
+                while True:
+                    # A model still being closed is loaded again once the close is done
+                    # (shown as waiting on the closing instance meanwhile).
+                    while name in self._closing:
+                        closing = self._closing[name]
+                        closing.queued += 1
+                        try:
+                            _check_cancel(cancel, name)
+                            self._cond.wait(timeout=1.0)
+                        finally:
+                            closing.queued -= 1
+                    resident = self._residents.get(name)
+                    if (resident is not None and resident.state == "loaded"
+                            and not model_alive(resident.model)):
+                        self._drop_dead_locked(resident, "found dead at the next request")
+                        resident = None
+                    if resident is None:
+                        resident = self._reserve(spec, victims=victims, cancel=cancel,
+                                                 ticket=ticket)
+                        if resident is None:
+                            continue  # loaded by another request meanwhile: join it
+                        loader = True
+                        if request:
+                            self.load_queue.loading()
+                        break
+                    if self.load_queue.may_join(ticket, name):
+                        loader = False
+                        # ``concurrency`` requests use the instance; ``queue_limit`` more
+                        # may wait.
+                        full = (request and queue_limit is not None
+                                and resident.queued >= resident.concurrency + queue_limit)
+                        break
+                    # Held back behind an older request that waits to load another model.
+                    self.load_queue.wait(ticket, "turn")
+                    _check_cancel(cancel, name)
+                    self._cond.wait(timeout=1.0)
+                self.load_queue.leave(ticket)
                 if not full:
                     resident.users += 1
                     if request:
@@ -647,6 +669,9 @@ class ModelPool:
                             resident.prewarm_pending = False
                             prewarm_used = True
         finally:
+            with self._cond:
+                self.load_queue.leave(ticket)
+                self._cond.notify_all()  # the next in the load queue may go on
             # Evicted to make room: closed before the new load starts, outside the lock.
             for victim in victims:
                 self._close(*victim)
@@ -682,8 +707,12 @@ class ModelPool:
         return resident
 
     def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str, str]],
-                 evict: bool = True, cancel: threading.Event | None = None) -> Resident:
+                 evict: bool = True, cancel: threading.Event | None = None,
+                 ticket: Ticket | None = None) -> Resident | None:
         """Make room for ``spec`` and reserve its slot. Holds the lock.
+
+        ``ticket``: the request's place in the load queue; only the oldest waiting for room
+        evicts. Returns None when another request loaded ``spec`` meanwhile (join that).
 
         Idle models chosen for eviction are taken out and appended to ``victims``; the
         caller closes them once it has let go of the lock. Models other requests are still
@@ -697,8 +726,11 @@ class ModelPool:
                 f"[cache] ram_budget_mb = {budget:.0f}"
             )
         deadline = time.monotonic() + self.wait_seconds
+        seen_progress = max((r.last_used for r in self._residents.values()), default=0.0)
         self._refresh_measured_locked()
         while True:
+            if ticket is not None and spec.name in self._residents:
+                return None
             ours = {id(victim) for victim, *_ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
             over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
@@ -711,7 +743,9 @@ class ModelPool:
                                 .replace("no resident model can be evicted",
                                          "this load may not evict"))
             candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
-            if candidates:
+            if ticket is not None:
+                self.load_queue.wait(ticket, "room")
+            if candidates and self.load_queue.may_make_room(ticket):
                 victim = self.hooks.select_eviction(
                     candidates=[r.info() for r in candidates], needed_mb=max(0.0, over_mb),
                     loading=spec,
@@ -729,8 +763,16 @@ class ModelPool:
                         else f"[cache] ram_budget_mb = {budget:.0f}"), by=spec.name))
                 continue
             _check_cancel(cancel, spec.name)
+            if ticket is not None:
+                # A request behind older ones, or behind a model whose queue still moves
+                # (a generation ended), is queued, not stuck: its wait for room counts from
+                # its turn and from the latest generation that ended.
+                progress = max((r.last_used for r in self._residents.values()), default=0.0)
+                if not self.load_queue.may_make_room(ticket) or progress != seen_progress:
+                    seen_progress = progress
+                    deadline = time.monotonic() + self.wait_seconds
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not (self._others_busy_locked() or closing):
+            if remaining <= 0 or not (self._others_busy_locked() or closing or candidates):
                 raise PoolError(self._why_full(spec, estimated, over_count))
             # Every other model is busy (or still closing): wait for one rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))

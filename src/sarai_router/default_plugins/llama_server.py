@@ -30,6 +30,7 @@ from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, ModelLoadError, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
+from .balance import BalanceSettings, balance_fields, balance_problems
 from .grammar_limits import check_params
 from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
 from .openai import OpenAIModel, OpenAISettings
@@ -65,12 +66,17 @@ REQUEST_TIMEOUT_SECONDS = 600.0
 
 
 @attrs.frozen
-class LlamaServerSettings:
-    """The ``llama_server`` backend's own keys in ``[models.NAME]``."""
+class LlamaServerSettings(BalanceSettings):
+    """The ``llama_server`` backend's own keys in ``[models.NAME]`` (and ``balance`` & co.
+    for ``replicas``)."""
 
     #: slots decoded together (continuous batching); each gets ``n_ctx`` tokens of context
     parallel: int = 4
-    #: 0: every core for one model alone; `serve` gives each model its share
+    #: llama-server processes of the model, each with ``parallel`` slots; requests are
+    #: balanced across them (``balance``)
+    replicas: int = 1
+    #: 0: every core for one model alone (shared by its replicas); `serve` gives each
+    #: model its share
     n_threads: int = 0
     #: the multimodal projector GGUF that lets the model take images (or audio)
     mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
@@ -96,6 +102,9 @@ class LlamaServerBackend(Backend):
         yield from gguf_path_problems(spec, "the GGUF file to serve", check_files=check_files)
         if settings.parallel < 1:
             yield "parallel", "must be >= 1 (the number of requests the server decodes together)"
+        if settings.replicas < 1:
+            yield "replicas", "must be >= 1 (the number of llama-server processes)"
+        yield from balance_problems(settings)
         if settings.n_threads < 0:
             yield "n_threads", "must be >= 0 (0 = all cores)"
         if not settings.startup_timeout_seconds > 0:
@@ -118,7 +127,7 @@ class LlamaServerBackend(Backend):
             yield "binary", problem
 
     def concurrency(self, spec: ModelSpec) -> int:
-        return max(1, spec.settings.parallel)
+        return max(1, spec.settings.parallel) * max(1, spec.settings.replicas)
 
     def uses_threads(self, spec: ModelSpec) -> bool:
         return True
@@ -130,7 +139,8 @@ class LlamaServerBackend(Backend):
 
     def estimate_ram_mb(self, spec: ModelSpec) -> float:
         estimate = _ram_estimate(spec)
-        return 0.0 if estimate is None else estimate.total_mb + _mmproj_mb(spec)
+        per_child = 0.0 if estimate is None else estimate.total_mb + _mmproj_mb(spec)
+        return per_child * max(1, spec.settings.replicas)
 
     def describe(self, spec: ModelSpec) -> Mapping[str, Any]:
         settings: LlamaServerSettings = spec.settings
@@ -144,7 +154,9 @@ class LlamaServerBackend(Backend):
             "kv_cache_mb": round(estimate.kv_cache_mb, 1),
             "compute_mb": round(estimate.compute_mb, 1),
             "mmproj_mb": round(_mmproj_mb(spec), 1),
-        }, "parallel": settings.parallel, "n_threads": settings.n_threads or default_threads(),
+        }, "parallel": settings.parallel, "replicas": settings.replicas,
+            "balance": settings.balance,
+            "n_threads": child_threads(settings),
             "binary": None if binary is None else str(binary)}
 
     def presence(self, spec: ModelSpec) -> Presence:
@@ -181,24 +193,43 @@ class LlamaServerBackend(Backend):
         binary = _find_binary(settings.binary)
         if binary is None:
             raise BackendError(_no_binary_message(spec.name))
-        for attempt in range(1, START_ATTEMPTS + 1):
-            # The process side (http.client, ctypes) loads with the first child, not for
-            # every command that reads the config.
-            from . import llama_server_process as child
+        servers: list["ServerProcess"] = []
+        try:
+            for _ in range(max(1, settings.replicas)):
+                servers.append(_start_child(spec, str(binary)))
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return LlamaServerModel(spec, servers)
 
-            port = child.free_port()
-            server = child.ServerProcess(spec.name, server_argv(spec, str(binary), port), port,
-                                   private_paths=(spec.path, settings.mmproj, str(binary)))
-            try:
-                server.start(timeout=settings.startup_timeout_seconds)
-            except BackendError:
-                if attempt < START_ATTEMPTS and server.bind_failed():
-                    log.info("port %d was taken before llama-server bound it; trying another",
-                             port)
-                    continue
-                raise
-            return LlamaServerModel(spec, server)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+def _start_child(spec: ModelSpec, binary: str) -> "ServerProcess":
+    """One llama-server of ``spec``, healthy, on a free port."""
+    settings: LlamaServerSettings = spec.settings
+    for attempt in range(1, START_ATTEMPTS + 1):
+        # The process side (http.client, ctypes) loads with the first child, not for
+        # every command that reads the config.
+        from . import llama_server_process as child
+
+        port = child.free_port()
+        server = child.ServerProcess(spec.name, server_argv(spec, binary, port), port,
+                                     private_paths=(spec.path, settings.mmproj, binary))
+        try:
+            server.start(timeout=settings.startup_timeout_seconds)
+        except BackendError:
+            if attempt < START_ATTEMPTS and server.bind_failed():
+                log.info("port %d was taken before llama-server bound it; trying another",
+                         port)
+                continue
+            raise
+        return server
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def child_threads(settings: LlamaServerSettings) -> int:
+    """Threads of each child: ``n_threads`` (default: every core) shared by the replicas."""
+    return max(1, (settings.n_threads or default_threads()) // max(1, settings.replicas))
 
 
 def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
@@ -213,7 +244,7 @@ def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
         # llama-server splits its context across the slots: n_ctx is per request here.
         "--ctx-size", str(spec.n_ctx * settings.parallel),
         "--parallel", str(settings.parallel),
-        "--threads", str(settings.n_threads or default_threads()),
+        "--threads", str(child_threads(settings)),
         "--no-webui",
         "--metrics",
         "--log-colors", "off",
@@ -283,28 +314,34 @@ class _ChildClient(OpenAIModel):
     def _limits(self):
         import httpx
 
-        return httpx.Limits(max_connections=self.settings.max_concurrency + 4,
+        return httpx.Limits(max_connections=self.settings.max_concurrency * len(self.urls) + 4,
                             max_keepalive_connections=0)
 
 
 class LlamaServerModel:
-    """A model served by its own llama-server child; ``parallel`` requests at once.
+    """A model served by its own llama-server children (``replicas``, one by default);
+    ``parallel`` requests at once on each.
 
-    Requests go through the ``openai`` backend's client to the child's
-    ``/v1/chat/completions``; images and audio travel as OpenAI content parts (the child
-    decodes them with its ``mmproj``). When the child has died, a failed request raises
-    :class:`InstanceDead`, and the pool starts a new child for the next request.
+    Requests go through the ``openai`` backend's client to a child's
+    ``/v1/chat/completions`` (the least busy one, or by prefix: ``balance``); images and
+    audio travel as OpenAI content parts (the child decodes them with its ``mmproj``). When
+    a child has died, a failed request raises :class:`InstanceDead`, and the pool starts
+    the model's children again for the next request.
     """
 
-    def __init__(self, spec: ModelSpec, server: "ServerProcess"):
+    def __init__(self, spec: ModelSpec, servers: "Sequence[ServerProcess]"):
         self.spec = spec
-        self.server = server
+        self.servers = list(servers)
+        #: the first child (the only one unless ``replicas`` > 1)
+        self.server = self.servers[0]
         client_settings = OpenAISettings(
-            base_url=f"{server.base_url}/v1", remote_model=spec.name,
+            endpoints=tuple(f"{server.base_url}/v1" for server in self.servers),
+            remote_model=spec.name,
             timeout_seconds=REQUEST_TIMEOUT_SECONDS,
             max_concurrency=spec.settings.parallel,
-            # One endpoint, watched through its process: a failure is not retried later.
-            max_cooldown_seconds=1.0)
+            # Watched through their processes: a failure is not retried later.
+            max_cooldown_seconds=1.0,
+            **balance_fields(spec.settings))
         self.client = _ChildClient(attrs.evolve(spec, settings=client_settings), api_key="")
         # llama-server takes llama.cpp's own sampling keys too.
         self.client.sampling_keys = SAMPLING_KEYS
@@ -340,39 +377,53 @@ class LlamaServerModel:
             await deltas.aclose()
 
     def _dead_or(self, error: BackendError) -> BackendError:
-        """``InstanceDead`` when the child is gone (the socket closes a moment before the
+        """``InstanceDead`` when a child is gone (the socket closes a moment before the
         process is reaped, so give it that moment), else ``error`` as it is."""
-        proc = self.server.proc
-        if proc is not None:
+        for server in self.servers:
+            proc = server.proc
+            if proc is None:
+                continue
             try:
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=1.0 if len(self.servers) == 1 else 0.2)
             except subprocess.TimeoutExpired:
-                return error  # still running: the request failed, not the server
-        return InstanceDead(f"model {self.spec.name!r}: its llama-server (pid {self.pid}) "
-                            f"died ({self.server.exit_text()}); the next request starts it "
-                            "again")
+                continue  # still running
+            return InstanceDead(f"model {self.spec.name!r}: its llama-server (pid "
+                                f"{server.pid}) died ({server.exit_text()}); the next "
+                                "request starts it again")
+        return error  # every child runs: the request failed, not a server
 
     @property
     def pid(self) -> int | None:
         return self.server.pid
 
     @property
+    def pids(self) -> list[int | None]:
+        return [server.pid for server in self.servers]
+
+    @property
     def base_url(self) -> str:
         return self.server.base_url
 
     def alive(self) -> bool:
-        """False once the child has exited without being asked to (the pool then drops it)."""
-        return self.server.alive()
+        """False once a child has exited without being asked to (the pool then drops the
+        model, and the next request starts every child again)."""
+        return all(server.alive() for server in self.servers)
+
+    def health(self) -> dict[str, Any] | None:
+        """Each child as an endpoint (state, in-flight requests, failures) when there are
+        several; None for one (its process is its health)."""
+        return self.client.health() if len(self.servers) > 1 else None
 
     def rss_mb(self) -> float:
-        """The child's measured resident memory (what the pool's RAM budget counts)."""
-        return self.server.rss_mb()
+        """The children's measured resident memory (what the pool's RAM budget counts)."""
+        return sum(server.rss_mb() for server in self.servers)
 
     def close(self) -> None:
         try:
             self.client.close()
         finally:
-            self.server.stop()
+            for server in self.servers:
+                server.stop()
 
 
 @hookimpl(trylast=True)

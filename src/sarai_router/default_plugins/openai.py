@@ -6,9 +6,11 @@ router's process but the proxying. Requests stream from ``POST {base_url}/chat/c
 with ``stream: true`` and ``stream_options.include_usage``.
 
 ``endpoints = [...]`` lists replicas of one model. Each request goes to the least busy
-healthy replica; a replica that refuses, answers 5xx, or times out before the first token
-cools down (1 s, doubling per consecutive failure, at most ``max_cooldown_seconds``) and
-is tried again by the first request after its cooldown (one at a time until it answers).
+healthy replica (with ``balance = "prefix"``, a conversation's follow-up goes to the
+replica that served its history: see ``balance``); a replica that refuses, answers 5xx, or
+times out before the first token cools down (1 s, doubling per consecutive failure, at
+most ``max_cooldown_seconds``) and is tried again by the first request after its cooldown
+(one at a time until it answers).
 
 Nothing here puts a credential in an error or a log line: URLs are shown without userinfo
 and query, and the API key's value is removed from any upstream message.
@@ -38,6 +40,8 @@ from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
 from ..types import CHARS_PER_TOKEN, AudioInput, ImageInput
+from .balance import (BalanceSettings, PrefixIndex, PrefixKey, balance_problems,
+                      prefix_key)
 
 if TYPE_CHECKING:
     import httpx
@@ -50,8 +54,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @attrs.frozen
-class OpenAISettings:
-    """The ``openai`` backend's own keys in ``[models.NAME]``."""
+class OpenAISettings(BalanceSettings):
+    """The ``openai`` backend's own keys in ``[models.NAME]`` (and ``balance`` & co. for
+    ``endpoints``)."""
 
     #: the endpoint's OpenAI base URL, e.g. ``http://127.0.0.1:8080/v1``
     base_url: str = ""
@@ -228,24 +233,42 @@ class Replica:
 
 
 class ReplicaSet:
-    """Least-busy choice among healthy replicas, with exponential cooldowns (thread-safe:
-    the sync path runs on worker threads, the async one on the event loop)."""
+    """Least-busy (or prefix-affine) choice among healthy replicas, with exponential
+    cooldowns (thread-safe: the sync path runs on worker threads, the async one on the
+    event loop)."""
 
     def __init__(self, urls: Sequence[str], *, max_cooldown: float,
-                 clock=time.monotonic):
+                 clock=time.monotonic, balance: BalanceSettings | None = None):
         self.replicas = [Replica(url=u, shown=redact_url(u),
                                  chat_url=endpoint_url(u, "chat/completions")) for u in urls]
         self.max_cooldown = max_cooldown
+        #: ``balance = "prefix"`` with more than one replica: where each prefix was served
+        self.balance = balance if balance is not None and balance.balance == "prefix" \
+            and len(self.replicas) > 1 else None
+        self.index = None if self.balance is None else PrefixIndex(
+            self.balance.prefix_index_blocks)
         self.clock = clock
         self._lock = threading.Lock()
         self._turn = 0  # rotates ties so equally busy replicas share the load
 
     def pick(self, exclude: Sequence[Replica] = ()) -> Replica | None:
         """The least busy replica that may take a request now, counted in; None if none."""
+        return self.choose(exclude)[0]
+
+    def choose(self, exclude: Sequence[Replica] = (),
+               key: PrefixKey | None = None) -> tuple[Replica | None, str]:
+        """The replica for a request, counted in, and how it was placed: ``"hit"`` (it
+        holds the request's prefix), ``"miss"`` (a request with history placed least busy)
+        or ``""`` (no prefix balancing for it). None if no replica may take it now.
+
+        A replica whose cooldown is over takes the next request, to probe it; otherwise the
+        prefix's replica (``balance = "prefix"``, see :mod:`.balance`) or the least busy.
+        """
         with self._lock:
             now = self.clock()
             n = len(self.replicas)
             best: Replica | None = None
+            probe = False
             for i in range(n):
                 replica = self.replicas[(self._turn + i) % n]
                 if replica in exclude or now < replica.cooldown_until:
@@ -253,15 +276,34 @@ class ReplicaSet:
                 if replica.failures:
                     if replica.inflight:
                         continue  # probing: one request at a time until it answers
-                    best = replica  # its cooldown is over: the first request probes it
+                    best, probe = replica, True  # its cooldown is over: it probes
                     break
                 if best is None or replica.inflight < best.inflight:
                     best = replica
+            placed = ""
+            if best is not None and not probe and key is not None and self.index is not None:
+                best, placed = self._by_prefix(key, best, exclude)
             if best is not None:
                 self._turn = (self._turn + 1) % n
                 best.inflight += 1
                 best.requests += 1
-            return best
+                if key is not None and self.index is not None:
+                    self.index.record(key, best)
+            return best, placed
+
+    def _by_prefix(self, key: PrefixKey, least: Replica,
+                   exclude: Sequence[Replica]) -> tuple[Replica, str]:
+        """The replica of ``key``'s history when it may take it, else ``least``."""
+        if not key.history:
+            return least, ""
+        assert self.index is not None and self.balance is not None
+        owner, matched = self.index.longest(key)
+        if (not isinstance(owner, Replica) or owner in exclude or owner.failures
+                or matched < self.balance.prefix_min_match * key.history_chars):
+            return least, "miss"
+        overloaded = (owner.inflight - least.inflight > self.balance.prefix_overload_inflight
+                      and owner.inflight > least.inflight * self.balance.prefix_overload_ratio)
+        return (least, "miss") if overloaded else (owner, "hit")
 
     def release(self, replica: Replica) -> None:
         with self._lock:
@@ -290,6 +332,8 @@ class ReplicaSet:
             cooldown = min(self.max_cooldown,
                            BASE_COOLDOWN_SECONDS * 2 ** (replica.failures - 1))
             replica.cooldown_until = now + cooldown
+            if self.index is not None:
+                self.index.forget(replica)
         log.warning("endpoint %s failed (%s); cooling down for %.0f s", replica.shown, error,
                     cooldown)
         return cooldown
@@ -311,11 +355,13 @@ class ReplicaSet:
 class _Attempt:
     """One request to one replica: what its answer taught us so far."""
 
-    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced", "calls",
-                 "done", "chunks", "max_chunks", "cut")
+    __slots__ = ("replica", "placed", "started", "usage", "finish_reason", "pieces",
+                 "produced", "calls", "done", "chunks", "max_chunks", "cut")
 
-    def __init__(self, replica: Replica, max_chunks: int = 0) -> None:
+    def __init__(self, replica: Replica, placed: str = "", max_chunks: int = 0) -> None:
         self.replica = replica
+        #: how the replica was chosen: "hit" / "miss" (balance = "prefix"), else ""
+        self.placed = placed
         self.started = time.monotonic()
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -337,14 +383,18 @@ class _Failover:
     """The replicas one request tries, in turn, until one answers: what ``chat`` and
     ``achat`` share apart from their I/O."""
 
-    def __init__(self, model: "OpenAIModel", max_tokens: int = 0):
+    def __init__(self, model: "OpenAIModel", max_tokens: int = 0,
+                 key: PrefixKey | None = None):
         self.model = model
         self.max_tokens = max_tokens
+        #: the request's prefix, when its replica is chosen by prefix
+        self.key = key
         self.tried: list[tuple[Replica, UpstreamUnavailable]] = []
 
     def next(self) -> _Attempt | None:
-        replica = self.model.replicas.pick(exclude=[r for r, _ in self.tried])
-        return None if replica is None else _Attempt(replica, self.max_tokens)
+        replica, placed = self.model.replicas.choose(exclude=[r for r, _ in self.tried],
+                                                     key=self.key)
+        return None if replica is None else _Attempt(replica, placed, self.max_tokens)
 
     def refused(self, attempt: _Attempt, status: int, raw: bytes) -> None:
         """An HTTP error status: raise a 4xx as is; note a 5xx, so the next replica is tried."""
@@ -405,7 +455,8 @@ class OpenAIModel:
         self.settings = settings
         self.remote_model = settings.remote_model or spec.name
         self.urls = settings_urls(settings)
-        self.replicas = ReplicaSet(self.urls, max_cooldown=settings.max_cooldown_seconds)
+        self.replicas = ReplicaSet(self.urls, max_cooldown=settings.max_cooldown_seconds,
+                                   balance=settings)
         self.headers = {"content-type": "application/json", "accept": "text/event-stream",
                         **settings.headers}
         if api_key:
@@ -495,6 +546,20 @@ class OpenAIModel:
             if params.top_logprobs:
                 body["top_logprobs"] = params.top_logprobs
         return body
+
+    def prefix_key(self, messages: Sequence[Mapping[str, Any]],
+                   params: GenerationParams) -> PrefixKey | None:
+        """The request's blocks when its replica is chosen by prefix, else None."""
+        if self.replicas.index is None:
+            return None
+        return prefix_key(messages, params.tools)
+
+    def placement(self, attempt: _Attempt) -> dict[str, Any] | None:
+        """Where the request went, for the trace: None for a single endpoint."""
+        if len(self.replicas.replicas) < 2:
+            return None
+        return {"endpoint": attempt.replica.shown, "balance": self.settings.balance,
+                "prefix": attempt.placed or None}
 
     def direct_target(self) -> tuple[str, dict[str, str], str]:
         """Where the first endpoint takes chat requests, the headers it needs (credentials
@@ -626,7 +691,8 @@ class OpenAIModel:
         else:
             finish = "tool_calls" if calls else attempt.finish_reason or "stop"
         return Delta(text="", finish_reason=finish, usage=usage,
-                     tool_calls=() if attempt.cut else calls)
+                     tool_calls=() if attempt.cut else calls,
+                     placement=self.placement(attempt))
 
     def _check_time(self, attempt: _Attempt) -> float:
         """The seconds ``attempt`` may still take; raises when its time is up: before the
@@ -675,7 +741,7 @@ class OpenAIModel:
         before the first token."""
         body = self.body(messages, params, images, audio)
         client = self.client()
-        failover = _Failover(self, self._max_tokens(body))
+        failover = _Failover(self, self._max_tokens(body), self.prefix_key(messages, params))
         while (attempt := failover.next()) is not None:
             try:
                 with client.stream("POST", attempt.replica.chat_url, json=body) as response:
@@ -747,7 +813,7 @@ class OpenAIModel:
         Cancelling the consumer (client gone) closes the upstream response."""
         body = self.body(messages, params, images, audio)
         client = self.aclient()
-        failover = _Failover(self, self._max_tokens(body))
+        failover = _Failover(self, self._max_tokens(body), self.prefix_key(messages, params))
         while (attempt := failover.next()) is not None:
             try:
                 async with client.stream("POST", attempt.replica.chat_url,
@@ -1006,6 +1072,7 @@ class OpenAIBackend(Backend):
         for name in settings.headers:
             if name.lower() == "authorization" and settings.api_key_env:
                 yield f"headers.{name}", "api_key_env already sets Authorization"
+        yield from balance_problems(settings)
 
     def concurrency(self, spec: ModelSpec) -> int:
         return spec.settings.max_concurrency * max(1, len(settings_urls(spec.settings)))
@@ -1023,6 +1090,7 @@ class OpenAIBackend(Backend):
         settings: OpenAISettings = spec.settings
         return {"remote_model": settings.remote_model or spec.name,
                 "endpoints": [redact_url(u) for u in settings_urls(settings)],
+                "balance": settings.balance,
                 "api_key_env": settings.api_key_env or None,
                 "max_concurrency": settings.max_concurrency,
                 "capabilities": list(settings.capabilities)}

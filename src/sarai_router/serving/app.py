@@ -278,7 +278,8 @@ class SaraiServer:
         return JSONResponse({
             **meta.completion(completion, "".join(pieces)),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
-                      "stopped_by": completion.stopped_by},
+                      "stopped_by": completion.stopped_by,
+                      "placement": completion.placement},
         }, headers=self._headers(decision))
 
     async def _sse(self, first, events: asyncio.Queue,
@@ -303,10 +304,14 @@ class SaraiServer:
                         yield meta.chunk({"tool_calls": tool_calls_json(completion.tool_calls,
                                                                         indexed=True)})
                     last = meta.chunk({}, finish_reason=finish_reason(completion))
-                    if completion.stopped_by:
-                        # Why the answer ended when the model did not end it (runaway guard).
+                    # Why the answer ended when the model did not end it (runaway guard),
+                    # and which replica answered (a model with several).
+                    extra = {key: value for key, value in (
+                        ("stopped_by", completion.stopped_by),
+                        ("placement", completion.placement)) if value}
+                    if extra:
                         data = json.loads(last.removeprefix("data: "))
-                        last = meta.sse({**data, "sarai": {"stopped_by": completion.stopped_by}})
+                        last = meta.sse({**data, "sarai": extra})
                     yield last
                     if meta.include_usage:
                         yield meta.usage_chunk(completion)

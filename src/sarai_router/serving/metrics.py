@@ -56,7 +56,7 @@ def reason_label(reason: str) -> str:
 
 
 class PoolCollector:
-    """Residency gauges read from the pool when scraped."""
+    """Residency gauges (and the load queue's figures) read from the pool when scraped."""
 
     def __init__(self, pool: "ModelPool"):
         self.pool = pool
@@ -85,6 +85,15 @@ class PoolCollector:
         yield loaded
         yield ram
         yield queued
+        queue = self.pool.load_queue
+        yield CounterMetricFamily(
+            "sarai_queue_overtakes",
+            "requests that used a resident model ahead of an older one waiting to load "
+            "another ([cache] queue_order = \"grouped\")", value=float(queue.overtakes))
+        yield GaugeMetricFamily(
+            "sarai_queue_longest_overtaken_seconds",
+            "the longest a waiting request had been overtaken when another went ahead of it "
+            "(at most [cache] max_queue_wait_seconds)", value=queue.longest_overtaken)
         yield GaugeMetricFamily("sarai_resident_models", "models resident now",
                                 value=float(len(residents)))
         yield GaugeMetricFamily("sarai_resident_ram_mb",
@@ -163,6 +172,11 @@ class Metrics:
             "sarai_generations_dropped",
             "requests cancelled while queued (client gone, shutdown): the model never saw them",
             ["model"], registry=r)
+        self.prefix = Counter(
+            "sarai_prefix_routing",
+            "requests with history to a model with balance = \"prefix\": hit (sent to the "
+            "replica holding their prefix) or miss (placed least busy)",
+            ["model", "outcome"], registry=r)
         self.runaway = Counter(
             "sarai_runaway_stops", "answers the runaway guard stopped for repeating themselves",
             ["model"], registry=r)
@@ -213,6 +227,9 @@ class Metrics:
             if data["ttft_s"] is not None:
                 self.ttft.labels(model).observe(data["ttft_s"])
             self.generation.labels(model).observe(data["generation_s"])
+            outcome = (data.get("placement") or {}).get("prefix")
+            if outcome in ("hit", "miss"):
+                self.prefix.labels(model, outcome).inc()
         elif kind == "request_refused":
             self.errors.labels(str(data["status"]), data["code"]).inc()
 
