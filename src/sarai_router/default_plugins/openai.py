@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -36,9 +36,6 @@ from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
 from ..types import CHARS_PER_TOKEN, AudioInput, ImageInput
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +317,7 @@ class _Attempt:
 
 
 class _Failover:
-    """The replicas one request tries, in turn, until one answers: what ``chat`` and
-    ``achat`` share apart from their I/O."""
+    """The replicas one request tries, in turn, until one answers."""
 
     def __init__(self, model: "OpenAIModel"):
         self.model = model
@@ -374,9 +370,8 @@ class _Failover:
 
 
 class OpenAIModel:
-    """A model served by OpenAI-compatible endpoints. ``chat`` (sync, for the CLI and worker
-    threads) and ``achat`` (async, for the server: no thread per stream) share the replica
-    health; each has its own pooled keep-alive connections."""
+    """A model served by OpenAI-compatible endpoints, streamed on the event loop (``achat``)
+    with pooled keep-alive connections per loop, the replicas' health shared."""
 
     #: sampling sent when set (the model's defaults or the request's); the rest is left to
     #: the endpoint. ``llama_server`` adds llama.cpp's own keys (top_k, min_p, ...).
@@ -399,8 +394,8 @@ class OpenAIModel:
             secrets.extend(_url_secrets(url))
         self.redact = Redactor(secrets)
         self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
-        self._aclients: dict[int, Any] = {}  # event loop id -> httpx.AsyncClient
+        #: event loop id -> (the loop, its httpx.AsyncClient)
+        self._aclients: dict[int, tuple[Any, Any]] = {}
         self._closed = False
 
     # -- clients
@@ -417,15 +412,6 @@ class OpenAIModel:
         t = self.settings.timeout_seconds
         return httpx.Timeout(t, connect=min(t, 10.0))
 
-    def client(self) -> "httpx.Client":
-        import httpx
-
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(limits=self._limits(), timeout=self._timeout(),
-                                            headers=self.headers, trust_env=False)
-            return self._client
-
     def aclient(self):
         import asyncio
 
@@ -433,22 +419,19 @@ class OpenAIModel:
 
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._aclients.get(id(loop))
-            if client is None:
-                client = httpx.AsyncClient(limits=self._limits(), timeout=self._timeout(),
-                                           headers=self.headers, trust_env=False)
-                self._aclients[id(loop)] = client
-            return client
+            held = self._aclients.get(id(loop))
+            if held is None:
+                held = self._aclients[id(loop)] = (loop, httpx.AsyncClient(
+                    limits=self._limits(), timeout=self._timeout(), headers=self.headers,
+                    trust_env=False))
+            return held[1]
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            client, self._client = self._client, None
             aclients, self._aclients = list(self._aclients.values()), {}
-        if client is not None:
-            client.close()
-        for aclient in aclients:
-            _close_async_client(aclient)
+        for loop, aclient in aclients:
+            _close_async_client(loop, aclient)
 
     # -- requests
 
@@ -600,34 +583,11 @@ class OpenAIModel:
         self.replicas.succeeded(attempt.replica)
         return self._final(attempt, messages)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
-             images: Sequence[ImageInput] = (), audio: AudioInput | None = None) -> Iterator[Delta]:
-        """Stream from the least busy healthy endpoint, trying the next one on a failure
-        before the first token."""
-        body = self.body(messages, params, images, audio)
-        client = self.client()
-        failover = _Failover(self)
-        while (attempt := failover.next()) is not None:
-            try:
-                with client.stream("POST", attempt.replica.chat_url, json=body) as response:
-                    if response.status_code >= 400:
-                        failover.refused(attempt, response.status_code, response.read())
-                        continue
-                    for line in response.iter_lines():
-                        if (delta := self._on_line(line, attempt)) is not None:
-                            yield delta
-                yield self._finish(attempt, messages)
-                return
-            except Exception as exc:
-                failover.failed(attempt, exc)
-            finally:
-                self.replicas.release(attempt.replica)
-        raise failover.exhausted()
-
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
-        """``chat`` on the event loop: one pooled async connection per stream, no thread.
+        """Stream from the least busy healthy endpoint, trying the next one on a failure
+        before the first token: one pooled async connection per stream, no thread.
         Cancelling the consumer (client gone) closes the upstream response."""
         body = self.body(messages, params, images, audio)
         client = self.aclient()
@@ -666,14 +626,15 @@ def _is_transport(exc: BaseException) -> bool:
                             OSError))
 
 
-def _close_async_client(client: Any) -> None:
-    """Close an AsyncClient from sync code: on the running loop if there is one; otherwise
-    (an unload on a worker thread) its sockets close when it is collected."""
+def _close_async_client(loop: Any, client: Any) -> None:
+    """Close an AsyncClient from sync code, on the loop it belongs to while that loop runs;
+    otherwise its sockets close when it is collected."""
     import asyncio
 
     try:
-        asyncio.get_running_loop().create_task(client.aclose())
-    except RuntimeError:
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+    except RuntimeError:  # the loop closed meanwhile
         pass
 
 
