@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sarai_router"
-FRONT_ENDS = ("cli", "serving", "bench")
+FRONT_ENDS = ("cli", "serving", "bench", "testing")  # testing: the kit drives the CLI
 PLUGINS = ("default_plugins",)
 
 

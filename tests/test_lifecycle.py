@@ -32,7 +32,7 @@ def make_engine():
         plugin_set = build_plugins(config, extra=[(type(p).__name__, p) for p in plugins])
         engine = Engine(config, plugin_set)
         engine.events = []
-        engine.pool.listeners.append(engine.events.append)
+        engine.hooks.subscribe(engine.events.append, "test")
         engines.append(engine)
         return engine
 
@@ -42,7 +42,11 @@ def make_engine():
 
 
 def kinds(engine: Engine, model: str | None = None) -> list[str]:
-    return [e.kind for e in engine.events if model is None or e.model == model]
+    """What happened to ``model`` (every model: None); an unload with its reason
+    (``model_unloaded:expire``); load starts and routing left out."""
+    return [f"{e.kind}:{e.data['reason']}" if e.kind == "model_unloaded" else e.kind
+            for e in engine.events if (model is None or e.model == model)
+            and e.kind not in ("model_loading", "routed", "queued", "generation_finished")]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -63,8 +67,8 @@ def test_reaper_unloads_an_idle_model_by_ttl_without_any_request(make_engine, ma
     engine.pool.start_reaper()
     engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
     # No "still loaded" check here: on a busy machine the 0.5 s TTL may pass before it.
-    wait_for(lambda: "expire" in kinds(engine, "quality"), 30, "the reaper")
-    assert kinds(engine, "quality") == ["load", "generation_started", "expire"]
+    wait_for(lambda: "model_unloaded:expire" in kinds(engine, "quality"), 30, "the reaper")
+    assert kinds(engine, "quality") == ["model_loaded", "generation_started", "model_unloaded:expire"]
     assert not engine.pool.is_loaded("quality")
     assert engine.pool.is_loaded("fast"), "pinned models never expire"
 
@@ -169,7 +173,7 @@ def test_unverified_unload_is_logged_and_counted(make_engine, make_config, tmp_p
     config = make_config(f'[models.leaky]\npath = "{fake.as_posix()}"\nbackend = "leaky"\n')
     leaky = LeakyBackend()
     engine = make_engine(config, leaky)
-    metrics = Metrics(engine.pool)
+    metrics = Metrics(engine.pool, engine.hooks)
     try:
         resident = engine.pool.ensure_loaded("leaky")
         # No GGUF header to estimate from: the measured growth is what the budget uses.
@@ -190,7 +194,7 @@ def test_unverified_unload_is_logged_and_counted(make_engine, make_config, tmp_p
 @pytest.mark.models
 def test_prewarm_used(make_engine, make_config):
     engine = make_engine(make_config())
-    metrics = Metrics(engine.pool)
+    metrics = Metrics(engine.pool, engine.hooks)
     thread = engine.pool.prewarm("quality", reason="test")
     assert thread is not None
     assert engine.pool.residents()[-1]["state"] in ("loading", "loaded"), "reserved at once"
@@ -199,7 +203,7 @@ def test_prewarm_used(make_engine, make_config):
     assert engine.pool.prewarm("quality") is None, "resident: nothing to do"
     completion = engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
     assert completion.timings.load_s == 0, "the request found the model loaded"
-    assert kinds(engine, "quality") == ["load", "prewarm", "prewarm_used", "generation_started"]
+    assert kinds(engine, "quality") == ["model_loaded", "prewarm_started", "prewarm_used", "generation_started"]
     text = metrics.render().decode()
     assert 'sarai_prewarms_total{model="quality",outcome="used"} 1.0' in text
 
@@ -209,7 +213,7 @@ def test_prewarm_wasted_when_unloaded_unused(make_engine, make_config):
     engine = make_engine(make_config())
     engine.pool.prewarm("quality").join(30)
     assert engine.pool.unload("quality")
-    assert kinds(engine, "quality") == ["load", "prewarm", "unload", "prewarm_wasted"]
+    assert kinds(engine, "quality") == ["model_loaded", "prewarm_started", "model_unloaded:unload", "prewarm_wasted"]
 
 
 @pytest.mark.models
@@ -224,10 +228,10 @@ def test_prewarm_never_evicts(make_engine, make_config):
     assert engine.pool.prewarm("quality") is None
     assert engine.pool.is_loaded("fast") and not engine.pool.is_loaded("quality")
     assert kinds(engine, "quality") == ["prewarm_skipped"]
-    assert "evict" not in kinds(engine)
+    assert "model_evicted" not in kinds(engine)
     # The same load asked for by a request does evict it: the pre-warm held back by rule.
     engine.complete(ChatRequest.from_prompt("hi"), TINY, model="quality")
-    assert kinds(engine, "fast")[-1] == "evict" and engine.pool.is_loaded("quality")
+    assert kinds(engine, "fast")[-1] == "model_evicted" and engine.pool.is_loaded("quality")
 
 
 def test_default_prewarm_plugin_rules(make_config):

@@ -82,7 +82,7 @@ def engine_for(tmp_path: Path, models_dir: Path):
         path.write_text(config_text(models_dir, **parts), encoding="utf-8")
         engine = Engine(load_config(path))
         engine.events = []  # type: ignore[attr-defined]
-        engine.pool.listeners.append(engine.events.append)  # type: ignore[attr-defined]
+        engine.hooks.subscribe(engine.events.append, "test")  # type: ignore[attr-defined]
         engines.append(engine)
         return engine
 
@@ -93,8 +93,10 @@ def engine_for(tmp_path: Path, models_dir: Path):
 
 def kinds(engine: Engine) -> list[str]:
     """What the pool did with the model's instance (per-request events left out)."""
-    return [event.kind for event in engine.events  # type: ignore[attr-defined]
-            if not event.kind.startswith(("generation_", "runaway_"))]
+    return [f"{e.kind}:{e.data['reason']}" if e.kind == "model_unloaded" else e.kind
+            for e in engine.events  # type: ignore[attr-defined]
+            if not e.kind.startswith(("generation_", "runaway_"))
+            and e.kind not in ("model_loading", "routed", "queued")]
 
 
 def loaded_model(engine: Engine, name: str = "fast"):
@@ -210,7 +212,7 @@ def test_pinned_model_starts_with_the_router_and_stops_with_it(engine_for):
     model = loaded_model(engine)
     pid, created = model.pid, psutil.Process(model.pid).create_time()
     assert get_json(model.base_url + "/health")[0] == 200
-    assert kinds(engine) == ["load"]
+    assert kinds(engine) == ["model_loaded"]
 
     engine.close()
 
@@ -230,7 +232,7 @@ def test_ttl_expiry_stops_the_process_and_releases_its_memory(engine_for):
 
     assert gone(pid, created)
     assert model.rss_mb() == 0.0
-    assert kinds(engine) == ["load", "expire"]  # no unload_unverified: the RSS went with it
+    assert kinds(engine) == ["model_loaded", "model_unloaded:expire"]  # no unload_unverified: the RSS went with it
     assert engine.pool.residents() == []
 
 
@@ -268,7 +270,7 @@ def test_concurrent_requests_share_the_slots_of_one_child(engine_for):
         status, slots = get_json(model.base_url + "/slots")
         assert [slot["is_processing"] for slot in slots] == [True, True]
         assert engine.pool.residents()[0]["users"] == 2
-        assert [e for e in kinds(engine) if e == "load"] == ["load"]  # one child for both
+        assert [e for e in kinds(engine) if e == "model_loaded"] == ["model_loaded"]  # one child for both
     finally:
         release.set()
         for thread in threads:
@@ -294,12 +296,12 @@ def test_a_child_killed_mid_answer_fails_that_answer_and_restarts_for_the_next(e
         for _ in pieces:
             pass
 
-    assert kinds(engine) == ["load", "crash"]
+    assert kinds(engine) == ["model_loaded", "model_crashed"]
     assert engine.pool.residents() == []  # the dead instance is dropped at once
     completion = engine.complete(HELLO, GenerationParams(max_tokens=4))
     assert completion.usage.completion_tokens > 0
     assert loaded_model(engine).pid != first.pid
-    assert kinds(engine) == ["load", "crash", "load"]
+    assert kinds(engine) == ["model_loaded", "model_crashed", "model_loaded"]
 
 
 def test_a_child_that_dies_while_idle_is_dropped_and_started_again(engine_for):
@@ -315,7 +317,7 @@ def test_a_child_that_dies_while_idle_is_dropped_and_started_again(engine_for):
     assert completion.usage.completion_tokens > 0
     assert gone(first.pid, created)
     assert loaded_model(engine).pid != first.pid
-    assert kinds(engine) == ["load", "crash", "load"]
+    assert kinds(engine) == ["model_loaded", "model_crashed", "model_loaded"]
 
 
 def test_a_child_that_fails_to_start_is_reported_with_its_last_lines(

@@ -421,13 +421,14 @@ def test_a_dead_replica_cools_down_and_the_live_one_answers(engine):
 @pytest.mark.parametrize("model,reason", [("down", "refused"), ("fail500", "http_503")])
 def test_fallback_before_the_first_token(engine, model, reason):
     steps = []
-    engine.fallback_listeners.append(steps.append)
+    engine.hooks.subscribe(lambda event: event.kind == "fallback" and steps.append(
+        (event.data["from_model"], event.data["to_model"], event.data["reason"])), "test")
     completion = answer(engine, model)
     assert completion.decision.model == "remote" and completion.text.strip()
     assert completion.decision.routed_model == model
     (step,) = completion.decision.fallbacks
     assert (step.from_model, step.to_model, step.reason) == (model, "remote", reason)
-    assert steps == [step]
+    assert steps == [(step.from_model, step.to_model, step.reason)]
     assert completion.to_dict()["fallbacks"][0]["reason"] == reason
 
 

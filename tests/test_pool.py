@@ -50,7 +50,7 @@ def make_pool(clock):
         config = rebind(config, plugin_set)  # the extra plugins' backends claim their keys
         pool = ModelPool(config, Hooks(plugin_set, config), **options)
         events: list = []
-        pool.listeners.append(events.append)
+        pool.hooks.subscribe(events.append, "test")
         pool.events = events  # what the pool did, for the assertions
         pools.append(pool)
         return pool
@@ -72,7 +72,9 @@ def loaded(pool: ModelPool) -> set[str]:
 
 
 def kinds(pool: ModelPool) -> list[tuple[str, str]]:
-    return [(e.kind, e.model) for e in pool.events]
+    """(kind, model) of what the pool did; an unload with its reason (``model_unloaded:expire``)."""
+    return [(f"{e.kind}:{e.data['reason']}" if e.kind == "model_unloaded" else e.kind, e.model)
+            for e in pool.events if e.kind not in ("model_loading", "queued")]
 
 
 def generate(pool: ModelPool, name: str, prompt: str = "Hi") -> str:
@@ -92,9 +94,9 @@ def test_lazy_load_on_first_use_and_real_generation(make_pool, config):
     assert pool.residents() == []  # nothing loads before it is needed
     generate(pool, "quality")
     assert loaded(pool) == {"quality"}
-    assert kinds(pool) == [("load", "quality")]
+    assert kinds(pool) == [("model_loaded", "quality")]
     generate(pool, "quality")  # the second use reuses the instance
-    assert kinds(pool) == [("load", "quality")]
+    assert kinds(pool) == [("model_loaded", "quality")]
     [snapshot] = pool.residents()
     assert snapshot["estimated_mb"] > 100 and snapshot["load_seconds"] > 0
 
@@ -107,7 +109,7 @@ def test_pinned_model_loads_at_start_and_is_never_evicted_or_expired(make_pool, 
     use(pool, "quality", clock, at=1001)
     use(pool, "fast2", clock, at=1002)  # max_loaded = 2: quality goes, the pinned fast stays
     assert loaded(pool) == {"fast", "fast2"}
-    assert ("evict", "quality") in kinds(pool)
+    assert ("model_evicted", "quality") in kinds(pool)
     assert pool.reap(now=clock.now + 1e6) == ["fast2"]
     assert loaded(pool) == {"fast"}
 
@@ -136,7 +138,7 @@ def test_ttl_unloads_an_idle_model_and_closes_it(make_pool, config, clock):
     assert pool.reap(now=ended + 60) == ["quality"]
     assert loaded(pool) == set()
     assert model.llama is None  # Llama.close() was called
-    assert kinds(pool)[-1] == ("expire", "quality")
+    assert kinds(pool)[-1] == ("model_unloaded:expire", "quality")
 
 
 @pytest.mark.models
@@ -178,7 +180,7 @@ def test_lru_eviction_under_max_loaded(make_pool, make_config, clock):
     use(pool, "fast", clock, at=1003)  # fast is now the most recently used
     use(pool, "fast2", clock, at=1004)
     assert loaded(pool) == {"fast", "fast2"}
-    assert ("evict", "quality") in kinds(pool)
+    assert ("model_evicted", "quality") in kinds(pool)
     use(pool, "quality", clock, at=1005)  # now fast (1003) is older than fast2 (1004)
     assert loaded(pool) == {"fast2", "quality"}
 
@@ -190,8 +192,8 @@ def test_lru_eviction_under_ram_budget_with_real_estimates(make_pool, make_confi
     use(pool, "fast", clock, at=1001)
     use(pool, "quality", clock, at=1002)
     assert loaded(pool) == {"quality"}
-    evict = [e for e in pool.events if e.kind == "evict"]
-    assert [e.model for e in evict] == ["fast"] and "to load quality" in evict[0].detail
+    evict = [e for e in pool.events if e.kind == "model_evicted"]
+    assert [e.model for e in evict] == ["fast"] and evict[0].data["by"] == "quality"
     use(pool, "fast", clock, at=1003)
     assert loaded(pool) == {"fast"}
 
@@ -223,8 +225,8 @@ def test_lru_order_under_ram_budget(make_pool, make_config, clock):
     assert loaded(pool) == {"fast", "quality"}, pool.events
     use(pool, "quality2", clock, at=1004)
     assert loaded(pool) == {"fast", "quality2"}
-    evictions = [e for e in pool.events if e.kind == "evict"]
-    assert [(e.model, e.detail) for e in evictions] == [("quality", "to load quality2")]
+    evictions = [e for e in pool.events if e.kind == "model_evicted"]
+    assert [(e.model, e.data["by"]) for e in evictions] == [("quality", "quality2")]
     snapshots = {r["name"]: r for r in pool.residents()}
     for name, snapshot in snapshots.items():  # budgeted at the estimate, or the measure if larger
         assert snapshot["estimated_mb"] == pytest.approx(estimates[name], abs=0.1)
@@ -295,7 +297,7 @@ def test_load_waits_for_a_busy_model_to_finish_then_evicts_it(make_pool, make_co
     holder.release()
     assert time.monotonic() - started >= 0.25
     assert loaded(pool) == {"fast"}
-    assert ("evict", "quality") in kinds(pool)
+    assert ("model_evicted", "quality") in kinds(pool)
 
 
 @pytest.mark.models
@@ -321,7 +323,7 @@ def test_one_generation_at_a_time_per_instance(make_pool, config):
     holder.release()
     assert second_in.wait(30)
     thread.join(30)
-    assert [k for k in kinds(pool) if k[0] == "load"] == [("load", "fast")]
+    assert [k for k in kinds(pool) if k[0] == "model_loaded"] == [("model_loaded", "fast")]
 
 
 # -- hooks -------------------------------------------------------------------------------
@@ -545,7 +547,8 @@ def test_unload_closes_outside_the_lock_and_a_reload_waits_for_the_close(make_po
     assert "error" not in reloaded, reloaded
     assert plugin.order == [("load", "quality"), ("closed", "quality"), ("load", "quality")]
     assert [k for k in kinds(pool) if k[1] == "quality"] == [
-        ("load", "quality"), ("unload", "quality"), ("load", "quality")]
+        ("model_loaded", "quality"), ("model_unloaded:unload", "quality"),
+        ("model_loaded", "quality")]
 
 
 @pytest.mark.models

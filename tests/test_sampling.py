@@ -257,7 +257,7 @@ def test_guard_stops_a_real_loop_and_says_so(engine_for, models_dir):
     looped = unguarded.complete(ChatRequest.from_prompt(LOOP_PROMPT), params)
     assert looped.finish_reason == "length" and looped.usage.completion_tokens == 200, looped.text
     guarded = engine_for(one_model(models_dir / FAST_FILE, max_tokens=200))
-    metrics = Metrics(guarded.pool)
+    metrics = Metrics(guarded.pool, guarded.hooks)
     stopped = guarded.complete(ChatRequest.from_prompt(LOOP_PROMPT), params)
     assert stopped.stopped_by == "runaway_guard"
     assert stopped.finish_reason == "stop"

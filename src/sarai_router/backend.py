@@ -271,6 +271,45 @@ _PROTOCOL = ("settings_class", "load", "check", "concurrency", "uses_threads", "
              "sampling_defaults")
 
 
+class LazyBackend(Backend):
+    """A backend whose module is imported the first time it is asked anything (its
+    settings class to bind a model's keys, a load...)."""
+
+    def __init__(self, module: str, class_name: str):
+        self._where = (module, class_name)
+        self._real: Backend | None = None
+
+    def real(self) -> Backend:
+        if self._real is None:
+            import importlib
+
+            module, class_name = self._where
+            self._real = getattr(importlib.import_module(module), class_name)()
+        return self._real
+
+    @property  # type: ignore[override]
+    def settings_class(self) -> type | None:  # noqa: D102
+        return self.real().settings_class
+
+    def __getattr__(self, name: str) -> Any:  # what a backend offers beyond the protocol
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.real(), name)
+
+
+def _delegate(name: str):
+    def method(self: LazyBackend, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.real(), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = getattr(Backend, name).__doc__
+    return method
+
+
+for _name in _PROTOCOL[1:]:
+    setattr(LazyBackend, _name, _delegate(_name))
+
+
 def as_backend(factory: Any) -> Backend:
     """A registered factory as a :class:`Backend`: what it doesn't define takes the defaults,
     so a plain object with ``load(spec)`` is a whole backend."""
@@ -282,3 +321,4 @@ def as_backend(factory: Any) -> Backend:
             setattr(adapted, name, getattr(factory, name))
     adapted.wrapped = factory  # type: ignore[attr-defined]
     return adapted
+

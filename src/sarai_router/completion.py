@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from .backend import TokenLogprob, ToolCall, Usage
+from .events import REQUEST_ID
 from .types import RouteDecision
 
 __all__ = ["Completion", "Timings"]
@@ -43,6 +44,8 @@ class Completion:
     dropped: bool = False
     #: what ended the answer early, when not the model: "runaway_guard"
     stopped_by: str | None = None
+    #: the request it answers (its events carry it): the front end's id, when it set one
+    request_id: str = attrs.field(factory=REQUEST_ID.get)
 
     def to_dict(self) -> dict[str, Any]:
         transcript = self.decision.transcript

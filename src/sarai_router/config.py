@@ -40,6 +40,9 @@ PLUGINS_OWN_KEYS = ("dirs", "disable")
 @attrs.frozen
 class RoutingConfig:
     default_model: str = "fast"
+    #: fallbacks one request may take before its error is returned: a long chain (or a
+    #: ring of models) must not hold a request for minutes
+    max_fallbacks: int = 5
 
 
 @attrs.frozen
@@ -246,9 +249,8 @@ def default_models_dir() -> Path:
 
 
 def builtin_config_text() -> str:
-    from importlib.resources import files
-
-    return files("sarai_router").joinpath("default_config.toml").read_text(encoding="utf-8")
+    # Next to this module (package data); importlib.resources would cost `route` ~10 ms.
+    return Path(__file__).with_name("default_config.toml").read_text(encoding="utf-8")
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
@@ -524,9 +526,14 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
     hooks = Hooks(plugin_set, config)
     backends = {kind: factory for kind, (_, factory) in hooks.backends().items()}
     owners: dict[str, list[str]] = {}
-    for kind, factory in backends.items():
-        for field in attrs.fields(settings_class_of(factory)):
-            owners.setdefault(field.name, []).append(kind)
+
+    def owners_of(key: str) -> list[str]:
+        # Only for an error's hint: asking every backend for its keys imports them all.
+        if not owners:
+            for kind, factory in backends.items():
+                for field in attrs.fields(settings_class_of(factory)):
+                    owners.setdefault(field.name, []).append(kind)
+        return owners.get(key, [])
     resolve = path_resolver(Path(config.models_dir), base_dir)
     models = {}
     for name, spec in config.models.items():
@@ -540,7 +547,7 @@ def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
             continue
 
         def owner_hint(key: str, _kind: str = spec.backend) -> str:
-            others = [k for k in owners.get(key, []) if k != _kind]
+            others = [k for k in owners_of(key) if k != _kind]
             return (f" for backend {_kind!r} (a key of backend {', '.join(map(repr, others))})"
                     if others else f" for backend {_kind!r}")
 
@@ -652,6 +659,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     if generation.runaway_repeats < 2:
         problems.append(f"{src}: generation.runaway_repeats: must be >= 2")
     pinned = [n for n, s in config.models.items() if s.pinned]
+    if config.routing.max_fallbacks < 0:
+        problems.append(f"{src}: routing.max_fallbacks: must be >= 0")
     if len(pinned) > cache.max_loaded:
         problems.append(f"{src}: cache.max_loaded: {cache.max_loaded} is fewer than the "
                         f"{len(pinned)} pinned models ({', '.join(pinned)})")
@@ -682,6 +691,35 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
             if not Path(directory).is_dir():
                 problems.append(f"{src}: plugins.dirs[{index}]: not a directory: {directory}")
     return problems
+
+
+def fallback_cycles(models: Mapping[str, ModelSpec]) -> list[list[str]]:
+    """Each cycle of the ``fallbacks`` graph once, as ``[a, b, ..., a]`` (a self-loop is a
+    problem of its own, reported by the checks). A cycle is allowed, since a request tries
+    each model at most once, but ``config check`` shows it. Walked with an explicit stack,
+    so 1,500 models in one ring cost no recursion."""
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in models:
+        if start in state:
+            continue
+        path = [start]
+        state[start] = 1
+        stack = [iter(models[start].fallbacks)]
+        while stack:
+            other = next(stack[-1], None)
+            if other is None:
+                stack.pop()
+                state[path.pop()] = 2
+            elif other not in models or other == path[-1]:
+                continue
+            elif state.get(other) == 1:
+                cycles.append(path[path.index(other):] + [other])
+            elif other not in state:
+                state[other] = 1
+                path.append(other)
+                stack.append(iter(models[other].fallbacks))
+    return cycles
 
 
 #: The range of each sampling setting (the OpenAI API's where it has one).
@@ -720,11 +758,15 @@ def _non_finite_numbers(config: Config) -> list[str]:
     def walk(value: Any, key: str) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{config.source}: {key}: must be a finite number, got {value}")
-        elif isinstance(value, dict):
+        elif attrs.has(type(value)):  # walked as is: unstructuring the config costs more
+            for field in attrs.fields(type(value)):
+                if field.name != "plugin_set":
+                    walk(getattr(value, field.name), f"{key}.{field.name}" if key else field.name)
+        elif isinstance(value, Mapping):
             for name, item in value.items():
                 walk(item, f"{key}.{name}" if key else name)
 
-    walk(_converter.unstructure(config), "")
+    walk(config, "")
     return problems
 
 

@@ -28,9 +28,10 @@ from .completion import Completion, Timings
 from .config import Config, ModelSpec
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
                      SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
+from .events import begin_request
 from .fetch import ensure_present
 from .plugins import PluginSet
-from .pool import ModelPool, PoolEvent
+from .pool import ModelPool
 from .router import EXPLICIT_PLUGIN, Router
 from .runaway import RunawayGuard
 from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
@@ -53,8 +54,6 @@ class Engine:
         #: Where fetch progress goes (the CLI prints it; a server logs it).
         self.report = report or (lambda message: log.info("%s", message))
         self.progressbar = progressbar
-        #: Called with each FallbackStep taken (the server counts them in its metrics).
-        self.fallback_listeners: list[Callable[[FallbackStep], None]] = []
         self._sampling: dict[str, dict[str, Any]] = {}
 
     # -- the request path
@@ -69,6 +68,7 @@ class Engine:
         A transcribed request's decision carries the ``transcript``; :meth:`stream` then
         gives the model the transcript instead of the audio (:meth:`model_request`).
         """
+        begin_request()
         decision = self.decide(request, model=model)
         request = self.model_request(request, decision)
         decision = self.check_capabilities(decision, request)
@@ -154,8 +154,11 @@ class Engine:
                 (f"{why}, and " if why else "")
                 + "no plugin transcribes audio (the default, 'whisper', may be disabled in "
                 "[plugins] disable)")
-        return attrs.evolve(answer.value, plugin=answer.plugin,
-                            seconds=time.perf_counter() - started)
+        transcript = attrs.evolve(answer.value, plugin=answer.plugin,
+                                  seconds=time.perf_counter() - started)
+        self.hooks.emit("transcribed", language=transcript.language, seconds=transcript.seconds,
+                        chars=len(transcript.text), plugin=transcript.plugin)
+        return transcript
 
     @staticmethod
     def model_request(request: ChatRequest, decision: RouteDecision) -> ChatRequest:
@@ -216,6 +219,7 @@ class Engine:
                     raise _unwrap(exc) from None
                 continue
             completion.timings.total_s = time.perf_counter() - started
+            self._finished(completion)
             return
 
     def stream(
@@ -280,6 +284,18 @@ class Engine:
                     if text:
                         yield text
             answer.end()
+
+    def _finished(self, completion: Completion) -> None:
+        if completion.dropped:
+            return
+        timings, usage = completion.timings, completion.usage
+        self.hooks.emit(
+            "generation_finished", completion.decision.model, request_id=completion.request_id,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            ttft_s=timings.first_token_s, generation_s=timings.generation_s,
+            total_s=timings.total_s,
+            tokens_per_second=timings.tokens_per_second(usage.completion_tokens),
+            finish_reason=completion.finish_reason, stopped_by=completion.stopped_by)
 
     def sampling_for(self, name: str) -> dict[str, Any]:
         """What model ``name`` sets for sampling (:func:`backend.model_sampling`), read once."""
@@ -365,11 +381,12 @@ class _Answer:
 
     def dropped(self) -> None:
         self.completion.dropped = True
-        self.engine.pool.emit(PoolEvent("generation_dropped", self.model,
-                                        detail="cancelled while queued"))
+        self.engine.hooks.emit("generation_dropped", self.model,
+                               request_id=self.completion.request_id)
 
     def start(self, load_s: float) -> None:
-        self.engine.pool.emit(PoolEvent("generation_started", self.model))
+        self.engine.hooks.emit("generation_started", self.model,
+                               request_id=self.completion.request_id, load_s=load_s)
         self.completion.timings = Timings(load_s=load_s)
         self.gen_started = time.perf_counter()
 
@@ -411,8 +428,8 @@ class _Answer:
             completion.finish_reason = "length" if self.shaped else "stop"
             log.info("runaway guard stopped %s after %d tokens: %s", self.model,
                      completion.usage.completion_tokens, self.guard.reason)
-            self.engine.pool.emit(PoolEvent("runaway_stopped", self.model,
-                                            detail=self.guard.reason))
+            self.engine.hooks.emit("runaway_stopped", self.model,
+                                   request_id=completion.request_id, reason=self.guard.reason)
 
 
 class _LoadFailed(Exception):
@@ -479,6 +496,11 @@ class _Attempts:
             self._chain.pop(0)
         if not self._chain:
             return False
+        if len(current.fallbacks) >= self.engine.config.routing.max_fallbacks:
+            log.warning("model %s could not answer (%s); no more fallbacks for this request "
+                        "([routing] max_fallbacks = %d)", current.model, reason,
+                        self.engine.config.routing.max_fallbacks)
+            return False
         following = self._chain.pop(0)
         step = FallbackStep(from_model=current.model, to_model=following, reason=reason,
                             detail=str(_unwrap(exc)))
@@ -490,11 +512,8 @@ class _Attempts:
         completion.pieces.clear()
         completion.logprobs.clear()
         self.count += 1
-        for listener in list(self.engine.fallback_listeners):
-            try:
-                listener(step)
-            except Exception:
-                log.exception("a fallback listener failed")
+        self.engine.hooks.emit("fallback", following, request_id=completion.request_id,
+                               from_model=step.from_model, to_model=following, reason=reason)
         return True
 
 

@@ -51,6 +51,16 @@ class AudioError(SaraiError):
     that cannot be decoded. The message names the clip and the problem (bad input)."""
 
 
+class AttachmentError(SaraiError):
+    """A file given as an attachment (``--image``, ``--audio``) can't be taken: not a regular
+    file (a FIFO, a device, a directory), too large, or unreadable. The message names it."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
 class BackendError(SaraiError):
     """A backend could not load a model or generate; the message says which and why."""
 

@@ -34,11 +34,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from .config import Config
-from .types import AudioInput, ChatRequest, ImageInput, Residency, _guess_mime
+from .config import Config, ServerConfig
+from .errors import AttachmentError
+from .types import (AudioInput, ChatRequest, ImageInput, Residency, _guess_mime,
+                    read_attachment)
 
 #: Where calibration's TOML snippet puts the heuristic's settings.
 HEURISTIC_TABLE = "plugins.heuristic"
+#: A case's image or clip is at most what ``serve`` takes in one body by default.
+MAX_MEDIA_BYTES = ServerConfig().max_body_bytes
 
 
 class CaseError(Exception):
@@ -171,11 +175,10 @@ def _path_list(value: Any, where: str) -> list[str]:
 def _read_media(relative: str, file: Path, where: str, what: str) -> tuple[bytes, Path]:
     resolved = (file.parent / relative) if not Path(relative).is_absolute() else Path(relative)
     try:
-        return resolved.read_bytes(), resolved
-    except OSError as exc:
-        raise CaseError(f"{where}: {what} {relative!r}: cannot read {resolved} "
-                        f"({exc.strerror or exc}); paths are relative to the case file's folder"
-                        ) from None
+        return read_attachment(resolved, MAX_MEDIA_BYTES), resolved
+    except AttachmentError as exc:
+        raise CaseError(f"{where}: {what} {relative!r}: {exc.problem} ({resolved}); paths are "
+                        "relative to the case file's folder") from None
 
 
 def _read_image(relative: str, file: Path, where: str) -> ImageInput:

@@ -1,6 +1,6 @@
 """Every hook sarai-router calls, one place, each typed and documented.
 
-Five families:
+Seven families:
 
 * configuration: ``register_config_tables`` (the schema of a plugin's ``[plugins.NAME]``);
 * input: ``transcribe`` (speech to text, for audio that the chosen model can't take);
@@ -9,7 +9,11 @@ Five families:
 * model backends: ``register_backends`` (how a model of a given ``backend`` kind loads);
 * cache (residency) policy: ``select_eviction`` (which resident model makes room),
   ``model_expired`` (when an idle model is unloaded) and ``prewarm_models`` (which models to
-  load in the background before a request needs them).
+  load in the background before a request needs them);
+* seeing: ``observe`` (every event: routing, queueing, generations, fallbacks,
+  transcriptions, model loads and unloads, refused requests);
+* extending: ``register_commands`` (``sarai-router`` subcommands), ``register_routes``
+  (HTTP routes ``serve`` mounts), ``startup`` and ``shutdown`` (a server's life).
 
 Collecting hooks take a ``register`` callback. Decision hooks are ``firstresult``: the
 first implementation that returns something other than ``None`` decides. Defaults live in
@@ -23,7 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import pluggy
 
 if TYPE_CHECKING:
+    import click
+    from starlette.routing import BaseRoute
+
     from .backend import BackendFactory
+    from .engine import Engine
+    from .events import Event
     from .config import CacheConfig, Config, ModelSpec
     from .pool import ResidentInfo
     from .types import AudioInput, ChatRequest, ModelState, Route, RouteDecision, Transcript
@@ -197,4 +206,67 @@ def prewarm_models(
     :param models: configured model specs by name.
     :param config: the loaded config.
     :returns: model names to pre-load, or ``None`` / ``[]`` for none.
+    """
+
+
+@hookspec
+def observe(event: "Event") -> None:
+    """See one event of the router's stream. Every implementation gets every event.
+
+    Called on the thread that did the thing (a generation's worker, the event loop, the
+    reaper), so keep it short: append to a file, bump a counter, hand it to a queue. An
+    observer that raises is logged and counted (``sarai_observer_errors_total``); the
+    request goes on unharmed.
+
+    :param event: a frozen :class:`sarai_router.events.Event`: ``.kind`` (``"routed"``,
+        ``"generation_finished"``, ``"model_loaded"``, ... every kind and its data keys
+        are listed in :data:`sarai_router.events.EVENT_KINDS`), ``.model`` (str or
+        None), ``.time`` (wall clock, ``time.time()``) and ``.data`` (a read-only mapping
+        that serialises to JSON; request-scoped events carry ``request_id``).
+    """
+
+
+@hookspec
+def register_commands(cli: "click.Group") -> None:
+    """Add commands to ``sarai-router``: ``cli.add_command(my_command)``.
+
+    Asked when the command line meets a command name that is not built in (and for
+    ``--help``), with the plugins of the config the command line names (``--config``,
+    ``$SARAI_ROUTER_CONFIG``, ``./sarai.toml``). A built-in name can't be replaced.
+
+    :param cli: the ``sarai-router`` click group.
+    """
+
+
+@hookspec
+def register_routes() -> "Sequence[BaseRoute] | None":
+    """Return Starlette routes (``starlette.routing.Route``, ``Mount``...) for ``serve``.
+
+    Every route goes through the server's guards like its own: the Host allowlist, the
+    API key (``SARAI_ROUTER_API_KEY``), the request id. A handler reaches the server
+    through ``request.app.state.sarai`` (``.engine`` is the :class:`sarai_router.engine.Engine`,
+    ``.config`` the config). A route whose path the server already answers is refused
+    (logged); the built-in one stays. A handler that reads a body should keep within
+    ``config.server.max_body_bytes``: ``await request.app.state.sarai.read_body(request)``
+    does.
+
+    :returns: a list of routes, or ``None``.
+    """
+
+
+@hookspec
+def startup(engine: "Engine") -> None:
+    """The server starts: called once, after pinned models are loaded and before the first
+    request is answered. Start background work here (and stop it in :func:`shutdown`).
+
+    :param engine: the server's :class:`sarai_router.engine.Engine`.
+    """
+
+
+@hookspec
+def shutdown(engine: "Engine") -> None:
+    """The server stops: called once, after answers in flight ended and before models are
+    unloaded.
+
+    :param engine: the server's :class:`sarai_router.engine.Engine`.
     """

@@ -16,7 +16,8 @@ import importlib.util
 import logging
 import os
 import sys
-from collections import deque
+import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -25,11 +26,16 @@ import pluggy
 
 from . import hookspecs
 from .errors import BackendError, PluginError, SaraiError
+from .events import REQUEST_ID, Event
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    import click
+    from starlette.routing import BaseRoute
+
     from .backend import BackendFactory
     from .config import Config
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,36 @@ DEFAULT_PLUGINS = {
     "whisper": "sarai_router.default_plugins.whisper",
 }
 
+#: default plugins that only register a backend (of the same name): ``(module, class)``.
+#: They are registered as a stand-in whose backend imports the module when it is first
+#: asked something, so a command that uses no model of theirs never imports them.
+LAZY_BACKENDS = {
+    "llama_cpp": ("sarai_router.default_plugins.llama_cpp", "LlamaCppBackend"),
+    "llama_server": ("sarai_router.default_plugins.llama_server", "LlamaServerBackend"),
+    "openai": ("sarai_router.default_plugins.openai", "OpenAIBackend"),
+}
 
+#: name -> plugin registered in every plugin manager this process builds, after the
+#: defaults. Empty unless the testing kit (``sarai_router.testing``) puts its ``echo``
+#: backend here, in a test process or a server it starts for a test.
+PROCESS_PLUGINS: dict[str, object] = {}
+
+
+class LazyBackendPlugin:
+    """Stands in for a default plugin that only registers a backend (``LAZY_BACKENDS``):
+    it registers a :class:`sarai_router.backend.LazyBackend`, so the plugin's module is
+    imported only when a model of that backend is used."""
+
+    def __init__(self, kind: str, module: str, class_name: str):
+        self.kind = kind
+        self.__name__ = module  # how pluggy and `sarai-router plugins` name it
+        self._where = (module, class_name)
+
+    @hookspecs.hookimpl(trylast=True)
+    def register_backends(self, register: Callable[[str, Any], None]) -> None:
+        from .backend import LazyBackend
+
+        register(self.kind, LazyBackend(*self._where))
 
 
 @attrs.frozen
@@ -89,8 +124,15 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
     for name, module_name in DEFAULT_PLUGINS.items():
         if pm.is_blocked(name):
             continue
-        pm.register(importlib.import_module(module_name), name=name)
+        if name in LAZY_BACKENDS:
+            pm.register(LazyBackendPlugin(name, *LAZY_BACKENDS[name]), name=name)
+        else:
+            pm.register(importlib.import_module(module_name), name=name)
         plugins.sources[name] = "default"
+    for name, plugin in PROCESS_PLUGINS.items():
+        if not pm.is_blocked(name) and not pm.has_plugin(name):
+            pm.register(plugin, name=name)
+            plugins.sources[name] = "testing kit"
     if not _env_flag(NO_PLUGINS_ENV):
         _load_entry_points(plugins)
         for directory in config.plugins.dirs:
@@ -139,22 +181,79 @@ def _warn_unknown_hooks(plugins: PluginSet) -> None:
             plugins.warnings.append(message)
 
 
-def _load_entry_points(plugins: PluginSet) -> None:
-    from importlib.metadata import entry_points
+#: the entry points found, by the ``sys.path`` they were looked for on: scanned once
+_ENTRY_POINTS: dict[tuple[str, ...], list[tuple[str, str]]] = {}
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if plugins.pm.is_blocked(ep.name):
-            plugins.skipped.add(ep.name)
+
+def entry_points(group: str = ENTRY_POINT_GROUP) -> list[tuple[str, str]]:
+    """``[(name, value), ...]`` of ``group`` in the distributions installed on ``sys.path``.
+
+    Reads each ``*.dist-info`` / ``*.egg-info`` folder's ``entry_points.txt`` once per
+    process (per ``sys.path``); the first distribution of a name on the path wins, as
+    with ``importlib.metadata``, whose import and scan alone cost ``route`` about 50 ms.
+    """
+    key = (group, *sys.path)
+    if key not in _ENTRY_POINTS:
+        found: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for folder in sys.path:
+            try:
+                names = sorted(os.listdir(folder or "."))
+            except OSError:  # a zip, a missing folder
+                continue
+            for name in names:
+                if not name.endswith((".dist-info", ".egg-info")):
+                    continue
+                dist = name.rsplit(".", 1)[0].split("-")[0].replace(".", "_").lower()
+                if dist in seen:
+                    continue
+                seen.add(dist)
+                try:
+                    text = Path(folder or ".", name, "entry_points.txt").read_text("utf-8")
+                except OSError:
+                    continue
+                found.extend(_entry_point_section(text, group))
+        _ENTRY_POINTS[key] = found
+    return _ENTRY_POINTS[key]
+
+
+def _entry_point_section(text: str, group: str) -> list[tuple[str, str]]:
+    """The ``name = value`` lines of ``[group]`` in an entry_points.txt (an INI file)."""
+    section, found = None, []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
             continue
-        if plugins.pm.has_plugin(ep.name):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section == group and "=" in line:
+            name, _, value = line.partition("=")
+            found.append((name.strip(), value.strip()))
+    return found
+
+
+def load_entry_point(value: str) -> object:
+    """What ``module.sub:attr.attr [extra]`` names."""
+    module, _, attribute = value.split("[", 1)[0].strip().partition(":")
+    target: object = importlib.import_module(module.strip())
+    for part in filter(None, attribute.strip().split(".")):
+        target = getattr(target, part)
+    return target
+
+
+def _load_entry_points(plugins: PluginSet) -> None:
+    for name, value in entry_points(ENTRY_POINT_GROUP):
+        if plugins.pm.is_blocked(name):
+            plugins.skipped.add(name)
+            continue
+        if plugins.pm.has_plugin(name):
             continue
         try:
-            plugin = ep.load()
-            plugins.pm.register(plugin, name=ep.name)
+            plugins.pm.register(load_entry_point(value), name=name)
         except Exception as exc:
-            _record_failure(plugins, ep.name, f"entry point {ep.value}", exc)
+            _record_failure(plugins, name, f"entry point {value}", exc)
             continue
-        plugins.sources[ep.name] = f"entry point {ep.value}"
+        plugins.sources[name] = f"entry point {value}"
 
 
 def _load_plugin_dir(plugins: PluginSet, directory: Path) -> None:
@@ -214,6 +313,10 @@ class Hooks:
         self._backends: dict[str, tuple[str, "BackendFactory"]] | None = None
         self._signals: dict[str, tuple[str, Callable[..., Any]]] | None = None
         self._tables: dict[str, tuple[str, type]] | None = None
+        #: the core's own observers (the server's metrics): the same stream as ``observe``
+        self._subscribers: list[tuple[str, Callable[[Event], Any]]] = []
+        #: observers that raised, by name: ``sarai_observer_errors_total``
+        self.observer_errors: Counter[str] = Counter()
 
     def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
         # pluggy calls the last-registered, non-trylast implementation first.
@@ -269,6 +372,76 @@ class Hooks:
             except Exception as exc:
                 self._skip(impl, hook_name, exc)
         return collected
+
+    # -- the event stream ------------------------------------------------------------
+
+    def subscribe(self, observer: Callable[[Event], Any], name: str) -> None:
+        """Have ``observer(event)`` see every event, after the ``observe`` plugins, isolated
+        like them. For the core's own observers (metrics); plugins implement ``observe``."""
+        self._subscribers.append((name, observer))
+
+    def unsubscribe(self, observer: Callable[[Event], Any]) -> None:
+        self._subscribers = [(n, o) for n, o in self._subscribers if o != observer]
+
+    def emit(self, kind: str, model: str | None = None, **data: Any) -> Event | None:
+        """Tell every observer that ``kind`` happened (see ``events.EVENT_KINDS``); the
+        current request's id is added when one is set and ``data`` has none. Returns the
+        event, or None when nobody observes (then nothing is built)."""
+        impls = self.pm.hook.observe.get_hookimpls()
+        if not impls and not self._subscribers:
+            return None
+        if "request_id" not in data:
+            request_id = REQUEST_ID.get()
+            if request_id:
+                data["request_id"] = request_id
+        event = Event(kind=kind, model=model, time=time.time(), data=data)
+        for impl in reversed(impls):
+            try:
+                self._call(impl, "observe", {"event": event})
+            except Exception as exc:
+                self._observer_failed(impl.plugin_name, kind, exc)
+        for name, observer in self._subscribers:
+            try:
+                observer(event)
+            except Exception as exc:
+                self._observer_failed(name, kind, exc)
+        return event
+
+    def _observer_failed(self, name: str, kind: str, exc: Exception) -> None:
+        self.observer_errors[name] += 1
+        message = f"observer {name!r} raised on a {kind} event: {type(exc).__name__}: {exc}"
+        log.warning("%s; the request goes on", message, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.errors.append(message)
+
+    # -- extending the command line and the server -------------------------------------
+
+    def register_commands(self, cli: "click.Group") -> None:
+        self.call_each("register_commands", cli=cli)
+
+    def routes(self) -> list[tuple[str, "BaseRoute"]]:
+        """Every plugin's routes for ``serve``: ``[(plugin, route), ...]``."""
+        from starlette.routing import BaseRoute
+
+        found: list[tuple[str, BaseRoute]] = []
+        for impl in self._impls("register_routes"):
+            try:
+                routes = self._call(impl, "register_routes", {})
+            except Exception as exc:
+                self._skip(impl, "register_routes", exc)
+                continue
+            for route in routes or ():
+                if not isinstance(route, BaseRoute):
+                    self._skip(impl, "register_routes", TypeError(
+                        f"returned {type(route).__name__}; expected starlette routes"))
+                    continue
+                found.append((impl.plugin_name, route))
+        return found
+
+    def startup(self, engine: "Engine") -> None:
+        self.call_each("startup", engine=engine)
+
+    def shutdown(self, engine: "Engine") -> None:
+        self.call_each("shutdown", engine=engine)
 
     # -- the typed surface the core uses ---------------------------------------------
 

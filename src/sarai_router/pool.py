@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelPool", "PoolError", "PoolEvent", "QueueFull", "Resident", "ResidentInfo"]
+__all__ = ["ModelPool", "PoolError", "QueueFull", "Resident", "ResidentInfo"]
 
 
 #: A verified unload must give back at least this share of what the load took.
@@ -168,26 +168,6 @@ class Resident:
         }
 
 
-@attrs.frozen
-class PoolEvent:
-    """What the pool did, for logs and metrics.
-
-    ``kind``: load, load_failed, unload, evict, expire, unload_unverified (RSS did not drop
-    by about the model's size; ``ram_mb`` is the expected drop, ``detail`` the measured one),
-    queue_full, prewarm (started), prewarm_used, prewarm_wasted, prewarm_skipped, crash (a
-    loaded instance died and was dropped; ``detail`` says how it was found); and from the
-    engine, per request: generation_started (the model took the request),
-    generation_dropped (cancelled while queued: the model never saw it), runaway_stopped
-    (the runaway guard ended a generation that kept repeating itself).
-    """
-
-    kind: str
-    model: str
-    seconds: float = 0.0
-    ram_mb: float = 0.0
-    detail: str = ""
-
-
 def process_rss_mb() -> float:
     import psutil
 
@@ -279,7 +259,6 @@ class ModelPool:
         self.estimator = estimator or (
             lambda spec: self.hooks.backend(spec.backend).estimate_ram_mb(spec))
         self.wait_seconds = wait_seconds
-        self.listeners: list[Callable[[PoolEvent], None]] = []
         self._residents: dict[str, Resident] = {}
         #: taken out of ``_residents`` and being closed (outside the lock)
         self._closing: dict[str, Resident] = {}
@@ -449,7 +428,9 @@ class ModelPool:
                 return
             entry = (loop, loop.create_future())
             resident.waiters.append(entry)
+            position = len(resident.waiters) - 1
         try:
+            self.hooks.emit("queued", resident.name, position=position)
             await entry[1]
         except BaseException:
             with self._cond:
@@ -477,10 +458,10 @@ class ModelPool:
                     resident.prewarm_pending = False
                     prewarm_used = True
         if full:
-            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self.hooks.emit("queue_full", name, queue_size=queue_limit)
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self._emit(PoolEvent("prewarm_used", name))
+            self.hooks.emit("prewarm_used", name)
         return resident
 
     def ensure_loaded(self, name: str) -> Resident:
@@ -517,7 +498,7 @@ class ModelPool:
                 resident.prewarm_pending = True
         if skipped:
             log.info("pre-warm of %s skipped: %s", name, skipped)
-            self._emit(PoolEvent("prewarm_skipped", name, detail=skipped))
+            self.hooks.emit("prewarm_skipped", name, reason=skipped)
             return None
         thread = threading.Thread(target=self._prewarm_load, args=(resident, reason),
                                   name=f"sarai-prewarm-{name}", daemon=True)
@@ -534,8 +515,8 @@ class ModelPool:
             resident.users -= 1
             self._cond.notify_all()
         log.info("pre-warmed model %s (%s)", resident.name, reason or "asked by a plugin")
-        self._emit(PoolEvent("prewarm", resident.name, seconds=resident.load_seconds,
-                             ram_mb=resident.ram_mb, detail=reason))
+        self.hooks.emit("prewarm_started", resident.name, reason=reason,
+                        load_s=resident.load_seconds, rss_mb=resident.ram_mb)
 
     def load_pinned(self) -> list[str]:
         pinned = [name for name, spec in self.config.models.items() if spec.pinned]
@@ -554,7 +535,7 @@ class ModelPool:
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
-        victims: list[tuple[Resident, str, str]] = []
+        victims: list[tuple[Resident, str, str, str]] = []
         try:
             with self._cond:
                 # A model still being closed is loaded again once the close is done (shown
@@ -592,10 +573,10 @@ class ModelPool:
             for victim in victims:
                 self._close(*victim)
         if full:
-            self._emit(PoolEvent("queue_full", name, detail=f"queue_size {queue_limit}"))
+            self.hooks.emit("queue_full", name, queue_size=queue_limit)
             raise QueueFull(name, queue_limit)
         if prewarm_used:
-            self._emit(PoolEvent("prewarm_used", name))
+            self.hooks.emit("prewarm_used", name)
         if loader:
             try:
                 self._load(resident)
@@ -622,7 +603,7 @@ class ModelPool:
                 raise PoolError(f"model {name!r} failed to load (see the log above)")
         return resident
 
-    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str]],
+    def _reserve(self, spec: ModelSpec, *, victims: list[tuple[Resident, str, str, str]],
                  evict: bool = True, cancel: threading.Event | None = None) -> Resident:
         """Make room for ``spec`` and reserve its slot. Holds the lock.
 
@@ -640,7 +621,7 @@ class ModelPool:
         deadline = time.monotonic() + self.wait_seconds
         self._refresh_measured_locked()
         while True:
-            ours = {id(victim) for victim, _, _ in victims}
+            ours = {id(victim) for victim, *_ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
             over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
             over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
@@ -664,8 +645,10 @@ class ModelPool:
                         f"(answer: {victim!r}; candidates: {', '.join(by_name)}); "
                         "is the default 'lru_ttl' plugin disabled?"
                     )
-                victims.append(self._take_out_locked(by_name[victim], kind="evict",
-                                                     detail=f"to load {spec.name}"))
+                victims.append(self._take_out_locked(
+                    by_name[victim], kind="evict", detail=(
+                        f"[cache] max_loaded = {self.config.cache.max_loaded}" if over_count
+                        else f"[cache] ram_budget_mb = {budget:.0f}"), by=spec.name))
                 continue
             _check_cancel(cancel, spec.name)
             remaining = deadline - time.monotonic()
@@ -700,6 +683,7 @@ class ModelPool:
 
     def _load(self, resident: Resident) -> None:
         spec = resident.spec
+        self.hooks.emit("model_loading", resident.name)
         rss_before = process_rss_mb()
         started = time.perf_counter()
         try:
@@ -710,7 +694,7 @@ class ModelPool:
                 self._residents.pop(resident.name, None)
                 resident.users -= 1
                 self._cond.notify_all()
-            self._emit(PoolEvent("load_failed", resident.name, detail=str(exc)))
+            self.hooks.emit("load_failed", resident.name, error=str(exc))
             if isinstance(exc, (BackendError, PoolError)):
                 raise
             if isinstance(exc, Exception):
@@ -734,7 +718,7 @@ class ModelPool:
         log.info("loaded model %s in %.2fs (estimated %.0f MB, %s %.0f MB)",
                  resident.name, seconds, resident.estimated_mb,
                  "its RSS" if own is not None else "RSS +", measured)
-        self._emit(PoolEvent("load", resident.name, seconds=seconds, ram_mb=resident.ram_mb))
+        self.hooks.emit("model_loaded", resident.name, load_s=seconds, rss_mb=resident.ram_mb)
 
     # -- unloading ----------------------------------------------------------------------
     #
@@ -743,16 +727,16 @@ class ModelPool:
     # it is closed, the heap trimmed and the RSS drop checked. Closing a 250 MB model takes
     # tens of milliseconds: /health, /metrics and other requests must not wait for it.
 
-    def _take_out_locked(self, resident: Resident, *, kind: str,
-                         detail: str = "") -> tuple[Resident, str, str]:
+    def _take_out_locked(self, resident: Resident, *, kind: str, detail: str = "",
+                         by: str = "") -> tuple[Resident, str, str, str]:
         """Take an idle resident out of service; the caller must ``_close`` it, unlocked."""
         assert resident.users == 0, "never unload a model in use"
         self._residents.pop(resident.name, None)
         resident.state = "unloading"
         self._closing[resident.name] = resident
-        return resident, kind, detail
+        return resident, kind, detail, by
 
-    def _close(self, resident: Resident, kind: str, detail: str = "") -> None:
+    def _close(self, resident: Resident, kind: str, detail: str = "", by: str = "") -> None:
         """Close a taken-out resident (never under the pool lock) and report it."""
         try:
             with self._close_lock:
@@ -777,13 +761,20 @@ class ModelPool:
                 self._cond.notify_all()  # a reload of this model may go on
         log.info("%s model %s%s; RSS -%.0f MB", {"evict": "evicted", "expire": "expired",
                                                  "unload": "unloaded"}.get(kind, kind),
-                 resident.name, f" ({detail})" if detail else "", freed)
-        self._emit(PoolEvent(kind, resident.name, ram_mb=resident.ram_mb, detail=detail))
+                 resident.name, f" (to load {by}: {detail})" if by else
+                 f" ({detail})" if detail else "", freed)
+        if kind == "evict":
+            self.hooks.emit("model_evicted", resident.name, reason=detail, by=by,
+                            rss_mb=resident.ram_mb)
+        else:
+            self.hooks.emit("model_unloaded", resident.name,
+                            reason="shutdown" if detail == "shutdown" else kind,
+                            rss_mb=resident.ram_mb)
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
             resident.prewarm_pending = False
-            self._emit(PoolEvent("prewarm_wasted", resident.name,
-                                 detail=f"{kind} before any request used it"))
+            self.hooks.emit("prewarm_wasted", resident.name,
+                            reason=f"{kind} before any request used it")
 
     def _verify_unload(self, resident: Resident, freed_mb: float) -> None:
         """Check that closing gave back about what loading took (measured, else estimated)."""
@@ -793,8 +784,8 @@ class ModelPool:
         log.warning("unloading model %s freed only %.0f MB of RSS; its load took "
                     "%.0f MB: the backend may not release its memory", resident.name,
                     freed_mb, expected)
-        self._emit(PoolEvent("unload_unverified", resident.name, ram_mb=expected,
-                             detail=f"freed {freed_mb:.0f} MB"))
+        self.hooks.emit("unload_unverified", resident.name, expected_mb=expected,
+                        freed_mb=freed_mb)
 
     def _drop_dead_locked(self, resident: Resident, detail: str) -> None:
         """Forget an instance that died: the next request loads the model again. Closed now
@@ -806,7 +797,7 @@ class ModelPool:
         resident.state = "dead"
         log.warning("model %s: its instance died (%s); the next request loads it again",
                     resident.name, detail)
-        self._emit(PoolEvent("crash", resident.name, ram_mb=resident.ram_mb, detail=detail))
+        self.hooks.emit("model_crashed", resident.name, detail=detail)
         if resident.users == 0:
             self._close_dead_locked(resident)
         self._cond.notify_all()
@@ -844,7 +835,7 @@ class ModelPool:
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""
         now = self.clock() if now is None else now
-        taken: list[tuple[Resident, str, str]] = []
+        taken: list[tuple[Resident, str, str, str]] = []
         with self._cond:
             for resident in list(self._residents.values()):
                 if resident.state == "loaded" and not model_alive(resident.model):
@@ -859,7 +850,7 @@ class ModelPool:
                         resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
         for item in taken:
             self._close(*item)
-        return [resident.name for resident, _, _ in taken]
+        return [resident.name for resident, *_ in taken]
 
     def trim_if_idle(self) -> bool:
         """Give freed memory back to the OS when no generation runs and one ended since
@@ -907,17 +898,6 @@ class ModelPool:
                      if resident.state == "loaded" and resident.users == 0]
         for item in taken:
             self._close(*item)
-
-    def _emit(self, event: PoolEvent) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("a pool listener failed on %s", event)
-
-    def emit(self, event: PoolEvent) -> None:
-        """Tell the listeners (logs, metrics) about ``event`` (the engine's per-request ones)."""
-        self._emit(event)
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:

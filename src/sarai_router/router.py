@@ -14,6 +14,7 @@ import attrs
 from .backend import Capabilities
 from .config import Config, rebind
 from .errors import BackendError, CapabilityError, PluginError, RoutingError, not_configured
+from .events import SOURCE
 from .plugins import Hooks, PluginSet, build_plugins
 from .types import (COLD_LOAD_MB_PER_S, ChatRequest, ModelState, Residency, Route,
                     RouteDecision)
@@ -75,8 +76,16 @@ class Router:
         """Decide which model answers ``request``; ``model`` set means the caller chose.
 
         ``residency``: what is loaded, for ``select_route`` (default: :meth:`residency`;
-        ``eval`` passes the state of its simulated pool).
+        ``eval`` passes the state of its simulated pool). Emits a ``routed`` event.
         """
+        decision = self._route(request, model, residency)
+        self.hooks.emit("routed", decision.model, plugin=decision.plugin,
+                        reason=decision.reason, signals=dict(decision.signals),
+                        fallback=decision.fallback, source=SOURCE.get())
+        return decision
+
+    def _route(self, request: ChatRequest, model: str | None,
+               residency: Mapping[str, ModelState] | None) -> RouteDecision:
         signals = self.signals(request)
         if model is not None:
             if model not in self.config.models:
@@ -198,18 +207,24 @@ class Router:
     def fallback_chain(self, model: str) -> list[str]:
         """The models tried, in order, when ``model`` fails before its first token: its
         ``fallbacks``, then theirs (depth first), each at most once."""
-        chain: list[str] = []
-        seen = {model}
+        return fallback_order(self.config.models, model)
 
-        def visit(name: str) -> None:
-            for other in self.config.models[name].fallbacks:
-                if other not in seen and other in self.config.models:
-                    seen.add(other)
-                    chain.append(other)
-                    visit(other)
 
-        visit(model)
-        return chain
+def fallback_order(models: Mapping[str, Any], model: str) -> list[str]:
+    """``model``'s fallbacks depth first, each once. Walked with an explicit stack, not by
+    recursion: a chain as long as the config has models must not exhaust Python's stack."""
+    chain: list[str] = []
+    seen = {model}
+    stack = [iter(models[model].fallbacks)]
+    while stack:
+        other = next(stack[-1], None)
+        if other is None:
+            stack.pop()
+        elif other not in seen and other in models:
+            seen.add(other)
+            chain.append(other)
+            stack.append(iter(models[other].fallbacks))
+    return chain
 
 
 def missing_modalities(config: Config, model: str, request: ChatRequest) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import threading
 from contextlib import closing
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, TypeVar
@@ -108,8 +109,15 @@ async def in_thread(work: Callable[[], _T], *, name: str = "sarai-work") -> _T:
         else:
             _call_soon(running, settle, result, None)
 
-    threading.Thread(target=target, name=name, daemon=True).start()
+    _thread(target, name)
     return await future
+
+
+def _thread(target: Callable[[], None], name: str) -> None:
+    """Start ``target`` on a daemon thread, in a copy of the caller's context: the request's
+    id reaches the events emitted there."""
+    threading.Thread(target=contextvars.copy_context().run, args=(target,), name=name,
+                     daemon=True).start()
 
 
 def _call_soon(running: asyncio.AbstractEventLoop, callback: Callable[..., Any],
@@ -167,7 +175,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[_T]], *,
         finally:
             _call_soon(running, finish)
 
-    threading.Thread(target=work, name=name, daemon=True).start()
+    _thread(work, name)
     try:
         while True:
             with lock:

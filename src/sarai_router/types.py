@@ -189,20 +189,69 @@ class ChatRequest:
 
     @classmethod
     def from_files(
-        cls, prompt: str, image_paths: tuple[Path, ...] = (), audio_path: Path | None = None
+        cls, prompt: str, image_paths: tuple[Path, ...] = (), audio_path: Path | None = None,
+        *, max_bytes: int | None = None,
     ) -> "ChatRequest":
+        """A request with the files attached, each checked by :func:`read_attachment`
+        (AttachmentError when one can't be taken)."""
         images = tuple(
-            ImageInput(data=p.read_bytes(), mime=_guess_mime(p, "image/png"), source=str(p))
+            ImageInput(data=read_attachment(p, max_bytes), mime=_guess_mime(p, "image/png"),
+                       source=str(p))
             for p in image_paths
         )
         audio = None
         if audio_path is not None:
             audio = AudioInput(
-                data=audio_path.read_bytes(),
+                data=read_attachment(audio_path, max_bytes),
                 mime=_guess_mime(audio_path, "audio/wav"),
                 source=str(audio_path),
             )
         return cls.from_prompt(prompt, images=images, audio=audio)
+
+
+#: Chunk size for reading an attachment: the size check holds even for a file that grows.
+_READ_CHUNK = 1 << 20
+
+
+def read_attachment(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``, refused before reading unless it is a regular file of at most
+    ``max_bytes``. A FIFO, a device (``/dev/zero``) or a directory is refused at once, since
+    reading it could block forever or never end; the file is read in chunks, so one that
+    grows past the limit while read is refused too, with flat memory."""
+    import os
+    import stat
+
+    from .errors import AttachmentError
+
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer must not hang; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise AttachmentError(str(path), f"cannot read it ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else
+                "a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
+                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        raise AttachmentError(str(path), f"is {kind}, not a regular file")
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise AttachmentError(str(path), f"{info.st_size} bytes, more than the limit of "
+                                             f"{max_bytes} ([server] max_body_bytes)")
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while chunk := handle.read(_READ_CHUNK):
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise AttachmentError(str(path), f"grew past the limit of {max_bytes} "
+                                          "bytes ([server] max_body_bytes) while being read")
+                chunks.append(chunk)
+        except OSError as exc:
+            raise AttachmentError(str(path), f"cannot read it ({exc.strerror or exc})") from None
+        return b"".join(chunks)
 
 
 def message_text(message: Mapping[str, Any]) -> str:

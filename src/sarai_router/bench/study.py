@@ -650,7 +650,7 @@ def measure_residency(engine, settings: BenchSettings, params: GenerationParams,
             if not row["pinned"]:
                 engine.pool.unload(row["name"])
         events: list[Any] = []
-        engine.pool.listeners.append(events.append)
+        engine.hooks.subscribe(events.append, "study")
         runs: list[Run] = []
         answered: list[str] = []
         kinds: list[str] = []  # each decision's reason up to its colon ("sticky", ...)
@@ -673,10 +673,10 @@ def measure_residency(engine, settings: BenchSettings, params: GenerationParams,
                     answered.append(completion.decision.model)
                     progress(1)
         finally:
-            engine.pool.listeners.remove(events.append)
+            engine.hooks.unsubscribe(events.append)
         loads: dict[str, int] = {}
         for event in events:
-            if event.kind == "load":
+            if event.kind == "model_loaded":
                 loads[event.model] = loads.get(event.model, 0) + 1
         latencies = [r.latency_s for r in runs]  # loads included
         out[label] = {

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import SaraiError
+from ..errors import AttachmentError, SaraiError
+from ..types import read_attachment
 from .common import (EXIT_INTERRUPTED, EXIT_USAGE, TEXT, AppContext, CliError, check_model_names,
                      cli_error, emit_json, progressbar, say)
 
@@ -100,7 +101,11 @@ def bench(app: AppContext, models: tuple[str, ...], queries: tuple[str, ...],
     if audio_only and models:
         raise CliError("--audio-only benches no chat model on its own: drop MODELS",
                        EXIT_USAGE)
-    audio = tuple((Path(f).name, Path(f).read_bytes()) for f in audio_files)
+    try:
+        audio = tuple((Path(f).name, read_attachment(Path(f), config.server.max_body_bytes))
+                      for f in audio_files)
+    except AttachmentError as exc:
+        raise CliError(f"--audio {exc}", EXIT_USAGE) from None
     if audio_only:
         no_dual = no_overhead = True
     chosen = () if audio_only else models or tuple(config.models)

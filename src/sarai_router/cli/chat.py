@@ -18,12 +18,13 @@ import click
 
 from ..backend import GenerationParams
 from ..config import Config
-from ..errors import ContextLengthError, RoutingError, SaraiError, not_configured
+from ..errors import (AttachmentError, ContextLengthError, RoutingError, SaraiError,
+                      not_configured)
 if TYPE_CHECKING:  # the engine (asyncio, the pool) loads when a chat starts, not for `route`
     from ..engine import Engine
     from ..streaming import Generation
 
-from ..types import AudioInput, ChatRequest, message_text
+from ..types import AudioInput, ChatRequest, message_text, read_attachment
 from .common import (TEXT, AppContext, cli_error, progressbar, say, transcript_line,
                      utf8_problem)
 
@@ -143,9 +144,9 @@ class ChatSession:
             return
         path = Path(words[0]).expanduser()
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self.echo(click.style(f"/audio: cannot read {path}: {exc.strerror}", fg="red"))
+            data = read_attachment(path, self.config.server.max_body_bytes)
+        except AttachmentError as exc:
+            self.echo(click.style(f"/audio: {exc}", fg="red"))
             return
         import mimetypes
 

@@ -119,7 +119,11 @@ def progressbar(total: int, label: str):
     return bar
 
 
-def request_from_options(prompt: str, images: tuple[str, ...], audio: str | None):
+def request_from_options(prompt: str, images: tuple[str, ...], audio: str | None,
+                         config: Config):
+    """The request of ``route``/``query``; each attachment is a regular file of at most
+    ``[server] max_body_bytes`` (what ``serve`` would take), checked before it is read."""
+    from ..errors import AttachmentError
     from ..types import ChatRequest
 
     if not prompt.strip() and not images and not audio:
@@ -127,9 +131,11 @@ def request_from_options(prompt: str, images: tuple[str, ...], audio: str | None
                        EXIT_USAGE)
     try:
         return ChatRequest.from_files(prompt, tuple(Path(p) for p in images),
-                                      Path(audio) if audio else None)
-    except OSError as exc:
-        raise CliError(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE) from None
+                                      Path(audio) if audio else None,
+                                      max_bytes=config.server.max_body_bytes)
+    except AttachmentError as exc:
+        option = "--audio" if audio and exc.path == str(Path(audio)) else "--image"
+        raise CliError(f"{option} {exc}", EXIT_USAGE) from None
 
 
 def check_model_names(config: Config, label: str, names) -> None:
@@ -142,10 +148,12 @@ def check_model_names(config: Config, label: str, names) -> None:
 
 image_option = click.option("--image", "images", multiple=True,
                             type=click.Path(exists=True, dir_okay=False),
-                            help="Attach an image file (repeatable).")
+                            help="Attach an image file (repeatable; a regular file of at most "
+                                 "[server] max_body_bytes).")
 audio_option = click.option("--audio", type=click.Path(exists=True, dir_okay=False),
-                            help="Attach an audio file (wav, mp3, ...); transcribed when the "
-                                 "model can't take audio. PROMPT is optional with it.")
+                            help="Attach an audio file (wav, mp3, ...; a regular file of at "
+                                 "most [server] max_body_bytes); transcribed when the model "
+                                 "can't take audio. PROMPT is optional with it.")
 
 
 def transcript_line(transcript) -> str:

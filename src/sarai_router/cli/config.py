@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..config import load_config
+from ..config import fallback_cycles, load_config
 from ..errors import ConfigError
 from .common import AppContext, config_error, emit_json, json_option
 
@@ -55,3 +55,7 @@ def config_check(path: str) -> None:
     except ConfigError as exc:
         raise config_error(exc) from None
     click.echo(f"{path}: ok ({len(cfg.models)} models: {', '.join(cfg.models)})")
+    for cycle in fallback_cycles(cfg.models):
+        shown = " -> ".join(cycle if len(cycle) <= 8 else [*cycle[:4], "...", *cycle[-3:]])
+        click.echo(f"{path}: note: models.{cycle[0]}.fallbacks: fallback cycle {shown} "
+                   f"({len(cycle) - 1} models; a request tries each at most once)")

@@ -26,12 +26,14 @@ def route(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     With --audio that no model takes, the clip is transcribed first (the speech model
     loads) and the decision is made on what was said, as `query` does.
     """
-    request = request_from_options(prompt, images, audio)
+    request = request_from_options(prompt, images, audio, app.config())
     try:
         if request.audio is None:
+            from ..events import begin_request
             from ..router import Router
 
             router = Router(app.config())
+            begin_request()
             decision = router.route(request)
         else:
             from ..engine import Engine
@@ -104,7 +106,7 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
     from ..engine import Completion, Engine
 
     engine = Engine(app.config(), report=say, progressbar=progressbar)
-    request = request_from_options(prompt, images, audio)
+    request = request_from_options(prompt, images, audio, app.config())
     streaming = not (no_stream or as_json)
     printed = False
     try:

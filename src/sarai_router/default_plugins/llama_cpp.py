@@ -9,7 +9,6 @@ logprobs: see ``llama_cpp_features``.
 from __future__ import annotations
 
 import base64
-import ctypes
 import logging
 import os
 import sys
@@ -57,6 +56,8 @@ def route_llama_logs_to_logging(llama_cpp) -> None:
             _llama_log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
         elif python_level >= logging.ERROR:
             _llama_log.error("%s", text.decode("utf-8", errors="replace").rstrip())
+
+    import ctypes  # here, with llama_cpp: `route` imports this module for its settings only
 
     _log_callback = callback  # ctypes must keep the callback alive
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
@@ -122,6 +123,58 @@ def _prints_to_log() -> Iterator[None]:
 def default_threads() -> int:
     # llama-cpp-python's own default is half the cores, which leaves a 2-core box at 1.
     return max(1, os.cpu_count() or 1)
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later), read from its flags."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def repack_weights(setting: bool | None) -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types (AMX, the
+    CPU_REPACK kernels). ``None`` (the default): everywhere but on CPUs with AMX, where
+    ggml's AMX matrix kernels crash the process in the first decode of a Q4_K model and
+    compute wrong results for Q4_0/Q4_1 (reported upstream against llama.cpp, unfixed in
+    the version llama-cpp-python 0.3.36 vendors). Seen here: both default models
+    segfaulted on an AMX machine and answered normally with repacking off."""
+    return (not cpu_has_amx()) if setting is None else setting
+
+
+_load_options = threading.local()
+
+
+def _default_params_with_overrides(original: Any) -> Any:
+    """``llama_model_default_params`` with what ``Llama()`` offers no argument for
+    (``use_extra_bufts``), set for loads on this thread inside :func:`_model_params`."""
+    def params() -> Any:
+        values = original()
+        repack = getattr(_load_options, "repack", None)
+        if repack is not None:
+            values.use_extra_bufts = repack
+        return values
+
+    params._sarai_overrides = True
+    return params
+
+
+@contextmanager
+def _model_params(llama_cpp: Any, *, repack: bool) -> Iterator[None]:
+    low_level = llama_cpp.llama_cpp
+    if not getattr(low_level.llama_model_default_params, "_sarai_overrides", False):
+        low_level.llama_model_default_params = _default_params_with_overrides(
+            low_level.llama_model_default_params)
+    _load_options.repack = repack
+    try:
+        yield
+    finally:
+        _load_options.repack = None
 
 
 class LlamaCppModel:
@@ -300,6 +353,9 @@ class LlamaCppSettings:
     mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
     #: extra keyword arguments for ``llama_cpp.Llama`` (``chat_handler`` names the image handler)
     options: dict[str, Any] = attrs.field(factory=dict)
+    #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
+    #: AMX, whose kernels crash in llama.cpp's current version (see ``repack_weights``)
+    repack: bool | None = None
 
 
 class LlamaCppBackend(Backend):
@@ -396,7 +452,8 @@ class LlamaCppBackend(Backend):
             kwargs["chat_handler"] = handler_cls(clip_model_path=settings.mmproj, verbose=False)
         kwargs.update({k: v for k, v in settings.options.items() if k != "chat_handler"})
         try:
-            with _prints_to_log():
+            with _prints_to_log(), _model_params(llama_cpp,
+                                                 repack=repack_weights(settings.repack)):
                 llama = llama_cpp.Llama(**kwargs)
         except Exception as exc:
             log.debug("llama-cpp-python failed on %s", spec.path, exc_info=True)

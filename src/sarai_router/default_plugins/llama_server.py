@@ -30,7 +30,7 @@ from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
-from .llama_cpp import default_threads, file_presence, gguf_path_problems
+from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
 from .openai import OpenAIModel, OpenAISettings
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ MANAGED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-np", "--parallel"), "use `parallel`"),
     **dict.fromkeys(("-t", "--threads"), "use `n_threads`"),
     **dict.fromkeys(("-mm", "--mmproj"), "use `mmproj`"),
+    **dict.fromkeys(("--repack", "-nr", "--no-repack"), "use `repack`"),
     **dict.fromkeys(("--api-key", "--api-key-file"),
                     "the router talks to the server on 127.0.0.1 without a key"),
 }
@@ -78,6 +79,9 @@ class LlamaServerSettings:
     server_args: tuple[str, ...] = ()
     #: how long the model may take to load before the start is given up
     startup_timeout_seconds: float = 120.0
+    #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
+    #: AMX, whose kernels crash in llama.cpp's current version (``--no-repack`` then)
+    repack: bool | None = None
 
 
 class LlamaServerBackend(Backend):
@@ -205,6 +209,7 @@ def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
     ]
     if settings.mmproj:
         argv += ["--mmproj", settings.mmproj]
+    argv.append("--repack" if repack_weights(settings.repack) else "--no-repack")
     return argv + list(settings.server_args)
 
 

@@ -19,15 +19,17 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import attrs
 
 from ..config import BUILTIN_CONFIG_LABEL, path_resolver
 from ..errors import AudioError, TranscriptionUnavailable
-from ..fetch import BUNDLES, PluginModel, bundle_present, ensure_bundle
 from ..hookspecs import hookimpl
 from ..types import Transcript
+
+if TYPE_CHECKING:
+    from ..fetch import PluginModel
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,10 @@ class WhisperSettings:
             Path(config.source).resolve().parent
         return Path(path_resolver(Path(config.models_dir), base_dir)(self.model))
 
-    def model_files(self, config) -> list[PluginModel]:
+    def model_files(self, config) -> "list[PluginModel]":
         """What ``models pull`` fetches for this plugin: the known model, if one is set."""
+        from ..fetch import BUNDLES, PluginModel
+
         if self.model not in KNOWN_MODELS:
             return []
         return [PluginModel(name=f"whisper ({self.model}, speech to text)",
@@ -192,6 +196,8 @@ def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
         if loaded is not None:
             return loaded
         if settings.model in KNOWN_MODELS:
+            from ..fetch import BUNDLES, bundle_present, ensure_bundle
+
             bundle = BUNDLES[KNOWN_MODELS[settings.model]]
             if not bundle_present(bundle, target):
                 ensure_bundle(bundle, target, name="whisper",

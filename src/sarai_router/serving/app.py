@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ..config import Config
 from ..engine import Engine, share_cores
@@ -37,7 +37,7 @@ from ..streaming import Done, Failed, Generation, Piece
 from ..types import RouteDecision
 from .audio import transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
-                    cors_middleware, guarded_h11_protocol)
+                    cors_middleware, guarded_h11_protocol, limit_body)
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, Limits, ParsedChat, _Meta,
                      _shutting_down, error_for, finish_reason, header_value, internal_error,
@@ -94,8 +94,7 @@ class SaraiServer:
     def __init__(self, engine: Engine, *, api_key: str = "", load_pinned: bool = True):
         self.engine = engine
         self.config = engine.config
-        self.metrics = Metrics(self.engine.pool)
-        self.engine.fallback_listeners.append(self.metrics.on_fallback)
+        self.metrics = Metrics(self.engine.pool, self.engine.hooks)
         self.api_key = api_key
         self.load_pinned = load_pinned
         self.created = int(time.time())
@@ -116,6 +115,7 @@ class SaraiServer:
             self.engine.start()
         else:
             self.engine.pool.start_reaper()
+        self.engine.hooks.startup(self.engine)
 
     def stop_generations(self) -> None:
         """Called as soon as shutdown starts (Ctrl-C, SIGTERM): answers in flight end now,
@@ -143,7 +143,9 @@ class SaraiServer:
             log.warning("%d generation(s) still running after [server] shutdown_grace_seconds "
                         "= %g; exiting anyway", self.unfinished,
                         self.config.server.shutdown_grace_seconds)
+        self.engine.hooks.shutdown(self.engine)
         self.engine.close()
+        self.metrics.close()
 
     # -- helpers
 
@@ -163,12 +165,16 @@ class SaraiServer:
                      decision: RouteDecision) -> Response:
         generation.cancel()
         log.info("client went away; stopped its answer from %s", decision.model)
-        self.metrics.request_failed(499, "client_closed_request")
+        self.refused(499, "client_closed_request", "the client went away")
         return Response(status_code=499)  # nginx's code; nobody reads it
+
+    def refused(self, status: int, code: str, message: str) -> None:
+        """A request answered with an error status (or failed mid-stream): tell observers."""
+        self.engine.hooks.emit("request_refused", status=status, code=code, message=message)
 
     def _fail(self, error: ApiError, exc: BaseException | None = None, *,
               decision: RouteDecision | None = None) -> JSONResponse:
-        self.metrics.request_failed(error.status, error.code)
+        self.refused(error.status, error.code, error.message)
         if error.code == "internal_error":
             log.error("answered 500 (request id %s)", REQUEST_ID.get(), exc_info=exc)
         elif error.status >= 500:
@@ -233,7 +239,6 @@ class SaraiServer:
         if event.cancelled:  # only shutdown cancels a generation whose client is there
             return self._fail(_shutting_down())
         completion = event.completion
-        self.metrics.request_finished(completion)
         return JSONResponse({
             **meta.completion(completion, "".join(pieces)),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
@@ -270,13 +275,12 @@ class SaraiServer:
                                      logprobs=event.logprobs if meta.logprobs else None)
                 elif isinstance(event, Done) and event.cancelled:
                     error = _shutting_down()
-                    self.metrics.request_failed(error.status, error.code)
+                    self.refused(error.status, error.code, error.message)
                     yield meta.sse({"error": {"message": error.message, "type": error.type,
                                               "param": None, "code": error.code}})
                     break
                 elif isinstance(event, Done):
                     completion = event.completion
-                    self.metrics.request_finished(completion)
                     if completion.tool_calls:
                         yield meta.chunk({"tool_calls": tool_calls_json(completion.tool_calls,
                                                                         indexed=True)})
@@ -291,7 +295,7 @@ class SaraiServer:
                     break
                 else:  # Failed mid-answer: the status is sent; say it in the stream
                     error = error_for(event.error)
-                    self.metrics.request_failed(error.status, error.code)
+                    self.refused(error.status, error.code, error.message)
                     log.warning("generation failed mid-stream (request id %s): %s",
                                 REQUEST_ID.get(), event.error)
                     yield meta.sse({"error": {"message": error.message, "type": error.type,
@@ -386,6 +390,24 @@ def fallback_header(decision: RouteDecision) -> dict[str, str]:
     return {"x-sarai-fallback": header_value(steps)}
 
 
+def plugin_routes(engine: Engine, taken: set[str]) -> list[BaseRoute]:
+    """The routes the ``register_routes`` plugins return, each under ``[server]
+    max_body_bytes`` (the Host guard and the API key wrap the whole app). One whose path
+    the server answers already is left out: the server's own route stays."""
+    limit = engine.config.server.max_body_bytes
+    mounted = []
+    for plugin, route in engine.hooks.routes():
+        path = getattr(route, "path", None)
+        if path in taken:
+            log.warning("plugin %r adds a route at %s, which the server answers already; "
+                        "left it out", plugin, path)
+            continue
+        if hasattr(route, "app"):
+            route.app = limit_body(route.app, limit)
+        mounted.append(route)
+    return mounted
+
+
 def create_app(config: Config | None = None, *, api_key: str = "", engine: Engine | None = None,
                load_pinned: bool = True) -> Starlette:
     """The ASGI app for ``engine`` (or a new one for ``config``, its cores shared out between
@@ -405,7 +427,8 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
             await anyio.to_thread.run_sync(state.shutdown)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "body_too_large"}.get(exc.status_code, "http_error")
         path = request.url.path[:200]
         error = ApiError(exc.status_code, f"{request.method} {path}: {exc.detail}", code=code,
                          headers=exc.headers)
@@ -413,19 +436,20 @@ def create_app(config: Config | None = None, *, api_key: str = "", engine: Engin
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette raises the exception again after this answer: RequestIdMiddleware logs it.
-        state.metrics.request_failed(500, "internal_error")
+        state.refused(500, "internal_error", "internal error")
         return internal_error().response()
 
+    routes = [
+        Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
+        Route("/v1/audio/transcriptions", functools.partial(transcriptions, state),
+              methods=["POST"]),
+        Route("/v1/models", state.list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", state.get_model, methods=["GET"]),
+        Route("/health", state.health, methods=["GET"]),
+        Route("/metrics", state.metrics_endpoint, methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[
-            Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
-            Route("/v1/audio/transcriptions", functools.partial(transcriptions, state),
-                  methods=["POST"]),
-            Route("/v1/models", state.list_models, methods=["GET"]),
-            Route("/v1/models/{name:path}", state.get_model, methods=["GET"]),
-            Route("/health", state.health, methods=["GET"]),
-            Route("/metrics", state.metrics_endpoint, methods=["GET"]),
-        ],
+        routes=routes + plugin_routes(engine, {route.path for route in routes}),
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )

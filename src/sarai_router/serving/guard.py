@@ -23,7 +23,8 @@ import re
 import uuid
 from typing import Sequence
 
-from .openai import REQUEST_ID, ApiError, internal_error
+from ..events import request_scope
+from .openai import ApiError, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ class RequestIdMiddleware:
             return
         given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex[:20]}"
-        token = REQUEST_ID.set(request_id)
         started = False
 
         async def send_with_id(message):
@@ -68,15 +68,14 @@ class RequestIdMiddleware:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
-            log.exception("unhandled error on %s %s (request id %s)", scope.get("method"),
-                          scope.get("path"), request_id)
-            if not started:
-                await _answer(internal_error(), scope, receive, send_with_id)
-        finally:
-            REQUEST_ID.reset(token)
+        with request_scope("http", request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
+                log.exception("unhandled error on %s %s (request id %s)", scope.get("method"),
+                              scope.get("path"), request_id)
+                if not started:
+                    await _answer(internal_error(), scope, receive, send_with_id)
 
 
 def host_allowed(host: str, names: frozenset[str]) -> bool:
@@ -239,3 +238,34 @@ def guarded_h11_protocol(header_timeout: float):
             self.transport.close()
 
     return GuardedH11Protocol
+
+
+def limit_body(app, max_bytes: int):
+    """``app`` (a plugin's route) with ``[server] max_body_bytes`` applied, as the server's
+    own routes apply it: a declared ``Content-Length`` over the limit is a 413 before the
+    handler runs; a body that grows over it while the handler reads it, a 413 there."""
+    from starlette.exceptions import HTTPException
+
+    too_large = f"the body is larger than [server] max_body_bytes = {max_bytes}"
+
+    async def limited(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        declared = (_header(scope, b"content-length") or b"").decode("latin-1").strip()
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise HTTPException(413, too_large)  # answered (and counted) by the app's handler
+        size = 0
+
+        async def counted():
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > max_bytes:
+                    raise HTTPException(413, too_large)
+            return message
+
+        await app(scope, counted, send)
+
+    return limited

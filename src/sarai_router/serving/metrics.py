@@ -1,8 +1,10 @@
 """Prometheus metrics for a long-running router (``GET /metrics``).
 
-Request metrics are recorded by the server per answered request; model lifecycle metrics
-come from the pool's events (``ModelPool.listeners``); residency gauges are read from the
-pool at scrape time, so they are never stale. Each ``Metrics`` has its own registry, so
+Everything that happens is counted from the event stream that ``observe`` plugins see
+(``Metrics.observe``, subscribed with ``Hooks.subscribe``): generations, fallbacks, model
+loads and unloads, refused requests. Only ``sarai_requests`` is counted by the server when
+it admits a request (the model that answers, after any fallback). Residency gauges are
+read from the pool at scrape time, so they are never stale. Each ``Metrics`` has its own registry, so
 two engines in one process (tests, benchmarks) never share counters.
 """
 
@@ -19,13 +21,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from ..engine import Completion
-    from ..pool import ModelPool, PoolEvent
-    from ..types import FallbackStep, RouteDecision
+    from ..events import Event
+    from ..plugins import Hooks
+    from ..pool import ModelPool
+    from ..types import RouteDecision
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -89,8 +92,24 @@ class PoolCollector:
                                 value=sum(r["ram_mb"] for r in residents.values()))
 
 
+class ObserverErrorCollector:
+    """Observers that raised, read from the hooks when scraped."""
+
+    def __init__(self, hooks: "Hooks"):
+        self.hooks = hooks
+
+    def collect(self):
+        errors = CounterMetricFamily(
+            "sarai_observer_errors",
+            "events an observer (an observe plugin, or the server's own) raised on; the "
+            "request went on", labels=["observer"])
+        for name, count in sorted(self.hooks.observer_errors.items()):
+            errors.add_metric([name], float(count))
+        yield errors
+
+
 class Metrics:
-    def __init__(self, pool: "ModelPool"):
+    def __init__(self, pool: "ModelPool", hooks: "Hooks"):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -149,52 +168,56 @@ class Metrics:
             ["model"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         r.register(PoolCollector(pool))
-        pool.listeners.append(self.on_pool_event)
+        r.register(ObserverErrorCollector(hooks))
+        self.hooks = hooks
+        hooks.subscribe(self.observe, "metrics")
 
-    def on_pool_event(self, event: "PoolEvent") -> None:
-        model = event.model
-        if event.kind == "load":
+    def close(self) -> None:
+        """Stop counting (the server has stopped)."""
+        self.hooks.unsubscribe(self.observe)
+
+    def observe(self, event: "Event") -> None:
+        """Count one event of the stream (subscribed to the engine's hooks by the server)."""
+        kind, model, data = event.kind, event.model, event.data
+        if kind == "model_loaded":
             self.loads.labels(model).inc()
-            self.load_seconds.labels(model).observe(event.seconds)
-        elif event.kind == "load_failed":
+            self.load_seconds.labels(model).observe(data["load_s"])
+        elif kind == "load_failed":
             self.load_failures.labels(model).inc()
-        elif event.kind in ("unload", "expire", "evict"):
-            self.unloads.labels(model, event.kind).inc()
-            if event.kind == "evict":
-                self.evictions.labels(model).inc()
-        elif event.kind == "unload_unverified":
+        elif kind == "model_unloaded":
+            # A shutdown's unloads count as plain unloads.
+            reason = "expire" if data.get("reason") == "expire" else "unload"
+            self.unloads.labels(model, reason).inc()
+        elif kind == "model_evicted":
+            self.unloads.labels(model, "evict").inc()
+            self.evictions.labels(model).inc()
+        elif kind == "unload_unverified":
             self.unverified.labels(model).inc()
-        elif event.kind == "crash":
+        elif kind == "model_crashed":
             self.crashes.labels(model).inc()
-        elif event.kind == "queue_full":
+        elif kind == "queue_full":
             self.queue_full.labels(model).inc()
-        elif event.kind == "generation_started":
+        elif kind == "generation_started":
             self.generations.labels(model).inc()
-        elif event.kind == "generation_dropped":
+        elif kind == "generation_dropped":
             self.dropped.labels(model).inc()
-        elif event.kind == "runaway_stopped":
+        elif kind == "runaway_stopped":
             self.runaway.labels(model).inc()
-        elif event.kind == "prewarm":
-            self.prewarms.labels(model, "started").inc()
-        elif event.kind.startswith("prewarm_"):
-            self.prewarms.labels(model, event.kind.removeprefix("prewarm_")).inc()
-
-    def on_fallback(self, step: "FallbackStep") -> None:
-        self.fallbacks.labels(step.from_model, step.to_model, step.reason).inc()
+        elif kind.startswith("prewarm_"):
+            self.prewarms.labels(model, kind.removeprefix("prewarm_")).inc()
+        elif kind == "fallback":
+            self.fallbacks.labels(data["from_model"], data["to_model"], data["reason"]).inc()
+        elif kind == "generation_finished":
+            self.tokens.labels(model, "prompt").inc(data["prompt_tokens"])
+            self.tokens.labels(model, "completion").inc(data["completion_tokens"])
+            if data["ttft_s"] is not None:
+                self.ttft.labels(model).observe(data["ttft_s"])
+            self.generation.labels(model).observe(data["generation_s"])
+        elif kind == "request_refused":
+            self.errors.labels(str(data["status"]), data["code"]).inc()
 
     def request_started(self, decision: "RouteDecision") -> None:
         self.requests.labels(decision.model, decision.plugin, reason_label(decision.reason)).inc()
-
-    def request_finished(self, completion: "Completion") -> None:
-        model = completion.decision.model
-        self.tokens.labels(model, "prompt").inc(completion.usage.prompt_tokens)
-        self.tokens.labels(model, "completion").inc(completion.usage.completion_tokens)
-        if completion.timings.first_token_s is not None:
-            self.ttft.labels(model).observe(completion.timings.first_token_s)
-        self.generation.labels(model).observe(completion.timings.generation_s)
-
-    def request_failed(self, status: int, code: str) -> None:
-        self.errors.labels(str(status), code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

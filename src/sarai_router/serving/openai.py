@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextvars
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from ..backend import GenerationParams, TokenLogprob, ToolCall
 from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
                       InvalidRequest, ModelLoadError, PoolError, QueueFull, UpstreamError,
                       UpstreamUnavailable)
+from ..events import REQUEST_ID
 from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,6 @@ AUTO_MODEL = "auto"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
 
-#: The request id of the request being answered (set by the server's outermost middleware).
-REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("sarai_request_id", default="")
 
 #: Deeper JSON is refused before anything walks it (OpenAI allows 10 levels in a schema).
 MAX_JSON_DEPTH = 64
