@@ -203,7 +203,9 @@ def llama_cpp_server(models_dir: Path, tmp_path_factory):
     log = tmp_path_factory.mktemp("llama_cpp_server") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(models_dir / FAST_FILE),
+            # llama_cpp.server, with repacking off on AMX CPUs as our backends do.
+            [sys.executable, str(Path(__file__).with_name("llama_cpp_server_launcher.py")),
+             "--model", str(models_dir / FAST_FILE),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
              "--n_threads", "1", "--api_key", UPSTREAM_KEY, "--verbose", "False",
              # Its default stops a streaming answer when another request arrives; queue

@@ -41,6 +41,16 @@ path = "{{broken}}"
 [models.missing]
 path = "{{missing}}"
 
+[models.vec]
+path = "{{fast}}"
+embedding = true
+n_ctx = 64
+n_threads = 1
+
+[models.brokenvec]
+path = "{{broken}}"
+embedding = true
+
 [models.textonly]
 backend = "textonly_double"
 path = "{{fast}}"
@@ -82,6 +92,33 @@ CALL = {"id": "call_1", "type": "function",
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+
+
+def ochat(**fields: Any) -> bytes:
+    """A valid Ollama ``/api/chat`` body with ``fields`` changed (``...`` removes one)."""
+    body: dict[str, Any] = {"model": "fast", "stream": False, "options": {"num_predict": 2},
+                            "messages": [{"role": "user", "content": "hi"}]}
+    for key, value in fields.items():
+        if value is ...:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return json.dumps(body).encode()
+
+
+def ochat_options(**options: Any) -> bytes:
+    return ochat(options={"num_predict": 2, **options})
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+LOAD, UNLOAD, ROUTE = "/admin/models/load", "/admin/models/unload", "/admin/route"
+
+
+def admin(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
 
 
 def _post(name: str, body: bytes, status: int, code: str, path: str = "/v1/chat/completions",
@@ -308,6 +345,219 @@ CASES: list[Case] = [
           "unsupported_parameter"),
     _post("a model whose GGUF header is junk", chat(model="broken"), 503, "model_unavailable"),
     _post("a model whose file is missing", chat(model="missing"), 503, "model_unavailable"),
+    # -- Ollama's dialect: errors as {"error": "..."}, the code in x-sarai-error-code
+    _get("unknown /api path", "/api/nope", 404, "not_found"),
+    _get("GET /api/chat", "/api/chat", 405, "method_not_allowed"),
+    _post("POST /api/tags", b"{}", 405, "method_not_allowed", path="/api/tags"),
+    _get("/api/tags without a key", "/api/tags", 401, "invalid_api_key", authorization=None),
+    _post("/api/chat from a foreign Host", ochat(), 421, "invalid_host", path="/api/chat",
+          host="evil.example"),
+    _post("/api/chat as text/plain", ochat(), 415, "unsupported_media_type", path="/api/chat",
+          content_type="text/plain"),
+    _post("/api/chat empty body", b"", 400, "invalid_json", path="/api/chat"),
+    _post("/api/chat a list", b"[]", 400, "invalid_body", path="/api/chat"),
+    _post("/api/chat over the body limit", ochat(messages=[
+        {"role": "user", "content": "x" * MAX_BODY}]), 413, "body_too_large", path="/api/chat"),
+    _post("/api/chat no model", ochat(model=...), 400, "invalid_value", path="/api/chat"),
+    _post("/api/chat unknown model", ochat(model="llama3"), 404, "model_not_found",
+          path="/api/chat"),
+    _post("/api/chat unknown tag", ochat(model="fast:q8"), 404, "model_not_found",
+          path="/api/chat"),
+    _post("/api/chat messages a string", ochat(messages="hi"), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat unknown field", ochat(keep_warm=True), 400, "unknown_parameter",
+          path="/api/chat"),
+    _post("/api/chat unknown message field", ochat(messages=[
+        {"role": "user", "content": "hi", "mood": "x"}]), 400, "unknown_parameter",
+          path="/api/chat"),
+    _post("/api/chat image not base64", ochat(messages=[
+        {"role": "user", "content": "hi", "images": ["@@@"]}]), 400, "invalid_image_url",
+          path="/api/chat"),
+    _post("/api/chat image in an assistant message", ochat(messages=[
+        USER, {"role": "assistant", "content": "x", "images": ["AAAA"]}]), 400,
+          "invalid_value", path="/api/chat"),
+    _post("/api/chat tool message answering nothing", ochat(messages=[
+        USER, {"role": "tool", "content": "sunny", "tool_name": "f"}]), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat tool call arguments as text", ochat(messages=[
+        USER, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{}"}}]}]), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat stream a string", ochat(stream="yes"), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat think", ochat(think=True), 400, "unsupported_parameter", path="/api/chat"),
+    _post("/api/chat format xml", ochat(format="xml"), 400, "invalid_value", path="/api/chat"),
+    _post("/api/chat format with a dangling $ref", ochat(format={"$ref": "#/nope"}), 400,
+          "invalid_value", path="/api/chat"),
+    _post("/api/chat options a list", ochat(options=[1]), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat unknown option", ochat_options(num_beams=4), 400, "unknown_parameter",
+          path="/api/chat"),
+    _post("/api/chat mirostat", ochat_options(mirostat=2), 400, "unsupported_parameter",
+          path="/api/chat"),
+    _post("/api/chat num_thread", ochat_options(num_thread=8), 400, "unsupported_parameter",
+          path="/api/chat"),
+    _post("/api/chat num_predict over the cap", ochat_options(num_predict=MAX_TOKENS_CAP + 1),
+          400, "invalid_value", path="/api/chat"),
+    _post("/api/chat temperature 3", ochat_options(temperature=3), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat num_ctx over the model's", ochat_options(num_ctx=1 << 20), 400,
+          "unsupported_parameter", path="/api/chat"),
+    _post("/api/chat keep_alive forever", ochat(keep_alive="forever"), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat keep_alive a boolean", ochat(keep_alive=True), 400, "invalid_value",
+          path="/api/chat"),
+    _post("/api/chat prompt over max_prompt_chars", ochat(messages=[
+        {"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}]), 400,
+          "context_length_exceeded", path="/api/chat"),
+    _post("/api/chat prompt over n_ctx", ochat(messages=[
+        {"role": "user", "content": "word " * 1000}]), 400, "context_length_exceeded",
+          path="/api/chat"),
+    _post("/api/chat image for a text model", ochat(messages=[
+        {"role": "user", "content": "what?", "images": [PNG.split(",")[1]]}]), 400,
+          "unsupported_modality", path="/api/chat"),
+    _post("/api/chat tools for a model without them", ochat(model="textonly", tools=[TOOL]),
+          400, "unsupported_parameter", path="/api/chat"),
+    _post("/api/chat to an embedding model", ochat(model="vec"), 400, "unsupported_value",
+          path="/api/chat"),
+    _post("/api/chat a model whose GGUF header is junk", ochat(model="broken"), 503,
+          "model_unavailable", path="/api/chat"),
+    _post("/api/generate prompt a number", body(model="fast", prompt=1), 400, "invalid_value",
+          path="/api/generate"),
+    _post("/api/generate context", body(model="fast", prompt="hi", context=[1, 2]), 400,
+          "unsupported_parameter", path="/api/generate"),
+    _post("/api/generate raw", body(model="fast", prompt="hi", raw=True), 400,
+          "unsupported_parameter", path="/api/generate"),
+    _post("/api/generate suffix", body(model="fast", prompt="def f(", suffix="):"), 400,
+          "unsupported_parameter", path="/api/generate"),
+    _post("/api/generate template", body(model="fast", prompt="hi", template="{{.Prompt}}"),
+          400, "unsupported_parameter", path="/api/generate"),
+    _post("/api/generate images without a prompt", body(model="fast", images=["AAAA"]), 400,
+          "invalid_value", path="/api/generate"),
+    _post("/api/generate a missing model file", body(model="missing", prompt="hi",
+                                                     stream=False), 503,
+          "model_unavailable", path="/api/generate"),
+    _post("/api/show no model", b"{}", 400, "invalid_value", path="/api/show"),
+    _post("/api/show unknown model", body(model="llama3"), 404, "model_not_found",
+          path="/api/show"),
+    _post("/api/show unknown field", body(model="fast", template=True), 400,
+          "unknown_parameter", path="/api/show"),
+    _post("/api/embed with a chat model", body(model="fast", input="x"), 400,
+          "not_an_embedding_model", path="/api/embed"),
+    _post("/api/embed input a number", body(model="vec", input=1), 400, "invalid_value",
+          path="/api/embed"),
+    _post("/api/embed token ids", body(model="vec", input=[1, 2]), 400, "invalid_value",
+          path="/api/embed"),
+    _post("/api/embed an empty string in the list", body(model="vec", input=["a", ""]), 400,
+          "invalid_value", path="/api/embed"),
+    _post("/api/embed dimensions", body(model="vec", input="x", dimensions=8), 400,
+          "unsupported_parameter", path="/api/embed"),
+    _post("/api/embed a sampling option", body(model="vec", input="x",
+                                               options={"temperature": 1}), 400,
+          "unsupported_parameter", path="/api/embed"),
+    _post("/api/embed truncate a string", body(model="vec", input="x", truncate="no"), 400,
+          "invalid_value", path="/api/embed"),
+    _post("/api/embed too long without truncate", body(model="vec", input="word " * 200,
+                                                       truncate=False), 400,
+          "context_length_exceeded", path="/api/embed"),
+    _post("/api/embed a broken embedding model", body(model="brokenvec", input="x"), 503,
+          "model_unavailable", path="/api/embed"),
+    _post("/api/embeddings prompt a number", body(model="vec", prompt=5), 400,
+          "invalid_value", path="/api/embeddings"),
+    _post("/api/embeddings with input", body(model="vec", prompt="x", input="y"), 400,
+          "unknown_parameter", path="/api/embeddings"),
+    # -- /v1/embeddings
+    _get("GET /v1/embeddings", "/v1/embeddings", 405, "method_not_allowed"),
+    _post("embeddings without a key", body(model="vec", input="x"), 401, "invalid_api_key",
+          path="/v1/embeddings", authorization=None),
+    _post("embeddings no model", body(input="x"), 400, "invalid_value", path="/v1/embeddings"),
+    _post("embeddings unknown model", body(model="text-embedding-3-small", input="x"), 404,
+          "model_not_found", path="/v1/embeddings"),
+    _post("embeddings with a chat model", body(model="fast", input="x"), 400,
+          "not_an_embedding_model", path="/v1/embeddings"),
+    _post("embeddings no input", body(model="vec"), 400, "invalid_value",
+          path="/v1/embeddings"),
+    _post("embeddings input an object", body(model="vec", input={"a": 1}), 400,
+          "invalid_value", path="/v1/embeddings"),
+    _post("embeddings empty list", body(model="vec", input=[]), 400, "invalid_value",
+          path="/v1/embeddings"),
+    _post("embeddings empty string", body(model="vec", input=""), 400, "invalid_value",
+          path="/v1/embeddings"),
+    _post("embeddings negative token", body(model="vec", input=[[1, -2]]), 400,
+          "invalid_value", path="/v1/embeddings"),
+    _post("embeddings token outside the vocabulary", body(model="vec", input=[[1, 10**9]]),
+          400, "invalid_value", path="/v1/embeddings"),
+    _post("embeddings 2049 inputs", body(model="vec", input=["a"] * 2049), 400,
+          "invalid_value", path="/v1/embeddings"),
+    _post("embeddings over max_prompt_chars", body(model="vec", input=["x" * 15000] * 2),
+          400, "context_length_exceeded", path="/v1/embeddings"),
+    _post("embeddings dimensions", body(model="vec", input="x", dimensions=8), 400,
+          "unsupported_parameter", path="/v1/embeddings"),
+    _post("embeddings int8 encoding", body(model="vec", input="x", encoding_format="int8"),
+          400, "invalid_value", path="/v1/embeddings"),
+    _post("embeddings unknown field", body(model="vec", input="x", truncate=True), 400,
+          "unknown_parameter", path="/v1/embeddings"),
+    _post("embeddings user a number", body(model="vec", input="x", user=5), 400,
+          "invalid_value", path="/v1/embeddings"),
+    _post("embeddings from a broken embedding model", body(model="brokenvec", input="x"),
+          503, "model_unavailable", path="/v1/embeddings"),
+    # -- the admin API (residency control, the routing playground, the event stream)
+    _get("admin status without a key", "/admin/models", 401, "invalid_api_key",
+         authorization=None),
+    _get("event stream without a key", "/admin/events", 401, "invalid_api_key",
+         authorization=None),
+    _post("load without a key", admin(model="quality"), 401, "invalid_api_key", path=LOAD,
+          authorization=None),
+    _get("the page from a foreign Host", "/ui", 421, "invalid_host", host="evil.example"),
+    _get("event stream from a foreign Host", "/admin/events", 421, "invalid_host",
+         host="evil.example"),
+    _post("load as text/plain", admin(model="quality"), 415, "unsupported_media_type",
+          path=LOAD, content_type="text/plain"),
+    _post("unload as a form", b"model=quality", 415, "unsupported_media_type", path=UNLOAD,
+          content_type="application/x-www-form-urlencoded"),
+    _get("GET load", LOAD, 405, "method_not_allowed"),
+    Case("DELETE unload", "DELETE", UNLOAD, {}, b"", 405, "method_not_allowed"),
+    _post("POST the status", b"{}", 405, "method_not_allowed", path="/admin/models"),
+    _post("POST the page", b"{}", 405, "method_not_allowed", path="/ui"),
+    _get("unknown admin path", "/admin/nope", 404, "not_found"),
+    _post("load with broken JSON", b"{", 400, "invalid_json", path=LOAD),
+    _post("load a list", b'["quality"]', 400, "invalid_body", path=LOAD),
+    _post("load without a model", b"{}", 400, "invalid_value", path=LOAD),
+    _post("load model a number", admin(model=5), 400, "invalid_value", path=LOAD),
+    _post("load an empty name", admin(model=""), 400, "invalid_value", path=LOAD),
+    _post("load with an unknown field", admin(model="quality", force=True), 400,
+          "unknown_parameter", path=LOAD),
+    _post("load an unknown model", admin(model="gpt-4"), 404, "model_not_found", path=LOAD),
+    _post("load a model whose file is missing", admin(model="missing"), 503,
+          "model_unavailable", path=LOAD),
+    _post("load a model whose GGUF header is junk", admin(model="broken"), 503,
+          "model_unavailable", path=LOAD),
+    _post("unload a pinned model", admin(model="fast"), 409, "model_pinned", path=UNLOAD),
+    _post("unload an unknown model", admin(model="gpt-4"), 404, "model_not_found",
+          path=UNLOAD),
+    _post("unload timeout negative", admin(model="quality", timeout_seconds=-1), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout a string", admin(model="quality", timeout_seconds="soon"), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout a day", admin(model="quality", timeout_seconds=86400), 400,
+          "invalid_value", path=UNLOAD),
+    _post("unload timeout true", admin(model="quality", timeout_seconds=True), 400,
+          "invalid_value", path=UNLOAD),
+    _post("route without messages", chat(messages=...), 400, "invalid_value", path=ROUTE),
+    _post("route an unknown model", chat(model="gpt-4"), 404, "model_not_found", path=ROUTE),
+    _post("route with an unknown field", chat(foo=1), 400, "unknown_parameter", path=ROUTE),
+    _post("route a prompt over max_prompt_chars", say(
+        {"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}), 400,
+          "context_length_exceeded", path=ROUTE),
+    _post("route a body over the limit", chat(messages=[
+        {"role": "user", "content": "x" * MAX_BODY}]), 413, "body_too_large", path=ROUTE),
+    _post("route audio (the playground transcribes nothing)", say({"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}), 400,
+          "unsupported_value", path=ROUTE),
+    _post("route an image for a text model", say({"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": PNG}}]}), 400, "unsupported_modality",
+          path=ROUTE),
     # -- the protocol
     _raw("1 MB header", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
          + b"a" * (1 << 20) + b"\r\n\r\n", 431, "headers_too_large"),

@@ -116,6 +116,24 @@ def cases(f: Path) -> list[tuple[str, list, dict, bytes]]:
          {}, b""),
         ("config-show-wrong-types", ["--config", str(f / "wrong-types.toml"), "config", "show"],
          {}, b""),
+        # a running server's residency: nothing listens on port 1
+        ("models-ps-no-server", [*g, "models", "ps", "--server", "http://127.0.0.1:1"], {},
+         b""),
+        ("models-ps-not-a-url", [*g, "models", "ps", "--server", "localhost:8000"], {}, b""),
+        ("models-ps-broken-url", [*g, "models", "ps", "--server", "http://[::1"], {}, b""),
+        ("models-ps-port-too-big", [*g, "models", "ps", "--server", "http://127.0.0.1:99999"],
+         {}, b""),
+        ("models-ps-non-utf8-server", [*g, "models", "ps", "--server", os.fsdecode(BAD)], {},
+         b""),
+        ("models-ps-non-utf8-api-key", [*g, "models", "ps", "--api-key", os.fsdecode(BAD)],
+         {}, b""),
+        ("models-load-without-a-name", [*g, "models", "load"], {}, b""),
+        ("models-load-non-utf8-name", [*g, "models", "load", os.fsdecode(BAD), "--server",
+                                       "http://127.0.0.1:1"], {}, b""),
+        ("models-unload-negative-wait", [*g, "models", "unload", "quality", "--wait", "-1"],
+         {}, b""),
+        ("models-unload-no-server", [*g, "models", "unload", "quality", "--server",
+                                     "http://127.0.0.1:1"], {}, b""),
     ]
 
 

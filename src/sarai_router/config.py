@@ -89,6 +89,9 @@ class ServerConfig:
     #: How long a stop (Ctrl-C, SIGTERM) may take: answers in flight are stopped at once,
     #: queued requests get 503 at once, and the process exits within this many seconds.
     shutdown_grace_seconds: float = 10.0
+    #: The longest idle time a client's ``keep_alive`` (Ollama dialect) may ask for a
+    #: model; longer asks are cut to this. 0: clients may only unload (keep_alive 0).
+    keep_alive_max_seconds: float = 300.0
 
 
 @attrs.frozen
@@ -162,6 +165,8 @@ class ModelSpec:
     frequency_penalty: float | None = None
     #: None: ``[generation] runaway_guard``
     runaway_guard: bool | None = None
+    #: loaded for embeddings only (``/v1/embeddings``, ``/api/embed``), not for chat
+    embedding: bool = False
     settings: Any = None
     #: the backend's keys as written, kept to bind them again to other plugins
     backend_keys: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -620,6 +625,10 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
     names = set(config.models)
     if not names:
         problems.append(f"{src}: models: no model is configured (add a [models.NAME] table)")
+    embedders = {n for n, s in config.models.items() if s.embedding}
+    if config.routing.default_model in embedders:
+        problems.append(f"{src}: routing.default_model: {config.routing.default_model!r} is "
+                        "an embedding model (embedding = true); chat cannot be routed to it")
     if names and config.routing.default_model not in names:
         problems.append(f"{src}: routing.default_model: routes to "
                         f"{not_configured(config.routing.default_model, names)}")
@@ -650,6 +659,8 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
         problems.append(f"{src}: server.max_header_bytes: must be >= 1024")
     if server.shutdown_grace_seconds < 0:
         problems.append(f"{src}: server.shutdown_grace_seconds: must be >= 0")
+    if server.keep_alive_max_seconds < 0:
+        problems.append(f"{src}: server.keep_alive_max_seconds: must be >= 0")
     generation = config.generation
     if generation.runaway_min_chars < 1:
         problems.append(f"{src}: generation.runaway_min_chars: must be >= 1")

@@ -136,6 +136,14 @@ class QueueFull(PoolError):
                          "([server] queue_size); try again shortly")
 
 
+class ModelPinned(PoolError):
+    """An unload asked for a pinned model: the config holds it resident for good."""
+
+
+class ModelBusy(PoolError):
+    """An unload waited for the model's requests to end, and they did not in time."""
+
+
 class InstanceDead(BackendError):
     """A loaded instance is gone (its process crashed or was killed).
 

@@ -59,7 +59,8 @@ EVENT_KINDS: Mapping[str, str] = MappingProxyType({
     "transcribed": "request_id, language, seconds, chars, plugin",
     "model_loading": "(a load starts)",
     "model_loaded": "load_s, rss_mb",
-    "model_unloaded": "reason (expire, unload, shutdown), rss_mb",
+    "model_unloaded": "reason (expire, unload, shutdown, keep_alive: a client's keep_alive 0), "
+                      "rss_mb",
     "model_evicted": "reason, by (the model it made room for), rss_mb",
     "load_failed": "error",
     "model_crashed": "detail (a loaded instance died and was dropped)",

@@ -54,6 +54,9 @@ DEFAULT_PLUGINS = {
     "lru_ttl": "sarai_router.default_plugins.lru_ttl",
     "prewarm": "sarai_router.default_plugins.prewarm",
     "whisper": "sarai_router.default_plugins.whisper",
+    "admin": "sarai_router.default_plugins.admin",
+    "ollama": "sarai_router.default_plugins.ollama",
+    "embeddings": "sarai_router.default_plugins.embeddings",
 }
 
 #: default plugins that only register a backend (of the same name): ``(module, class)``.

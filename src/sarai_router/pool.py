@@ -40,7 +40,8 @@ import attrs
 from . import runner
 from .backend import LoadedModel
 from .config import Config, ModelSpec
-from .errors import BackendError, Cancelled, InstanceDead, PoolError, QueueFull, not_configured
+from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
+                     QueueFull, not_configured)
 from .runner import in_thread
 from .types import COLD_LOAD_MB_PER_S, Residency
 
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelPool", "PoolError", "QueueFull", "Resident", "ResidentInfo"]
 
 
+#: The detail of an unload a client's ``keep_alive: 0`` asked for.
+KEEP_ALIVE_0 = "keep_alive 0"
 #: A verified unload must give back at least this share of what the load took.
 UNLOAD_VERIFY_RATIO = 0.5
 #: Below this size an unload is not checked: RSS noise is of the same order.
@@ -132,6 +135,11 @@ class Resident:
     waiters: list = attrs.field(factory=list)
     #: generations holding a slot now
     active: int = 0
+    #: a client's idle limit for this instance (``keep_alive``), seconds; None: the cache
+    #: policy's TTL. Never set on a pinned model.
+    keep_alive_s: float | None = None
+    #: unload as soon as the last request using it ends (``keep_alive`` 0)
+    unload_after_use: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -165,6 +173,8 @@ class Resident:
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
+            "keep_alive_s": self.keep_alive_s,
+            "unload_after_use": self.unload_after_use,
         }
 
 
@@ -408,6 +418,7 @@ class ModelPool:
 
     def _release_user(self, resident: Resident, *, used: bool = True) -> None:
         """``used``: it generated (the idle clock restarts); else it left the queue."""
+        taken = None
         with self._cond:
             resident.users -= 1
             resident.queued -= 1
@@ -416,7 +427,12 @@ class ModelPool:
                 self._heap_dirty = True
             if resident.state == "dead" and resident.users == 0:
                 self._close_dead_locked(resident)
+            elif (resident.unload_after_use and resident.idle
+                    and self._residents.get(resident.name) is resident):
+                taken = self._take_out_locked(resident, kind="unload", detail=KEEP_ALIVE_0)
             self._cond.notify_all()
+        if taken is not None:
+            self._close(*taken)
 
     async def _take_slot(self, resident: Resident) -> None:
         """Take a slot of ``resident`` without blocking the event loop: at once if one is
@@ -767,8 +783,9 @@ class ModelPool:
             self.hooks.emit("model_evicted", resident.name, reason=detail, by=by,
                             rss_mb=resident.ram_mb)
         else:
-            self.hooks.emit("model_unloaded", resident.name,
-                            reason="shutdown" if detail == "shutdown" else kind,
+            # A client's keep_alive 0 is told apart from an operator's unload.
+            reason = {"shutdown": "shutdown", KEEP_ALIVE_0: "keep_alive"}.get(detail, kind)
+            self.hooks.emit("model_unloaded", resident.name, reason=reason,
                             rss_mb=resident.ram_mb)
         self._verify_unload(resident, freed)
         if resident.prewarm_pending:
@@ -832,6 +849,139 @@ class ModelPool:
         self._close(*taken)
         return True
 
+    def keep_alive(self, name: str, seconds: float | None) -> str:
+        """A client's ``keep_alive`` for ``name``'s loaded instance, within the operator's
+        policy: ``0`` unloads it once the requests using it end (now if none does);
+        ``seconds > 0`` sets its idle limit to that many seconds, replacing the TTL;
+        ``None`` gives the TTL back. A pinned model is never touched; the budget and
+        ``max_loaded`` may still evict it. The caller caps ``seconds``.
+
+        Returns what happened: ``not_loaded``, ``pinned``, ``unloaded``, ``unload_pending``
+        (in use: unloaded when its last request ends) or ``set``.
+        """
+        taken = None
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.state not in ("loaded", "loading"):
+                return "not_loaded"
+            if resident.pinned:
+                return "pinned"
+            if seconds is not None and seconds <= 0:
+                resident.unload_after_use = True
+                if resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload",
+                                                  detail=KEEP_ALIVE_0)
+            else:
+                resident.unload_after_use = False
+                resident.keep_alive_s = seconds
+        if taken is not None:
+            self._close(*taken)
+            return "unloaded"
+        return "unload_pending" if seconds is not None and seconds <= 0 else "set"
+
+    def expires_in(self, name: str, now: float | None = None) -> float | None:
+        """Seconds until ``name`` expires if it stays idle (0 when due; None: pinned, not
+        loaded, or in use, whose idle clock has not started)."""
+        now = self.clock() if now is None else now
+        with self._cond:
+            resident = self._residents.get(name)
+            if resident is None or resident.pinned or not resident.idle:
+                return None
+            limit = (resident.keep_alive_s if resident.keep_alive_s is not None
+                     else self.config.ttl_for(resident.spec))
+            return max(0.0, resident.last_used + limit - now)
+
+    def unload_when_idle(self, name: str, *, timeout: float | None = None,
+                         cancel: threading.Event | None = None) -> bool:
+        """An operator's unload: wait until no request uses or waits for ``name``, then
+        unload it. Requests keep being served meanwhile; the model goes as soon as it is
+        idle. Returns False if it was not resident.
+
+        Raises :class:`ModelPinned` for a pinned model (the config holds it), and
+        :class:`ModelBusy` if it is still in use after ``timeout`` seconds (default: the
+        pool's ``wait_seconds``) or ``cancel`` is set.
+        """
+        spec = self.config.models.get(name)
+        if spec is None:
+            raise PoolError(f"cannot unload {not_configured(name, self.config.models)}")
+        if spec.pinned:
+            raise ModelPinned(f"model {name!r} is pinned ([models.{name}] pinned = true): it "
+                              "stays loaded while the server runs; unpin it in the config "
+                              "to unload it")
+        wait = self.wait_seconds if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                resident = self._residents.get(name)
+                if resident is None and name not in self._closing:
+                    return False
+                if resident is not None and resident.idle:
+                    taken = self._take_out_locked(resident, kind="unload", detail="asked")
+                    break
+                # Loading, in use, or being closed by someone else: look again when the
+                # pool changes (every release notifies).
+                remaining = deadline - time.monotonic()
+                users = resident.users if resident is not None else 0
+                in_use = (f"{users} request{'s' if users != 1 else ''} generating or "
+                          "queued")
+                if cancel is not None and cancel.is_set():
+                    raise ModelBusy(f"gave up unloading model {name!r}: cancelled while "
+                                    f"it was still in use ({in_use})")
+                if remaining <= 0:
+                    raise ModelBusy(f"model {name!r} is still in use ({in_use}) after "
+                                    f"{wait:g} s; try again later")
+                self._cond.wait(timeout=min(remaining, 0.5))
+        self._close(*taken)
+        return True
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every configured model's residency as the operator sees it (``models ps``, the
+        admin API, the page): ``state`` (unloaded, loading, loaded, unloading), ``rss_mb``
+        (what it holds: measured, else estimated; None when unloaded), ``pinned``,
+        ``in_flight`` (generating now), ``queued`` (waiting for the load or a slot),
+        ``last_used`` (wall clock, None before its first request ends), ``idle_seconds``,
+        ``ttl_seconds`` and ``expires_at`` / ``expires_in_seconds``: when the TTL unloads it
+        if it stays idle (None when pinned, busy or not loaded; the reaper runs every
+        ``[cache] reap_interval_seconds``, so it goes within that much after)."""
+        now, wall = self.clock(), time.time()
+        with self._cond:
+            held = {**{r.name: r for r in self._closing.values()}, **self._residents}
+            rows = []
+            for name, spec in self.config.models.items():
+                resident = held.get(name)
+                ttl = None if spec.pinned else self.config.ttl_for(spec)
+                row: dict[str, Any] = {
+                    "name": name, "state": "unloaded", "pinned": spec.pinned,
+                    "backend": spec.backend, "rss_mb": None, "estimated_mb": None,
+                    "in_flight": 0, "queued": 0, "concurrency": None, "last_used": None,
+                    "idle_seconds": None, "ttl_seconds": ttl, "expires_at": None,
+                    "expires_in_seconds": None, "load_seconds": self._load_seconds.get(name),
+                }
+                if resident is not None:
+                    loaded = resident.state == "loaded"
+                    row.update(
+                        state=resident.state, rss_mb=round(resident.ram_mb, 1),
+                        estimated_mb=round(resident.estimated_mb, 1),
+                        in_flight=resident.active,
+                        queued=max(0, resident.queued - resident.active),
+                        concurrency=resident.concurrency)
+                    # A request's end restarts the idle clock; a load alone does not count.
+                    if loaded and resident.last_used > resident.loaded_at:
+                        row["last_used"] = round(wall - (now - resident.last_used), 3)
+                    if resident.idle:
+                        idle = max(0.0, now - resident.last_used)
+                        row["idle_seconds"] = round(idle, 1)
+                        # A client's keep_alive (the Ollama dialect), where the pool keeps
+                        # one, replaces the TTL for this instance.
+                        limit = getattr(resident, "keep_alive_s", None)
+                        limit = ttl if limit is None or spec.pinned else limit
+                        if limit is not None:
+                            left = max(0.0, limit - idle)
+                            row["expires_in_seconds"] = round(left, 1)
+                            row["expires_at"] = round(wall + left, 3)
+                rows.append(row)
+        return rows
+
     def reap(self, now: float | None = None) -> list[str]:
         """Unload every idle model the cache policy says has expired; return their names."""
         now = self.clock() if now is None else now
@@ -844,8 +994,14 @@ class ModelPool:
             for resident in list(self._residents.values()):
                 if not resident.idle or resident.pinned:
                     continue
-                if self.hooks.model_expired(resident=resident.info(), now=now,
-                                            cache=self.config.cache):
+                if resident.unload_after_use:
+                    expired = True
+                elif resident.keep_alive_s is not None:  # a client's, within the cap
+                    expired = now - resident.last_used >= resident.keep_alive_s
+                else:
+                    expired = self.hooks.model_expired(resident=resident.info(), now=now,
+                                                       cache=self.config.cache)
+                if expired:
                     taken.append(self._take_out_locked(
                         resident, kind="expire", detail=f"idle {now - resident.last_used:.1f}s"))
         for item in taken:

@@ -150,6 +150,8 @@ class Router:
         """What ``request`` needs that ``model`` cannot give, in words (empty: it can)."""
         caps = self.capabilities(model)
         missing = []
+        if self.config.models[model].embedding:
+            missing.append("chat (it is loaded for embeddings: embedding = true)")
         if request.images and "image" not in caps.modalities:
             missing.append("image input")
         if request.audio is not None and "audio" not in caps.modalities:
@@ -192,6 +194,7 @@ class Router:
                   if (lacks := self.unmet_needs(name, request))]
         detail = (f"[models.{decision.model}] modalities = {list(spec.modalities)}"
                   if all(m.endswith(" input") for m in missing)
+                  else "send its requests to an embeddings endpoint" if spec.embedding
                   else f"its backend {spec.backend!r} does not offer it")
         message = (f"model {decision.model!r} cannot take {' or '.join(missing)}: {detail} "
                    f"(routed by {decision.plugin}: {decision.reason})")

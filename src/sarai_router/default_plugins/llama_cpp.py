@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import sys
 import threading
@@ -22,7 +23,7 @@ import attrs
 from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
                        ContextLengthError, Delta, GenerationParams, Presence, Usage)
 from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
-from ..errors import ModelLoadError
+from ..errors import InvalidRequest, ModelLoadError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
 from . import llama_cpp_features as features
@@ -320,6 +321,52 @@ class LlamaCppModel:
 
         self.llama.sample = sample_and_tell
 
+    def embed(self, inputs: Sequence[str | Sequence[int]], *,
+              truncate: bool = True) -> tuple[list[list[float]], int]:
+        """One L2-normalised vector per input (text, or token ids) and the tokens read.
+
+        ``truncate``: an input longer than the context is cut to it; else it is refused
+        (ContextLengthError)."""
+        if not self.spec.embedding:
+            raise BackendError(f"model {self.spec.name!r} is not loaded for embeddings "
+                               "(set embedding = true in its table)")
+        limit = min(self.llama.n_ctx(), self.llama.n_batch)
+        vectors, tokens = [], 0
+        for item in inputs:
+            ids = (self.llama.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                   if isinstance(item, str) else list(item))
+            if not ids:
+                raise InvalidRequest("input: an input is empty", param="input")
+            vocab = self.llama.n_vocab()
+            if any(not 0 <= i < vocab for i in ids):
+                raise InvalidRequest(f"input: a token id is outside model {self.spec.name!r}'s "
+                                     f"vocabulary (0..{vocab - 1})", param="input")
+            if len(ids) > limit:
+                if not truncate:
+                    raise ContextLengthError(
+                        f"model {self.spec.name!r}: an input has {len(ids)} tokens, more than "
+                        f"the {limit} it embeds at once (n_ctx / n_batch)")
+                ids = ids[:limit]
+            vectors.append(self._embed_ids(ids))
+            tokens += len(ids)
+        return vectors, tokens
+
+    def _embed_ids(self, ids: list[int]) -> list[float]:
+        # One sequence at a time, the way llama-cpp-python's own ``embed`` decodes a batch
+        # (which takes only text; OpenAI's ``input`` may be token ids).
+        import llama_cpp
+
+        llama = self.llama
+        llama._batch.reset()
+        llama._batch.add_sequence(ids, 0, True)  # every token an output, as embed() does
+        llama._ctx.kv_cache_clear()
+        llama._ctx.decode(llama._batch)
+        llama._batch.reset()
+        vector = [float(v) for v in llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, 0)
+                  [:llama.n_embd()]]
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]
+
     def close(self) -> None:
         llama, self.llama = self.llama, None
         if llama is not None:
@@ -341,6 +388,10 @@ def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]
     return out
 
 
+#: How an embedding model may pool (llama.cpp's pooling types that give one vector).
+POOLING = ("mean", "cls", "last")
+
+
 @attrs.frozen
 class LlamaCppSettings:
     """The ``llama_cpp`` backend's own keys in ``[models.NAME]``."""
@@ -351,6 +402,9 @@ class LlamaCppSettings:
     chat_format: str = ""
     #: the vision projector GGUF that lets the model take images
     mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
+    #: how an embedding model (``embedding = true``) pools its hidden states into one
+    #: vector per input: mean, cls or last
+    pooling: str = "mean"
     #: extra keyword arguments for ``llama_cpp.Llama`` (``chat_handler`` names the image handler)
     options: dict[str, Any] = attrs.field(factory=dict)
     #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
@@ -369,6 +423,10 @@ class LlamaCppBackend(Backend):
             yield "n_batch", "must be >= 1"
         if settings.n_threads < 0:
             yield "n_threads", "must be >= 0 (0 = all cores)"
+        if settings.pooling not in POOLING:
+            yield "pooling", f"must be one of {', '.join(POOLING)}, got {settings.pooling!r}"
+        if spec.embedding and settings.mmproj:
+            yield "mmproj", "an embedding model (embedding = true) takes text only"
         if not check_files:
             return
         # What would fail at the first request, caught by `config check`.
@@ -441,6 +499,10 @@ class LlamaCppBackend(Backend):
             # _ThisThreadToLog); its notes go to the log instead.
             verbose=True,
         )
+        if spec.embedding:
+            # llama.cpp pools any model's hidden states; a chat model's too.
+            kwargs.update(embedding=True, pooling_type=getattr(
+                llama_cpp, f"LLAMA_POOLING_TYPE_{settings.pooling.upper()}"))
         if settings.chat_format:
             kwargs["chat_format"] = settings.chat_format
         if settings.mmproj:

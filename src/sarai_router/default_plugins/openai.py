@@ -25,7 +25,7 @@ import os
 import re
 import threading
 import time
-from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -36,6 +36,9 @@ from ..config import Config, ModelSpec
 from ..errors import ContextLengthError, UpstreamError, UpstreamUnavailable
 from ..hookspecs import hookimpl
 from ..types import CHARS_PER_TOKEN, AudioInput, ImageInput
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +397,8 @@ class OpenAIModel:
             secrets.extend(_url_secrets(url))
         self.redact = Redactor(secrets)
         self._lock = threading.Lock()
+        #: for ``embed`` (a blocking call, not a stream)
+        self._client: httpx.Client | None = None
         #: event loop id -> (the loop, its httpx.AsyncClient)
         self._aclients: dict[int, tuple[Any, Any]] = {}
         self._closed = False
@@ -412,6 +417,15 @@ class OpenAIModel:
         t = self.settings.timeout_seconds
         return httpx.Timeout(t, connect=min(t, 10.0))
 
+    def client(self) -> "httpx.Client":
+        import httpx
+
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(limits=self._limits(), timeout=self._timeout(),
+                                            headers=self.headers, trust_env=False)
+            return self._client
+
     def aclient(self):
         import asyncio
 
@@ -429,7 +443,10 @@ class OpenAIModel:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            client, self._client = self._client, None
             aclients, self._aclients = list(self._aclients.values()), {}
+        if client is not None:
+            client.close()
         for loop, aclient in aclients:
             _close_async_client(loop, aclient)
 
@@ -582,6 +599,41 @@ class OpenAIModel:
     def _finish(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
         self.replicas.succeeded(attempt.replica)
         return self._final(attempt, messages)
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], *,
+              truncate: bool = True) -> tuple[list[list[float]], int]:
+        """``POST {base_url}/embeddings`` (a model with ``embedding = true``) on the least
+        busy healthy endpoint, the next one on a failure; the vectors and the prompt tokens.
+        ``truncate`` is the endpoint's business (OpenAI's API has no such field)."""
+        body = {"model": self.remote_model, "input": list(inputs), "encoding_format": "float"}
+        client = self.client()
+        failover = _Failover(self)
+        while (attempt := failover.next()) is not None:
+            url = endpoint_url(attempt.replica.url, "embeddings")
+            try:
+                response = client.post(url, json=body, headers={"accept": "application/json"})
+                if response.status_code >= 400:
+                    failover.refused(attempt, response.status_code, response.content)
+                    continue
+                try:
+                    data = response.json()
+                    rows = sorted(data["data"], key=lambda row: row["index"])
+                    vectors = [[float(v) for v in row["embedding"]] for row in rows]
+                    tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+                except (ValueError, KeyError, TypeError):
+                    raise BackendError(f"model {self.spec.name!r}: endpoint "
+                                       f"{attempt.replica.shown} answered /embeddings with "
+                                       "something that is not OpenAI's shape") from None
+                if len(vectors) != len(body["input"]):
+                    raise BackendError(f"model {self.spec.name!r}: endpoint "
+                                       f"{attempt.replica.shown} returned {len(vectors)} "
+                                       f"vectors for {len(body['input'])} inputs")
+                return vectors, tokens
+            except Exception as exc:
+                failover.failed(attempt, exc)
+            finally:
+                self.replicas.release(attempt.replica)
+        raise failover.exhausted()
 
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),

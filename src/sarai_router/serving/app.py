@@ -30,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from ..backend import GenerationParams
 from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import Done, Failed, Generation, Piece
-from ..types import RouteDecision
+from ..types import ChatRequest, RouteDecision
 from .audio import transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol, limit_body)
@@ -199,15 +200,11 @@ class SaraiServer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
             return self._fail(error_for(exc), exc)
 
-        events: asyncio.Queue = asyncio.Queue()
-        generation = Generation(self.engine, parsed.request, decision, parsed.params,
-                                events.put_nowait, queue_limit=self.config.server.queue_size)
-        # Registered before the check: a stop that starts between the two still cancels it.
-        self._live.add(generation)
-        if self.shutting_down:
-            return self._fail(_shutting_down())
-        generation.start()
-        first = await self._wait(events, request, generation, decision)
+        started = self.start_generation(parsed.request, decision, parsed.params)
+        if isinstance(started, Response):
+            return started
+        generation, events = started
+        first = await self.wait_event(events, request, generation, decision)
         if isinstance(first, Response):
             return first
         # The model that answers: another one when the routed model failed before its first
@@ -231,7 +228,7 @@ class SaraiServer:
         event = first
         while not isinstance(event, (Done, Failed)):
             pieces.append(event.text)
-            event = await self._wait(events, request, generation, decision)
+            event = await self.wait_event(events, request, generation, decision)
             if isinstance(event, Response):
                 return event
         if isinstance(event, Failed):
@@ -245,8 +242,22 @@ class SaraiServer:
                       "stopped_by": completion.stopped_by},
         }, headers=self._headers(decision))
 
-    async def _wait(self, events: asyncio.Queue, request: Request, generation: Generation,
-                    decision: RouteDecision):
+    def start_generation(self, request: ChatRequest, decision: RouteDecision,
+                         params: GenerationParams) -> tuple[Generation, asyncio.Queue] | Response:
+        """Start ``request``'s generation as a task on this loop (its events go to the queue
+        returned), or the 503 to answer when shutdown has begun."""
+        events: asyncio.Queue = asyncio.Queue()
+        generation = Generation(self.engine, request, decision, params, events.put_nowait,
+                                queue_limit=self.config.server.queue_size)
+        # Registered before the check: a stop that starts between the two still cancels it.
+        self._live.add(generation)
+        if self.shutting_down:
+            return self._fail(_shutting_down())
+        generation.start()
+        return generation, events
+
+    async def wait_event(self, events: asyncio.Queue, request: Request,
+                         generation: Generation, decision: RouteDecision):
         """The generation's next event, or the answer to give instead when nobody wants the
         rest: 499 when the client left, 503 when shutdown began (the generation stopped
         either way). A handler cancelled for another reason stops it and goes on failing."""

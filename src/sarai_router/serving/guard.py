@@ -24,12 +24,13 @@ import uuid
 from typing import Sequence
 
 from ..events import request_scope
-from .openai import ApiError, internal_error
+from .openai import DIALECT, ApiError, internal_error
 
 log = logging.getLogger(__name__)
 
-#: Paths that answer without the API key (load balancers and probes have none).
-OPEN_PATHS = frozenset({"/health"})
+#: Paths that answer without the API key: load balancers and probes have none, and a browser
+#: loads the ``/ui`` page's static files (which hold no data) before it can ask for the key.
+OPEN_PATHS = frozenset({"/health", "/ui", "/ui/app.js", "/ui/app.css"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -58,6 +59,9 @@ class RequestIdMiddleware:
             return
         given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _CLIENT_ID.match(given) else f"req_{uuid.uuid4().hex[:20]}"
+        # Ollama's clients read {"error": "..."}: every error on its paths takes that shape.
+        dialect = DIALECT.set("ollama" if scope.get("path", "").startswith("/api/")
+                              else "openai")
         started = False
 
         async def send_with_id(message):
@@ -68,14 +72,17 @@ class RequestIdMiddleware:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        with request_scope("http", request_id):
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
-                log.exception("unhandled error on %s %s (request id %s)", scope.get("method"),
-                              scope.get("path"), request_id)
-                if not started:
-                    await _answer(internal_error(), scope, receive, send_with_id)
+        try:
+            with request_scope("http", request_id):
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except Exception:  # noqa: BLE001 - our bug: logged in full, answered generically
+                    log.exception("unhandled error on %s %s (request id %s)",
+                                  scope.get("method"), scope.get("path"), request_id)
+                    if not started:
+                        await _answer(internal_error(), scope, receive, send_with_id)
+        finally:
+            DIALECT.reset(dialect)
 
 
 def host_allowed(host: str, names: frozenset[str]) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import json
 import logging
 import re
@@ -39,6 +40,11 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
          "tool": "tool"}
 
 
+#: The error shape of the request being answered: "openai" (``{"error": {...}}``) or
+#: "ollama" (``{"error": "..."}``, on ``/api/*``); set by the server's outermost middleware.
+DIALECT: contextvars.ContextVar[str] = contextvars.ContextVar("sarai_dialect",
+                                                              default="openai")
+
 #: Deeper JSON is refused before anything walks it (OpenAI allows 10 levels in a schema).
 MAX_JSON_DEPTH = 64
 MAX_TOOLS = 128
@@ -64,6 +70,10 @@ class ApiError(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
+        if DIALECT.get() == "ollama":
+            # Ollama's shape has no code: it travels in a header of ours instead.
+            return JSONResponse({"error": self.message}, status_code=self.status,
+                                headers={**self.headers, "x-sarai-error-code": self.code})
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
