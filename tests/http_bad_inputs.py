@@ -14,6 +14,7 @@ server's config is ``SERVER_TOML`` (the API key, limits and models named here).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, NamedTuple
 
 API_KEY = "corpus-key-1"
@@ -23,6 +24,9 @@ MAX_TOKENS_CAP = 4096
 HEADER_TIMEOUT = 2
 BODY_TIMEOUT = 2
 CORS_ORIGIN = "http://allowed.example"
+#: The environment variable holding the misbehaving upstream's API key (``PROBE_KEY``).
+PROBE_KEY_ENV = "SARAI_TEST_PROBE_KEY"
+UPSTREAM_TOTAL_SECONDS = 3
 
 #: [server] and the extra models of the corpus server (appended to the base config).
 SERVER_TOML = f"""
@@ -56,7 +60,26 @@ backend = "textonly_double"
 path = "{{fast}}"
 n_ctx = 512
 max_tokens = 8
-"""
+
+[models.nostart]
+backend = "llama_server"
+path = "{{fast}}"
+n_ctx = 512
+# A real program that exits at once: a managed model whose server cannot start.
+binary = "false"
+startup_timeout_seconds = 10
+""" + "".join(f"""
+[models.up_{behaviour}{suffix}]
+backend = "openai"
+base_url = "{{upstream}}/{behaviour}/v1"
+api_key_env = "{PROBE_KEY_ENV}"
+max_tokens = 8
+timeout_seconds = 5
+total_timeout_seconds = {UPSTREAM_TOTAL_SECONDS}
+""" for behaviour in ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut",
+                      "trickle", "keepalive", "echo300", "echo1000", "midecho", "fine")
+    # A failed endpoint cools down (503 meanwhile): the streamed cases get their own model.
+    for suffix in ("", "_streamed"))
 
 
 class Case(NamedTuple):
@@ -80,6 +103,11 @@ def chat(**fields: Any) -> bytes:
         else:
             body[key] = value
     return json.dumps(body).encode()
+
+
+def _schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A ``response_format`` holding ``schema``."""
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
 
 def say(*messages: Any, **fields: Any) -> bytes:
@@ -134,6 +162,25 @@ def _get(name: str, path: str, status: int, code: str, **headers: str | None) ->
 
 def _raw(name: str, request: bytes, status: int, code: str) -> Case:
     return Case(name, "RAW", "", {}, b"", status, code, raw=request)
+
+
+def _form(**fields: str | bytes) -> bytes:
+    """A multipart form for ``/v1/audio/transcriptions`` (boundary ``FORM_BOUNDARY``); a
+    bytes value is the uploaded file."""
+    out = b""
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            out += (f"--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                    f"filename=\"clip.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
+            out += value + b"\r\n"
+        else:
+            out += (f"--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\""
+                    f"\r\n\r\n{value}\r\n").encode()
+    return out + f"--{FORM_BOUNDARY}--\r\n".encode()
+
+
+FORM_BOUNDARY = "corpus-form-boundary"
+SPEECH = (Path(__file__).resolve().parent / "fixtures" / "es_triste.wav").read_bytes()
 
 
 def _nested(levels: int, open_: str = "[", close: str = "]") -> bytes:
@@ -327,6 +374,52 @@ CASES: list[Case] = [
     _post("schema with a dangling $ref", chat(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
             "$ref": "#/definitions/nope"}}}), 400, "invalid_value"),
+    # -- schemas whose grammar would crash or starve llama.cpp (refused by keyword and place)
+    _post("maxLength 20000 (overflowed llama.cpp's parser)", chat(
+        model="auto", response_format=_schema({"type": "object", "properties": {
+            "s": {"type": "string", "maxLength": 20000}}, "required": ["s"]})), 400,
+          "invalid_value"),
+    _post("maxLength 20000 streamed", chat(
+        model="auto", stream=True, response_format=_schema({"type": "object", "properties": {
+            "s": {"type": "string", "maxLength": 20000}}, "required": ["s"]})), 400,
+          "invalid_value"),
+    _post("maxLength 15000 (llama.cpp dumped 120 KB)", chat(response_format=_schema({
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 15000}}})), 400,
+          "invalid_value"),
+    _post("pattern a{1,100000}", chat(model="auto", response_format=_schema({
+        "type": "string", "pattern": "^a{1,100000}$"})), 400, "invalid_value"),
+    _post("tool with maxItems 100000, required", chat(
+        model="auto", tool_choice="required", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"xs": {
+                "type": "array", "items": {"type": "integer"}, "maxItems": 100000}}}}}]),
+          400, "invalid_value"),
+    _post("tool with maxItems 100000, required, streamed", chat(
+        model="auto", stream=True, tool_choice="required", tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"xs": {"type": "array",
+                                                        "maxItems": 100000}}}}}]),
+          400, "invalid_value"),
+    _post("ambiguous pattern (a?){120}a{120} (held the model 124 s)", chat(
+        max_tokens=128, response_format=_schema({"type": "string",
+                                                 "pattern": "^(a?){120}a{120}$"})), 400,
+          "invalid_value"),
+    _post("ambiguous pattern (a?){240}a{240}", chat(response_format=_schema({
+        "type": "string", "pattern": "^(a?){240}a{240}$"})), 400, "invalid_value"),
+    _post("pattern repeating what may match nothing", chat(response_format=_schema({
+        "type": "string", "pattern": "^(a?)*$"})), 400, "invalid_value"),
+    _post("pattern whose nested repetitions multiply", chat(response_format=_schema({
+        "type": "string", "pattern": "^((a{1,50}){1,50}){1,50}$"})), 400, "invalid_value"),
+    _post("2,000 optional properties", chat(response_format=_schema({
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}})),
+          400, "invalid_value"),
+    _post("$ref to a missing $defs entry", chat(response_format=_schema({
+        "$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"})), 400, "invalid_value"),
+    _post("maxLength of 400 digits", chat(response_format=_schema({
+        "type": "string", "maxLength": 10 ** 400})), 400, "invalid_value"),
+    _post("pattern bound of 5,000 digits", chat(response_format=_schema({
+        "type": "string", "pattern": "^a{" + "9" * 5000 + "}$"})), 400, "invalid_value"),
+    _post("$ref to a remote schema", chat(response_format=_schema({
+        "$ref": "https://example.com/schema.json"})), 400, "invalid_value"),
     # -- what the models can take
     _post("prompt over max_prompt_chars", say({"role": "user",
                                                "content": "x" * (MAX_PROMPT_CHARS + 1)}), 400,
@@ -345,6 +438,35 @@ CASES: list[Case] = [
           "unsupported_parameter"),
     _post("a model whose GGUF header is junk", chat(model="broken"), 503, "model_unavailable"),
     _post("a model whose file is missing", chat(model="missing"), 503, "model_unavailable"),
+    _post("a managed model whose llama-server cannot start", chat(model="nostart"), 503,
+          "model_unavailable"),
+    _post("input_audio without a format", say({"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA"}}]}), 400, "invalid_value"),
+    _post("transcription in a language Whisper does not know", _form(
+        model="whisper", language="xx", file=SPEECH), 400, "invalid_audio",
+          path="/v1/audio/transcriptions",
+          content_type=f"multipart/form-data; boundary={FORM_BOUNDARY}"),
+    # -- an upstream that misbehaves (``bad_upstream.BadUpstream``, a real HTTP server
+    # forced to): before the first token a 502, never an empty answer; after it, the
+    # error (a streamed answer: see test_a_cut_stream_...).
+    *(_post(f"upstream sends {what}{' (streamed)' if stream else ''}",
+            chat(model=f"up_{behaviour}{'_streamed' if stream else ''}", stream=stream), 502,
+            "upstream_unavailable")
+      for behaviour, what in (("garbage", "200 KB of random bytes"),
+                              ("longline", "a 20 MB line"),
+                              ("html", "a web page"), ("notjson", "chunks that are not JSON"),
+                              ("empty", "no body"),
+                              ("cutearly", "a role chunk, then nothing"))
+      for stream in (False, True)),
+    _post("upstream cuts the stream after a token", chat(model="up_cut"), 502, "backend_error"),
+    _post("upstream never ends (keep-alive comments)", chat(model="up_keepalive"), 502,
+          "backend_error"),
+    _post("upstream 500 echoing the key across char 300", chat(model="up_echo300"), 502,
+          "upstream_unavailable"),
+    _post("upstream 400 echoing the key across char 1000", chat(model="up_echo1000"), 400,
+          "upstream_error"),
+    _post("upstream error event echoing the key", chat(model="up_midecho"), 502,
+          "backend_error"),
     # -- Ollama's dialect: errors as {"error": "..."}, the code in x-sarai-error-code
     _get("unknown /api path", "/api/nope", 404, "not_found"),
     _get("GET /api/chat", "/api/chat", 405, "method_not_allowed"),
@@ -389,6 +511,12 @@ CASES: list[Case] = [
     _post("/api/chat format xml", ochat(format="xml"), 400, "invalid_value", path="/api/chat"),
     _post("/api/chat format with a dangling $ref", ochat(format={"$ref": "#/nope"}), 400,
           "invalid_value", path="/api/chat"),
+    _post("/api/chat format with maxLength 20000", ochat(format={
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}}), 400,
+          "invalid_value", path="/api/chat"),
+    _post("/api/chat format with an ambiguous pattern", ochat(format={
+        "type": "string", "pattern": "^(a?){120}a{120}$"}), 400, "invalid_value",
+          path="/api/chat"),
     _post("/api/chat options a list", ochat(options=[1]), 400, "invalid_value",
           path="/api/chat"),
     _post("/api/chat unknown option", ochat_options(num_beams=4), 400, "unknown_parameter",

@@ -13,9 +13,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -487,3 +489,143 @@ def test_bench_audio_reports_transcription_time_and_real_time_factor(run, write_
 def test_bench_audio_only_needs_audio(run, write_config):
     result = run("--config", str(write_config()), "bench", "--audio-only")
     assert result.exit_code == 2 and "--audio-only needs at least one --audio FILE" in result.stderr
+
+
+# -- transcriptions are bounded like any other request ------------------------------------
+
+#: The bounded server's timeout_seconds: longer than one 30 s window takes (a few seconds
+#: on 2 busy cores), far shorter than ``long_clip`` (~280 s of speech, 10 windows) takes.
+BOUND_SECONDS = 12
+
+
+@pytest.fixture(scope="module")
+def long_clip() -> bytes:
+    return wav_bytes(np.concatenate([wav_samples(ENGLISH)] * 85))
+
+
+def _start_audio_server(folder: Path, models_dir: Path, whisper_toml: str):
+    """A server with ``queue_size = 1`` and ``[plugins.whisper]`` set to ``whisper_toml``;
+    its speech model loaded (by one transcription, timed: ``srv.one_window``)."""
+    config = folder / "sarai.toml"
+    config.write_text(base_toml(models_dir, fast="n_threads = 1", quality="n_threads = 1")
+                      + "\n[server]\nqueue_size = 1\n"
+                      + f"\n[plugins.whisper]\n{whisper_toml}\n", encoding="utf-8")
+    port = free_port()
+    log = folder / "server.log"
+    env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([SAR, "--config", str(config), "serve", "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", process, log)
+    srv.wait_until(lambda: process.poll() is None and _healthy(srv), 60, "the server")
+    # The model loads on the first transcription: not inside a test's bound.
+    with SPANISH.open("rb") as file:
+        srv.client().audio.transcriptions.create(model="whisper", file=file)
+    started = time.monotonic()
+    with SPANISH.open("rb") as file:
+        srv.client().audio.transcriptions.create(model="whisper", file=file, language="es")
+    srv.one_window = time.monotonic() - started  # what one 30 s window takes now
+    return srv
+
+
+def _stop(srv: Server) -> None:
+    srv.process.terminate()
+    try:
+        srv.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        srv.process.kill()
+
+
+@pytest.fixture(scope="module")
+def bounded_audio_server(tmp_path_factory, models_dir, whisper_dir):
+    """One transcription at a time and one waiting (queue_size = 1), each at most
+    BOUND_SECONDS."""
+    srv = _start_audio_server(tmp_path_factory.mktemp("bounded-audio"), models_dir,
+                              f"max_seconds = 300\ntimeout_seconds = {BOUND_SECONDS}")
+    yield srv
+    _stop(srv)
+
+
+@pytest.fixture(scope="module")
+def patient_audio_server(tmp_path_factory, models_dir, whisper_dir):
+    """As ``bounded_audio_server`` with the default timeout_seconds (600 s)."""
+    srv = _start_audio_server(tmp_path_factory.mktemp("patient-audio"), models_dir,
+                              "max_seconds = 300")
+    yield srv
+    _stop(srv)
+
+
+def _transcribe(srv: Server, data: bytes, **fields: str) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/audio/transcriptions", timeout=120,
+                      files={"file": ("long.wav", data, "audio/wav")},
+                      data={"model": "whisper", "language": "en", **fields})
+
+
+def test_a_transcription_that_runs_too_long_is_stopped_with_a_504(bounded_audio_server,
+                                                                  long_clip):
+    started = time.monotonic()
+    answer = _transcribe(bounded_audio_server, long_clip)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 504, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "transcription_timeout" and "timeout_seconds" in error["message"]
+    # Checked between 30 s windows of audio: stopped at the first check past the bound.
+    assert BOUND_SECONDS <= elapsed < BOUND_SECONDS + 30, elapsed
+    with SPANISH.open("rb") as file:  # and the next one is served
+        assert "triste" in bounded_audio_server.client().audio.transcriptions.create(
+            model="whisper", file=file).text.lower()
+
+
+def test_transcriptions_past_the_queue_get_429(bounded_audio_server, long_clip):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _transcribe(bounded_audio_server, long_clip),
+                                range(4)))
+    statuses = sorted(a.status_code for a in answers)
+    # One runs, one waits (queue_size = 1), two are refused at once; the admitted two end
+    # at their time bound (the one that waited counts its wait).
+    assert statuses == [429, 429, 504, 504], statuses
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert refused.headers["retry-after"] == "1"
+
+
+def test_a_client_that_leaves_stops_its_transcription(patient_audio_server, long_clip):
+    import socket
+    from urllib.parse import urlsplit
+
+    srv = patient_audio_server
+    port = urlsplit(srv.url).port
+    boundary = "sarai-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"long.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode() \
+        + long_clip + f"\r\n--{boundary}--\r\n".encode()
+    line = "client went away; stopped its transcription"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        time.sleep(1.5)  # transcribing by now
+    left = time.monotonic()
+    while line not in srv.log.read_text() and time.monotonic() - left < 300:
+        time.sleep(0.1)
+    stopped_after = time.monotonic() - left
+    assert line in srv.log.read_text()
+    # The clip is 10 windows long; its work stopped at the end of the window under way
+    # when the client left (a window of a short clip, timed by the fixture, is the unit).
+    assert stopped_after < 3 * srv.one_window + 3, (stopped_after, srv.one_window)
+    with SPANISH.open("rb") as file:  # the model is free: the next one is served
+        assert "triste" in srv.client().audio.transcriptions.create(
+            model="whisper", file=file, language="es").text.lower()
+
+
+def test_an_unknown_language_names_the_language_field(audio_server):
+    with SPANISH.open("rb") as file:
+        with pytest.raises(openai.BadRequestError) as caught:
+            audio_server.client().audio.transcriptions.create(model="whisper", file=file,
+                                                              language="xx")
+    error = caught.value.body
+    assert error["param"] == "language" and "'xx'" in error["message"], error

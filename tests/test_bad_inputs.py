@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bad_upstream import PROBE_KEY, BadUpstream, key_fragments
 from conftest import FAST_FILE, base_toml
-from http_bad_inputs import API_KEY, CASES, SERVER_TOML, Case
+from http_bad_inputs import API_KEY, CASES, PROBE_KEY_ENV, SERVER_TOML, Case
 
 SAR = str(Path(sys.executable).with_name("sarai-router"))
 
@@ -104,7 +105,14 @@ def build(case: Case, port: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def corpus_server(tmp_path_factory, models_dir):
+def upstream():
+    server = BadUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def corpus_server(tmp_path_factory, models_dir, upstream):
     folder = tmp_path_factory.mktemp("corpus")
     broken = folder / "broken.gguf"
     # A valid magic and version, then a header that claims more than any file could hold.
@@ -117,14 +125,14 @@ def corpus_server(tmp_path_factory, models_dir):
         base_toml(models_dir, fast="pinned = true\nn_threads = 1", quality="n_threads = 1")
         + f'\n[plugins]\ndirs = ["{plugins.as_posix()}"]\n'
         + SERVER_TOML.format(broken=broken.as_posix(), missing=(folder / "gone.gguf").as_posix(),
-                             fast=(models_dir / FAST_FILE).as_posix()),
+                             fast=(models_dir / FAST_FILE).as_posix(), upstream=upstream.url),
         encoding="utf-8")
     port = free_port()
     log = folder / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [SAR, "--config", str(config), "serve", "--port", str(port), "--api-key", API_KEY],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, PROBE_KEY_ENV: PROBE_KEY})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -172,22 +180,28 @@ def test_bad_input(corpus_server, case: Case):
                                  "server_error", "rate_limit_error")
         assert error["param"] is None or isinstance(error["param"], str)
     assert not leaks(answer.body, folder, models_dir), answer.body[:500]
+    assert not key_fragments(answer.body.decode("utf-8", "replace"), PROBE_KEY), answer.body
     health = exchange(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                             "Connection: close\r\n\r\n".encode())
     assert health.status == 200 and json.loads(health.body)["status"] == "ok"
 
 
-def test_the_corpus_is_large_and_every_5xx_is_a_model_file():
+def test_the_corpus_is_large_and_every_5xx_is_a_model_or_its_upstream():
     assert len(CASES) >= 80
     assert len({c.name for c in CASES}) == len(CASES), "case names must be unique"
-    assert {c.code for c in CASES if c.status >= 500} == {"model_unavailable"}
+    assert {c.code for c in CASES if c.status >= 500} == {
+        "model_unavailable", "upstream_unavailable", "backend_error"}
+    assert all(c.code == "model_unavailable" or "upstream" in c.name
+               for c in CASES if c.status >= 500)
 
 
 def test_no_case_is_answered_with_a_500_in_the_log(corpus_server):
     """Run after the corpus (pytest keeps file order): nothing was our bug."""
     *_, log = corpus_server
     text = log.read_text()
-    assert "answered 500" not in text and "unhandled error" not in text, text[-3000:]
+    # (An upstream's "answered 500" is in the log too: only this server's own counts.)
+    assert "answered 500 (request id" not in text and "unhandled error" not in text, \
+        text[-3000:]
 
 
 def test_the_server_leaves_a_slow_client_after_its_header_deadline(corpus_server):
@@ -224,3 +238,152 @@ def test_cors_lets_the_configured_origin_in(corpus_server):
                              "Connection: close\r\n\r\n").encode())
     assert answer.status == 200
     assert answer.headers["access-control-allow-origin"] == CORS_ORIGIN
+
+
+# -- an upstream that misbehaves, seen by a streaming client ------------------------------
+
+
+def _post_chat(port: int, body: dict, timeout: float = 30) -> Answer:
+    data = json.dumps(body).encode()
+    return exchange(port, (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           f"Authorization: Bearer {API_KEY}\r\n"
+                           "Content-Type: application/json\r\nConnection: close\r\n"
+                           f"Content-Length: {len(data)}\r\n\r\n").encode() + data,
+                    timeout=timeout)
+
+
+def _events(body: bytes) -> list:
+    """The SSE events of a (chunked) streamed answer, in order."""
+    text = body.decode("utf-8", "replace")
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in re.findall(r"^data: .*$", text, flags=re.M)]
+
+
+def _content(events: list) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+def test_a_cut_stream_ends_with_an_error_event_then_finish_reason_length(corpus_server):
+    port, *_ = corpus_server
+    answer = _post_chat(port, {"model": "up_cut", "stream": True, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status == 200
+    events = _events(answer.body)
+    assert _content(events) == "Hola"
+    error, last, done = events[-3:]
+    assert error["error"]["code"] == "backend_error"
+    assert "without a finish reason or [DONE]" in error["error"]["message"]
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["sarai"] == {"stopped_by": "error"}
+    assert done == "[DONE]"
+    assert not any(isinstance(e, dict) and e.get("choices") and
+                   e["choices"][0]["finish_reason"] == "stop" for e in events)
+
+
+def test_a_mid_stream_error_event_carries_no_part_of_the_key(corpus_server):
+    port, *_ = corpus_server
+    answer = _post_chat(port, {"model": "up_midecho", "stream": True, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    events = _events(answer.body)
+    error = next(e for e in events if isinstance(e, dict) and "error" in e)
+    assert "[reda" in error["error"]["message"]
+    assert not key_fragments(answer.body.decode(), PROBE_KEY), error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_bounds_an_upstream_that_ignores_it(corpus_server, upstream, stream):
+    port, *_ = corpus_server
+    closed = upstream.closed.get("trickle", 0)
+    started = time.monotonic()
+    answer = _post_chat(port, {"model": "up_trickle", "stream": stream, "max_tokens": 3,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    elapsed = time.monotonic() - started
+    assert answer.status == 200
+    if stream:
+        events = _events(answer.body)
+        assert _content(events) == " tok" * 3
+        assert [e["choices"][0]["finish_reason"] for e in events
+                if isinstance(e, dict) and e.get("choices")][-1] == "length"
+    else:
+        choice = json.loads(answer.body)["choices"][0]
+        assert choice["message"]["content"] == " tok" * 3
+        assert choice["finish_reason"] == "length"
+    assert elapsed < 10, elapsed  # the upstream sends a token every 0.3 s, for ever
+    deadline = time.monotonic() + 3  # it notices at its next token
+    while upstream.closed.get("trickle", 0) < closed + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.closed.get("trickle", 0) == closed + 1  # the router hung up on it
+
+
+def test_a_never_ending_upstream_is_cut_at_total_timeout_seconds(corpus_server):
+    from http_bad_inputs import UPSTREAM_TOTAL_SECONDS
+
+    port, *_ = corpus_server
+    started = time.monotonic()
+    answer = _post_chat(port, {"model": "up_keepalive", "stream": True, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    elapsed = time.monotonic() - started
+    events = _events(answer.body)
+    assert _content(events) == "Hola"
+    assert "total_timeout_seconds" in events[-3]["error"]["message"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert UPSTREAM_TOTAL_SECONDS <= elapsed < UPSTREAM_TOTAL_SECONDS + 3, elapsed
+
+
+def test_after_the_bad_upstreams_the_next_request_is_served_normally(corpus_server):
+    port, *_ = corpus_server
+    answer = _post_chat(port, {"model": "up_fine", "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status == 200
+    assert json.loads(answer.body)["choices"][0]["message"]["content"] == "Hola"
+
+
+def test_a_body_no_endpoint_reads_cannot_hold_the_connection(corpus_server):
+    """GET /health with a large Content-Length is answered at once; the body that then
+    trickles in must arrive within body_timeout_seconds, else the connection closes."""
+    from http_bad_inputs import BODY_TIMEOUT
+
+    port, *_ = corpus_server
+    with socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT + 20) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     "Content-Length: 100000\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        closed_after = None
+        while time.monotonic() - started < BODY_TIMEOUT + 15:
+            try:
+                sock.sendall(b"x")
+                sock.settimeout(1.0)
+                if sock.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except socket.timeout:
+                continue  # still open: one more byte, a second later
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the connection is still open"
+    assert closed_after < BODY_TIMEOUT + 3, closed_after
+
+
+def test_a_body_sent_in_time_keeps_the_connection_for_the_next_request(corpus_server):
+    port, *_ = corpus_server
+    head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+
+    def one_answer(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head_, flags=re.I).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head_
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: 10\r\n\r\n")
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"0123456789")  # the unread body, at once: nothing to hold against it
+        sock.sendall(head + b"\r\n")  # the next request on the same connection
+        assert one_answer(sock).startswith(b"HTTP/1.1 200")

@@ -731,7 +731,10 @@ def test_server_mid_stream_failure_is_an_error_event_not_a_fallback(router):
     events = sse_events(response)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events
                    if e.get("choices")) == "Hola mundo"
-    assert "stopped after 2 pieces" in events[-1]["error"]["message"]
+    # The error, then a last chunk that says the answer was cut.
+    assert "stopped after 2 pieces" in events[-2]["error"]["message"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["sarai"] == {"stopped_by": "error"}
 
 
 def test_no_credential_reaches_a_client_or_the_log(router):

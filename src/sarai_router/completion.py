@@ -42,7 +42,7 @@ class Completion:
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
     #: cancelled while queued: the model never saw the request
     dropped: bool = False
-    #: what ended the answer early, when not the model: "runaway_guard"
+    #: what ended the answer early, when not the model: "runaway_guard", "time_limit"
     stopped_by: str | None = None
     #: the request it answers (its events carry it): the front end's id, when it set one
     request_id: str = attrs.field(factory=REQUEST_ID.get)

@@ -34,6 +34,7 @@ from .plugins import PluginSet
 from .pool import ModelPool
 from .router import EXPLICIT_PLUGIN, Router
 from .runaway import RunawayGuard
+from .time_budget import TimeBudget
 from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,20 @@ class Engine:
         return attrs.evolve(decision, transcript=transcript)
 
     def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
-                   language: str | None = None, why: str = "") -> Transcript:
+                   language: str | None = None, why: str = "",
+                   cancel: threading.Event | None = None) -> Transcript:
         """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
 
         Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
         transcribe (the message says why audio needed transcribing, and what to install).
+        ``cancel``: set when nobody wants the transcript any more (the plugin then stops
+        and raises Cancelled).
         """
         request = request or ChatRequest(messages=(), audio=audio)
         started = time.perf_counter()
         try:
-            answer = self.hooks.transcribe(audio=audio, request=request, language=language)
+            answer = self.hooks.transcribe(audio=audio, request=request, language=language,
+                                           cancel=cancel)
         except TranscriptionUnavailable as exc:
             raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
         if answer is None:
@@ -321,6 +326,13 @@ class Engine:
                             max_chars=generation.runaway_max_chars,
                             repeats=generation.runaway_repeats)
 
+    def budget_for(self, spec: ModelSpec) -> TimeBudget | None:
+        """A fresh time budget for one answer of ``spec``, or None when it has no bound."""
+        total, token = self.config.time_bounds_for(spec)
+        if not total and not token:
+            return None
+        return TimeBudget(max_seconds=total, max_token_sampling_seconds=token)
+
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
         model: str | None = None,
@@ -365,6 +377,8 @@ class _Answer:
         self.completion = completion
         self.model = completion.decision.model
         self.guard = engine.guard_for(engine.config.models[self.model])
+        self.budget = engine.budget_for(engine.config.models[self.model])
+        self.after_budget = 0
         self.stop = threading.Event()
         self.after_stop = 0
         self.gen_started = 0.0
@@ -377,6 +391,8 @@ class _Answer:
         params = params.with_defaults(self.engine.sampling_for(self.model))
         if self.guard is not None:
             params = attrs.evolve(params, stop_check=self.stop.is_set)
+        if self.budget is not None:
+            params = attrs.evolve(params, time_budget=self.budget)
         return params
 
     def dropped(self) -> None:
@@ -389,6 +405,8 @@ class _Answer:
                                request_id=self.completion.request_id, load_s=load_s)
         self.completion.timings = Timings(load_s=load_s)
         self.gen_started = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
 
     def take(self, delta: Delta) -> Any:
         """The text to yield for ``delta`` (None: nothing), or END."""
@@ -399,6 +417,14 @@ class _Answer:
             completion.usage = delta.usage
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
+        if self.budget is not None and delta.usage is None and self.budget.exceeded():
+            # Past the time bound: a backend that enforces it ends within a piece (its
+            # usage counted); one that goes on is closed a few pieces later.
+            self.after_budget += 1
+            if self.after_budget > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
         if not delta.text:
             return None
         if self.stop.is_set():
@@ -421,6 +447,15 @@ class _Answer:
         completion = self.completion
         completion.timings.generation_s = time.perf_counter() - self.gen_started
         completion.text = "".join(completion.pieces)
+        if self.budget is not None and self.budget.tripped:
+            # Cut before its end, as max_tokens would: "length" says so.
+            completion.stopped_by = "time_limit"
+            completion.finish_reason = "length"
+            log.warning("time limit stopped %s after %d tokens: %s", self.model,
+                        completion.usage.completion_tokens, self.budget.reason)
+            self.engine.hooks.emit("time_limit_stopped", self.model,
+                                   request_id=completion.request_id, reason=self.budget.reason)
+            return
         if self.guard is not None and self.guard.tripped:
             completion.stopped_by = "runaway_guard"
             # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells

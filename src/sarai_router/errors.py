@@ -48,7 +48,19 @@ class TranscriptionUnavailable(CapabilityError):
 
 class AudioError(SaraiError):
     """The attached audio cannot be used: not audio, empty or silent, too long, or a format
-    that cannot be decoded. The message names the clip and the problem (bad input)."""
+    that cannot be decoded. The message names the clip and the problem (bad input).
+
+    ``param``: the request field at fault when it is not the clip itself (``language``).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class TranscriptionTimeout(SaraiError):
+    """A transcription did not finish within its time (``[plugins.whisper]
+    timeout_seconds``); the work was stopped."""
 
 
 class AttachmentError(SaraiError):

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import pluggy
 
 if TYPE_CHECKING:
+    import threading
+
     import click
     from starlette.routing import BaseRoute
 
@@ -63,7 +65,8 @@ def register_config_tables(register: Callable[[str, type], None]) -> None:
 
 @hookspec(firstresult=True)
 def transcribe(
-    audio: "AudioInput", request: "ChatRequest", language: "str | None", config: "Config"
+    audio: "AudioInput", request: "ChatRequest", language: "str | None", config: "Config",
+    cancel: "threading.Event | None",
 ) -> "Transcript | None":
     """Turn ``audio`` into text. Stops at first non-None result.
 
@@ -86,6 +89,9 @@ def transcribe(
     :param language: an ISO 639-1 code the caller asked for, or ``None`` (use your own
         setting or detect it).
     :param config: the loaded config (``config.plugin_config(NAME)`` for your settings).
+    :param cancel: set when nobody wants the transcript any more (the HTTP client left);
+        check it between pieces of work and raise :class:`sarai_router.errors.Cancelled`.
+        ``None`` when nothing can cancel (the CLI).
     :returns: a :class:`sarai_router.types.Transcript` (``text``, ``language``,
         ``duration`` in seconds), or ``None`` to let the next plugin try.
     """

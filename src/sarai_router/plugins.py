@@ -490,7 +490,7 @@ class Hooks:
         answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
         return bool(answer and answer.value)
 
-    def transcribe(self, *, audio, request, language=None) -> Answer | None:
+    def transcribe(self, *, audio, request, language=None, cancel=None) -> Answer | None:
         """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
         a missing package) passes the word to the next; if none transcribes, the first
         such error is raised, since it says what is wrong. Other exceptions are plugin
@@ -498,7 +498,8 @@ class Hooks:
         from .types import Transcript
 
         refusal: SaraiError | None = None
-        kwargs = dict(audio=audio, request=request, language=language, config=self.config)
+        kwargs = dict(audio=audio, request=request, language=language, config=self.config,
+                      cancel=cancel)
         for impl in self._impls("transcribe"):
             try:
                 value = self._call(impl, "transcribe", kwargs)

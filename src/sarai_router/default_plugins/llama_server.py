@@ -27,9 +27,10 @@ import attrs
 from ..backend import (SAMPLING_KEYS, Backend, BackendError, Capabilities, Delta,
                        GenerationParams, Presence)
 from ..config import PATH_SETTING, Config, ModelSpec
-from ..errors import ContextLengthError, InstanceDead, UpstreamError
+from ..errors import ContextLengthError, InstanceDead, ModelLoadError, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
+from .grammar_limits import check_params
 from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
 from .openai import OpenAIModel, OpenAISettings
 
@@ -161,6 +162,16 @@ class LlamaServerBackend(Backend):
     # -- running ----------------------------------------------------------------------
 
     def load(self, spec: ModelSpec) -> "LlamaServerModel":
+        """A started, healthy child; ModelLoadError (a load failure: 503, fallbacks
+        apply) when its file, its program or its start fails."""
+        try:
+            return self._start(spec)
+        except ModelLoadError:
+            raise
+        except BackendError as exc:
+            raise ModelLoadError(str(exc), spec.name) from None
+
+    def _start(self, spec: ModelSpec) -> "LlamaServerModel":
         settings: LlamaServerSettings = spec.settings
         if not os.path.isfile(spec.path):
             raise BackendError(f"model {spec.name!r}: its file is missing ({Path(spec.path).name})")
@@ -301,6 +312,7 @@ class LlamaServerModel:
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
+        check_params(params)
         deltas = self.client.achat(messages, params, images=images, audio=audio)
         try:
             async for delta in deltas:

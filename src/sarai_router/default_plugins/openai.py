@@ -25,7 +25,9 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import aclosing
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping,
+                    Sequence)
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -72,6 +74,9 @@ class OpenAISettings:
     capabilities: tuple[str, ...] = FEATURES
     #: the longest cooldown of a failing endpoint (it starts at 1 s and doubles)
     max_cooldown_seconds: float = 60.0
+    #: the longest one answer may take from the request to its end, whatever the upstream
+    #: does (a stream that trickles, or keeps the connection alive with comments)
+    total_timeout_seconds: float = 1800.0
 
 
 def _collect_calls(pieces: Any, calls: dict[int, dict[str, str]]) -> bool:
@@ -306,9 +311,10 @@ class ReplicaSet:
 class _Attempt:
     """One request to one replica: what its answer taught us so far."""
 
-    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced", "calls")
+    __slots__ = ("replica", "started", "usage", "finish_reason", "pieces", "produced", "calls",
+                 "done", "chunks", "max_chunks", "cut")
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, max_chunks: int = 0) -> None:
         self.replica = replica
         self.started = time.monotonic()
         self.usage: Usage | None = None
@@ -317,18 +323,27 @@ class _Attempt:
         self.produced = False
         #: tool calls streamed so far, by index: id, name and the arguments' pieces
         self.calls: dict[int, dict[str, str]] = {}
+        #: the upstream sent ``data: [DONE]``
+        self.done = False
+        #: chunks that carried text or a tool call's piece, and how many max_tokens allows
+        #: (an upstream sends one token a chunk; 0: no limit)
+        self.chunks = 0
+        self.max_chunks = max_chunks
+        #: the router ended the answer at max_tokens (the upstream kept going)
+        self.cut = False
 
 
 class _Failover:
     """The replicas one request tries, in turn, until one answers."""
 
-    def __init__(self, model: "OpenAIModel"):
+    def __init__(self, model: "OpenAIModel", max_tokens: int = 0):
         self.model = model
+        self.max_tokens = max_tokens
         self.tried: list[tuple[Replica, UpstreamUnavailable]] = []
 
     def next(self) -> _Attempt | None:
         replica = self.model.replicas.pick(exclude=[r for r, _ in self.tried])
-        return None if replica is None else _Attempt(replica)
+        return None if replica is None else _Attempt(replica, self.max_tokens)
 
     def refused(self, attempt: _Attempt, status: int, raw: bytes) -> None:
         """An HTTP error status: raise a 4xx as is; note a 5xx, so the next replica is tried."""
@@ -352,7 +367,8 @@ class _Failover:
         if isinstance(exc, _MidStreamError):
             error = UpstreamUnavailable(
                 f"model {model.spec.name!r}: endpoint {attempt.replica.shown} failed before "
-                f"the first token: {why}", reason="upstream_error")
+                f"the first token: {why}",
+                reason="invalid_stream" if isinstance(exc, _BadStream) else "upstream_error")
         else:
             error = model._error(attempt.replica, exc)
         self._failed(attempt, error)
@@ -527,7 +543,7 @@ class OpenAIModel:
 
     def _status_error(self, replica: Replica, status: int,
                       raw: bytes) -> UpstreamError | UpstreamUnavailable:
-        message = self.redact(_upstream_message(raw))
+        message = _upstream_message(raw, self.redact)
         where = f"model {self.spec.name!r}: endpoint {replica.shown}"
         if status >= 500:
             return UpstreamUnavailable(f"{where} answered {status}: {message}",
@@ -541,19 +557,35 @@ class OpenAIModel:
                              status=status, code=code)
 
     def _parse(self, line: str, attempt: _Attempt) -> Delta | None:
-        """One SSE line to a text Delta (or None); fills ``attempt``."""
+        """One SSE line to a text Delta (or None); fills ``attempt``. A line that is not
+        server-sent events, or a chunk that is not a JSON chat completion chunk, raises
+        _BadStream: an upstream that sends garbage must not read as an empty answer."""
         if not line.startswith("data:"):
+            field = line.partition(":")[0]
+            if line and not line.startswith(":") and field not in _SSE_FIELDS:
+                raise _BadStream("it sent a line that is not server-sent events "
+                                 f"({len(line)} characters)")
             return None  # comments (keep-alives), event names, blank separators
         data = line[5:].strip()
-        if data == "[DONE]" or not data:
+        if data == "[DONE]":
+            attempt.done = True
+            return None
+        if not data:
             return None
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise BackendError(f"model {self.spec.name!r}: the upstream sent a chunk that is "
-                               "not JSON") from None
+            raise _BadStream("it sent a chunk that is not JSON") from None
+        if not isinstance(chunk, Mapping):
+            raise _BadStream("it sent a chunk that is not a JSON object")
         if "error" in chunk and not chunk.get("choices"):
-            raise _MidStreamError(self.redact(_upstream_message(data.encode())))
+            raise _MidStreamError(_upstream_message(data.encode(), self.redact))
+        try:
+            return self._take_chunk(chunk, attempt)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise _BadStream("it sent a chunk that is not a chat completion chunk") from None
+
+    def _take_chunk(self, chunk: Mapping[str, Any], attempt: _Attempt) -> Delta | None:
         usage = chunk.get("usage")
         if isinstance(usage, Mapping) and usage.get("completion_tokens") is not None:
             attempt.usage = Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -562,10 +594,19 @@ class OpenAIModel:
             if choice.get("finish_reason"):
                 attempt.finish_reason = choice["finish_reason"]
             delta = choice.get("delta") or {}
-            # Tool calls and logprobs were passed through: their answers come back too.
-            called = _collect_calls(delta.get("tool_calls"), attempt.calls)
-            logprobs = _token_logprobs(choice.get("logprobs"))
             text = delta.get("content")
+            if text is not None and not isinstance(text, str):
+                raise TypeError("content")
+            pieces = delta.get("tool_calls")
+            if text or pieces:
+                if attempt.max_chunks and attempt.chunks >= attempt.max_chunks:
+                    # max_tokens reached and the upstream goes on: the router ends it.
+                    attempt.cut = True
+                    return None
+                attempt.chunks += 1
+            # Tool calls and logprobs were passed through: their answers come back too.
+            called = _collect_calls(pieces, attempt.calls)
+            logprobs = _token_logprobs(choice.get("logprobs"))
             if text:
                 attempt.pieces += 1
             if text or called or logprobs:
@@ -575,30 +616,58 @@ class OpenAIModel:
     def _final(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
         usage = attempt.usage or Usage(prompt_tokens=estimate_prompt_tokens(messages),
                                        completion_tokens=attempt.pieces)
+        if attempt.cut:
+            usage = Usage(usage.prompt_tokens, attempt.pieces)
         calls = tuple(ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
                                arguments=call["arguments"])
                       for index, call in sorted(attempt.calls.items()) if call["name"])
-        finish = "tool_calls" if calls else attempt.finish_reason or "stop"
-        return Delta(text="", finish_reason=finish, usage=usage, tool_calls=calls)
+        if attempt.cut:
+            finish = "length"  # a tool call cut at max_tokens is not one to run
+        else:
+            finish = "tool_calls" if calls else attempt.finish_reason or "stop"
+        return Delta(text="", finish_reason=finish, usage=usage,
+                     tool_calls=() if attempt.cut else calls)
+
+    def _check_time(self, attempt: _Attempt) -> float:
+        """The seconds ``attempt`` may still take; raises when its time is up: before the
+        first token after ``timeout_seconds``, in all after ``total_timeout_seconds``."""
+        elapsed = time.monotonic() - attempt.started
+        settings = self.settings
+        if not attempt.produced and elapsed > settings.timeout_seconds:
+            raise _FirstTokenTimeout()
+        if elapsed > settings.total_timeout_seconds:
+            if not attempt.produced:
+                raise _FirstTokenTimeout()
+            raise _MidStreamError(f"the answer did not end within total_timeout_seconds = "
+                                  f"{settings.total_timeout_seconds:g}")
+        left = settings.total_timeout_seconds - elapsed
+        if not attempt.produced:
+            left = min(left, settings.timeout_seconds - elapsed)
+        return max(0.0, left)
 
     def _on_line(self, line: str, attempt: _Attempt) -> Delta | None:
-        """One SSE line of ``attempt``'s answer: a text Delta, or None (and the first-token
-        deadline checked)."""
+        """One SSE line of ``attempt``'s answer: a text Delta, or None (and the deadlines
+        checked)."""
         delta = self._parse(line, attempt)
         if delta is None:
-            if (not attempt.produced
-                    and time.monotonic() - attempt.started > self.settings.timeout_seconds):
-                raise _FirstTokenTimeout()
+            self._check_time(attempt)
             return None
         attempt.replica.last_token_at = time.monotonic()
         if not attempt.produced:
             attempt.produced = True
             self.replicas.succeeded(attempt.replica)
+        self._check_time(attempt)
         return delta
 
     def _finish(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
+        if not (attempt.cut or attempt.done or attempt.finish_reason):
+            raise _BadStream("the stream ended without a finish reason or [DONE] (cut)")
         self.replicas.succeeded(attempt.replica)
         return self._final(attempt, messages)
+
+    def _max_tokens(self, body: Mapping[str, Any]) -> int:
+        value = body.get("max_tokens")
+        return value if isinstance(value, int) and value > 0 else 0
 
     def embed(self, inputs: Sequence[str | Sequence[int]], *,
               truncate: bool = True) -> tuple[list[list[float]], int]:
@@ -643,17 +712,21 @@ class OpenAIModel:
         Cancelling the consumer (client gone) closes the upstream response."""
         body = self.body(messages, params, images, audio)
         client = self.aclient()
-        failover = _Failover(self)
+        failover = _Failover(self, self._max_tokens(body))
         while (attempt := failover.next()) is not None:
             try:
                 async with client.stream("POST", attempt.replica.chat_url,
                                          json=body) as response:
                     if response.status_code >= 400:
-                        failover.refused(attempt, response.status_code, await response.aread())
+                        failover.refused(attempt, response.status_code,
+                                         await _aread_capped(response.aiter_bytes()))
                         continue
-                    async for line in response.aiter_lines():
-                        if (delta := self._on_line(line, attempt)) is not None:
-                            yield delta
+                    async with aclosing(self._alines(response, attempt)) as lines:
+                        async for line in lines:
+                            if (delta := self._on_line(line, attempt)) is not None:
+                                yield delta
+                            if attempt.cut:
+                                break
                 yield self._finish(attempt, messages)
                 return
             except Exception as exc:
@@ -662,6 +735,103 @@ class OpenAIModel:
                 self.replicas.release(attempt.replica)
         raise failover.exhausted()
 
+    async def _alines(self, response: Any, attempt: _Attempt) -> AsyncIterator[str]:
+        """``response``'s SSE lines, each read within the time ``attempt`` has left: a
+        silent upstream is cut at its deadline, not at the next read timeout."""
+        import asyncio
+
+        lines = _SSELines()
+        chunks = response.aiter_bytes()
+        try:
+            while True:
+                left = self._check_time(attempt)
+                try:
+                    if left > self.settings.timeout_seconds:
+                        # httpx's read timeout (timeout_seconds) comes first: no timer task
+                        # for each chunk of a long answer.
+                        data = await chunks.__anext__()
+                    else:
+                        data = await asyncio.wait_for(chunks.__anext__(), timeout=left + 0.05)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    self._check_time(attempt)  # raises: the deadline has passed
+                    raise _FirstTokenTimeout() from None
+                for line in lines.feed(data):
+                    yield line
+            for line in lines.end():
+                yield line
+        finally:
+            await chunks.aclose()
+
+
+#: SSE field names besides ``data`` (https://html.spec.whatwg.org/#event-stream-interpretation)
+_SSE_FIELDS = frozenset({"event", "id", "retry"})
+#: The longest SSE line taken from an upstream, in bytes. A chunk with 20 top logprobs is
+#: a few KB and a whole answer sent as one chunk a few hundred; a longer line is refused
+#: as it arrives, never buffered whole.
+MAX_SSE_LINE_BYTES = 1 << 20
+#: The most of an upstream's error body read (its message is cut to 1,000 characters).
+MAX_ERROR_BODY_BYTES = 64 * 1024
+
+
+class _SSELines:
+    """An upstream's bytes split into SSE lines (UTF-8, ``\\n`` or ``\\r\\n`` ended), at
+    most MAX_SSE_LINE_BYTES each; _BadStream for bytes that are neither."""
+
+    def __init__(self) -> None:
+        #: the start of a line whose end has not come yet, in pieces (joined once, when
+        #: it comes: an upstream that trickles a long line byte by byte costs O(n))
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def feed(self, data: bytes) -> list[str]:
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._hold(data)
+            return []
+        if self._pending:
+            head = b"".join(self._pending) + data[:end]
+            self._pending, self._pending_bytes = [], 0
+        else:
+            head = data[:end]
+        self._hold(data[end + 1:])
+        return self._lines(head)
+
+    def end(self) -> list[str]:
+        rest = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        return self._lines(rest) if rest else []
+
+    def _hold(self, data: bytes) -> None:
+        if data:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > MAX_SSE_LINE_BYTES:
+                raise _BadStream(f"it sent a line longer than {MAX_SSE_LINE_BYTES} bytes")
+
+    @staticmethod
+    def _lines(data: bytes) -> list[str]:
+        """Whole lines, decoded at once (the common chunk is one event: two lines)."""
+        if len(data) > MAX_SSE_LINE_BYTES and any(
+                len(line) > MAX_SSE_LINE_BYTES for line in data.split(b"\n")):
+            raise _BadStream(f"it sent a line longer than {MAX_SSE_LINE_BYTES} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadStream("it sent bytes that are not UTF-8 text") from None
+        return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+async def _aread_capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """An error body, at most MAX_ERROR_BODY_BYTES of it."""
+    out = b""
+    async for data in chunks:
+        out += data
+        if len(out) >= MAX_ERROR_BODY_BYTES:
+            break
+    return out[:MAX_ERROR_BODY_BYTES]
+
 
 class _FirstTokenTimeout(Exception):
     """No token within ``timeout_seconds`` although the upstream kept the stream open."""
@@ -669,6 +839,13 @@ class _FirstTokenTimeout(Exception):
 
 class _MidStreamError(Exception):
     """The upstream sent an error event inside the stream."""
+
+
+class _BadStream(_MidStreamError):
+    """The upstream's answer is not a valid event stream: bytes that are not SSE, a line
+    over MAX_SSE_LINE_BYTES, a chunk that is not JSON, or an end without a finish reason
+    or ``[DONE]``. Before the first token it is a failed endpoint (the next replica or
+    fallback answers, else 502); after it, the answer ends with an error."""
 
 
 def _is_transport(exc: BaseException) -> bool:
@@ -698,21 +875,23 @@ def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
-def _upstream_message(raw: bytes) -> str:
-    """The message of an upstream error body: OpenAI's ``error.message`` when there is one."""
+def _upstream_message(raw: bytes, redact: Callable[[str], str] = lambda text: text) -> str:
+    """The message of an upstream error body, credentials removed: OpenAI's
+    ``error.message`` when there is one. Redacted before it is cut, so that a secret
+    across the cut cannot show in part."""
     text = raw.decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
     except ValueError:
-        return " ".join(text.split())[:300] or "(empty body)"
+        return redact(" ".join(text.split()))[:300] or "(empty body)"
     error = data.get("error") if isinstance(data, Mapping) else None
     if isinstance(error, Mapping) and error.get("message"):
-        return str(error["message"])[:1000]
+        return redact(str(error["message"]))[:1000]
     if isinstance(error, str):
-        return error[:1000]
+        return redact(error)[:1000]
     if isinstance(data, Mapping) and isinstance(data.get("detail"), (str, list)):
-        return str(data["detail"])[:1000]
-    return " ".join(text.split())[:300]
+        return redact(str(data["detail"]))[:1000]
+    return redact(" ".join(text.split()))[:300]
 
 
 def _is_context_error(message: str) -> bool:
@@ -771,6 +950,8 @@ class OpenAIBackend(Backend):
                                   "itself never goes in the config)")
         if settings.timeout_seconds <= 0:
             yield "timeout_seconds", "must be > 0"
+        if not settings.total_timeout_seconds > 0:
+            yield "total_timeout_seconds", "must be > 0"
         if settings.max_concurrency < 1:
             yield "max_concurrency", "must be >= 1"
         if settings.max_cooldown_seconds < BASE_COOLDOWN_SECONDS:

