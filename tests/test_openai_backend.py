@@ -7,6 +7,7 @@ through the engine, the CLI and a real ``sarai-router serve`` process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -407,28 +408,31 @@ def test_least_busy_replica_takes_the_next_request(engine, llama_cpp_server):
         spec.settings, base_url="",
         endpoints=(llama_cpp_server, llama_cpp_server.replace("127.0.0.1", "localhost"))))
     model = OpenAIModel(two, UPSTREAM_KEY)
-    try:
-        params = GenerationParams(max_tokens=4, temperature=0)
-        first = model.chat([{"role": "user", "content": "Hola"}], params)
-        next(first)  # a token came: the stream holds replica 0
-        replicas = model.replicas.replicas
+    params = GenerationParams(max_tokens=4, temperature=0)
+    replicas = model.replicas.replicas
+
+    async def scenario() -> None:
+        first = model.achat([{"role": "user", "content": "Hola"}], params)
+        await anext(first)  # a token came: the stream holds replica 0
         assert [r.inflight for r in replicas] == [1, 0]
-        done = threading.Event()
-
-        def second() -> None:
-            list(model.chat([{"role": "user", "content": "Adiós"}], params))
-            done.set()
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        _wait(lambda: replicas[1].requests == 1, "the second request to pick a replica")
+        second = asyncio.create_task(_collect(
+            model.achat([{"role": "user", "content": "Adiós"}], params)))
+        while replicas[1].requests != 1:
+            assert not second.done(), "the second request ended without picking a replica"
+            await asyncio.sleep(0.01)
         assert replicas[1].inflight == 1 and replicas[0].requests == 1
-        first.close()
-        thread.join(60)
-        assert done.is_set()
+        await first.aclose()
+        assert (await asyncio.wait_for(second, 60))[-1].usage is not None
         assert [r.inflight for r in replicas] == [0, 0]
+
+    try:
+        asyncio.run(scenario())
     finally:
         model.close()
+
+
+async def _collect(deltas) -> list:
+    return [delta async for delta in deltas]
 
 
 def test_replica_set_choice_and_cooldowns_follow_the_clock():
@@ -991,19 +995,19 @@ def test_async_slots_go_to_waiters_in_order_and_none_is_lost(make_config):
 
     async def scenario() -> list[int]:
         order: list[int] = []
-        holder = pool.ause("remote")
+        holder = pool.use("remote")
         resident = await holder.__aenter__()
 
         async def waiter(i: int) -> None:
-            async with pool.ause("remote"):
+            async with pool.use("remote"):
                 order.append(i)
                 await asyncio.sleep(0)
 
         tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
-        while len(resident.async_waiters) < 5:
+        while len(resident.waiters) < 5:
             await asyncio.sleep(0)
         with pytest.raises(QueueFull):  # 1 using + 5 waiting: past concurrency + queue 5
-            async with pool.ause("remote", queue_limit=5):
+            async with pool.use("remote", queue_limit=5):
                 pass
         tasks[2].cancel()
         await holder.__aexit__(None, None, None)
@@ -1011,7 +1015,7 @@ def test_async_slots_go_to_waiters_in_order_and_none_is_lost(make_config):
         await asyncio.gather(*tasks, late, return_exceptions=True)
         assert resident.slots.acquire(blocking=False)  # free again
         resident.slots.release()
-        assert resident.users == 0 and resident.queued == 0 and not resident.async_waiters
+        assert resident.users == 0 and resident.queued == 0 and not resident.waiters
         return order
 
     try:

@@ -159,6 +159,10 @@ class Presence:
 
 
 class LoadedModel(Protocol):
+    """A loaded model streams its answers with ``chat`` (blocking: the engine runs it on a
+    thread of its own, one per generation) or with ``achat`` (:class:`AsyncLoadedModel`:
+    on the event loop, no thread); a model that has ``achat`` need not have ``chat``."""
+
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -173,8 +177,8 @@ class LoadedModel(Protocol):
         """Release the model's memory (or stop its process)."""
 
 
-class AsyncLoadedModel(LoadedModel, Protocol):
-    """A loaded model that can also stream on an event loop (``Backend.async_chat``)."""
+class AsyncLoadedModel(Protocol):
+    """A loaded model that streams on the event loop (``Backend.async_chat``)."""
 
     def achat(
         self,
@@ -186,6 +190,9 @@ class AsyncLoadedModel(LoadedModel, Protocol):
     ) -> AsyncIterator[Delta]:
         """``chat`` as an async generator; closing it (or cancelling its consumer) ends the
         upstream request."""
+
+    def close(self) -> None:
+        """Release the model's memory (or stop its process)."""
 
 
 class Backend:
@@ -236,9 +243,10 @@ class Backend:
         return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx)
 
     def async_chat(self, spec: "ModelSpec") -> bool:
-        """Whether the loaded model also offers ``async def achat(...)`` (an async generator
-        of Deltas, same arguments as ``chat``): the server then streams it on its event loop
-        instead of a worker thread per request."""
+        """Whether the loaded model offers ``async def achat(...)`` (an async generator of
+        Deltas, same arguments as ``chat``): it streams on the event loop with no thread,
+        and a bench may call its endpoint directly. The engine looks for ``achat`` on the
+        loaded model itself; one without it runs its ``chat`` on a thread of its own."""
         return False
 
     def probe(self, spec: "ModelSpec") -> Mapping[str, Any]:

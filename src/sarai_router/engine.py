@@ -2,10 +2,11 @@
 
 ``Engine.prepare(request, model=None)`` is the request path: transcribe audio that no
 model can take, route, check that the model can take the request, make its files present,
-start pre-warms. ``Engine.stream`` then
-holds the model and streams the answer, timing it. The CLI, the chat REPL, the server and
-the bench all go through it, and only translate its errors (all ``SaraiError``) into their
-own output.
+start pre-warms. ``Engine.astream`` then holds the model and streams the answer, timing
+it: the one generation path, on an event loop. The server iterates it on its own loop; the
+CLI, the chat REPL, the bench and eval reach it through ``Engine.stream``, which runs it on
+the shared loop of :mod:`runner`. All of them only translate its errors (all
+``SaraiError``) into their own output.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 import time
-from contextlib import AsyncExitStack, ExitStack, aclosing, closing
-from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+from contextlib import AsyncExitStack, aclosing
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import attrs
 
-from .backend import (Backend, Delta, GenerationParams, TokenLogprob, ToolCall, Usage,
-                      model_sampling)
+from . import runner
+from .backend import Backend, Delta, GenerationParams, Usage, model_sampling
+from .completion import Completion, Timings
 from .config import Config, ModelSpec
-from .errors import (BackendError, Cancelled, CapabilityError, InstanceDead, PoolError,
-                     QueueFull, SaraiError, TranscriptionUnavailable, UpstreamUnavailable,
-                     not_configured)
-from .events import REQUEST_ID, begin_request
+from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
+                     SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
+from .events import begin_request
 from .fetch import ensure_present
 from .plugins import PluginSet
 from .pool import ModelPool
@@ -38,71 +40,6 @@ from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcr
 log = logging.getLogger(__name__)
 
 __all__ = ["CapabilityError", "Completion", "Engine", "Timings", "share_cores"]
-
-
-@attrs.define
-class Timings:
-    load_s: float = 0.0
-    first_token_s: float | None = None  # from the start of generation, load excluded
-    generation_s: float = 0.0
-    total_s: float = 0.0
-
-    def tokens_per_second(self, completion_tokens: int) -> float:
-        return completion_tokens / self.generation_s if self.generation_s > 0 else 0.0
-
-
-@attrs.define
-class Completion:
-    """Filled in while a generation streams; complete once the stream is exhausted."""
-
-    #: the decision of the model that answers (changed by a fallback)
-    decision: RouteDecision
-    text: str = ""
-    pieces: list[str] = attrs.field(factory=list)
-    finish_reason: str | None = None
-    usage: Usage = Usage(0, 0)
-    timings: Timings = attrs.field(factory=Timings)
-    #: the functions the model called (finish reason "tool_calls")
-    tool_calls: tuple[ToolCall, ...] = ()
-    #: the answer's tokens with their log probabilities, when the request asked
-    logprobs: list[TokenLogprob] = attrs.field(factory=list)
-    #: cancelled while queued: the model never saw the request
-    dropped: bool = False
-    #: what ended the answer early, when not the model: "runaway_guard", "time_limit"
-    stopped_by: str | None = None
-    #: the replica that answered, for a model with several (see ``Delta.placement``)
-    placement: dict[str, Any] | None = None
-    #: the request it answers (its events carry it): the front end's id, when it set one
-    request_id: str = attrs.field(factory=REQUEST_ID.get)
-
-    def to_dict(self) -> dict[str, Any]:
-        transcript = self.decision.transcript
-        return {
-            "model": self.decision.model,
-            "reason": self.decision.reason,
-            "plugin": self.decision.plugin,
-            "signals": dict(self.decision.signals),
-            "transcript": None if transcript is None else transcript.to_dict(),
-            "fallbacks": [step.to_dict() for step in self.decision.fallbacks],
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "stopped_by": self.stopped_by,
-            "placement": self.placement,
-            "usage": {
-                "prompt_tokens": self.usage.prompt_tokens,
-                "completion_tokens": self.usage.completion_tokens,
-                "total_tokens": self.usage.total_tokens,
-            },
-            "timings": {
-                "load_s": round(self.timings.load_s, 4),
-                "first_token_s": None if self.timings.first_token_s is None
-                else round(self.timings.first_token_s, 4),
-                "generation_s": round(self.timings.generation_s, 4),
-                "total_s": round(self.timings.total_s, 4),
-                "tokens_per_second": round(
-                    self.timings.tokens_per_second(self.usage.completion_tokens), 2),
-            },
-        }
 
 
 class Engine:
@@ -245,27 +182,19 @@ class Engine:
         (see :meth:`Router.ensure_capable`); CapabilityError when none can."""
         return self.router.ensure_capable(decision, request)
 
-    def streams_async(self, model: str) -> bool:
-        """Whether ``model``'s backend streams on an event loop (``Backend.async_chat``)."""
-        spec = self.config.models[model]
-        try:
-            return bool(self.hooks.backend(spec.backend).async_chat(spec))
-        except SaraiError:
-            return False
-
-    # -- generation, with fallbacks
-
-    def stream(
+    async def astream(
         self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
         completion: Completion | None = None, *, queue_limit: int | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
+    ) -> AsyncIterator[str]:
         """Yield the answer's text pieces; ``completion`` holds usage and timings at the end.
+        This is the one generation path: the server iterates it on its event loop, sync
+        callers through :meth:`stream`.
 
         ``queue_limit``: see :meth:`ModelPool.use` (the server passes ``[server] queue_size``).
-        ``cancel``: set (then ``pool.wake()``) when nobody wants the answer any more; a
-        request still queued then ends with no piece and ``completion.dropped`` set, without
-        the model ever seeing its prompt.
+        Cancelling the consumer ends the generation between two pieces (the upstream
+        request closed, a llama.cpp generation stopped on its thread) and frees the model's
+        slot; a request still queued leaves the queue with ``completion.dropped`` set,
+        without the model ever seeing its prompt.
 
         Unset sampling settings take the model's defaults (:meth:`sampling_for`). The
         runaway guard (``[generation]``) stops an answer that keeps repeating itself:
@@ -284,34 +213,7 @@ class Engine:
         while True:
             produced = False
             try:
-                for text in self._stream_one(request, completion, params, queue_limit,
-                                             check_presence=attempt.count > 0,
-                                             cancel=cancel):
-                    produced = True
-                    yield text
-            except Exception as exc:
-                if produced or not attempt.next(completion, exc):
-                    raise _unwrap(exc) from None
-                continue
-            completion.timings.total_s = time.perf_counter() - started
-            self._finished(completion)
-            return
-
-    async def astream(
-        self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
-        completion: Completion | None = None, *, queue_limit: int | None = None,
-    ) -> AsyncIterator[str]:
-        """:meth:`stream` on an event loop: a model with ``achat`` streams without a thread;
-        one without (a llama.cpp fallback) streams on a worker thread of its own.
-        Cancelling the consumer ends the upstream request and frees the model's slot."""
-        completion = completion if completion is not None else Completion(decision=decision)
-        request = self.model_request(request, decision)
-        started = time.perf_counter()
-        attempt = _Attempts(self, request, decision)
-        while True:
-            produced = False
-            try:
-                async with aclosing(self._astream_one(
+                async with aclosing(self._attempt(
                         request, completion, params, queue_limit,
                         check_presence=attempt.count > 0)) as pieces:
                     async for text in pieces:
@@ -325,52 +227,41 @@ class Engine:
             self._finished(completion)
             return
 
-    def _stream_one(self, request: ChatRequest, completion: Completion,
-                    params: GenerationParams, queue_limit: int | None, *,
-                    check_presence: bool, cancel: threading.Event | None = None,
-                    ) -> Iterator[str]:
-        name = completion.decision.model
-        if check_presence:
-            try:
-                self.ensure_present(name)
-            except SaraiError as exc:
-                raise _LoadFailed(exc) from exc
-        answer = _Answer(self, completion)
-        params = answer.params(params)
-        was_loaded = self.pool.is_loaded(name)
-        with ExitStack() as stack:
-            try:
-                resident = stack.enter_context(
-                    self.pool.use(name, queue_limit=queue_limit, cancel=cancel))
-                if cancel is not None and cancel.is_set():  # the last look before the prompt
-                    raise Cancelled(f"request for {name!r} cancelled while queued")
-            except Cancelled:
-                answer.dropped()
-                return
-            except QueueFull:
-                raise
-            except (BackendError, PoolError) as exc:
-                raise _LoadFailed(exc) from exc
-            answer.start(0.0 if was_loaded else resident.load_seconds)
-            deltas = resident.model.chat(
-                request.messages, params, images=request.images, audio=request.audio)
-            # Closed on the way out, so a stopped generation ends before the instance is free.
-            with closing(deltas):
-                for delta in deltas:
-                    text = answer.take(delta)
-                    if text is _Answer.END:
-                        break
-                    if text:
-                        yield text
-            answer.end()
+    def stream(
+        self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
+        completion: Completion | None = None, *, queue_limit: int | None = None,
+    ) -> Iterator[str]:
+        """:meth:`astream` for a caller without an event loop (the CLI, bench, eval): the
+        generation runs on the shared loop (:mod:`runner`) and its pieces come here. Closing
+        this iterator (or Ctrl-C while it waits) stops the generation and returns once it
+        has ended. A request cancelled while queued ends with no piece and
+        ``completion.dropped`` set."""
+        from .streaming import Done, Failed, Generation
 
-    async def _astream_one(self, request: ChatRequest, completion: Completion,
-                           params: GenerationParams, queue_limit: int | None, *,
-                           check_presence: bool) -> AsyncIterator[str]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        generation = Generation(self, request, decision, params, events.put,
+                                queue_limit=queue_limit, completion=completion)
+        generation.start(runner.loop())
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Done):
+                    return
+                yield event.text
+        finally:
+            generation.cancel()
+            generation.join()
+
+    async def _attempt(self, request: ChatRequest, completion: Completion,
+                       params: GenerationParams, queue_limit: int | None, *,
+                       check_presence: bool) -> AsyncIterator[str]:
+        """One model's answer: its files, its slot, its deltas through :class:`_Answer`."""
         name = completion.decision.model
         if check_presence:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.ensure_present, name)
+                await runner.in_thread(lambda: self.ensure_present(name))
             except SaraiError as exc:
                 raise _LoadFailed(exc) from exc
         answer = _Answer(self, completion)
@@ -379,7 +270,7 @@ class Engine:
         async with AsyncExitStack() as stack:
             try:
                 resident = await stack.enter_async_context(
-                    self.pool.ause(name, queue_limit=queue_limit))
+                    self.pool.use(name, queue_limit=queue_limit))
             except asyncio.CancelledError:
                 answer.dropped()  # cancelled while it waited: the model never saw it
                 raise
@@ -388,14 +279,8 @@ class Engine:
             except (BackendError, PoolError) as exc:
                 raise _LoadFailed(exc) from exc
             answer.start(0.0 if was_loaded else resident.load_seconds)
-            model = resident.model
-            if hasattr(model, "achat"):
-                deltas = model.achat(request.messages, params, images=request.images,
-                                     audio=request.audio)
-            else:
-                deltas = iterate_in_thread(lambda: model.chat(
-                    request.messages, params, images=request.images, audio=request.audio),
-                    name=f"sarai-gen-{name}")
+            deltas = model_deltas(resident.model, request, params, name=name)
+            # Closed on the way out, so a stopped generation ends before the slot is free.
             async with aclosing(deltas):
                 async for delta in deltas:
                     text = answer.take(delta)
@@ -670,56 +555,18 @@ class _Attempts:
         return True
 
 
-_T = TypeVar("_T")
-
-
-async def iterate_in_thread(make: Callable[[], Iterator[_T]], *,
-                            name: str = "sarai-gen") -> AsyncIterator[_T]:
-    """Iterate a blocking generator on a thread of its own, from start to end, handing its
-    items to the event loop. Closing this ends the generator between two items, and waits
-    for it (a llama.cpp model must be idle before its slot is released)."""
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    done = threading.Event()
-
-    def put(kind: str, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
-        except RuntimeError:  # the loop is gone: nobody is listening
-            pass
-
-    def run() -> None:
-        try:
-            with closing(make()) as iterator:  # type: ignore[type-var]
-                for item in iterator:
-                    if stop.is_set():
-                        break
-                    put("item", item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the loop, never lost
-            put("error", exc)
-        else:
-            put("end", None)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    try:
-        while True:
-            kind, value = await items.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        stop.set()
-        try:
-            await asyncio.shield(loop.run_in_executor(None, done.wait))
-        except asyncio.CancelledError:
-            done.wait()  # stopped at the next item: at most one token's time
-            raise
+def model_deltas(model: Any, request: ChatRequest, params: GenerationParams, *,
+                 name: str = "") -> AsyncIterator[Delta]:
+    """A loaded model's answer as an async iterator of Deltas: its ``achat`` when it has
+    one (a remote endpoint: no thread), else its blocking ``chat`` (llama.cpp, a plugin's
+    model) on a thread of its own. The one place a sync backend meets the async path."""
+    if hasattr(model, "achat"):
+        return model.achat(request.messages, params, images=request.images,
+                           audio=request.audio)
+    return runner.iterate_in_thread(
+        lambda: model.chat(request.messages, params, images=request.images,
+                           audio=request.audio),
+        name=f"sarai-gen-{name}")
 
 
 def share_cores(config: Config) -> Config:

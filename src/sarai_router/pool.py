@@ -29,20 +29,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import logging
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import attrs
 
+from . import runner
 from .backend import LoadedModel
 from .config import Config, ModelSpec
 from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
                      QueueFull, not_configured)
 from .load_queue import LoadQueue, Ticket
+from .runner import in_thread
 from .types import COLD_LOAD_MB_PER_S, Residency
 
 if TYPE_CHECKING:
@@ -66,14 +67,20 @@ def _wake(future: "asyncio.Future") -> None:
         future.set_result(None)
 
 
-async def _in_thread(work: Callable[[], Any], *, undo: Callable[[Any], None]) -> Any:
-    """``work()`` on a worker thread. If the awaiting task is cancelled meanwhile, the work
-    still finishes (it holds the pool's state) and ``undo`` is applied to its result."""
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(None, work)
+async def _in_thread(work: Callable[[threading.Event], Any], *, undo: Callable[[Any], None],
+                     wake: Callable[[], None]) -> Any:
+    """``work(cancel)`` on a thread of its own. If the awaiting task is cancelled meanwhile,
+    ``cancel`` is set and ``wake()`` called (a wait inside ``work`` ends with
+    :class:`Cancelled`); work that finishes anyway (it holds the pool's state) has ``undo``
+    applied to its result."""
+    cancel = threading.Event()
+    future = asyncio.ensure_future(in_thread(lambda: work(cancel), name="sarai-acquire"))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        cancel.set()
+        wake()
+
         def settle(done: "asyncio.Future") -> None:
             if not done.cancelled() and done.exception() is None:
                 undo(done.result())
@@ -125,10 +132,8 @@ class Resident:
     queued: int = 0
     # Loaded by a pre-warm and not used by a request yet.
     prewarm_pending: bool = False
-    #: event-loop requests waiting for a slot: (seq, loop, future), woken one per release
-    async_waiters: list = attrs.field(factory=list)
-    #: threads waiting for a slot: _SlotWait each; with async_waiters, served by ``seq``
-    sync_waiters: list = attrs.field(factory=list)
+    #: requests waiting for a slot, in arrival order: (loop, future), woken one per release
+    waiters: list = attrs.field(factory=list)
     #: generations holding a slot now
     active: int = 0
     #: a client's idle limit for this instance (``keep_alive``), seconds; None: the cache
@@ -165,7 +170,7 @@ class Resident:
             "load_seconds": round(self.load_seconds, 3),
             "queued": self.queued,
             "active": self.active,
-            "waiting": len(self.sync_waiters) + len(self.async_waiters),
+            "waiting": len(self.waiters),
             "concurrency": self.concurrency,
             "prewarmed": self.prewarm_pending,
             "idle_seconds": round(time.monotonic() - self.last_used, 1) if self.idle else 0.0,
@@ -248,16 +253,6 @@ def tune_malloc_for_serving(arena_max: int = 2, mmap_threshold: int = 128 * 1024
     return done
 
 
-class _SlotWait:
-    """A thread waiting for a slot: ``granted`` once a release hands one over."""
-
-    __slots__ = ("seq", "granted")
-
-    def __init__(self, seq: int):
-        self.seq = seq
-        self.granted = False
-
-
 class ModelPool:
     def __init__(
         self,
@@ -289,8 +284,6 @@ class ModelPool:
         self._stop = threading.Event()
         # A generation ended since the heap was last trimmed (the reaper trims when idle).
         self._heap_dirty = False
-        #: arrival order of slot waiters, sync and async alike
-        self._arrivals = itertools.count()
         #: who goes next when models can't all be resident ([cache] queue_order)
         self.load_queue = LoadQueue(config.cache.queue_order,
                                     config.cache.max_queue_wait_seconds)
@@ -350,58 +343,41 @@ class ModelPool:
             return self._resident_mb_locked() + sum(r.ram_mb for r in self._closing.values())
 
     def wake(self) -> None:
-        """Wake every waiter to look again (a cancel flag was set)."""
+        """Wake every thread that waits in the pool to look again (a cancel flag was set)."""
         with self._cond:
             self._cond.notify_all()
 
     # -- using a model -------------------------------------------------------------------
 
-    @contextmanager
     def use(self, name: str, *, queue_limit: int | None = None,
-            cancel: threading.Event | None = None) -> Iterator[Resident]:
+            cancel: threading.Event | None = None) -> "_Use":
         """Hold model ``name`` for one generation: load it if needed, then take a slot of its
         instance (``concurrency`` generations run at once; the others wait in turn).
 
+        ``async with pool.use(name)`` on an event loop; ``with pool.use(name)`` from a thread
+        without one (the same path, run on the shared loop: :mod:`runner`).
+
         ``queue_limit``: how many requests may wait for a slot besides those using one; one
         more raises :class:`QueueFull` at once. ``None``: no limit.
-        ``cancel``: once set (then :meth:`wake`), a request still waiting leaves the queue
-        with :class:`Cancelled`; it is checked again as the slot is taken, so a cancelled
-        request never reaches the model.
-        """
-        resident = self._acquire(name, queue_limit=queue_limit, cancel=cancel)
-        try:
-            self._take_slot(resident, cancel)
-        except BaseException:
-            self._release_user(resident, used=False)  # it never reached the model
-            raise
-        try:
-            try:
-                self._check_not_dead(resident)
-                yield resident
-            except InstanceDead as exc:
-                self._drop_dead(resident, str(exc))
-                raise
-            finally:
-                self._release_slot(resident)
-        finally:
-            self._release_user(resident)
-
-    @asynccontextmanager
-    async def ause(self, name: str, *, queue_limit: int | None = None) -> AsyncIterator[Resident]:
-        """:meth:`use` for an event loop: waiting for a slot never blocks the loop.
+        A request cancelled while it waits (its task cancelled; for ``with``, ``cancel``
+        set) leaves the queue at once without touching the model; a slot handed to it
+        meanwhile goes on to the next waiter.
 
         A loaded model is taken on the loop itself (a lock and a counter); only a load, or
-        waiting for another request's load, runs on a worker thread. Waiting for a slot is a
-        future woken by the release of one, so hundreds of waiters need no thread. The
-        rules are :meth:`use`'s: the same slots, the same queue limit.
+        waiting for another request's load, runs on a thread. Waiting for a slot is a
+        future woken by the release of one, so hundreds of waiters need no thread.
         """
+        return _Use(self, name, queue_limit, cancel)
+
+    @asynccontextmanager
+    async def _use(self, name: str, queue_limit: int | None) -> AsyncIterator[Resident]:
         resident = self._acquire_loaded(name, queue_limit=queue_limit)
         if resident is None:
             resident = await _in_thread(
-                lambda: self._acquire(name, queue_limit=queue_limit),
-                undo=self._release_user)
+                lambda cancel: self._acquire(name, queue_limit=queue_limit, cancel=cancel),
+                undo=self._release_user, wake=self.wake)
         try:
-            await self._aslot(resident)
+            await self._take_slot(resident)
         except BaseException:
             self._release_user(resident, used=False)  # it never reached the model
             raise
@@ -430,18 +406,11 @@ class ModelPool:
             self._drop_dead_locked(resident, detail)
 
     def _release_slot(self, resident: Resident) -> None:
-        """Free a slot: handed straight to the first waiter, thread or event loop, if there
-        is one (so a newcomer cannot take it first and waiters are served in order), else
-        released."""
+        """Free a slot: handed straight to the first waiter if there is one (so a newcomer
+        cannot take it first and waiters are served in order), else released."""
         with self._cond:
-            while resident.async_waiters or resident.sync_waiters:
-                first_async = resident.async_waiters[0][0] if resident.async_waiters else None
-                first_sync = resident.sync_waiters[0].seq if resident.sync_waiters else None
-                if first_sync is not None and (first_async is None or first_sync < first_async):
-                    resident.sync_waiters.pop(0).granted = True
-                    self._cond.notify_all()
-                    return
-                _, loop, future = resident.async_waiters.pop(0)
+            while resident.waiters:
+                loop, future = resident.waiters.pop(0)
                 try:
                     loop.call_soon_threadsafe(_wake, future)
                 except RuntimeError:  # that loop is closed: nobody waits there any more
@@ -469,55 +438,24 @@ class ModelPool:
         if taken is not None:
             self._close(*taken)
 
-    def _take_slot(self, resident: Resident, cancel: threading.Event | None) -> None:
-        """Take a slot of ``resident`` on this thread, in arrival order; Cancelled (the
-        slot, if one was handed over meanwhile, passed on) once ``cancel`` is set."""
-        with self._cond:
-            if not (resident.async_waiters or resident.sync_waiters) and \
-                    resident.slots.acquire(blocking=False):
-                resident.active += 1
-                wait = None
-            else:
-                wait = _SlotWait(next(self._arrivals))
-                resident.sync_waiters.append(wait)
-                position = len(resident.sync_waiters) + len(resident.async_waiters) - 1
-        if wait is None:
-            granted = True
-        else:
-            # Observers run outside the lock; a release meanwhile sets ``granted``.
-            self.hooks.emit("queued", resident.name, position=position)
-            with self._cond:
-                while not wait.granted and not (cancel is not None and cancel.is_set()):
-                    # Woken by a release or a cancel (wake()); the timeout is a backstop.
-                    self._cond.wait(timeout=1.0)
-                if not wait.granted:
-                    resident.sync_waiters.remove(wait)
-                granted = wait.granted
-        if cancel is not None and cancel.is_set():
-            if granted:
-                self._release_slot(resident)  # handed over just now: pass it on
-            raise Cancelled(f"request for {resident.name!r} cancelled while queued")
-
-    async def _aslot(self, resident: Resident) -> None:
+    async def _take_slot(self, resident: Resident) -> None:
         """Take a slot of ``resident`` without blocking the event loop: at once if one is
-        free, else wait (a future) for a release to hand one over."""
+        free and nobody waits, else wait (a future) for a release to hand one over."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
         with self._cond:  # releases decide under this lock too: no wakeup is lost
-            if not (resident.async_waiters or resident.sync_waiters) and \
-                    resident.slots.acquire(blocking=False):
+            if not resident.waiters and resident.slots.acquire(blocking=False):
                 resident.active += 1
                 return
-            entry = (next(self._arrivals), loop, future)
-            resident.async_waiters.append(entry)
-            position = len(resident.sync_waiters) + len(resident.async_waiters) - 1
+            entry = (loop, loop.create_future())
+            resident.waiters.append(entry)
+            position = len(resident.waiters) - 1
         try:
             self.hooks.emit("queued", resident.name, position=position)
-            await future
+            await entry[1]
         except BaseException:
             with self._cond:
-                if entry in resident.async_waiters:  # nothing was handed to us
-                    resident.async_waiters.remove(entry)
+                if entry in resident.waiters:  # nothing was handed to us
+                    resident.waiters.remove(entry)
                     raise
             self._release_slot(resident)  # a slot was on its way to us: pass it on
             raise
@@ -1163,3 +1101,31 @@ class ModelPool:
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"request for {name!r} cancelled while queued")
+
+
+class _Use:
+    """What :meth:`ModelPool.use` returns: an async context manager, and for a thread
+    without an event loop a plain one that runs the same steps on the shared loop."""
+
+    __slots__ = ("pool", "name", "queue_limit", "cancel", "_held")
+
+    def __init__(self, pool: ModelPool, name: str, queue_limit: int | None,
+                 cancel: threading.Event | None):
+        self.pool, self.name, self.queue_limit, self.cancel = pool, name, queue_limit, cancel
+        self._held: Any = None
+
+    async def __aenter__(self) -> Resident:
+        self._held = self.pool._use(self.name, self.queue_limit)
+        return await self._held.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._held.__aexit__(*exc_info)
+
+    def __enter__(self) -> Resident:
+        try:
+            return runner.run(self.__aenter__(), cancel=self.cancel)
+        except Cancelled:
+            raise Cancelled(f"request for {self.name!r} cancelled while queued") from None
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return runner.run(self.__aexit__(*exc_info))

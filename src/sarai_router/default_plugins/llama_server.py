@@ -20,7 +20,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -345,21 +345,6 @@ class LlamaServerModel:
         self.client = _ChildClient(attrs.evolve(spec, settings=client_settings), api_key="")
         # llama-server takes llama.cpp's own sampling keys too.
         self.client.sampling_keys = SAMPLING_KEYS
-
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
-             images: Sequence[ImageInput] = (),
-             audio: AudioInput | None = None) -> Iterator[Delta]:
-        # llama-server builds its grammars with the same llama.cpp parser: the same limits.
-        check_params(params)
-        deltas = self.client.chat(messages, params, images=images, audio=audio)
-        try:
-            yield from deltas
-        except (UpstreamError, ContextLengthError):
-            raise  # the request's fault, the server is fine
-        except BackendError as exc:
-            raise self._dead_or(exc) from None
-        finally:
-            deltas.close()
 
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from contextlib import aclosing
-from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping,
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping,
                     Sequence)
 from urllib.parse import urlsplit, urlunsplit
 
@@ -380,8 +380,7 @@ class _Attempt:
 
 
 class _Failover:
-    """The replicas one request tries, in turn, until one answers: what ``chat`` and
-    ``achat`` share apart from their I/O."""
+    """The replicas one request tries, in turn, until one answers."""
 
     def __init__(self, model: "OpenAIModel", max_tokens: int = 0,
                  key: PrefixKey | None = None):
@@ -440,9 +439,8 @@ class _Failover:
 
 
 class OpenAIModel:
-    """A model served by OpenAI-compatible endpoints. ``chat`` (sync, for the CLI and worker
-    threads) and ``achat`` (async, for the server: no thread per stream) share the replica
-    health; each has its own pooled keep-alive connections."""
+    """A model served by OpenAI-compatible endpoints, streamed on the event loop (``achat``)
+    with pooled keep-alive connections per loop, the replicas' health shared."""
 
     #: sampling sent when set (the model's defaults or the request's); the rest is left to
     #: the endpoint. ``llama_server`` adds llama.cpp's own keys (top_k, min_p, ...).
@@ -466,8 +464,10 @@ class OpenAIModel:
             secrets.extend(_url_secrets(url))
         self.redact = Redactor(secrets)
         self._lock = threading.Lock()
+        #: for ``embed`` (a blocking call, not a stream)
         self._client: httpx.Client | None = None
-        self._aclients: dict[int, Any] = {}  # event loop id -> httpx.AsyncClient
+        #: event loop id -> (the loop, its httpx.AsyncClient)
+        self._aclients: dict[int, tuple[Any, Any]] = {}
         self._closed = False
 
     # -- clients
@@ -500,12 +500,12 @@ class OpenAIModel:
 
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._aclients.get(id(loop))
-            if client is None:
-                client = httpx.AsyncClient(limits=self._limits(), timeout=self._timeout(),
-                                           headers=self.headers, trust_env=False)
-                self._aclients[id(loop)] = client
-            return client
+            held = self._aclients.get(id(loop))
+            if held is None:
+                held = self._aclients[id(loop)] = (loop, httpx.AsyncClient(
+                    limits=self._limits(), timeout=self._timeout(), headers=self.headers,
+                    trust_env=False))
+            return held[1]
 
     def close(self) -> None:
         with self._lock:
@@ -514,8 +514,8 @@ class OpenAIModel:
             aclients, self._aclients = list(self._aclients.values()), {}
         if client is not None:
             client.close()
-        for aclient in aclients:
-            _close_async_client(aclient)
+        for loop, aclient in aclients:
+            _close_async_client(loop, aclient)
 
     # -- requests
 
@@ -735,42 +735,6 @@ class OpenAIModel:
         value = body.get("max_tokens")
         return value if isinstance(value, int) and value > 0 else 0
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
-             images: Sequence[ImageInput] = (), audio: AudioInput | None = None) -> Iterator[Delta]:
-        """Stream from the least busy healthy endpoint, trying the next one on a failure
-        before the first token."""
-        body = self.body(messages, params, images, audio)
-        client = self.client()
-        failover = _Failover(self, self._max_tokens(body), self.prefix_key(messages, params))
-        while (attempt := failover.next()) is not None:
-            try:
-                with client.stream("POST", attempt.replica.chat_url, json=body) as response:
-                    if response.status_code >= 400:
-                        failover.refused(attempt, response.status_code,
-                                         _read_capped(response.iter_bytes()))
-                        continue
-                    lines = _SSELines()
-                    for data in response.iter_bytes():
-                        for line in lines.feed(data):
-                            if (delta := self._on_line(line, attempt)) is not None:
-                                yield delta
-                            if attempt.cut:
-                                break
-                        if attempt.cut:
-                            break
-                        self._check_time(attempt)
-                    else:
-                        for line in lines.end():
-                            if (delta := self._on_line(line, attempt)) is not None:
-                                yield delta
-                yield self._finish(attempt, messages)
-                return
-            except Exception as exc:
-                failover.failed(attempt, exc)
-            finally:
-                self.replicas.release(attempt.replica)
-        raise failover.exhausted()
-
     def embed(self, inputs: Sequence[str | Sequence[int]], *,
               truncate: bool = True) -> tuple[list[list[float]], int]:
         """``POST {base_url}/embeddings`` (a model with ``embedding = true``) on the least
@@ -809,7 +773,8 @@ class OpenAIModel:
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
-        """``chat`` on the event loop: one pooled async connection per stream, no thread.
+        """Stream from the least busy healthy endpoint, trying the next one on a failure
+        before the first token: one pooled async connection per stream, no thread.
         Cancelling the consumer (client gone) closes the upstream response."""
         body = self.body(messages, params, images, audio)
         client = self.aclient()
@@ -924,17 +889,8 @@ class _SSELines:
         return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def _read_capped(chunks: Iterable[bytes]) -> bytes:
-    """An error body, at most MAX_ERROR_BODY_BYTES of it."""
-    out = b""
-    for data in chunks:
-        out += data
-        if len(out) >= MAX_ERROR_BODY_BYTES:
-            break
-    return out[:MAX_ERROR_BODY_BYTES]
-
-
 async def _aread_capped(chunks: AsyncIterator[bytes]) -> bytes:
+    """An error body, at most MAX_ERROR_BODY_BYTES of it."""
     out = b""
     async for data in chunks:
         out += data
@@ -965,14 +921,15 @@ def _is_transport(exc: BaseException) -> bool:
                             OSError))
 
 
-def _close_async_client(client: Any) -> None:
-    """Close an AsyncClient from sync code: on the running loop if there is one; otherwise
-    (an unload on a worker thread) its sockets close when it is collected."""
+def _close_async_client(loop: Any, client: Any) -> None:
+    """Close an AsyncClient from sync code, on the loop it belongs to while that loop runs;
+    otherwise its sockets close when it is collected."""
     import asyncio
 
     try:
-        asyncio.get_running_loop().create_task(client.aclose())
-    except RuntimeError:
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+    except RuntimeError:  # the loop closed meanwhile
         pass
 
 

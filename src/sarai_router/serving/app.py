@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP server: ``create_app(config)`` is an ASGI app, ``serve`` runs it.
 
-Starlette + uvicorn. A local model's generation runs on its own worker thread
-(``streaming.Generation``); a remote model's (a backend with ``async_chat``) runs as a task
-on the event loop (``streaming.AsyncGeneration``: no thread per stream). Either hands its
-pieces to the handler one by one, so a streamed answer goes out token by token and never
-blocks other requests. A request is admitted (or refused with a status)
-before any byte of the answer is sent: the first event from the worker decides. The
-request path itself (route, capabilities, presence, pre-warm) is ``Engine.prepare``.
+Starlette + uvicorn. Every generation runs as a task on the server's event loop
+(``streaming.Generation`` over ``Engine.astream``): a remote model's with no thread at all,
+a llama.cpp model's tokens computed on a thread of its own. The task hands its pieces to the
+handler one by one, so a streamed answer goes out token by token and never blocks other
+requests. A request is admitted (or refused with a status) before any byte of the answer is
+sent: the first event from the generation decides. The request path itself (route,
+capabilities, presence, pre-warm) is ``Engine.prepare``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from ..backend import GenerationParams
 from ..config import Config
 from ..engine import Engine, share_cores
 from ..errors import not_configured
-from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
-from ..types import RouteDecision
+from ..streaming import Done, Failed, Generation, Piece
+from ..types import ChatRequest, RouteDecision
 from .audio import TranscriptionQueue, transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol, limit_body)
@@ -106,9 +107,8 @@ class SaraiServer:
         self.stop_deadline = float("inf")
         #: generations still running when the grace ran out (serve() then exits at once)
         self.unfinished = 0
-        # Generations still running (worker threads or loop tasks), stopped and joined at
-        # shutdown.
-        self._live: weakref.WeakSet[Generation | AsyncGeneration] = weakref.WeakSet()
+        # Generations still running, stopped and joined at shutdown.
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
 
     # -- lifecycle
 
@@ -163,7 +163,7 @@ class SaraiServer:
                 "x-sarai-route-plugin": header_value(decision.plugin),
                 **fallback_header(decision)}
 
-    def _client_gone(self, generation: Generation | AsyncGeneration,
+    def _client_gone(self, generation: Generation,
                      decision: RouteDecision) -> Response:
         generation.cancel()
         log.info("client went away; stopped its answer from %s", decision.model)
@@ -201,42 +201,13 @@ class SaraiServer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
             return self._fail(error_for(exc), exc)
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def sink(event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-                pass
-
-        # A remote model streams on this loop (no thread per answer); a local one on a
-        # worker thread of its own.
-        if self.engine.streams_async(decision.model):
-            generation: Generation | AsyncGeneration = AsyncGeneration(
-                self.engine, parsed.request, decision, parsed.params, events.put_nowait,
-                queue_limit=self.config.server.queue_size)
-        else:
-            generation = Generation(self.engine, parsed.request, decision, parsed.params, sink,
-                                    queue_limit=self.config.server.queue_size)
-        # Registered before the check: a stop that starts between the two still cancels it.
-        self._live.add(generation)
-        if self.shutting_down:
-            return self._fail(_shutting_down())
-        generation.start()
-        stopping = lambda: self.shutting_down  # noqa: E731
-        try:
-            first = await _next_event(events, request, stopping)
-        except asyncio.CancelledError:
-            generation.cancel()
-            if self.shutting_down:
-                return self._fail(_shutting_down())
-            raise
-        except ClientGone:
-            return self._client_gone(generation, decision)
-        except ShuttingDown:
-            generation.cancel()
-            return self._fail(_shutting_down())
+        started = self.start_generation(parsed.request, decision, parsed.params)
+        if isinstance(started, Response):
+            return started
+        generation, events = started
+        first = await self.wait_event(events, request, generation, decision)
+        if isinstance(first, Response):
+            return first
         # The model that answers: another one when the routed model failed before its first
         # token and one of its fallbacks took over.
         decision = generation.completion.decision
@@ -256,20 +227,11 @@ class SaraiServer:
                          "x-accel-buffering": "no"})
         pieces: list[str] = []
         event = first
-        try:
-            while not isinstance(event, (Done, Failed)):
-                pieces.append(event.text)
-                event = await _next_event(events, request, stopping)
-        except asyncio.CancelledError:  # nobody to answer: stop generating
-            generation.cancel()
-            if self.shutting_down:
-                return self._fail(_shutting_down())
-            raise
-        except ClientGone:
-            return self._client_gone(generation, decision)
-        except ShuttingDown:
-            generation.cancel()
-            return self._fail(_shutting_down())
+        while not isinstance(event, (Done, Failed)):
+            pieces.append(event.text)
+            event = await self.wait_event(events, request, generation, decision)
+            if isinstance(event, Response):
+                return event
         if isinstance(event, Failed):
             return self._fail(error_for(event.error), event.error)
         if event.cancelled:  # only shutdown cancels a generation whose client is there
@@ -282,8 +244,40 @@ class SaraiServer:
                       "placement": completion.placement},
         }, headers=self._headers(decision))
 
+    def start_generation(self, request: ChatRequest, decision: RouteDecision,
+                         params: GenerationParams) -> tuple[Generation, asyncio.Queue] | Response:
+        """Start ``request``'s generation as a task on this loop (its events go to the queue
+        returned), or the 503 to answer when shutdown has begun."""
+        events: asyncio.Queue = asyncio.Queue()
+        generation = Generation(self.engine, request, decision, params, events.put_nowait,
+                                queue_limit=self.config.server.queue_size)
+        # Registered before the check: a stop that starts between the two still cancels it.
+        self._live.add(generation)
+        if self.shutting_down:
+            return self._fail(_shutting_down())
+        generation.start()
+        return generation, events
+
+    async def wait_event(self, events: asyncio.Queue, request: Request,
+                         generation: Generation, decision: RouteDecision):
+        """The generation's next event, or the answer to give instead when nobody wants the
+        rest: 499 when the client left, 503 when shutdown began (the generation stopped
+        either way). A handler cancelled for another reason stops it and goes on failing."""
+        try:
+            return await _next_event(events, request, lambda: self.shutting_down)
+        except asyncio.CancelledError:
+            generation.cancel()
+            if self.shutting_down:
+                return self._fail(_shutting_down())
+            raise
+        except ClientGone:
+            return self._client_gone(generation, decision)
+        except ShuttingDown:
+            generation.cancel()
+            return self._fail(_shutting_down())
+
     async def _sse(self, first, events: asyncio.Queue,
-                   generation: Generation | AsyncGeneration, meta: "_Meta"):
+                   generation: Generation, meta: "_Meta"):
         try:
             yield meta.chunk({"role": "assistant", "content": ""},
                              logprobs=[] if meta.logprobs else None)

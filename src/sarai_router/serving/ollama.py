@@ -3,8 +3,8 @@
 ``/api/embeddings``.
 
 The shapes are in ``ollama_dialect``; a generation runs exactly as an OpenAI chat
-completion does (``Engine.prepare``, then a ``Generation`` on a worker thread or an
-``AsyncGeneration`` on the loop), answered as NDJSON lines or one JSON object. Errors are
+completion does (``Engine.prepare``, then a ``Generation`` task on the loop), answered as
+NDJSON lines or one JSON object. Errors are
 Ollama's ``{"error": "..."}`` (the server's outermost middleware picks the shape by path).
 ``keep_alive`` reaches the pool through :meth:`ModelPool.keep_alive`, within the server's
 policy: see docs/serving.md.
@@ -24,10 +24,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from ..streaming import AsyncGeneration, Done, Failed, Generation, Piece
+from ..streaming import Done, Failed, Generation, Piece
 from ..types import RouteDecision
 from . import ollama_dialect as dialect
-from .app import ClientGone, ShuttingDown, _next_event
 from .embeddings import check_inputs, embed, embedding_model, read_json, sarai_field
 from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, _check_keys, _short, _shutting_down,
                      error_for)
@@ -103,40 +102,13 @@ async def _load_or_unload(state: Any, asked: dialect.OllamaRequest, kind: str) -
 async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
                     decision: RouteDecision, kind: str) -> Response:
     parsed = asked.parsed
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-
-    def sink(event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-            pass
-
-    queue = state.config.server.queue_size
-    if state.engine.streams_async(decision.model):
-        generation: Generation | AsyncGeneration = AsyncGeneration(
-            state.engine, parsed.request, decision, parsed.params, events.put_nowait,
-            queue_limit=queue)
-    else:
-        generation = Generation(state.engine, parsed.request, decision, parsed.params, sink,
-                                queue_limit=queue)
-    state._live.add(generation)
-    if state.shutting_down:
-        return state._fail(_shutting_down())
-    generation.start()
-    stopping = lambda: state.shutting_down  # noqa: E731
-    try:
-        first = await _next_event(events, request, stopping)
-    except asyncio.CancelledError:
-        generation.cancel()
-        if state.shutting_down:
-            return state._fail(_shutting_down())
-        raise
-    except ClientGone:
-        return state._client_gone(generation, decision)
-    except ShuttingDown:
-        generation.cancel()
-        return state._fail(_shutting_down())
+    started = state.start_generation(parsed.request, decision, parsed.params)
+    if isinstance(started, Response):
+        return started
+    generation, events = started
+    first = await state.wait_event(events, request, generation, decision)
+    if isinstance(first, Response):
+        return first
     decision = generation.completion.decision
     if isinstance(first, Failed):
         return state._fail(error_for(first.error), first.error, decision=decision)
@@ -151,21 +123,12 @@ async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
                                           "x-accel-buffering": "no"})
     pieces, tokens = [], []
     event = first
-    try:
-        while isinstance(event, Piece):
-            pieces.append(event.text)
-            tokens.extend(event.logprobs)
-            event = await _next_event(events, request, stopping)
-    except asyncio.CancelledError:
-        generation.cancel()
-        if state.shutting_down:
-            return state._fail(_shutting_down())
-        raise
-    except ClientGone:
-        return state._client_gone(generation, decision)
-    except ShuttingDown:
-        generation.cancel()
-        return state._fail(_shutting_down())
+    while isinstance(event, Piece):
+        pieces.append(event.text)
+        tokens.extend(event.logprobs)
+        event = await state.wait_event(events, request, generation, decision)
+        if isinstance(event, Response):
+            return event
     if isinstance(event, Failed):
         return state._fail(error_for(event.error), event.error)
     if event.cancelled:
@@ -221,7 +184,7 @@ class _Answer:
         return data
 
     async def lines(self, first, events: asyncio.Queue,
-                    generation: Generation | AsyncGeneration) -> AsyncIterator[str]:
+                    generation: Generation) -> AsyncIterator[str]:
         try:
             event = first
             while True:
