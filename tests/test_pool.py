@@ -603,16 +603,16 @@ def test_a_waiter_cancelled_as_a_slot_reaches_it_passes_the_slot_on(make_pool, m
         """), clock=time.monotonic)
 
     async def scenario() -> None:
-        holder = pool.ause("remote")
+        holder = pool.use("remote")
         resident = await holder.__aenter__()
         entered = []
 
         async def waiter() -> None:
-            async with pool.ause("remote"):
+            async with pool.use("remote"):
                 entered.append("waiter")
 
         task = asyncio.create_task(waiter())
-        while not resident.async_waiters:
+        while not resident.waiters:
             await asyncio.sleep(0)
         # No await between these two: the slot is on its way when the cancel comes.
         await holder.__aexit__(None, None, None)
@@ -621,12 +621,12 @@ def test_a_waiter_cancelled_as_a_slot_reaches_it_passes_the_slot_on(make_pool, m
             await task
         assert entered == []
         async def next_request() -> None:
-            async with pool.ause("remote"):
+            async with pool.use("remote"):
                 entered.append("next")
 
         # A lost slot: the next request would wait forever.
         await asyncio.wait_for(next_request(), 30)
         assert entered == ["next"]
-        assert resident.active == 0 and resident.users == 0 and not resident.async_waiters
+        assert resident.active == 0 and resident.users == 0 and not resident.waiters
 
     asyncio.run(scenario())
