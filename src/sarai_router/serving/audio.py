@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import anyio
 from starlette.requests import Request
@@ -21,7 +21,8 @@ from ..types import AudioInput, Transcript
 from .openai import ApiError, error_for
 
 if TYPE_CHECKING:
-    from .app import SaraiServer
+    from ..config import Config
+    from ..engine import Engine
 
 TRANSCRIPTION_MODELS = ("whisper-1", "whisper")
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
@@ -160,7 +161,20 @@ def transcription_error(exc: BaseException) -> ApiError:
     return error_for(exc)
 
 
-async def transcriptions(state: "SaraiServer", request: Request) -> Response:
+class AudioState(Protocol):
+    """What the handler needs from the server's state; ``SaraiServer`` provides it.
+
+    Named here rather than imported so the app (which mounts this route) and this module
+    don't import each other.
+    """
+
+    config: Config
+    engine: Engine
+
+    def _fail(self, error: ApiError) -> Response: ...
+
+
+async def transcriptions(state: AudioState, request: Request) -> Response:
     """``POST /v1/audio/transcriptions``."""
     server = state.config.server
     try:
