@@ -17,7 +17,8 @@ from typing import Callable
 
 import pytest
 
-from sarai_router.config import Config, default_models_dir, load_config
+from sarai_router.config import Config, default_models_dir
+from sarai_router.loading import load_config
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_FILE = "gemma-3-270m-q4_k_m.gguf"

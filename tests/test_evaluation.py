@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.evaluation import (
     HEURISTIC_TABLE,
     Case,

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
     from .backend import BackendFactory
     from .config import Config
-    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -440,10 +439,10 @@ class Hooks:
                 found.append((impl.plugin_name, route))
         return found
 
-    def startup(self, engine: "Engine") -> None:
+    def startup(self, engine: Any) -> None:
         self.call_each("startup", engine=engine)
 
-    def shutdown(self, engine: "Engine") -> None:
+    def shutdown(self, engine: Any) -> None:
         self.call_each("shutdown", engine=engine)
 
     # -- the typed surface the core uses ---------------------------------------------

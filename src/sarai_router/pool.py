@@ -42,7 +42,7 @@ from .backend import LoadedModel
 from .config import Config, ModelSpec
 from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinned, PoolError,
                      QueueFull, not_configured)
-from .types import COLD_LOAD_MB_PER_S, Residency
+from .types import COLD_LOAD_MB_PER_S, Residency, ResidentInfo
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -78,25 +78,6 @@ async def _in_thread(work: Callable[[], Any], *, undo: Callable[[Any], None]) ->
                 undo(done.result())
         future.add_done_callback(settle)
         raise
-
-
-@attrs.frozen
-class ResidentInfo:
-    """A frozen snapshot of a resident model: what cache plugins are shown."""
-
-    name: str
-    spec: ModelSpec
-    state: str
-    pinned: bool
-    users: int
-    queued: int
-    ram_mb: float
-    estimated_mb: float
-    measured_mb: float | None
-    last_used: float
-    loaded_at: float
-    load_seconds: float
-    prewarmed: bool
 
 
 @attrs.define(eq=False)
