@@ -36,7 +36,8 @@ import attrs
 
 from .config import Config, ServerConfig
 from .errors import AttachmentError
-from .types import (AudioInput, ChatRequest, ImageInput, Residency, _guess_mime,
+from .plugins import Hooks, build_plugins
+from .types import (AudioInput, ChatRequest, ImageInput, Residency, ResidentInfo, _guess_mime,
                     read_attachment)
 
 #: Where calibration's TOML snippet puts the heuristic's settings.
@@ -247,7 +248,7 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
     groups: dict[str, dict[str, list[int]]] = {"by_kind": defaultdict(lambda: [0, 0]),
                                                 "by_lang": defaultdict(lambda: [0, 0])}
     misses, chosen_models = [], []
-    pool = SimulatedPool(config, costs, reply_tokens)
+    pool = SimulatedPool(config, costs, reply_tokens, Hooks(router.plugins, config))
     conversations: dict[str, list[str]] = defaultdict(list)
     heard = _Listener(config)
     try:
@@ -408,10 +409,12 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
     Each request takes :func:`request_seconds` (``reply_tokens`` generated) and the next
     one arrives when it ends (no think time: the clock is the sum of the work). Pinned
     models are loaded at the start; others load on first need (a cold load adds its
-    ``load_s``), are unloaded after their TTL of idle time on that clock, and the least
-    recently used unpinned one is evicted to respect ``max_loaded`` and the RAM budget.
-    RAM-GB·s integrates the resident models' RAM over the clock. ``routed``: the pool
-    :func:`evaluate` already replayed ``chosen`` on (routing saw its state).
+    ``load_s``), are unloaded when the cache hooks say they expired on that clock, and an
+    unpinned one the hooks choose is evicted to respect ``max_loaded`` and the RAM budget
+    (by default: after their TTL of idle time, least recently used first). RAM-GB·s
+    integrates the resident models' RAM over the clock. ``routed``: the pool
+    :func:`evaluate` already replayed ``chosen`` on (routing saw its state); its hooks
+    serve the other plans too.
     """
     if not cases or any(m is not None and m not in costs for m in set(chosen)):
         missing = sorted({m for m in chosen if m is not None and m not in costs})
@@ -428,7 +431,7 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
         if label == "routed" and routed is not None:
             out[label] = routed.summary()
             continue
-        pool = SimulatedPool(config, costs, reply_tokens)
+        pool = SimulatedPool(config, costs, reply_tokens, routed.hooks if routed else None)
         for case, model in zip(cases, plan):
             if model is not None:
                 pool.serve(model, case.text)
@@ -440,17 +443,25 @@ class SimulatedPool:
     """The model pool on a virtual clock, for :func:`evaluate` and :func:`replay_cost`.
 
     Requests run back to back; a model not resident loads first (``load_s``); pinned models
-    are resident from the start; an unpinned one is unloaded after its TTL of idle time, or
-    evicted (least recently used) for ``max_loaded`` and the RAM budget. A model without
-    cost figures takes no time and no RAM (its state is still followed).
+    are resident from the start. Which idle model is evicted (for ``max_loaded`` and the RAM
+    budget) and when an idle one expires are asked of the cache hooks (``select_eviction``,
+    ``model_expired``), as the real pool does, so a cache plugin's policy shows in the
+    estimate; the default plugin is LRU with a TTL. A model without cost figures takes no
+    time and no RAM (its state is still followed).
     """
 
-    def __init__(self, config: Config, costs: Mapping[str, ModelCost], reply_tokens: int):
+    #: halvings of an interval to find when a model expired (far below a millisecond)
+    EXPIRY_STEPS = 48
+
+    def __init__(self, config: Config, costs: Mapping[str, ModelCost], reply_tokens: int,
+                 hooks: Hooks | None = None):
         self.config, self.costs, self.reply_tokens = config, costs, reply_tokens
+        self.hooks = hooks or Hooks(config.plugin_set or build_plugins(config), config)
         self.clock = 0.0
         # model -> time it was last used (LRU and TTL)
         self.resident: dict[str, float] = {name: 0.0 for name, spec in config.models.items()
                                            if spec.pinned}
+        self.loaded_at: dict[str, float] = dict(self.resident)
         self.loads: Counter = Counter()
         self.latencies: list[float] = []
         self.ram_gb_s = 0.0
@@ -475,7 +486,7 @@ class SimulatedPool:
             self.loads[model] += 1
             seconds += cost.load_s if cost else 0.0
             self._make_room(model)
-            self.resident[model] = self.clock
+            self.resident[model] = self.loaded_at[model] = self.clock
         self.latencies.append(seconds)
         self._advance(self.clock + seconds, busy=model)
         self.resident[model] = self.clock
@@ -500,17 +511,46 @@ class SimulatedPool:
     def _resident_gb(self) -> float:
         return sum(self._ram_mb(m) for m in self.resident) / 1024.0
 
+    def _info(self, model: str) -> ResidentInfo:
+        """What a cache plugin sees of a resident model (idle: the simulation runs one
+        request at a time)."""
+        cost = self.costs.get(model)
+        spec = self.config.models[model]
+        return ResidentInfo(
+            name=model, spec=spec, state="loaded", pinned=spec.pinned, users=0, queued=0,
+            ram_mb=self._ram_mb(model), estimated_mb=self._ram_mb(model), measured_mb=None,
+            last_used=self.resident[model], loaded_at=self.loaded_at.get(model, 0.0),
+            load_seconds=cost.load_s if cost else 0.0, prewarmed=False)
+
+    def _expired(self, model: str, now: float) -> bool:
+        return self.hooks.model_expired(resident=self._info(model), now=now,
+                                        cache=self.config.cache)
+
+    def _expiry(self, model: str, to: float) -> float | None:
+        """When ``model`` expires before ``to`` (the earliest moment the hook says so, to
+        integrate RAM up to it), or None. The real pool asks on a timer; here the clock
+        jumps from request to request, so the moment is found by halving."""
+        low = max(self.resident[model], self.clock)
+        if not self._expired(model, to):
+            return None
+        if self._expired(model, low):
+            return low
+        high = to
+        for _ in range(self.EXPIRY_STEPS):
+            middle = (low + high) / 2
+            if self._expired(model, middle):
+                high = middle
+            else:
+                low = middle
+        return high
+
     def _advance(self, to: float, busy: str) -> None:
         # unload what expires before ``to`` (never the model at work), integrating RAM piecewise
         models = self.config.models
-        while True:
-            due = [(last + self.config.ttl_for(models[m]), m) for m, last in self.resident.items()
-                   if not models[m].pinned and m != busy]
-            due = [d for d in due if d[0] < to]
-            if not due:
-                break
-            when, model = min(due)
-            when = max(when, self.clock)
+        due = sorted((when, m) for m in list(self.resident)
+                     if not models[m].pinned and m != busy
+                     and (when := self._expiry(m, to)) is not None and when < to)
+        for when, model in due:
             self.ram_gb_s += self._resident_gb() * (when - self.clock)
             self.clock = when
             del self.resident[model]
@@ -519,17 +559,21 @@ class SimulatedPool:
 
     def _make_room(self, model: str) -> None:
         budget_mb = self.config.cache.ram_budget_mb
+        spec = self.config.models[model]
 
-        def over() -> bool:
-            ram = sum(self._ram_mb(m) for m in self.resident) + self._ram_mb(model)
-            return len(self.resident) + 1 > self.config.cache.max_loaded or ram > budget_mb
+        def over_mb() -> float:
+            return sum(self._ram_mb(m) for m in self.resident) + self._ram_mb(model) - budget_mb
 
-        while over():
-            unpinned = [(last, m) for m, last in self.resident.items()
-                        if not self.config.models[m].pinned]
-            if not unpinned:
+        while len(self.resident) + 1 > self.config.cache.max_loaded or over_mb() > 0:
+            candidates = [self._info(m) for m in self.resident if not self.config.models[m].pinned]
+            if not candidates:
                 break  # the pool would refuse; the estimate just runs over
-            del self.resident[min(unpinned)[1]]
+            victim = self.hooks.select_eviction(candidates=candidates,
+                                                needed_mb=max(0.0, over_mb()), loading=spec)
+            if victim is None:
+                break  # no cache plugin chose: the pool would refuse the load
+            del self.resident[victim]
+            self.loaded_at.pop(victim, None)
 
 
 # -- calibration --------------------------------------------------------------------------
