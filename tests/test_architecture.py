@@ -173,3 +173,21 @@ def test_only_the_cli_exits_the_process():
             text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Name)) else ""
             assert not text.startswith("sys.exit(") and text != "SystemExit", (
                 f"{module}:{getattr(node, 'lineno', '?')}: {text}")
+
+
+#: Backend-only code: it lives in ``default_plugins/``, beside the backend that needs it.
+BACKEND_ONLY_NAMES = ("gguf_problems", "whisper_vocabulary", "BUNDLES")
+
+
+def test_backend_only_code_is_not_in_the_core():
+    for module, file in modules().items():
+        if _layer(module) != "core":
+            continue
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        defined = {node.name for node in ast.walk(tree)
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {target.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                    if isinstance(target, ast.Name)}
+        wrong = sorted(defined & set(BACKEND_ONLY_NAMES))
+        assert not wrong, f"{module} (core) defines backend-only {wrong}"

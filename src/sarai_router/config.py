@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping
 import attrs
 import cattrs
 
-from .errors import ConfigError, not_configured
+# ConfigError too: callers catch it from here, where the config is.
+from .errors import ConfigError, not_configured  # noqa: F401
 
 
 CONFIG_ENV = "SARAI_ROUTER_CONFIG"
@@ -421,17 +422,6 @@ def sampling_problems(values: Any) -> list[str]:
         if value is not None and not low <= value <= high:
             problems.append(f"{key}: must be between {low:g} and {high:g}, got {value}")
     return problems
-
-
-def gguf_problems(path: str) -> list[str]:
-    """Why ``path`` is not a readable GGUF file (empty when it is)."""
-    from .gguf_info import GGUFError, read_info
-
-    try:
-        read_info(path)
-    except GGUFError as exc:
-        return [str(exc)]
-    return []
 
 
 def _non_finite_numbers(config: Config) -> list[str]:
