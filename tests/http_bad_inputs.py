@@ -82,6 +82,11 @@ def chat(**fields: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def _schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A ``response_format`` holding ``schema``."""
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 def say(*messages: Any, **fields: Any) -> bytes:
     return chat(messages=list(messages), **fields)
 
@@ -327,6 +332,52 @@ CASES: list[Case] = [
     _post("schema with a dangling $ref", chat(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
             "$ref": "#/definitions/nope"}}}), 400, "invalid_value"),
+    # -- schemas whose grammar would crash or starve llama.cpp (refused by keyword and place)
+    _post("maxLength 20000 (overflowed llama.cpp's parser)", chat(
+        model="auto", response_format=_schema({"type": "object", "properties": {
+            "s": {"type": "string", "maxLength": 20000}}, "required": ["s"]})), 400,
+          "invalid_value"),
+    _post("maxLength 20000 streamed", chat(
+        model="auto", stream=True, response_format=_schema({"type": "object", "properties": {
+            "s": {"type": "string", "maxLength": 20000}}, "required": ["s"]})), 400,
+          "invalid_value"),
+    _post("maxLength 15000 (llama.cpp dumped 120 KB)", chat(response_format=_schema({
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 15000}}})), 400,
+          "invalid_value"),
+    _post("pattern a{1,100000}", chat(model="auto", response_format=_schema({
+        "type": "string", "pattern": "^a{1,100000}$"})), 400, "invalid_value"),
+    _post("tool with maxItems 100000, required", chat(
+        model="auto", tool_choice="required", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"xs": {
+                "type": "array", "items": {"type": "integer"}, "maxItems": 100000}}}}}]),
+          400, "invalid_value"),
+    _post("tool with maxItems 100000, required, streamed", chat(
+        model="auto", stream=True, tool_choice="required", tools=[{
+            "type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": {"xs": {"type": "array",
+                                                        "maxItems": 100000}}}}}]),
+          400, "invalid_value"),
+    _post("ambiguous pattern (a?){120}a{120} (held the model 124 s)", chat(
+        max_tokens=128, response_format=_schema({"type": "string",
+                                                 "pattern": "^(a?){120}a{120}$"})), 400,
+          "invalid_value"),
+    _post("ambiguous pattern (a?){240}a{240}", chat(response_format=_schema({
+        "type": "string", "pattern": "^(a?){240}a{240}$"})), 400, "invalid_value"),
+    _post("pattern repeating what may match nothing", chat(response_format=_schema({
+        "type": "string", "pattern": "^(a?)*$"})), 400, "invalid_value"),
+    _post("pattern whose nested repetitions multiply", chat(response_format=_schema({
+        "type": "string", "pattern": "^((a{1,50}){1,50}){1,50}$"})), 400, "invalid_value"),
+    _post("2,000 optional properties", chat(response_format=_schema({
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2000)}})),
+          400, "invalid_value"),
+    _post("$ref to a missing $defs entry", chat(response_format=_schema({
+        "$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/b"})), 400, "invalid_value"),
+    _post("maxLength of 400 digits", chat(response_format=_schema({
+        "type": "string", "maxLength": 10 ** 400})), 400, "invalid_value"),
+    _post("pattern bound of 5,000 digits", chat(response_format=_schema({
+        "type": "string", "pattern": "^a{" + "9" * 5000 + "}$"})), 400, "invalid_value"),
+    _post("$ref to a remote schema", chat(response_format=_schema({
+        "$ref": "https://example.com/schema.json"})), 400, "invalid_value"),
     # -- what the models can take
     _post("prompt over max_prompt_chars", say({"role": "user",
                                                "content": "x" * (MAX_PROMPT_CHARS + 1)}), 400,
@@ -389,6 +440,12 @@ CASES: list[Case] = [
     _post("/api/chat format xml", ochat(format="xml"), 400, "invalid_value", path="/api/chat"),
     _post("/api/chat format with a dangling $ref", ochat(format={"$ref": "#/nope"}), 400,
           "invalid_value", path="/api/chat"),
+    _post("/api/chat format with maxLength 20000", ochat(format={
+        "type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}}), 400,
+          "invalid_value", path="/api/chat"),
+    _post("/api/chat format with an ambiguous pattern", ochat(format={
+        "type": "string", "pattern": "^(a?){120}a{120}$"}), 400, "invalid_value",
+          path="/api/chat"),
     _post("/api/chat options a list", ochat(options=[1]), 400, "invalid_value",
           path="/api/chat"),
     _post("/api/chat unknown option", ochat_options(num_beams=4), 400, "unknown_parameter",

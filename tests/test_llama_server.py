@@ -503,3 +503,26 @@ def test_a_port_taken_before_the_child_binds_it_is_recognised(llama_server_binar
             server.start(timeout=DEADLINE)
     assert server.bind_failed()  # what makes load() retry on another port
     assert not server.alive()
+
+
+def test_a_schema_too_big_for_llama_cpp_is_refused_before_the_child_sees_it(engine_for):
+    """llama-server parses grammars with the same recursive llama.cpp parser: the same
+    limits apply, and the child is never handed a schema that could take it down."""
+    from sarai_router.backend import GenerationParams
+    from sarai_router.errors import InvalidRequest
+
+    engine = engine_for()
+    for schema, keyword in (
+            ({"type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}},
+             "maxLength at #/properties/s/maxLength"),
+            ({"type": "string", "pattern": "^(a?){120}a{120}$"}, "pattern at #/pattern")):
+        params = GenerationParams(max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        with pytest.raises(InvalidRequest, match=keyword):
+            engine.complete(HELLO, params)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"xs": {"type": "array", "maxItems": 100000}}}}}
+    with pytest.raises(InvalidRequest, match=r"tools\[0\]\.function\.parameters: maxItems"):
+        engine.complete(HELLO, GenerationParams(max_tokens=8, tools=(tool,),
+                                                tool_choice="required"))
+    assert engine.complete(HELLO).usage.completion_tokens > 0

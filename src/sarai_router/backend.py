@@ -74,6 +74,10 @@ class GenerationParams:
     #: says it repeats itself). A backend that honours it ends the answer cleanly (its
     #: usage counted); one that doesn't is closed by the engine a few pieces later.
     stop_check: Callable[[], bool] | None = attrs.field(default=None, eq=False, repr=False)
+    #: The answer's ``time_budget.TimeBudget`` (None: unbounded). A backend that samples
+    #: tokens itself calls its ``check`` before each token and ``add_sampling`` after;
+    #: the engine checks it between pieces whatever the backend.
+    time_budget: Any = attrs.field(default=None, eq=False, repr=False)
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> "GenerationParams":
         """These params with every unset sampling setting taken from ``defaults``."""

@@ -103,6 +103,12 @@ class GenerationConfig:
     #: Stop once the same passage has come this many times in a row, or the same line
     #: (of at least ``runaway_min_chars``, list numbering aside) this many times at all.
     runaway_repeats: int = 4
+    #: The longest one answer may hold its model, in seconds (0: no bound); past it the
+    #: answer ends with finish_reason "length". ``[models.NAME]`` overrides it.
+    max_request_seconds: float = 600.0
+    #: The longest choosing one token may take (a grammar's work, not the model's), in
+    #: seconds (0: no bound); past it the answer ends the same way.
+    max_token_sampling_seconds: float = 2.0
 
 
 @attrs.frozen
@@ -160,6 +166,9 @@ class ModelSpec:
     frequency_penalty: float | None = None
     #: None: ``[generation] runaway_guard``
     runaway_guard: bool | None = None
+    #: None: ``[generation] max_request_seconds`` / ``max_token_sampling_seconds``
+    max_request_seconds: float | None = None
+    max_token_sampling_seconds: float | None = None
     #: loaded for embeddings only (``/v1/embeddings``, ``/api/embed``), not for chat
     embedding: bool = False
     settings: Any = None
@@ -216,6 +225,14 @@ class Config:
     def runaway_guard_for(self, spec: ModelSpec) -> bool:
         guard = spec.runaway_guard
         return self.generation.runaway_guard if guard is None else guard
+
+    def time_bounds_for(self, spec: ModelSpec) -> tuple[float, float]:
+        """(max_request_seconds, max_token_sampling_seconds) for ``spec``; 0: no bound."""
+        generation = self.generation
+        total = spec.max_request_seconds
+        token = spec.max_token_sampling_seconds
+        return (generation.max_request_seconds if total is None else total,
+                generation.max_token_sampling_seconds if token is None else token)
 
 
 converter = cattrs.Converter(forbid_extra_keys=True)
@@ -342,6 +359,9 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                         f"({generation.runaway_min_chars})")
     if generation.runaway_repeats < 2:
         problems.append(f"{src}: generation.runaway_repeats: must be >= 2")
+    for key in ("max_request_seconds", "max_token_sampling_seconds"):
+        if getattr(generation, key) < 0:
+            problems.append(f"{src}: generation.{key}: must be >= 0 (0: no bound)")
     pinned = [n for n, s in config.models.items() if s.pinned]
     if config.routing.max_fallbacks < 0:
         problems.append(f"{src}: routing.max_fallbacks: must be >= 0")
@@ -355,6 +375,10 @@ def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
                 problems.append(f"{src}: {key}.{field}: must be >= 1")
         if spec.ttl_seconds is not None and spec.ttl_seconds < 0:
             problems.append(f"{src}: {key}.ttl_seconds: must be >= 0")
+        for field in ("max_request_seconds", "max_token_sampling_seconds"):
+            value = getattr(spec, field)
+            if value is not None and value < 0:
+                problems.append(f"{src}: {key}.{field}: must be >= 0 (0: no bound)")
         unknown = [m for m in spec.modalities if m not in MODALITIES]
         if unknown:
             problems.append(f"{src}: {key}.modalities: unknown modality {', '.join(map(repr, unknown))}"

@@ -32,6 +32,7 @@ from .plugins import PluginSet
 from .pool import ModelPool
 from .router import EXPLICIT_PLUGIN, Router
 from .runaway import RunawayGuard
+from .time_budget import TimeBudget
 from .types import AudioInput, ChatRequest, FallbackStep, RouteDecision, Transcript
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Completion:
     logprobs: list[TokenLogprob] = attrs.field(factory=list)
     #: cancelled while queued: the model never saw the request
     dropped: bool = False
-    #: what ended the answer early, when not the model: "runaway_guard"
+    #: what ended the answer early, when not the model: "runaway_guard", "time_limit"
     stopped_by: str | None = None
     #: the request it answers (its events carry it): the front end's id, when it set one
     request_id: str = attrs.field(factory=REQUEST_ID.get)
@@ -433,6 +434,13 @@ class Engine:
                             max_chars=generation.runaway_max_chars,
                             repeats=generation.runaway_repeats)
 
+    def budget_for(self, spec: ModelSpec) -> TimeBudget | None:
+        """A fresh time budget for one answer of ``spec``, or None when it has no bound."""
+        total, token = self.config.time_bounds_for(spec)
+        if not total and not token:
+            return None
+        return TimeBudget(max_seconds=total, max_token_sampling_seconds=token)
+
     def complete(
         self, request: ChatRequest, params: GenerationParams = GenerationParams(),
         model: str | None = None,
@@ -477,6 +485,8 @@ class _Answer:
         self.completion = completion
         self.model = completion.decision.model
         self.guard = engine.guard_for(engine.config.models[self.model])
+        self.budget = engine.budget_for(engine.config.models[self.model])
+        self.after_budget = 0
         self.stop = threading.Event()
         self.after_stop = 0
         self.gen_started = 0.0
@@ -489,6 +499,8 @@ class _Answer:
         params = params.with_defaults(self.engine.sampling_for(self.model))
         if self.guard is not None:
             params = attrs.evolve(params, stop_check=self.stop.is_set)
+        if self.budget is not None:
+            params = attrs.evolve(params, time_budget=self.budget)
         return params
 
     def dropped(self) -> None:
@@ -501,6 +513,8 @@ class _Answer:
                                request_id=self.completion.request_id, load_s=load_s)
         self.completion.timings = Timings(load_s=load_s)
         self.gen_started = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
 
     def take(self, delta: Delta) -> Any:
         """The text to yield for ``delta`` (None: nothing), or END."""
@@ -511,6 +525,14 @@ class _Answer:
             completion.usage = delta.usage
             completion.finish_reason = delta.finish_reason
             completion.tool_calls = delta.tool_calls
+        if self.budget is not None and delta.usage is None and self.budget.exceeded():
+            # Past the time bound: a backend that enforces it ends within a piece (its
+            # usage counted); one that goes on is closed a few pieces later.
+            self.after_budget += 1
+            if self.after_budget > self.STOP_GRACE_PIECES:
+                completion.usage = Usage(completion.usage.prompt_tokens,
+                                         len(completion.pieces))
+                return self.END
         if not delta.text:
             return None
         if self.stop.is_set():
@@ -533,6 +555,15 @@ class _Answer:
         completion = self.completion
         completion.timings.generation_s = time.perf_counter() - self.gen_started
         completion.text = "".join(completion.pieces)
+        if self.budget is not None and self.budget.tripped:
+            # Cut before its end, as max_tokens would: "length" says so.
+            completion.stopped_by = "time_limit"
+            completion.finish_reason = "length"
+            log.warning("time limit stopped %s after %d tokens: %s", self.model,
+                        completion.usage.completion_tokens, self.budget.reason)
+            self.engine.hooks.emit("time_limit_stopped", self.model,
+                                   request_id=completion.request_id, reason=self.budget.reason)
+            return
         if self.guard is not None and self.guard.tripped:
             completion.stopped_by = "runaway_guard"
             # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells

@@ -55,6 +55,8 @@ EVENT_KINDS: Mapping[str, str] = MappingProxyType({
                            "stopped_by",
     "generation_dropped": "request_id (cancelled while queued: the model never saw it)",
     "runaway_stopped": "request_id, reason (the runaway guard ended the answer)",
+    "time_limit_stopped": "request_id, reason (max_request_seconds or "
+                          "max_token_sampling_seconds ended the answer)",
     "fallback": "request_id, from_model, to_model, reason",
     "transcribed": "request_id, language, seconds, chars, plugin",
     "model_loading": "(a load starts)",

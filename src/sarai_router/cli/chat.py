@@ -195,7 +195,9 @@ class ChatSession:
                           f"{t['tokens_per_second']:.0f} tok/s"
                           + (f", load {t['load_s']:.2f}s" if t["load_s"] else "")
                           + ("; stopped: it kept repeating itself (runaway guard)"
-                             if data["stopped_by"] == "runaway_guard" else "")))
+                             if data["stopped_by"] == "runaway_guard" else "")
+                          + ("; stopped: it ran past its time limit"
+                             if data["stopped_by"] == "time_limit" else "")))
         if pieces or not isinstance(final, Failed):
             self.history.append({"role": "user", "content": said})
             self.history.append({"role": "assistant", "content": "".join(pieces)})

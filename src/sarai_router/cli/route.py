@@ -150,7 +150,9 @@ def query(app: AppContext, prompt: str, images: tuple[str, ...], audio: str | No
         f"{t['tokens_per_second']:.1f} tok/s, first token {first}, load {t['load_s']:.2f}s, "
         f"total {t['total_s']:.2f}s"
         + ("; stopped: it kept repeating itself (runaway guard)"
-           if completion.stopped_by == "runaway_guard" else "")), err=True)
+           if completion.stopped_by == "runaway_guard" else "")
+        + ("; stopped: it ran past its time limit"
+           if completion.stopped_by == "time_limit" else "")), err=True)
 
 
 __all__ = ["route", "query", "EXIT_USAGE"]

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -25,6 +26,7 @@ from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
 from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import InvalidRequest, ModelLoadError
 from ..hookspecs import hookimpl
+from ..time_budget import OverBudget, TimeBudget
 from ..types import AudioInput, ImageInput
 from . import llama_cpp_features as features
 
@@ -233,8 +235,9 @@ class LlamaCppModel:
         held: list[str] = []
         emitted_bytes = 0
 
-        if recorder is not None:
-            self._hear_samples(recorder.sampled)
+        budget = params.time_budget
+        if recorder is not None or budget is not None:
+            self._hear_samples(recorder.sampled if recorder else None, budget)
         try:
             stream = self._create(messages, params, grammar, processors)
         except BaseException:
@@ -256,6 +259,9 @@ class LlamaCppModel:
                                 if recorder else ())
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
+        except OverBudget:
+            # Past its time bound (the engine says so in stopped_by): cut, as by max_tokens.
+            finish_reason = "length"
         except ValueError as exc:
             # llama-cpp-python says a prompt is too long (before any token) with a bare
             # ValueError; name the model and the key to change.
@@ -268,7 +274,7 @@ class LlamaCppModel:
             # A generation stopped early must end now, while the model is alive: left to the
             # garbage collector, it would run against a closed context (a crash at exit).
             stream.close()
-            if recorder is not None:
+            if recorder is not None or budget is not None:
                 self._hear_samples(None)
         # Every sampled token but the last was evaluated into the context after the prompt.
         prompt_tokens = max(0, self.llama.n_tokens - max(0, sampled - 1))
@@ -302,21 +308,31 @@ class LlamaCppModel:
             logits_processor=LogitsProcessorList(processors),
         )
 
-    def _hear_samples(self, listener) -> None:
-        """Call ``listener(token)`` with each token the model samples (None: stop).
+    def _hear_samples(self, listener, budget: TimeBudget | None = None) -> None:
+        """Call ``listener(token)`` with each token the model samples, and hold each
+        sampling to ``budget`` (None, None: stop).
 
         llama-cpp-python gives a logits processor the logits but never the token chosen
         from them; its generate loop calls ``self.sample`` for each one, so an instance
-        attribute wraps that method for this generation only.
+        attribute wraps that method for this generation only. Sampling is where a grammar
+        does its work (llama.cpp checks every candidate token against it), so its time is
+        what ``max_token_sampling_seconds`` bounds; OverBudget raised here ends the
+        generate loop between two tokens.
         """
-        if listener is None:
+        if listener is None and budget is None:
             self.llama.__dict__.pop("sample", None)
             return
         sample = type(self.llama).sample.__get__(self.llama)
 
         def sample_and_tell(*args, **kwargs):
+            if budget is not None:
+                budget.check()
+            started = time.perf_counter()
             token = sample(*args, **kwargs)
-            listener(token)
+            if budget is not None:
+                budget.add_sampling(time.perf_counter() - started)
+            if listener is not None:
+                listener(token)
             return token
 
         self.llama.sample = sample_and_tell

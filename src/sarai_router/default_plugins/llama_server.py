@@ -30,6 +30,7 @@ from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
+from .grammar_limits import check_params
 from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
 from .openai import OpenAIModel, OpenAISettings
 
@@ -301,6 +302,8 @@ class LlamaServerModel:
     def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
              images: Sequence[ImageInput] = (),
              audio: AudioInput | None = None) -> Iterator[Delta]:
+        # llama-server builds its grammars with the same llama.cpp parser: the same limits.
+        check_params(params)
         deltas = self.client.chat(messages, params, images=images, audio=audio)
         try:
             yield from deltas
@@ -314,6 +317,7 @@ class LlamaServerModel:
     async def achat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
                     images: Sequence[ImageInput] = (),
                     audio: AudioInput | None = None) -> AsyncIterator[Delta]:
+        check_params(params)
         deltas = self.client.achat(messages, params, images=images, audio=audio)
         try:
             async for delta in deltas:

@@ -64,7 +64,8 @@ def internal_error() -> ApiError:
 
 
 # Absolute paths (POSIX or Windows) inside messages built from a backend's exceptions.
-_PATH = re.compile(r"(?<![\w:/.\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
+# Not a JSON pointer's tail ("#/$defs/a" names a place in the request's own schema).
+_PATH = re.compile(r"(?<![\w:/.\\#-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
 
 
 def scrub_paths(message: str) -> str:
