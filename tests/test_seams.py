@@ -19,7 +19,7 @@ from sarai_router.cli import cli
 from sarai_router.config import ConfigError
 from sarai_router.loading import load_config
 from sarai_router.errors import SaraiError
-from sarai_router.pool import ResidentInfo
+from sarai_router.types import ResidentInfo
 from sarai_router.router import Router
 from sarai_router.types import ChatRequest
 
