@@ -56,7 +56,8 @@ import httpx
 import psutil
 import tomli_w
 
-from sarai_router.config import default_models_dir, load_config
+from sarai_router.config import default_models_dir
+from sarai_router.loading import load_config
 from sarai_router.default_plugins.llama_server import server_argv
 from sarai_router.default_plugins.llama_server_process import ServerProcess, free_port
 from sarai_router.llama_server_install import build_llama_server

@@ -27,7 +27,7 @@ from sarai_router.bench import (  # noqa: E402
     measure_decisions,
     percentile,
 )
-from sarai_router.config import load_config  # noqa: E402
+from sarai_router.loading import load_config  # noqa: E402
 from sarai_router.router import Router  # noqa: E402
 from sarai_router.types import ChatRequest  # noqa: E402
 

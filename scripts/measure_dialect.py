@@ -23,7 +23,7 @@ import time
 import attrs
 
 from sarai_router.backend import GenerationParams
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.engine import Completion, Engine
 from sarai_router.types import ChatRequest
 

@@ -71,7 +71,7 @@ def per_token(schema: dict, tokens: int) -> None:
     import llama_cpp
 
     from sarai_router.default_plugins import grammar_limits
-    from sarai_router.config import load_config
+    from sarai_router.loading import load_config
     from sarai_router.default_plugins.llama_cpp import LlamaCppBackend, route_llama_logs_to_logging
     from sarai_router.default_plugins.llama_cpp_features import schema_grammar
 

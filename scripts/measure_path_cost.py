@@ -81,7 +81,7 @@ def cpu() -> float:
 
 
 def build_engine(folder: Path, tokens: int):
-    from sarai_router.config import load_config
+    from sarai_router.loading import load_config
     from sarai_router.engine import Engine
 
     plugins = folder / "plugins"

@@ -22,7 +22,7 @@ import attrs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from sarai_router.config import load_config  # noqa: E402
+from sarai_router.loading import load_config  # noqa: E402
 from sarai_router.evaluation import (ModelCost, evaluate, load_cases, model_costs,  # noqa: E402
                                      with_heuristic)
 from sarai_router.router import Router  # noqa: E402

@@ -34,7 +34,8 @@ from pathlib import Path
 import psutil
 
 from sarai_router.backend import GenerationParams
-from sarai_router.config import builtin_config_text, load_config
+from sarai_router.config import builtin_config_text
+from sarai_router.loading import load_config
 from sarai_router.engine import Completion, Engine
 from sarai_router.pool import process_rss_mb
 from sarai_router.types import ChatRequest

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from sarai_router.config import load_config  # noqa: E402
+from sarai_router.loading import load_config  # noqa: E402
 from sarai_router.default_plugins import empathy  # noqa: E402
 from sarai_router.evaluation import load_cases  # noqa: E402
 

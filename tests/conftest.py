@@ -21,7 +21,8 @@ from typing import Callable
 
 import pytest
 
-from sarai_router.config import Config, default_models_dir, load_config
+from sarai_router.config import Config, default_models_dir
+from sarai_router.loading import load_config
 
 #: The server tests (test_server.py, test_openai_dialect.py, test_bad_inputs.py, ...) test the
 #: in-process path, on configs whose models name no backend, which `serve` would otherwise

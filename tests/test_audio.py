@@ -29,7 +29,8 @@ from sarai_router.cli import cli
 from sarai_router.cli.chat import ChatSession
 from sarai_router.engine import Engine
 from sarai_router.errors import AudioError, TranscriptionUnavailable
-from sarai_router.fetch import BUNDLES, bundle_present, sha256_of, whisper_vocabulary
+from sarai_router.default_plugins.whisper_bundle import BUNDLES, whisper_vocabulary
+from sarai_router.fetch import bundle_present, sha256_of
 from sarai_router.plugins import build_plugins
 from sarai_router.testing import start_serve
 from sarai_router.types import TRANSCRIPT_MARK, AudioInput, ChatRequest, Transcript

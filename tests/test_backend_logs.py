@@ -18,7 +18,7 @@ from conftest import FAST_FILE
 
 LOG_DURING_LOAD = r"""
 import logging, sys, threading
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
 
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sarai_router.config import fallback_cycles, parse_config
+from sarai_router.config import fallback_cycles
+from sarai_router.loading import parse_config
 from sarai_router.errors import AttachmentError
 from sarai_router.router import fallback_order
 from sarai_router.types import read_attachment

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import sarai_router.fetch as fetch
 from sarai_router.cli import cli
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.fetch import CATALOG, FetchError, pull, sha256_of
 
 from conftest import FAST_FILE

@@ -7,12 +7,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sarai_router.config import (
-    BUILTIN_CONFIG_LABEL,
-    ConfigError,
-    load_config,
-    parse_config,
-)
+from sarai_router.config import BUILTIN_CONFIG_LABEL, ConfigError
+from sarai_router.loading import load_config, parse_config
 
 
 def problems_of(path: Path, **kwargs) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.evaluation import (
     HEURISTIC_TABLE,
     Case,
@@ -274,6 +274,58 @@ def test_replay_counts_cold_loads_with_pinning_and_ttl(make_config):
     # RAM: fast (1 GB) all along; quality (2 GB) only while resident
     assert cost["all fast"]["ram_gb_s"] == round(1.0 * 6 * fast_s, 1)
     assert cost["all quality"]["mean_ram_gb"] == 3.0
+
+
+MOST_RECENT_OUT = """
+from sarai_router.hookspecs import hookimpl
+
+@hookimpl
+def select_eviction(candidates, needed_mb, loading):
+    return max(candidates, key=lambda resident: resident.last_used).name
+"""
+
+NEVER_EXPIRE = """
+from sarai_router.hookspecs import hookimpl
+
+@hookimpl
+def model_expired(resident, now, cache):
+    return False
+"""
+
+
+def _with_plugin(tmp_path, make_config, source: str | None, extra: str = "", **parts: str):
+    """The base config (and ``extra``), with a plugin file of ``source`` when given."""
+    if source is not None:
+        (tmp_path / "plugs").mkdir(exist_ok=True)
+        (tmp_path / "plugs" / "mine.py").write_text(source, encoding="utf-8")
+        extra += '[plugins]\ndirs = ["plugs"]\n'
+    return make_config(extra, **parts)
+
+
+def test_replay_asks_the_cache_plugins_which_model_to_evict(tmp_path, make_config):
+    # three unpinned models, two fit: loading "third" evicts quality (least recently used)
+    # by default, fast under a plugin that evicts the most recently used
+    parts = dict(fast="", quality="", cache="ttl_seconds = 600\nmax_loaded = 2")
+    third = '[models.third]\npath = "{models_dir}/third.gguf"\n'
+    costs = {**COSTS, "third": COSTS["quality"]}
+    plan = ["fast", "quality", "fast", "third", "fast", "quality"]
+    estimates = {}
+    for label, plugin in (("default", None), ("most recent out", MOST_RECENT_OUT)):
+        config = _with_plugin(tmp_path, make_config, plugin, third, **parts)
+        estimates[label] = replay_cost(config, _cases(len(plan)), plan, costs)["routed"]
+    assert estimates["default"]["cold_loads"] == {"fast": 1, "quality": 2, "third": 1}
+    assert estimates["most recent out"]["cold_loads"] == {"fast": 2, "quality": 1, "third": 1}
+    assert estimates["most recent out"]["total_s"] < estimates["default"]["total_s"]
+
+
+def test_replay_asks_the_cache_plugins_when_a_model_expired(tmp_path, make_config):
+    # quality's TTL (1.5 s) runs out between its requests, unless a plugin keeps it
+    plan = ["quality", "fast", "quality", "fast", "fast", "quality"]
+    loads = {}
+    for label, plugin in (("default", None), ("never expire", NEVER_EXPIRE)):
+        config = _with_plugin(tmp_path, make_config, plugin, quality="ttl_seconds = 1.5")
+        loads[label] = replay_cost(config, _cases(len(plan)), plan, COSTS)["routed"]["cold_loads"]
+    assert loads == {"default": {"quality": 2}, "never expire": {"quality": 1}}
 
 
 def test_replay_without_cost_figures_says_so(config):

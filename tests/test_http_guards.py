@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from conftest import FAST_FILE, base_toml
 from http_bad_inputs import API_KEY, CASES, SERVER_TOML, chat
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.serving import create_app
 from sarai_router.serving.openai import ApiError, Limits, parse_chat_body
 

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FAST_FILE
 from sarai_router.backend import GenerationParams
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.engine import Engine
 from sarai_router.errors import BackendError, ConfigError, InstanceDead
 from sarai_router.llama_server_install import (BINARY_ENV, CACHE_ENV, LlamaServerNotFound,

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sarai_router.backend import GenerationParams
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.engine import Engine
 from sarai_router.types import ChatRequest
 

@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from sarai_router.backend import ToolCall, Usage
-from sarai_router.config import parse_config
+from sarai_router.loading import parse_config
 from sarai_router.engine import Completion, Timings
 from sarai_router.serving import ollama_dialect as dialect
 from sarai_router.serving.embeddings import check_inputs, embedding_model, vector_base64

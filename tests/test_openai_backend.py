@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sarai_router.backend import GenerationParams
 from sarai_router.cli import cli
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.default_plugins.openai import ReplicaSet, redact_url
 from sarai_router.engine import Completion, Engine
 from sarai_router.errors import (CapabilityError, UpstreamError, UpstreamUnavailable)

@@ -378,7 +378,7 @@ def test_is_loopback(host, loopback):
 def relay(server, tmp_path_factory, models_dir):
     """An engine whose model ``remote`` is the dialect server's ``fast`` model, reached
     through the ``openai`` backend (which passes tools, JSON output and logprobs on)."""
-    from sarai_router.config import load_config
+    from sarai_router.loading import load_config
     from sarai_router.engine import Engine
 
     config = tmp_path_factory.mktemp("relay") / "sarai.toml"

@@ -14,7 +14,7 @@ import pytest
 from sarai_router import hookimpl
 from sarai_router.backend import BackendError, GenerationParams
 from sarai_router.default_plugins.llama_cpp import LlamaCppBackend
-from sarai_router.config import rebind
+from sarai_router.loading import rebind
 from sarai_router.plugins import Hooks, build_plugins
 from sarai_router.pool import ModelPool, PoolError
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sarai_router.backend import BUILTIN_SAMPLING, GenerationParams
-from sarai_router.config import ConfigError, load_config
+from sarai_router.config import ConfigError
+from sarai_router.loading import load_config
 from sarai_router.engine import Engine
 from sarai_router.gguf_info import read_info
 from sarai_router.runaway import RunawayGuard

@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from sarai_router.cli import cli
-from sarai_router.config import ConfigError, load_config
+from sarai_router.config import ConfigError
+from sarai_router.loading import load_config
 from sarai_router.errors import SaraiError
-from sarai_router.pool import ResidentInfo
+from sarai_router.types import ResidentInfo
 from sarai_router.router import Router
 from sarai_router.types import ChatRequest
 

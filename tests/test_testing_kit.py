@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sarai_router.backend import GenerationParams
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.errors import ConfigError
 from sarai_router.plugins import Hooks, build_plugins
 from sarai_router.testing import (ECHO_BACKEND, answer, config_from_toml, free_port, route,

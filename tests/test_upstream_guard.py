@@ -18,7 +18,7 @@ import pytest
 from bad_upstream import PROBE_KEY, TRICKLE_SECONDS, BadUpstream, key_fragments
 from conftest import UPSTREAM_KEY_ENV
 from sarai_router.backend import GenerationParams
-from sarai_router.config import load_config
+from sarai_router.loading import load_config
 from sarai_router.default_plugins.openai import MAX_SSE_LINE_BYTES, Redactor, _upstream_message
 from sarai_router.engine import Completion, Engine
 from sarai_router.errors import BackendError, UpstreamError, UpstreamUnavailable

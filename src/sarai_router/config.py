@@ -1,4 +1,6 @@
-"""TOML config -> frozen attrs classes, through one cattrs converter.
+"""The config's frozen attrs classes, their cattrs converter, and the checks that need no plugin.
+
+Loading a file (TOML text -> a bound ``Config``) is in ``loading``, above the plugins.
 
 Every problem in a file is collected and reported at once, each with the file and the key
 path (``cache.max_loaded``), so a user fixes them all in one go.
@@ -6,10 +8,8 @@ path (``cache.max_loaded``), so a user fixes them all in one go.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -17,15 +17,9 @@ from typing import Any, Callable, Mapping
 import attrs
 import cattrs
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
-from .errors import ConfigError, not_configured
+# ConfigError too: callers catch it from here, where the config is.
+from .errors import ConfigError, not_configured  # noqa: F401
 from .load_queue import QUEUE_ORDERS
-
-log = logging.getLogger(__name__)
 
 CONFIG_ENV = "SARAI_ROUTER_CONFIG"
 MODELS_DIR_ENV = "SARAI_ROUTER_MODELS_DIR"
@@ -237,7 +231,7 @@ class Config:
 
     def plugin_settings(self, name: str, cls: type) -> Any:
         """Plugin ``name``'s table structured as ``cls`` (the class it registered)."""
-        return _converter.structure(dict(self.plugins.tables.get(name, {})), cls)
+        return converter.structure(dict(self.plugins.tables.get(name, {})), cls)
 
     def ttl_for(self, spec: ModelSpec) -> float:
         return self.cache.ttl_seconds if spec.ttl_seconds is None else spec.ttl_seconds
@@ -255,7 +249,7 @@ class Config:
                 generation.max_token_sampling_seconds if token is None else token)
 
 
-_converter = cattrs.Converter(forbid_extra_keys=True)
+converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _strict(kind: type, accepted: type | tuple[type, ...]) -> Callable[[Any, Any], Any]:
@@ -269,8 +263,8 @@ def _strict(kind: type, accepted: type | tuple[type, ...]) -> Callable[[Any, Any
 
 
 for _kind, _accepted in ((int, int), (float, (int, float)), (bool, bool), (str, str)):
-    _converter.register_structure_hook(_kind, _strict(_kind, _accepted))
-_converter.register_structure_hook_func(
+    converter.register_structure_hook(_kind, _strict(_kind, _accepted))
+converter.register_structure_hook_func(
     lambda t: t == tuple[str, ...],
     lambda value, _type: tuple(_strict(str, str)(v, str) for v in _strict(list, list)(value, list)),
 )
@@ -301,209 +295,6 @@ def find_config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool = False) -> Config:
-    """Load ``path`` (or the discovered/built-in config); raise ConfigError with every problem."""
-    config_path = find_config_path(path)
-    if config_path is None:
-        return parse_config(builtin_config_text(), source=BUILTIN_CONFIG_LABEL, base_dir=None,
-                            check_files=check_files)
-    label = str(config_path)
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{label}: file not found"]) from None
-    except OSError as exc:
-        raise ConfigError([f"{label}: cannot read: {exc.strerror}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{label}: not a UTF-8 text file (byte {exc.start}); "
-                           "a config is TOML text"]) from None
-    return parse_config(text, source=label, base_dir=config_path.resolve().parent,
-                        check_files=check_files)
-
-
-def parse_config(
-    text: str, *, source: str, base_dir: Path | None, check_files: bool = False
-) -> Config:
-    """Parse TOML ``text`` into a bound config: plugins discovered, backend keys and plugin
-    tables checked against what the plugins declare. Every problem is raised at once."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
-    problems: list[str] = []
-    split = _split_plugin_owned(raw, source, problems)
-    config = _structure(split.core, Config, source, "", problems)
-    if config is None:
-        raise ConfigError(problems)
-    config = _resolve_paths(config, source, base_dir)
-    problems.extend(semantic_problems(config, check_files=check_files))
-    config = _bind(config, split, problems, base_dir=base_dir, check_files=check_files)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
-@attrs.define
-class _Split:
-    """A raw config with the keys that plugins own taken out, and where each came from."""
-
-    core: dict[str, Any]
-    #: model name -> the keys of its table that belong to its backend
-    backend_keys: dict[str, dict[str, Any]]
-    #: plugin table name -> the key path it was written under (for messages)
-    table_paths: dict[str, str]
-    #: models whose table wrote ``backend``
-    explicit_backends: set[str] = attrs.field(factory=set)
-
-
-def _split_plugin_owned(raw: Mapping[str, Any], source: str, problems: list[str]) -> _Split:
-    raw = _deep_copy(raw)
-    for reserved in ("source", "models_dir", "plugin_set"):
-        if reserved in raw:
-            hint = " (did you mean [paths] models_dir?)" if reserved == "models_dir" else ""
-            problems.append(f"{source}: {reserved}: unknown key{hint}")
-            raw.pop(reserved)
-    backend_keys: dict[str, dict[str, Any]] = {}
-    explicit_backends: set[str] = set()
-    models_raw = raw.get("models", {})
-    if isinstance(models_raw, dict):
-        for name, table in models_raw.items():
-            if not isinstance(table, dict):
-                continue
-            if "name" in table:
-                problems.append(f"{source}: models.{name}.name: unknown key "
-                                "(a model's name is its table name)")
-            for reserved in ("settings", "backend_keys", "backend_explicit"):
-                if reserved in table:
-                    problems.append(f"{source}: models.{name}.{reserved}: unknown key "
-                                    "(a backend's keys go in the model's table itself)")
-                    table.pop(reserved)
-            if "backend" in table:
-                explicit_backends.add(name)
-            backend_keys[name] = {k: table.pop(k) for k in list(table)
-                                  if k not in COMMON_MODEL_KEYS and k != "name"}
-            table["name"] = name
-    table_paths: dict[str, str] = {}
-    plugins_raw = raw.get("plugins")
-    if isinstance(plugins_raw, dict):
-        if "tables" in plugins_raw:
-            problems.append(f"{source}: plugins.tables: unknown key (write [plugins.NAME])")
-            plugins_raw.pop("tables")
-        tables = {k: plugins_raw.pop(k) for k in list(plugins_raw)
-                  if k not in PLUGINS_OWN_KEYS and isinstance(plugins_raw[k], dict)}
-        table_paths = {name: f"plugins.{name}" for name in tables}
-        plugins_raw["tables"] = tables
-    routing_raw = raw.get("routing")
-    if isinstance(routing_raw, dict) and isinstance(routing_raw.get("heuristic"), dict):
-        # [routing.heuristic] predates plugin tables; it still works, [plugins.heuristic] wins.
-        log.warning("%s: [routing.heuristic] is deprecated: move its keys to "
-                    "[plugins.heuristic]", source)
-        old = routing_raw.pop("heuristic")
-        plugins_raw = raw.setdefault("plugins", {})
-        if isinstance(plugins_raw, dict):
-            tables = plugins_raw.setdefault("tables", {})
-            tables["heuristic"] = {**old, **tables.get("heuristic", {})}
-            table_paths.setdefault("heuristic", "routing.heuristic")
-    return _Split(core=raw, backend_keys=backend_keys, table_paths=table_paths,
-                  explicit_backends=explicit_backends)
-
-
-def _structure(raw: dict[str, Any], kind: type, source: str, prefix: str,
-               problems: list[str], owner_hint: Callable[[str], str] = lambda key: "") -> Any:
-    """Structure ``raw`` as ``kind``; on type errors or unknown keys, report each one, drop
-    the bad keys and structure again, so the remaining problems are reported in the same pass.
-    ``prefix`` is the key path of ``raw`` in the file (``models.fast``)."""
-    for _ in range(4):
-        try:
-            return _converter.structure(raw, kind)
-        except Exception as exc:  # cattrs raises an exception group with every problem
-            bad_paths = []
-            for message in cattrs.transform_error(exc, path="$"):
-                lines, paths = _describe_cattrs_message(message, raw, prefix, owner_hint)
-                problems.extend(f"{source}: {line}" for line in lines)
-                bad_paths.extend(paths)
-            if not bad_paths or not all(_drop(raw, p) for p in bad_paths):
-                return None
-    return None
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def _split_path(where: str) -> list[str]:
-    """``$.models['fast'].n_ctx`` -> ``['models', 'fast', 'n_ctx']``."""
-    key = where.removeprefix("$").replace("['", ".").replace("']", "")
-    key = key.replace("[", ".").replace("]", "")
-    return [part for part in key.split(".") if part]
-
-
-def _lookup(raw: Any, parts: list[str]) -> Any:
-    for part in parts:
-        if isinstance(raw, Mapping) and part in raw:
-            raw = raw[part]
-        elif isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
-            raw = raw[int(part)]
-        else:
-            return None
-    return raw
-
-
-def _drop(raw: dict[str, Any], parts: list[str]) -> bool:
-    parent = _lookup(raw, parts[:-1]) if parts[:-1] else raw
-    if isinstance(parent, dict) and parts and parts[-1] in parent:
-        del parent[parts[-1]]
-        return True
-    if isinstance(parent, list) and parts and parts[-1].isdigit():
-        del parent[int(parts[-1])]
-        return True
-    return False
-
-
-def _describe_cattrs_message(message: str, raw: Mapping[str, Any], prefix: str,
-                              owner_hint: Callable[[str], str]) -> tuple[list[str], list[list[str]]]:
-    """Problem lines (``cache.max_loaded: expected int, got 'x'``) and the key paths to drop."""
-    text, sep, where = message.rpartition(" @ ")
-    if not sep:
-        return [message], []
-    parts = _split_path(where)
-    key = ".".join([prefix, *parts] if prefix else parts)
-    if text.startswith("extra fields found"):
-        fields = [f.strip() for f in text.split("(", 1)[-1].rstrip(")").split(",")]
-        scope = f"{key}." if key else ""
-        return ([f"{scope}{f}: unknown key{owner_hint(f)}" for f in fields],
-                [parts + [f] for f in fields])
-    if text.startswith("required field missing"):
-        # Drop the table that lacks it, so the rest can still be checked.
-        return [f"{key}: required key missing"], [parts[:-1]] if len(parts) > 1 else []
-    value = _lookup(raw, parts)
-    got = f", got {value!r}" if value is not None else ""
-    return [f"{key or '(top level)'}: {text.replace('invalid value for type, ', '')}{got}"], [parts]
-
-
-def _resolve_paths(config: Config, source: str, base_dir: Path | None) -> Config:
-    models_dir = (
-        Path(config.paths.models_dir).expanduser() if config.paths.models_dir else default_models_dir()
-    )
-    if base_dir is not None and not models_dir.is_absolute():
-        models_dir = base_dir / models_dir
-    resolve = path_resolver(models_dir, base_dir)
-    models = {name: attrs.evolve(spec, path=resolve(spec.path))
-              for name, spec in config.models.items()}
-    dirs = tuple(resolve(d) for d in config.plugins.dirs)
-    return attrs.evolve(
-        config,
-        models=models,
-        plugins=attrs.evolve(config.plugins, dirs=dirs),
-        source=source,
-        models_dir=str(models_dir),
-    )
-
-
 def path_resolver(models_dir: Path, base_dir: Path | None) -> Callable[[str], str]:
     """``{models_dir}`` expanded, ``~`` expanded, relative paths against the config's folder."""
 
@@ -526,132 +317,6 @@ PATH_SETTING = {"sarai_path": True}
 @attrs.frozen
 class NoSettings:
     """The settings of a backend or plugin that declares no keys of its own."""
-
-
-def _bind(config: Config, split: _Split, problems: list[str], *, base_dir: Path | None,
-          check_files: bool) -> Config:
-    """Discover the plugins, then structure each model's backend keys and each plugin table
-    with the class its plugin declared, and let them check themselves."""
-    from .plugins import build_plugins
-
-    models = {name: attrs.evolve(spec, backend_keys=split.backend_keys.get(name, {}),
-                                 backend_explicit=name in split.explicit_backends)
-              for name, spec in config.models.items()}
-    config = attrs.evolve(config, models=models)
-    return bind_plugins(config, build_plugins(config), problems, base_dir=base_dir,
-                        strict=check_files, check_files=check_files,
-                        table_paths=split.table_paths)
-
-
-def rebind(config: Config, plugin_set: Any) -> Config:
-    """``config`` bound to another plugin set (one with plugins registered in code): the
-    backend keys and plugin tables are structured again with what those plugins declare."""
-    problems: list[str] = []
-    base_dir = None if config.source == BUILTIN_CONFIG_LABEL else Path(config.source).resolve().parent
-    bound = bind_plugins(config, plugin_set, problems, base_dir=base_dir, strict=False,
-                         check_files=False, table_paths={})
-    if problems:
-        raise ConfigError(problems)
-    return bound
-
-
-def bind_plugins(config: Config, plugin_set: Any, problems: list[str], *,
-                 base_dir: Path | None, strict: bool, check_files: bool,
-                 table_paths: Mapping[str, str]) -> Config:
-    """Structure backend keys and plugin tables with what ``plugin_set`` declares.
-
-    ``strict`` (``config check``): a backend kind or a plugin table that no plugin claims is
-    a problem. Otherwise it is left unbound (the first load of such a model fails naming
-    the backend), so that plugins registered in code after loading can still claim it.
-    """
-    from .plugins import Hooks
-
-    src = config.source
-    hooks = Hooks(plugin_set, config)
-    backends = {kind: factory for kind, (_, factory) in hooks.backends().items()}
-    owners: dict[str, list[str]] = {}
-
-    def owners_of(key: str) -> list[str]:
-        # Only for an error's hint: asking every backend for its keys imports them all.
-        if not owners:
-            for kind, factory in backends.items():
-                for field in attrs.fields(settings_class_of(factory)):
-                    owners.setdefault(field.name, []).append(kind)
-        return owners.get(key, [])
-    resolve = path_resolver(Path(config.models_dir), base_dir)
-    models = {}
-    for name, spec in config.models.items():
-        factory = backends.get(spec.backend)
-        if factory is None:
-            if strict:
-                problems.append(f"{src}: models.{name}.backend: no plugin registers backend "
-                                f"{spec.backend!r} (registered: "
-                                f"{', '.join(sorted(backends)) or 'none'})")
-            models[name] = attrs.evolve(spec, settings=None)
-            continue
-
-        def owner_hint(key: str, _kind: str = spec.backend) -> str:
-            others = [k for k in owners_of(key) if k != _kind]
-            return (f" for backend {_kind!r} (a key of backend {', '.join(map(repr, others))})"
-                    if others else f" for backend {_kind!r}")
-
-        cls = settings_class_of(factory)
-        settings = _structure(_deep_copy(spec.backend_keys), cls, src, f"models.{name}",
-                              problems, owner_hint)
-        if settings is None:
-            settings = cls()
-        settings = _resolve_setting_paths(settings, resolve)
-        models[name] = spec = attrs.evolve(spec, settings=settings)
-        check = getattr(factory, "check", None)
-        if check is not None:
-            problems.extend(f"{src}: models.{name}.{key}: {message}"
-                            for key, message in check(spec, config=config, check_files=check_files))
-    tables = _bind_tables(config, hooks, problems, strict=strict, table_paths=table_paths)
-    bound = attrs.evolve(config, models=models, plugin_set=plugin_set,
-                         plugins=attrs.evolve(config.plugins, tables=tables))
-    hooks.config = bound
-    for name, (plugin, cls) in hooks.config_tables().items():
-        check = getattr(cls, "check", None)
-        if check is not None:
-            path = table_paths.get(name, f"plugins.{name}")
-            settings = _converter.structure(dict(tables.get(name, {})), cls)
-            problems.extend(f"{src}: {path}.{key}: {message}"
-                            for key, message in check(settings, bound))
-    return bound
-
-
-def _bind_tables(config: Config, hooks: Any, problems: list[str], *, strict: bool,
-                 table_paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    src = config.source
-    schemas = hooks.config_tables()
-    known_plugins = set(hooks.plugins.sources) | set(config.plugins.disable)
-    tables: dict[str, dict[str, Any]] = {}
-    for name, table in config.plugins.tables.items():
-        path = table_paths.get(name, f"plugins.{name}")
-        if name in schemas:
-            settings = _structure(_deep_copy(table), schemas[name][1], src, path, problems)
-            if settings is not None:
-                tables[name] = _converter.unstructure(settings)
-            continue
-        if strict and name not in known_plugins:
-            problems.append(f"{src}: {path}: no plugin named {name!r} is loaded "
-                            f"(loaded: {', '.join(sorted(hooks.plugins.sources))})")
-        tables[name] = dict(table)
-    for name, (_, cls) in schemas.items():
-        # Defaults for a plugin whose table is absent, so plugin_config() has every key.
-        tables.setdefault(name, _converter.unstructure(cls()))
-    return tables
-
-
-def settings_class_of(factory: Any) -> type:
-    return getattr(factory, "settings_class", None) or NoSettings
-
-
-def _resolve_setting_paths(settings: Any, resolve: Callable[[str], str]) -> Any:
-    changes = {field.name: resolve(getattr(settings, field.name))
-               for field in attrs.fields(type(settings))
-               if field.metadata.get("sarai_path") and getattr(settings, field.name)}
-    return attrs.evolve(settings, **changes) if changes else settings
 
 
 def semantic_problems(config: Config, *, check_files: bool) -> list[str]:
@@ -805,17 +470,6 @@ def sampling_problems(values: Any) -> list[str]:
     return problems
 
 
-def gguf_problems(path: str) -> list[str]:
-    """Why ``path`` is not a readable GGUF file (empty when it is)."""
-    from .gguf_info import GGUFError, read_info
-
-    try:
-        read_info(path)
-    except GGUFError as exc:
-        return [str(exc)]
-    return []
-
-
 def _non_finite_numbers(config: Config) -> list[str]:
     """TOML allows nan and inf; no setting here means anything with them."""
     problems = []
@@ -838,7 +492,7 @@ def _non_finite_numbers(config: Config) -> list[str]:
 def to_dict(config: Config) -> dict[str, Any]:
     """The config as plain data (resolved paths), for ``config show``; a file with this
     content loads as the same config."""
-    data = _converter.unstructure(attrs.evolve(config, plugin_set=None))
+    data = converter.unstructure(attrs.evolve(config, plugin_set=None))
     # Where the config came from is not a key a file may set.
     for key in ("source", "models_dir", "plugin_set"):
         data.pop(key, None)

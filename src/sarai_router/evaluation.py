@@ -25,165 +25,21 @@ Nothing here loads a model: the cost estimate reads only GGUF headers (see
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from collections import Counter, defaultdict
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
-from .config import Config, ServerConfig
-from .errors import AttachmentError
-from .types import (AudioInput, ChatRequest, ImageInput, Residency, _guess_mime,
-                    read_attachment)
+from .config import Config
+# Cases and reports live in modules of their own; they are importable from here as before.
+from .evaluation_cases import Case, CaseError, load_cases
+from .evaluation_report import render_calibration, render_plot, render_text
+from .plugins import Hooks, build_plugins
+from .types import ChatRequest, Residency, ResidentInfo
 
 #: Where calibration's TOML snippet puts the heuristic's settings.
 HEURISTIC_TABLE = "plugins.heuristic"
-#: A case's image or clip is at most what ``serve`` takes in one body by default.
-MAX_MEDIA_BYTES = ServerConfig().max_body_bytes
-
-
-class CaseError(Exception):
-    """A bad line in a case file; the message starts with ``FILE:LINE:``."""
-
-
-@attrs.frozen
-class Case:
-    """One labelled request. ``line`` is 1-based in ``source``."""
-
-    request: ChatRequest
-    expect: str
-    line: int
-    source: str = ""
-    kind: str = ""
-    lang: str = ""
-    extra: Mapping[str, Any] = attrs.field(factory=dict)
-    #: cases that share it are one conversation's turns, in file order ("" for none)
-    conversation: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.request.text
-
-    @property
-    def media(self) -> bool:
-        return bool(self.request.images) or self.request.audio is not None
-
-
-# -- loading ------------------------------------------------------------------------------
-
-def load_cases(path: str | os.PathLike[str], models: Iterable[str] | None = None) -> list[Case]:
-    """Read a JSONL case file. ``models`` given: every ``expect`` must be one of them.
-
-    Raises :class:`CaseError` naming the file and line of the first bad line.
-    """
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaseError(f"{file}: file not found") from None
-    except OSError as exc:
-        raise CaseError(f"{file}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise CaseError(f"{file}: not UTF-8 text (byte {exc.start}); a case file is JSONL"
-                        ) from None
-    known = None if models is None else sorted(models)
-    cases = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        cases.append(_parse_case(line, file, number, known))
-    if not cases:
-        raise CaseError(f"{file}: no cases (one JSON object a line)")
-    return cases
-
-
-def _parse_case(line: str, file: Path, number: int, known: list[str] | None) -> Case:
-    where = f"{file}:{number}"
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CaseError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(raw, dict):
-        raise CaseError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    raw = dict(raw)
-    expect = raw.pop("expect", None)
-    if not isinstance(expect, str) or not expect:
-        raise CaseError(f"{where}: missing \"expect\" (the model this case should route to)")
-    if known is not None and expect not in known:
-        raise CaseError(f"{where}: \"expect\": unknown model {expect!r} "
-                        f"(configured: {', '.join(known)})")
-    prompt, messages = raw.pop("prompt", None), raw.pop("messages", None)
-    if prompt is not None and messages is not None:
-        raise CaseError(f"{where}: give \"prompt\" or \"messages\", not both")
-    if prompt is None and messages is None:
-        raise CaseError(f"{where}: missing \"prompt\" (or \"messages\")")
-    if prompt is not None and not isinstance(prompt, str):
-        raise CaseError(f"{where}: \"prompt\" must be a string, got {type(prompt).__name__}")
-    if messages is not None:
-        messages = _check_messages(messages, where)
-    images = tuple(_read_image(p, file, where) for p in _path_list(raw.pop("images", None), where))
-    audio_path = raw.pop("audio", None)
-    if audio_path is not None and not isinstance(audio_path, str):
-        raise CaseError(f"{where}: \"audio\" must be a path string")
-    audio = None
-    if audio_path is not None:
-        data, resolved = _read_media(audio_path, file, where, "audio")
-        audio = AudioInput(data=data, mime=_guess_mime(resolved, "audio/wav"), source=audio_path)
-    conversation = raw.pop("conversation", "")
-    if isinstance(conversation, bool) or not isinstance(conversation, (str, int)):
-        raise CaseError(f"{where}: \"conversation\" must be a string or a number (an id "
-                        "shared by the turns of one conversation)")
-    if messages is None:
-        request = ChatRequest.from_prompt(prompt, images=images, audio=audio)
-    else:
-        # As the server does: an assistant message's ``name`` is the model that answered it.
-        answered = tuple(str(m.get("name") or "") for m in messages if m["role"] == "assistant")
-        request = ChatRequest(messages=messages, images=images, audio=audio,
-                              previous_models=answered if any(answered) else ())
-    kind, lang = raw.pop("kind", ""), raw.pop("lang", "")
-    return Case(request=request, expect=expect, line=number, source=str(file),
-                kind=str(kind), lang=str(lang), extra=raw, conversation=str(conversation))
-
-
-def _check_messages(messages: Any, where: str) -> tuple[dict[str, Any], ...]:
-    if not isinstance(messages, list) or not messages:
-        raise CaseError(f"{where}: \"messages\" must be a non-empty list of "
-                        "{\"role\": ..., \"content\": ...} objects")
-    for i, message in enumerate(messages):
-        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), (str, list))):
-            raise CaseError(f"{where}: \"messages\"[{i}] must be an object with a string "
-                            "\"role\" and a string or list \"content\"")
-    if not any(m["role"] == "user" for m in messages):
-        raise CaseError(f"{where}: \"messages\" has no \"user\" message to route")
-    return tuple(messages)
-
-
-def _path_list(value: Any, where: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CaseError(f"{where}: \"images\" must be a list of path strings")
-    return value
-
-
-def _read_media(relative: str, file: Path, where: str, what: str) -> tuple[bytes, Path]:
-    resolved = (file.parent / relative) if not Path(relative).is_absolute() else Path(relative)
-    try:
-        return read_attachment(resolved, MAX_MEDIA_BYTES), resolved
-    except AttachmentError as exc:
-        raise CaseError(f"{where}: {what} {relative!r}: {exc.problem} ({resolved}); paths are "
-                        "relative to the case file's folder") from None
-
-
-def _read_image(relative: str, file: Path, where: str) -> ImageInput:
-    data, resolved = _read_media(relative, file, where, "image")
-    return ImageInput(data=data, mime=_guess_mime(resolved, "image/png"), source=relative)
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -247,7 +103,7 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
     groups: dict[str, dict[str, list[int]]] = {"by_kind": defaultdict(lambda: [0, 0]),
                                                 "by_lang": defaultdict(lambda: [0, 0])}
     misses, chosen_models = [], []
-    pool = SimulatedPool(config, costs, reply_tokens)
+    pool = SimulatedPool(config, costs, reply_tokens, Hooks(router.plugins, config))
     conversations: dict[str, list[str]] = defaultdict(list)
     heard = _Listener(config)
     try:
@@ -408,10 +264,12 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
     Each request takes :func:`request_seconds` (``reply_tokens`` generated) and the next
     one arrives when it ends (no think time: the clock is the sum of the work). Pinned
     models are loaded at the start; others load on first need (a cold load adds its
-    ``load_s``), are unloaded after their TTL of idle time on that clock, and the least
-    recently used unpinned one is evicted to respect ``max_loaded`` and the RAM budget.
-    RAM-GB·s integrates the resident models' RAM over the clock. ``routed``: the pool
-    :func:`evaluate` already replayed ``chosen`` on (routing saw its state).
+    ``load_s``), are unloaded when the cache hooks say they expired on that clock, and an
+    unpinned one the hooks choose is evicted to respect ``max_loaded`` and the RAM budget
+    (by default: after their TTL of idle time, least recently used first). RAM-GB·s
+    integrates the resident models' RAM over the clock. ``routed``: the pool
+    :func:`evaluate` already replayed ``chosen`` on (routing saw its state); its hooks
+    serve the other plans too.
     """
     if not cases or any(m is not None and m not in costs for m in set(chosen)):
         missing = sorted({m for m in chosen if m is not None and m not in costs})
@@ -428,7 +286,7 @@ def replay_cost(config: Config, cases: Sequence[Case], chosen: Sequence[str | No
         if label == "routed" and routed is not None:
             out[label] = routed.summary()
             continue
-        pool = SimulatedPool(config, costs, reply_tokens)
+        pool = SimulatedPool(config, costs, reply_tokens, routed.hooks if routed else None)
         for case, model in zip(cases, plan):
             if model is not None:
                 pool.serve(model, case.text)
@@ -440,17 +298,25 @@ class SimulatedPool:
     """The model pool on a virtual clock, for :func:`evaluate` and :func:`replay_cost`.
 
     Requests run back to back; a model not resident loads first (``load_s``); pinned models
-    are resident from the start; an unpinned one is unloaded after its TTL of idle time, or
-    evicted (least recently used) for ``max_loaded`` and the RAM budget. A model without
-    cost figures takes no time and no RAM (its state is still followed).
+    are resident from the start. Which idle model is evicted (for ``max_loaded`` and the RAM
+    budget) and when an idle one expires are asked of the cache hooks (``select_eviction``,
+    ``model_expired``), as the real pool does, so a cache plugin's policy shows in the
+    estimate; the default plugin is LRU with a TTL. A model without cost figures takes no
+    time and no RAM (its state is still followed).
     """
 
-    def __init__(self, config: Config, costs: Mapping[str, ModelCost], reply_tokens: int):
+    #: halvings of an interval to find when a model expired (far below a millisecond)
+    EXPIRY_STEPS = 48
+
+    def __init__(self, config: Config, costs: Mapping[str, ModelCost], reply_tokens: int,
+                 hooks: Hooks | None = None):
         self.config, self.costs, self.reply_tokens = config, costs, reply_tokens
+        self.hooks = hooks or Hooks(config.plugin_set or build_plugins(config), config)
         self.clock = 0.0
         # model -> time it was last used (LRU and TTL)
         self.resident: dict[str, float] = {name: 0.0 for name, spec in config.models.items()
                                            if spec.pinned}
+        self.loaded_at: dict[str, float] = dict(self.resident)
         self.loads: Counter = Counter()
         self.latencies: list[float] = []
         self.ram_gb_s = 0.0
@@ -475,7 +341,7 @@ class SimulatedPool:
             self.loads[model] += 1
             seconds += cost.load_s if cost else 0.0
             self._make_room(model)
-            self.resident[model] = self.clock
+            self.resident[model] = self.loaded_at[model] = self.clock
         self.latencies.append(seconds)
         self._advance(self.clock + seconds, busy=model)
         self.resident[model] = self.clock
@@ -500,17 +366,46 @@ class SimulatedPool:
     def _resident_gb(self) -> float:
         return sum(self._ram_mb(m) for m in self.resident) / 1024.0
 
+    def _info(self, model: str) -> ResidentInfo:
+        """What a cache plugin sees of a resident model (idle: the simulation runs one
+        request at a time)."""
+        cost = self.costs.get(model)
+        spec = self.config.models[model]
+        return ResidentInfo(
+            name=model, spec=spec, state="loaded", pinned=spec.pinned, users=0, queued=0,
+            ram_mb=self._ram_mb(model), estimated_mb=self._ram_mb(model), measured_mb=None,
+            last_used=self.resident[model], loaded_at=self.loaded_at.get(model, 0.0),
+            load_seconds=cost.load_s if cost else 0.0, prewarmed=False)
+
+    def _expired(self, model: str, now: float) -> bool:
+        return self.hooks.model_expired(resident=self._info(model), now=now,
+                                        cache=self.config.cache)
+
+    def _expiry(self, model: str, to: float) -> float | None:
+        """When ``model`` expires before ``to`` (the earliest moment the hook says so, to
+        integrate RAM up to it), or None. The real pool asks on a timer; here the clock
+        jumps from request to request, so the moment is found by halving."""
+        low = max(self.resident[model], self.clock)
+        if not self._expired(model, to):
+            return None
+        if self._expired(model, low):
+            return low
+        high = to
+        for _ in range(self.EXPIRY_STEPS):
+            middle = (low + high) / 2
+            if self._expired(model, middle):
+                high = middle
+            else:
+                low = middle
+        return high
+
     def _advance(self, to: float, busy: str) -> None:
         # unload what expires before ``to`` (never the model at work), integrating RAM piecewise
         models = self.config.models
-        while True:
-            due = [(last + self.config.ttl_for(models[m]), m) for m, last in self.resident.items()
-                   if not models[m].pinned and m != busy]
-            due = [d for d in due if d[0] < to]
-            if not due:
-                break
-            when, model = min(due)
-            when = max(when, self.clock)
+        due = sorted((when, m) for m in list(self.resident)
+                     if not models[m].pinned and m != busy
+                     and (when := self._expiry(m, to)) is not None and when < to)
+        for when, model in due:
             self.ram_gb_s += self._resident_gb() * (when - self.clock)
             self.clock = when
             del self.resident[model]
@@ -519,17 +414,21 @@ class SimulatedPool:
 
     def _make_room(self, model: str) -> None:
         budget_mb = self.config.cache.ram_budget_mb
+        spec = self.config.models[model]
 
-        def over() -> bool:
-            ram = sum(self._ram_mb(m) for m in self.resident) + self._ram_mb(model)
-            return len(self.resident) + 1 > self.config.cache.max_loaded or ram > budget_mb
+        def over_mb() -> float:
+            return sum(self._ram_mb(m) for m in self.resident) + self._ram_mb(model) - budget_mb
 
-        while over():
-            unpinned = [(last, m) for m, last in self.resident.items()
-                        if not self.config.models[m].pinned]
-            if not unpinned:
+        while len(self.resident) + 1 > self.config.cache.max_loaded or over_mb() > 0:
+            candidates = [self._info(m) for m in self.resident if not self.config.models[m].pinned]
+            if not candidates:
                 break  # the pool would refuse; the estimate just runs over
-            del self.resident[min(unpinned)[1]]
+            victim = self.hooks.select_eviction(candidates=candidates,
+                                                needed_mb=max(0.0, over_mb()), loading=spec)
+            if victim is None:
+                break  # no cache plugin chose: the pool would refuse the load
+            del self.resident[victim]
+            self.loaded_at.pop(victim, None)
 
 
 # -- calibration --------------------------------------------------------------------------
@@ -625,142 +524,6 @@ def toml_snippet(row: Mapping[str, Any]) -> str:
     return (f"[{HEURISTIC_TABLE}]\n"
             f"empathy_threshold = {row['empathy_threshold']}\n"
             f"max_chars = {row['max_chars']}\n")
-
-
-# -- rendering ----------------------------------------------------------------------------
-
-def render_text(report: Mapping[str, Any], *, max_misses: int | None = None) -> str:
-    """A report for people: accuracy, precision/recall per model, confusion, groups, misses,
-    cost."""
-    lines = [f"accuracy: {report['accuracy']:.1%} ({report['correct']}/{report['cases']})", ""]
-    models = report["models"]
-    lines.append(_grid(["model", "expected", "chosen", "precision", "recall"],
-                       [[m, r["expected"], r["chosen"], _pct(r["precision"]), _pct(r["recall"])]
-                        for m, r in models.items()]))
-    chosen_cols = sorted({c for row in report["confusion"].values() for c in row})
-    lines += ["", "confusion (rows: expected, columns: chosen)",
-              _grid(["expected \\ chosen", *chosen_cols],
-                    [[e, *(row.get(c, 0) for c in chosen_cols)]
-                     for e, row in report["confusion"].items()])]
-    for key, title in (("by_kind", "kind"), ("by_lang", "lang")):
-        table = report.get(key) or {}
-        if len(table) > 1 or (table and "-" not in table):
-            lines += ["", _grid([title, "cases", "right", "accuracy"],
-                                [[k, v["cases"], v["correct"], _pct(v["accuracy"])]
-                                 for k, v in table.items()])]
-    misses = report["misses"]
-    lines += ["", f"misses: {len(misses)}"]
-    for miss in misses[:max_misses] if max_misses is not None else misses:
-        prompt = miss["prompt"].replace("\n", " ")
-        prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
-        score = ("" if miss.get("empathy") is None or "empathy" in miss["reason"]
-                 else f"; empathy {miss['empathy']:.2f}")
-        lines.append(f"  line {miss['line']}: expected {miss['expected']}, chose "
-                     f"{miss['chosen']} ({miss['plugin']}: {miss['reason']}{score})")
-        lines.append(f"    {prompt!r}")
-    if max_misses is not None and len(misses) > max_misses:
-        lines.append(f"  ... {len(misses) - max_misses} more (--json has them all)")
-    cost = report.get("cost")
-    if cost and "routed" in cost:
-        lines += ["", f"estimated cost (local units; {cost['reply_tokens']} reply tokens a "
-                  "request, back-to-back replay in file order):"]
-        rows = []
-        for label, row in cost.items():
-            if isinstance(row, dict) and "requests" in row:
-                loads = ", ".join(f"{m} {n}" for m, n in row["cold_loads"].items()) or "none"
-                rows.append([label, row["mean_latency_s"], row["total_s"], loads,
-                             row["ram_gb_s"]])
-        lines.append(_grid(["strategy", "mean latency s", "total s", "cold loads", "RAM GB·s"],
-                           rows))
-        sources = {c["source"] for c in cost["models"].values()}
-        lines.append("  model figures: " + "; ".join(
-            f"{m} {c['tokens_per_second']:.1f} tok/s, load {c['load_s']:.2f} s, "
-            f"{c['ram_mb']:.0f} MB" for m, c in cost["models"].items())
-            + f" ({', '.join(sorted(sources))})")
-    elif cost:
-        lines += ["", f"estimated cost: unavailable ({cost.get('note')})"]
-    residency = report.get("residency")
-    if residency:
-        options = ", ".join(f"{k} {v}" for k, v in residency["settings"].items())
-        lines += ["", f"routing that knows what is loaded ({options}) against both off, "
-                  "same replay:"]
-        rows = []
-        for label in ("with", "without"):
-            row = residency[label]
-            loads = ", ".join(f"{m} {n}" for m, n in (row["cold_loads"] or {}).items()) or "none"
-            rows.append([label, _pct(row["accuracy"]), loads, row["mean_latency_s"],
-                         row["total_s"]])
-        lines.append(_grid(["", "accuracy", "cold loads", "mean latency s", "total s"], rows))
-    return "\n".join(lines)
-
-
-def render_calibration(result: Mapping[str, Any]) -> str:
-    curve = result["curve"]
-    models = sorted({m for row in curve for m in row["share"]})
-    rows = [[r["empathy_threshold"], r["max_chars"], _pct(r["accuracy"]),
-             *(_pct(r["share"][m]) for m in models), r["mean_latency_s"]] for r in curve]
-    best = result["best"]
-    target = result["target"] + (f" (accuracy >= {result['min_accuracy']:.0%})"
-                                 if result["target"] == "latency" else "")
-    latency = ("" if best["mean_latency_s"] is None
-               else f", estimated mean latency {best['mean_latency_s']} s")
-    current = result["current"]
-    return "\n".join([
-        _grid(["threshold", "max_chars", "accuracy", *(f"to {m}" for m in models),
-               "mean latency s"], rows),
-        "",
-        f"target: {target}; best of {len(curve)} settings on {result['cases']} cases: "
-        f"empathy_threshold {best['empathy_threshold']}, max_chars {best['max_chars']} "
-        f"-> accuracy {best['accuracy']:.1%}{latency} "
-        f"(current: {current['empathy_threshold']}, {current['max_chars']})",
-        "",
-        result["toml"].rstrip(),
-    ])
-
-
-def render_plot(curve: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Accuracy against the threshold, one line per ``max_chars``; and latency against
-    accuracy. Needs matplotlib (``pip install 'sarai-router[bench]'``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'sarai-router[bench]'") from None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for chars in sorted({r["max_chars"] for r in curve}):
-        rows = sorted((r for r in curve if r["max_chars"] == chars),
-                      key=lambda r: r["empathy_threshold"])
-        left.plot([r["empathy_threshold"] for r in rows], [r["accuracy"] for r in rows],
-                  marker=".", label=f"max_chars {chars}")
-        if all(r["mean_latency_s"] is not None for r in rows):
-            right.plot([r["mean_latency_s"] for r in rows], [r["accuracy"] for r in rows],
-                       marker=".", label=f"max_chars {chars}")
-    left.set_xlabel("empathy_threshold")
-    left.set_ylabel("accuracy")
-    left.set_title("accuracy vs threshold")
-    left.legend(fontsize=7)
-    right.set_xlabel("estimated mean latency per request (s)")
-    right.set_ylabel("accuracy")
-    right.set_title("accuracy vs latency")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _grid(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
-    table = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row]
-                                           for row in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in table)
 
 
 __all__ = ["Case", "CaseError", "ModelCost", "SimulatedPool", "calibrate", "evaluate",

@@ -33,11 +33,10 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from .backend import BackendFactory
-    from .engine import Engine
     from .events import Event
     from .config import CacheConfig, Config, ModelSpec
-    from .pool import ResidentInfo
-    from .types import AudioInput, ChatRequest, ModelState, Route, RouteDecision, Transcript
+    from .types import (AudioInput, ChatRequest, ModelState, ResidentInfo, Route, RouteDecision,
+                        Transcript)
 
 PROJECT_NAME = "sarai_router"
 
@@ -260,8 +259,10 @@ def register_routes() -> "Sequence[BaseRoute] | None":
     """
 
 
+# ``engine`` is typed Any: the engine sits above the hooks, and importing it here would
+# close a loop (engine -> plugins -> hookspecs -> engine).
 @hookspec
-def startup(engine: "Engine") -> None:
+def startup(engine: Any) -> None:
     """The server starts: called once, after pinned models are loaded and before the first
     request is answered. Start background work here (and stop it in :func:`shutdown`).
 
@@ -270,7 +271,7 @@ def startup(engine: "Engine") -> None:
 
 
 @hookspec
-def shutdown(engine: "Engine") -> None:
+def shutdown(engine: Any) -> None:
     """The server stops: called once, after answers in flight ended and before models are
     unloaded.
 

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import pluggy
@@ -30,12 +30,14 @@ from .events import REQUEST_ID, Event
 from .hookspecs import PROJECT_NAME
 
 if TYPE_CHECKING:
+    import threading
+
     import click
     from starlette.routing import BaseRoute
 
     from .backend import BackendFactory
-    from .config import Config
-    from .engine import Engine
+    from .config import CacheConfig, Config, ModelSpec
+    from .types import AudioInput, ChatRequest, Residency, ResidentInfo, RouteDecision
 
 log = logging.getLogger(__name__)
 
@@ -440,10 +442,10 @@ class Hooks:
                 found.append((impl.plugin_name, route))
         return found
 
-    def startup(self, engine: "Engine") -> None:
+    def startup(self, engine: Any) -> None:
         self.call_each("startup", engine=engine)
 
-    def shutdown(self, engine: "Engine") -> None:
+    def shutdown(self, engine: Any) -> None:
         self.call_each("shutdown", engine=engine)
 
     # -- the typed surface the core uses ---------------------------------------------
@@ -475,22 +477,26 @@ class Hooks:
                               "is its plugin disabled in [plugins] disable?")
         return found[1]
 
-    def select_route(self, *, request, signals, models, residency) -> Answer | None:
+    def select_route(self, *, request: ChatRequest, signals: Mapping[str, Any],
+                     models: Mapping[str, ModelSpec], residency: Residency) -> Answer | None:
         return self.call_first("select_route", request=request, signals=signals,
                                models=models, config=self.config, residency=residency)
 
-    def select_eviction(self, *, candidates, needed_mb, loading) -> str | None:
+    def select_eviction(self, *, candidates: Sequence[ResidentInfo], needed_mb: float,
+                        loading: ModelSpec) -> str | None:
         names = {resident.name for resident in candidates}
         answer = self.call_first("select_eviction", candidates=candidates,
                                  needed_mb=needed_mb, loading=loading,
                                  _valid=lambda value: value in names)
         return None if answer is None else answer.value
 
-    def model_expired(self, *, resident, now, cache) -> bool:
+    def model_expired(self, *, resident: ResidentInfo, now: float, cache: CacheConfig) -> bool:
         answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
         return bool(answer and answer.value)
 
-    def transcribe(self, *, audio, request, language=None, cancel=None) -> Answer | None:
+    def transcribe(self, *, audio: AudioInput, request: ChatRequest | None,
+                   language: str | None = None,
+                   cancel: threading.Event | None = None) -> Answer | None:
         """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
         a missing package) passes the word to the next; if none transcribes, the first
         such error is raised, since it says what is wrong. Other exceptions are plugin
@@ -520,7 +526,8 @@ class Hooks:
             raise refusal
         return None
 
-    def prewarm_models(self, *, request, signals, decision, loaded) -> list[tuple[str, str]]:
+    def prewarm_models(self, *, request: ChatRequest, signals: Mapping[str, Any],
+                       decision: RouteDecision, loaded: Iterable[str]) -> list[tuple[str, str]]:
         """Every plugin's pre-warm wishes, merged in call order: ``[(model, plugin), ...]``."""
         wanted: dict[str, str] = {}
         kwargs = dict(request=request, signals=signals, decision=decision,

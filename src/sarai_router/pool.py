@@ -44,7 +44,7 @@ from .errors import (BackendError, Cancelled, InstanceDead, ModelBusy, ModelPinn
                      QueueFull, not_configured)
 from .load_queue import LoadQueue, Ticket
 from .runner import in_thread
-from .types import COLD_LOAD_MB_PER_S, Residency
+from .types import COLD_LOAD_MB_PER_S, Residency, ResidentInfo
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -86,25 +86,6 @@ async def _in_thread(work: Callable[[threading.Event], Any], *, undo: Callable[[
                 undo(done.result())
         future.add_done_callback(settle)
         raise
-
-
-@attrs.frozen
-class ResidentInfo:
-    """A frozen snapshot of a resident model: what cache plugins are shown."""
-
-    name: str
-    spec: ModelSpec
-    state: str
-    pinned: bool
-    users: int
-    queued: int
-    ram_mb: float
-    estimated_mb: float
-    measured_mb: float | None
-    last_used: float
-    loaded_at: float
-    load_seconds: float
-    prewarmed: bool
 
 
 @attrs.define(eq=False)

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 import attrs
 
 from .backend import Capabilities
-from .config import Config, rebind
+from .config import Config
+from .loading import rebind
 from .errors import BackendError, CapabilityError, PluginError, RoutingError, not_configured
 from .events import SOURCE
 from .plugins import Hooks, PluginSet, build_plugins

@@ -4,9 +4,12 @@ audio, and the routing decision."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import attrs
+
+if TYPE_CHECKING:
+    from .config import ModelSpec
 
 
 @attrs.frozen
@@ -399,3 +402,22 @@ class RouteDecision:
             "fallbacks": [step.to_dict() for step in self.fallbacks],
             "routed_model": self.routed_model,
         }
+
+
+@attrs.frozen
+class ResidentInfo:
+    """A frozen snapshot of a resident model: what cache plugins are shown."""
+
+    name: str
+    spec: ModelSpec
+    state: str
+    pinned: bool
+    users: int
+    queued: int
+    ram_mb: float
+    estimated_mb: float
+    measured_mb: float | None
+    last_used: float
+    loaded_at: float
+    load_seconds: float
+    prewarmed: bool

@@ -67,7 +67,7 @@ class LazyGroup(click.Group):
         if self._plugins_asked:
             return
         self._plugins_asked = True
-        from ..config import load_config
+        from ..loading import load_config
         from ..errors import ConfigError
         from ..plugins import Hooks, build_plugins
 

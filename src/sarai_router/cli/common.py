@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from ..config import Config, load_config
+from ..config import Config
+from ..loading import load_config
 from ..errors import (AudioError, CapabilityError, ConfigError, ContextLengthError, FetchError,
                       ModelFileMissing, RoutingError, SaraiError)
 

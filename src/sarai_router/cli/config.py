@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from ..config import fallback_cycles, load_config
+from ..config import fallback_cycles
+from ..loading import load_config
 from ..errors import ConfigError
 from .common import AppContext, config_error, emit_json, json_option
 

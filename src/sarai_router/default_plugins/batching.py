@@ -19,7 +19,8 @@ from typing import Any
 
 import attrs
 
-from ..config import Config, ModelSpec, rebind
+from ..config import Config, ModelSpec
+from ..loading import rebind
 
 #: The command that installs llama-server, named wherever batching is missing.
 INSTALL_COMMAND = "sarai-router engines install"

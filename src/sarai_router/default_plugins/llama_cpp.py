@@ -23,7 +23,7 @@ import attrs
 
 from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
                        ContextLengthError, Delta, GenerationParams, Presence, Usage)
-from ..config import PATH_SETTING, Config, ModelSpec, gguf_problems
+from ..config import PATH_SETTING, Config, ModelSpec
 from ..errors import InvalidRequest, ModelLoadError
 from ..hookspecs import hookimpl
 from ..time_budget import OverBudget, TimeBudget
@@ -558,6 +558,17 @@ def _ram_estimate(spec: ModelSpec):
         return estimate_ram(read_info(spec.path), spec.n_ctx, spec.settings.n_batch)
     except GGUFError:
         return None
+
+
+def gguf_problems(path: str) -> list[str]:
+    """Why ``path`` is not a readable GGUF file (empty when it is)."""
+    from ..gguf_info import GGUFError, read_info
+
+    try:
+        read_info(path)
+    except GGUFError as exc:
+        return [str(exc)]
+    return []
 
 
 def gguf_path_problems(spec: ModelSpec, role: str, *,

@@ -88,7 +88,8 @@ class WhisperSettings:
 
     def model_files(self, config) -> "list[PluginModel]":
         """What ``models pull`` fetches for this plugin: the known model, if one is set."""
-        from ..fetch import BUNDLES, PluginModel
+        from ..fetch import PluginModel
+        from .whisper_bundle import BUNDLES
 
         if self.model not in KNOWN_MODELS:
             return []
@@ -254,7 +255,8 @@ def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
         if loaded is not None:
             return loaded
         if settings.model in KNOWN_MODELS:
-            from ..fetch import BUNDLES, bundle_present, ensure_bundle
+            from ..fetch import bundle_present, ensure_bundle
+            from .whisper_bundle import BUNDLES
 
             bundle = BUNDLES[KNOWN_MODELS[settings.model]]
             if not bundle_present(bundle, target):

@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import threading
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import anyio
 from starlette.requests import Request
@@ -29,7 +29,8 @@ from ..types import AudioInput, Transcript
 from .openai import ApiError, error_for
 
 if TYPE_CHECKING:
-    from .app import SaraiServer
+    from ..config import Config
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,21 @@ def transcription_error(exc: BaseException) -> ApiError:
     return error_for(exc)
 
 
+class AudioState(Protocol):
+    """What the handler needs from the server's state; ``SaraiServer`` provides it.
+
+    Named here rather than imported so the app (which mounts this route) and this module
+    don't import each other.
+    """
+
+    config: Config
+    engine: Engine
+    transcriptions: "TranscriptionQueue"
+    metrics: Any
+
+    def _fail(self, error: ApiError) -> Response: ...
+
+
 class TranscriptionQueue:
     """Transcriptions admitted at once: the one the speech model works on and at most
     ``waiting`` more (``[server] queue_size``), as for a chat model. Touched on the event
@@ -203,7 +219,7 @@ async def _cancel_when_gone(request: Request, cancel: threading.Event) -> None:
             return
 
 
-async def transcribe_for(state: "SaraiServer", request: Request,
+async def transcribe_for(state: "AudioState", request: Request,
                          parsed: ParsedTranscription) -> Transcript:
     """Run the transcription on a worker thread, stopped if the client leaves."""
     cancel = threading.Event()
@@ -216,7 +232,7 @@ async def transcribe_for(state: "SaraiServer", request: Request,
         watcher.cancel()
 
 
-async def transcriptions(state: "SaraiServer", request: Request) -> Response:
+async def transcriptions(state: AudioState, request: Request) -> Response:
     """``POST /v1/audio/transcriptions``."""
     server = state.config.server
     queue: TranscriptionQueue = state.transcriptions

@@ -1,8 +1,9 @@
-"""The OpenAI chat-completions dialect: request parsing, response and chunk shapes, errors.
+"""The OpenAI chat-completions dialect: request parsing. Its errors are in
+``openai_errors`` and its answers' shapes in ``openai_render``; both are importable from
+here too, as the rest of the server does.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. A client's
-mistake is a 4xx naming the field; nothing here puts a filesystem path or a traceback in
-a message, and a 500 (our own bug) says only that it happened and under which request id.
+mistake is a 4xx naming the field.
 
 Every field of OpenAI's chat-completions request is either honoured, accepted with no
 effect on the answer (documented), or refused by name (``REFUSED``); a field that is not
@@ -13,25 +14,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextvars
 import json
 import logging
 import re
-import time
-import uuid
-from typing import Any, Mapping, Sequence
-from urllib.parse import quote
+from typing import Any, Mapping
 
 import attrs
-from starlette.responses import JSONResponse
 
-from .. import __version__
-from ..backend import GenerationParams, TokenLogprob, ToolCall
-from ..errors import (AudioError, BackendError, CapabilityError, ContextLengthError, FetchError,
-                      InvalidRequest, ModelLoadError, PoolError, QueueFull,
-                      TranscriptionTimeout, UpstreamError, UpstreamUnavailable)
-from ..events import REQUEST_ID
-from ..types import NEED_FIELDS, AudioInput, ChatRequest, ImageInput, RouteDecision
+from ..backend import GenerationParams
+from ..events import REQUEST_ID  # noqa: F401 - the server takes the request id from here
+from ..types import AudioInput, ChatRequest, ImageInput
+# The dialect's errors, body checks and answers, importable from here as before the split.
+from .openai_body import (MAX_JSON_DEPTH, _boolean, _check_json_tree,  # noqa: F401
+                          _check_keys, _check_text, _integer, _invalid, _number, _short,
+                          _type_name, _unsupported, parse_json)
+from .openai_errors import (DIALECT, ApiError, _shutting_down, error_for,  # noqa: F401
+                            internal_error, scrub_paths)
+from .openai_render import (_Meta, _usage, finish_reason, header_value,  # noqa: F401
+                            logprobs_json, system_fingerprint, tool_calls_json, usage_json)
 
 log = logging.getLogger(__name__)
 
@@ -39,172 +39,9 @@ AUTO_MODEL = "auto"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
 
-
-#: The error shape of the request being answered: "openai" (``{"error": {...}}``) or
-#: "ollama" (``{"error": "..."}``, on ``/api/*``); set by the server's outermost middleware.
-DIALECT: contextvars.ContextVar[str] = contextvars.ContextVar("sarai_dialect",
-                                                              default="openai")
-
-#: Deeper JSON is refused before anything walks it (OpenAI allows 10 levels in a schema).
-MAX_JSON_DEPTH = 64
 MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with ``status``."""
-
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str | None = None, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        if DIALECT.get() == "ollama":
-            # Ollama's shape has no code: it travels in a header of ours instead.
-            return JSONResponse({"error": self.message}, status_code=self.status,
-                                headers={**self.headers, "x-sarai-error-code": self.code})
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _shutting_down() -> "ApiError":
-    return ApiError(503, "the server is shutting down; the answer was stopped",
-                    code="server_shutting_down", headers={"retry-after": "5"})
-
-
-def internal_error() -> ApiError:
-    """A 500: our bug. The message is generic; the log has the details under the same id."""
-    request_id = REQUEST_ID.get() or "-"
-    return ApiError(500, f"internal error (request id {request_id}); the server log has the "
-                    "details", code="internal_error")
-
-
-# Absolute paths (POSIX or Windows) inside messages built from a backend's exceptions.
-# Not a JSON pointer's tail ("#/$defs/a" names a place in the request's own schema).
-_PATH = re.compile(r"(?<![\w:/.\\#-])(?:~|[A-Za-z]:)?[/\\](?:[^\s'\"()<>,;]+)")
-
-
-def scrub_paths(message: str) -> str:
-    """``message`` with every absolute filesystem path replaced by ``<path>``."""
-    return _PATH.sub("<path>", message)
-
-
-def error_for(exc: BaseException) -> ApiError:
-    """The status and code for an exception raised while routing, loading or generating.
-
-    A client's mistake is a 4xx; a model that can't be had, 503; a backend that failed,
-    502; anything else is our bug: 500 with a generic message (the caller logs the
-    details). Messages built from a backend's errors lose any filesystem path.
-    """
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, QueueFull):
-        return ApiError(429, str(exc), code="queue_full", type="rate_limit_error",
-                        headers={"retry-after": "1"})
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, scrub_paths(str(exc)), code="invalid_value", param=exc.param)
-    if isinstance(exc, AudioError):
-        return ApiError(400, str(exc), code="invalid_audio", param="messages")
-    if isinstance(exc, TranscriptionTimeout):
-        return ApiError(504, str(exc), code="transcription_timeout", type="server_error")
-    if isinstance(exc, CapabilityError):
-        missing = [m for m in getattr(exc, "missing", ()) if m in NEED_FIELDS]
-        if missing:
-            field = NEED_FIELDS[missing[0]]
-            return ApiError(400, f"{field} cannot be honoured: {exc}",
-                            code="unsupported_parameter", param=field)
-        return ApiError(400, str(exc), code="unsupported_modality", param="messages")
-    if isinstance(exc, ContextLengthError):
-        return ApiError(400, scrub_paths(str(exc)), code="context_length_exceeded",
-                        param="messages")
-    if isinstance(exc, ModelLoadError):
-        return ApiError(503, f"model {exc.model!r} could not be loaded (its file is missing, "
-                        "unreadable or not a model, or its server did not start); the server "
-                        "log says why",
-                        code="model_unavailable", headers={"retry-after": "5"})
-    if isinstance(exc, FetchError):
-        model = getattr(exc, "model", None)
-        return ApiError(503, "the model's files are missing and could not be fetched"
-                        + (f" ({model!r})" if model else "") + "; see the server log",
-                        code="model_unavailable", type="server_error")
-    if isinstance(exc, UpstreamError):  # a remote endpoint's 4xx, passed through
-        return ApiError(exc.status, scrub_paths(str(exc)), code=exc.code,
-                        type="rate_limit_error" if exc.status == 429 else None)
-    if isinstance(exc, UpstreamUnavailable):
-        retry = {"retry-after": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
-        return ApiError(exc.status, scrub_paths(str(exc)), headers=retry,
-                        code="upstream_timeout" if exc.status == 504 else "upstream_unavailable")
-    if isinstance(exc, PoolError):
-        return ApiError(503, scrub_paths(str(exc)), code="model_unavailable",
-                        type="server_error", headers={"retry-after": "5"})
-    if isinstance(exc, BackendError):
-        return ApiError(502, scrub_paths(str(exc)), code="backend_error")
-    return internal_error()
-
-
-# -- the body ----------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def parse_json(raw: bytes) -> Any:
-    """``raw`` as JSON: strict (no NaN/Infinity), at most MAX_JSON_DEPTH deep, every string
-    valid Unicode (a lone UTF-16 surrogate such as ``\\ud800`` is refused)."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ApiError(400, f"the body is not valid JSON: nested deeper than "
-                       f"{MAX_JSON_DEPTH} levels", code="invalid_json") from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "the body is not valid JSON: it is not UTF-8 text",
-                       code="invalid_json") from None
-    except ValueError as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    _check_json_tree(body)
-    return body
-
-
-def _check_json_tree(body: Any) -> None:
-    # Iterative: a recursive walk is what a deep body would break.
-    stack = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value)
-        elif isinstance(value, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ApiError(400, f"the body is not valid JSON: nested deeper than "
-                               f"{MAX_JSON_DEPTH} levels", code="invalid_json")
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    _check_text(key)
-                    if isinstance(item, (str, dict, list)):
-                        stack.append((item, depth + 1))
-            else:
-                stack.extend((item, depth + 1) for item in value
-                             if isinstance(item, (str, dict, list)))
-
-
-def _check_text(text: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad = text[exc.start]
-            raise ApiError(400, f"the body holds a lone UTF-16 surrogate (\\u{ord(bad):04x}), "
-                           "which is not a Unicode character", code="invalid_json") from None
 
 
 # -- request parsing ---------------------------------------------------------------------
@@ -230,68 +67,6 @@ class ParsedChat:
         self.params = params
         self.stream = stream
         self.include_usage = include_usage
-
-
-def _invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, code="invalid_value", param=param)
-
-
-def _unsupported(message: str, param: str) -> ApiError:
-    return ApiError(400, message, code="unsupported_value", param=param)
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number", type(None): "null"}.get(type(value),
-                                                                          type(value).__name__)
-
-
-def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise _invalid(f"{key} must be a number between {low:g} and {high:g}, got "
-                       f"{_short(value)}", key)
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], key: str, low: int | None = None,
-             high: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if (isinstance(value, bool) or not isinstance(value, int)
-            or (low is not None and value < low) or (high is not None and value > high)):
-        bound = (f" between {low} and {high}" if low is not None and high is not None
-                 else f" >= {low}" if low is not None else "")
-        raise _invalid(f"{key} must be an integer{bound}, got {_short(value)}", key)
-    return value
-
-
-def _boolean(body: Mapping[str, Any], key: str, where: str | None = None) -> bool | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        name = where or key
-        raise _invalid(f"{name} must be true or false, got {_short(value)}", name)
-    return value
-
-
-def _short(value: Any) -> str:
-    """A value for an error message: short, and never a whole hostile payload."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_keys(raw: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    unknown = [key for key in raw if key not in allowed]
-    if unknown:
-        names = ", ".join(repr(k)[:40] for k in unknown[:5])
-        known = ("see docs/serving.md for the fields taken" if where == "body"
-                 else f"known: {', '.join(allowed)}")
-        raise ApiError(400, f"{where}: unknown field{'s' if len(unknown) > 1 else ''} "
-                       f"{names} ({known})", code="unknown_parameter",
-                       param=(f"{where}.{unknown[0]}" if where != "body" else unknown[0])[:100])
 
 
 def decode_data_uri(url: str, param: str) -> tuple[bytes, str]:
@@ -748,95 +523,3 @@ def parse_chat_body(body: Any, limits: Limits = Limits()) -> ParsedChat:
                           needs=frozenset(needs), previous_models=tuple(parser.answered))
     include_usage = bool(options and options.get("include_usage"))
     return ParsedChat(model, request, params, bool(stream), include_usage)
-
-
-# -- response shapes -----------------------------------------------------------------------
-
-
-def header_value(text: str) -> str:
-    """HTTP headers are latin-1: keep printable ASCII, percent-encode the rest (UTF-8)."""
-    return quote(text, safe="".join(chr(c) for c in range(32, 127) if chr(c) != "%"))
-
-
-def system_fingerprint(model: str) -> str:
-    """Names what produced an answer: this version and the model (config name)."""
-    return f"sarai-{__version__}-{model}"
-
-
-def logprobs_json(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
-    return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
-         "top_logprobs": [{"token": token, "logprob": logprob, "bytes": list(raw)}
-                          for token, logprob, raw in t.top]}
-        for t in tokens], "refusal": None}
-
-
-def tool_calls_json(calls: Sequence[ToolCall], *, indexed: bool = False) -> list[dict[str, Any]]:
-    return [{**({"index": i} if indexed else {}), "id": call.id, "type": "function",
-             "function": {"name": call.name, "arguments": call.arguments}}
-            for i, call in enumerate(calls)]
-
-
-class _Meta:
-    """What every chunk of one answer shares."""
-
-    def __init__(self, decision: RouteDecision, *, include_usage: bool = False,
-                 logprobs: bool = False):
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = decision.model
-        self.include_usage = include_usage
-        self.logprobs = logprobs
-
-    def base(self) -> dict[str, Any]:
-        base = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": system_fingerprint(self.model)}
-        if self.include_usage:
-            base["usage"] = None  # OpenAI: null on every chunk but the last
-        return base
-
-    def sse(self, data: Mapping[str, Any]) -> str:
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-    def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None,
-              logprobs: Sequence[TokenLogprob] | None = None) -> str:
-        return self.sse({**self.base(), "choices": [
-            {"index": 0, "delta": dict(delta),
-             "logprobs": logprobs_json(logprobs) if logprobs is not None else None,
-             "finish_reason": finish_reason}]})
-
-    def usage_chunk(self, completion) -> str:
-        return self.sse({**self.base(), "choices": [], "usage": usage_json(completion)})
-
-    def completion(self, completion, text: str) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if completion.tool_calls:
-            message["tool_calls"] = tool_calls_json(completion.tool_calls)
-            message["content"] = text or None
-        return {
-            "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.model, "system_fingerprint": system_fingerprint(self.model),
-            "choices": [{"index": 0, "message": message,
-                         "logprobs": logprobs_json(completion.logprobs) if self.logprobs
-                         else None,
-                         "finish_reason": finish_reason(completion)}],
-            "usage": usage_json(completion),
-        }
-
-
-def finish_reason(completion) -> str:
-    if completion.tool_calls:
-        return "tool_calls"
-    reason = completion.finish_reason or "stop"
-    # OpenAI's set; a backend's own word (e.g. "abort") reads as a stop.
-    return reason if reason in ("stop", "length", "tool_calls", "content_filter") else "stop"
-
-
-def usage_json(completion) -> dict[str, int]:
-    usage = completion.usage
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
-# Kept for callers of the old name.
-_usage = usage_json

@@ -75,7 +75,7 @@ def config_from_toml(text: str, *, base_dir: str | os.PathLike[str] | None = Non
     """A config from TOML ``text`` (dedented), its plugins bound, the ``echo`` backend
     available unless ``echo=False``. ``base_dir``: where relative paths (``[plugins] dirs``,
     model paths) start; the current directory by default. Raises ``ConfigError``."""
-    from ..config import parse_config
+    from ..loading import parse_config
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     with echo_backend() if echo else contextlib.nullcontext():
