@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import attrs
 
@@ -24,8 +24,13 @@ from .backend import GenerationParams
 from .completion import Completion
 from .types import ChatRequest, RouteDecision
 
-if TYPE_CHECKING:
-    from .engine import Engine
+class Streamer(Protocol):
+    """What a generation runs: :meth:`Engine.astream` (typed here rather than imported, so
+    the engine, which starts generations, and this module don't import each other)."""
+
+    def astream(self, request: ChatRequest, decision: RouteDecision, params: GenerationParams,
+                completion: Completion | None = None, *, queue_limit: int | None = None
+                ) -> AsyncIterator[str]: ...
 
 
 @attrs.frozen
@@ -56,7 +61,7 @@ class Generation:
 
     def __init__(
         self,
-        engine: "Engine",
+        engine: Streamer,
         request: ChatRequest,
         decision: RouteDecision,
         params: GenerationParams,
