@@ -5,7 +5,6 @@ config. Each gets a clear error at once, with flat memory and no recursion."""
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import time
 from pathlib import Path
@@ -48,12 +47,30 @@ def ring_toml(count: int) -> str:
     return head + "".join(RING_MODEL.format(i=i, j=(i + 1) % count) for i in range(count))
 
 
+#: Runs a command and prints its largest RSS (KB) on a last stderr line: RUSAGE_CHILDREN of
+#: this wrapper is that one command's, where the test process's own would include every
+#: server the suite started before.
+MEASURED = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(f"maxrss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def run_cli(*argv: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float, int]:
-    """The command's result, its wall time and the largest RSS (KB) of any child so far."""
+    """The command's result, its wall time and its largest RSS in KB."""
+    import sys
+
     start = time.monotonic()
-    result = subprocess.run([SAR, *argv], capture_output=True, text=True, timeout=60, cwd=cwd,
-                            stdin=subprocess.DEVNULL)
-    return result, time.monotonic() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result = subprocess.run([sys.executable, "-c", MEASURED, SAR, *argv], capture_output=True,
+                            text=True, timeout=60, cwd=cwd, stdin=subprocess.DEVNULL)
+    seconds = time.monotonic() - start
+    stderr, _, last = result.stderr.rstrip("\n").rpartition("\n")
+    if not last.startswith("maxrss_kb="):  # the command printed nothing on stderr
+        stderr, last = "", last or result.stderr
+    result.stderr = stderr
+    return result, seconds, int(last.removeprefix("maxrss_kb="))
 
 
 def assert_clean_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -508,6 +508,7 @@ def test_a_port_taken_before_the_child_binds_it_is_recognised(llama_server_binar
     assert not server.alive()
 
 
+@pytest.mark.models
 def test_a_schema_too_big_for_llama_cpp_is_refused_before_the_child_sees_it(engine_for):
     """llama-server parses grammars with the same recursive llama.cpp parser: the same
     limits apply, and the child is never handed a schema that could take it down."""
