@@ -86,6 +86,9 @@ def test_list_show_version(server):
     assert client(server).show("vectors").capabilities == ["embedding"]
     status, body = server.get("/api/version", key=API_KEY)
     assert status == 200 and json.loads(body)["version"]
+    # Ollama's liveness probe, which clients such as Open WebUI send first; the key applies.
+    assert server.get("/", key=API_KEY) == (200, b"Ollama is running")
+    assert server.get("/", key=None)[0] == 401
 
 
 @pytest.mark.models

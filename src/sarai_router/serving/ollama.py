@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
@@ -208,6 +208,12 @@ class _Answer:
 
 
 # -- models ---------------------------------------------------------------------------------
+
+
+async def running(request: Request) -> Response:
+    """``GET /`` (and ``HEAD``): Ollama's own liveness answer, which clients such as Open
+    WebUI probe before they use an Ollama connection."""
+    return PlainTextResponse("Ollama is running")
 
 
 async def version(request: Request) -> Response:
@@ -456,6 +462,7 @@ def routes() -> list[Route]:
     """Every Ollama endpoint this router serves (not the ones that manage model files:
     pull, push, create, copy, delete, blobs)."""
     return [
+        Route("/", running, methods=["GET"]),  # HEAD too: Starlette adds it to a GET route
         Route("/api/version", version, methods=["GET"]),
         Route("/api/tags", tags, methods=["GET"]),
         Route("/api/ps", ps, methods=["GET"]),
