@@ -201,22 +201,10 @@ class SaraiServer:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
             return self._fail(error_for(exc), exc)
 
-        started = self.start_generation(parsed.request, decision, parsed.params)
-        if isinstance(started, Response):
-            return started
-        generation, events = started
-        first = await self.wait_event(events, request, generation, decision)
-        if isinstance(first, Response):
-            return first
-        # The model that answers: another one when the routed model failed before its first
-        # token and one of its fallbacks took over.
-        decision = generation.completion.decision
-        if isinstance(first, Failed):
-            log.debug("request failed before its first token", exc_info=first.error)
-            return self._fail(error_for(first.error), first.error, decision=decision)
-        if isinstance(first, Done) and first.cancelled:  # stopped before any byte went out
-            return self._fail(_shutting_down())
-        self.metrics.request_started(decision)
+        begun = await self.begin_answer(request, parsed.request, decision, parsed.params)
+        if isinstance(begun, Response):
+            return begun
+        generation, events, first, decision = begun
         meta = _Meta(decision, include_usage=parsed.include_usage,
                      logprobs=parsed.params.logprobs)
         if parsed.stream:
@@ -257,6 +245,28 @@ class SaraiServer:
             return self._fail(_shutting_down())
         generation.start()
         return generation, events
+
+    async def begin_answer(self, request: Request, chat: ChatRequest, decision: RouteDecision,
+                           params: GenerationParams):
+        """Start the generation and wait for its first event, what every dialect does before
+        it sends a byte: the answer to give instead (shutdown, client gone, a failure before
+        the first token), or ``(generation, events, first event, decision)``, where the
+        decision is the model that answers (a fallback's when the routed model failed)."""
+        started = self.start_generation(chat, decision, params)
+        if isinstance(started, Response):
+            return started
+        generation, events = started
+        first = await self.wait_event(events, request, generation, decision)
+        if isinstance(first, Response):
+            return first
+        decision = generation.completion.decision
+        if isinstance(first, Failed):
+            log.debug("request failed before its first token", exc_info=first.error)
+            return self._fail(error_for(first.error), first.error, decision=decision)
+        if isinstance(first, Done) and first.cancelled:  # stopped before any byte went out
+            return self._fail(_shutting_down())
+        self.metrics.request_started(decision)
+        return generation, events, first, decision
 
     async def wait_event(self, events: asyncio.Queue, request: Request,
                          generation: Generation, decision: RouteDecision):

@@ -102,19 +102,10 @@ async def _load_or_unload(state: Any, asked: dialect.OllamaRequest, kind: str) -
 async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
                     decision: RouteDecision, kind: str) -> Response:
     parsed = asked.parsed
-    started = state.start_generation(parsed.request, decision, parsed.params)
-    if isinstance(started, Response):
-        return started
-    generation, events = started
-    first = await state.wait_event(events, request, generation, decision)
-    if isinstance(first, Response):
-        return first
-    decision = generation.completion.decision
-    if isinstance(first, Failed):
-        return state._fail(error_for(first.error), first.error, decision=decision)
-    if isinstance(first, Done) and first.cancelled:
-        return state._fail(_shutting_down())
-    state.metrics.request_started(decision)
+    begun = await state.begin_answer(request, parsed.request, decision, parsed.params)
+    if isinstance(begun, Response):
+        return begun
+    generation, events, first, decision = begun
     answer = _Answer(state, asked, decision, kind)
     headers = {"x-sarai-model": decision.model}
     if parsed.stream:
