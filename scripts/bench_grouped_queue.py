@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +36,7 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from sarai_router.config import default_models_dir
-from sarai_router.default_plugins.llama_server_process import free_port
-
-SAR = str(Path(sys.executable).with_name("sarai-router"))
+from sarai_router.testing import start_serve
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUALITY_FILE = "gemma-3-270m-q4_k_m.gguf"
 ORDERS = ("fifo", "grouped")
@@ -136,33 +133,17 @@ def write_config(folder: Path, order: str, args: argparse.Namespace) -> Path:
 
 
 def run_order(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        process = subprocess.Popen([SAR, "--config", str(config_path), "serve", "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    # The kit's start_serve: fails with the server's log if it does not answer in time.
+    server = start_serve(config_path, env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"},
+                         echo=False, log_path=log.with_suffix(f".{config_path.stem}.log"),
+                         timeout=120)
+    base = server.url
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve did not start; see {log}")
-            time.sleep(0.2)
         results, wall, first_burst_loads = asyncio.run(bursts(base, args))
         figures = scrape(base)
         total_loads = figures["loads"]
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop(timeout=30)
     rows = [row for burst in results for row in burst]
     ok = [r for r in rows if not r["error"]]
     waits = [r["wait"] for r in ok]

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,11 +41,10 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from sarai_router.config import default_models_dir
-from sarai_router.default_plugins.llama_server_process import free_port
 from sarai_router.llama_server_install import build_llama_server
+from sarai_router.testing import start_serve
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SAR = str(Path(sys.executable).with_name("sarai-router"))
 BALANCES = ("least_busy", "prefix")
 WORDS = (
     "account address answer archive batch buffer cache channel check client column config "
@@ -173,12 +171,11 @@ def write_config(folder: Path, balance: str, args: argparse.Namespace) -> Path:
 
 
 def run_side(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "ab") as out:
-        process = subprocess.Popen([SAR, "--config", str(config_path), "serve", "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"})
+    # The kit's start_serve: fails with the server's log if it does not answer in time.
+    server = start_serve(config_path, env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"},
+                         echo=False, log_path=log.with_suffix(f".{config_path.stem}.log"),
+                         timeout=300)
+    base, process = server.url, server.process
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -190,17 +187,12 @@ def run_side(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve did not start; see {log}")
+                raise SystemExit(f"serve did not load its model; see {server.log_path}")
             time.sleep(0.2)
         rows, wall = asyncio.run(run_conversations(base, args))
         counts = prefix_counts(base)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop(timeout=30)
     ok = [r for r in rows if not r["error"] and r["ttft"] is not None]
     follow = [r["ttft"] for r in ok if r["turn"] > 1]
     first = [r["ttft"] for r in ok if r["turn"] == 1]
