@@ -9,6 +9,7 @@ model, through the engine and the server's metrics.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -207,9 +208,13 @@ def test_a_dead_child_restarts_the_replicas_at_the_next_request(_binary, engine_
     engine = engine_for(fast='balance = "prefix"\nreplicas = 2')
     ask(engine, turn("Say hi."))
     model = loaded_model(engine)
-    victim = psutil.Process(model.pids[1])
-    victim.kill()
-    victim.wait(timeout=30)
+    psutil.Process(model.pids[1]).kill()
+    # Not psutil's wait: reaping the child here races the router's own watcher of it (a
+    # real crash is seen only by the router). Wait until the router sees it dead.
+    deadline = time.monotonic() + 30
+    while model.alive():
+        assert time.monotonic() < deadline, "the killed child still counts as alive"
+        time.sleep(0.05)
     answer = ask(engine, turn("Say hi again."))
     assert answer.text
     fresh = loaded_model(engine)
