@@ -4,7 +4,6 @@ streams on the event loop, trying the next replica when one fails before the fir
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
 
 import attrs
+import orjson
 
 from ..backend import BackendError, Delta, GenerationParams, ToolCall, Usage
 from ..config import ModelSpec
@@ -190,13 +190,15 @@ class OpenAIModel:
 
         import httpx
 
+        from .relay_transport import streaming_transport
+
         loop = asyncio.get_running_loop()
         with self._lock:
             held = self._aclients.get(id(loop))
             if held is None:
                 held = self._aclients[id(loop)] = (loop, httpx.AsyncClient(
-                    limits=self._limits(), timeout=self._timeout(), headers=self.headers,
-                    trust_env=False))
+                    transport=streaming_transport(limits=self._limits(), trust_env=False),
+                    timeout=self._timeout(), headers=self.headers, trust_env=False))
             return held[1]
 
     def close(self) -> None:
@@ -330,7 +332,7 @@ class OpenAIModel:
         if not data:
             return None
         try:
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)  # a third of json.loads' time, once per token
         except ValueError:
             raise _BadStream("it sent a chunk that is not JSON") from None
         if not isinstance(chunk, Mapping):
