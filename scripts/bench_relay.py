@@ -41,10 +41,8 @@ import time
 from pathlib import Path
 
 import psutil
-import tomli_w
 
-from bench_llama_server import FAST_FILE, run_load
-from sarai_router.config import default_models_dir
+from bench_llama_server import add_load_arguments, run_load, write_fast_config
 from sarai_router.default_plugins.llama_server import server_argv
 from sarai_router.default_plugins.llama_server_process import ServerProcess, free_port
 from sarai_router.llama_server_install import build_llama_server
@@ -60,16 +58,7 @@ def managed_model(args: argparse.Namespace) -> dict:
 
 
 def write_config(folder: Path, name: str, model: dict, args: argparse.Namespace) -> Path:
-    config = {
-        "routing": {"default_model": "fast"},
-        "cache": {"max_loaded": 1, "ttl_seconds": 3600},
-        "plugins": {"heuristic": {"conversation_model": "fast", "multimodal_model": "fast"}},
-        "server": {"queue_size": max(8, args.requests)},
-        "models": {"fast": model},
-    }
-    path = folder / f"{name}.toml"
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    return path
+    return write_fast_config(folder / f"{name}.toml", model, args.requests)
 
 
 def load(base_url: str, args: argparse.Namespace, serve=None, profile: str = "") -> dict:
@@ -187,14 +176,7 @@ def summarize(rounds: list[dict]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--n-ctx", type=int, default=512, help="context per slot")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--model", type=Path, default=default_models_dir() / FAST_FILE)
+    add_load_arguments(parser, rounds=3)
     parser.add_argument("--profile", default="",
                         help="a folder: py-spy samples each router side's load (raw "
                              "flamegraph files there) and the top entries are printed; its "
