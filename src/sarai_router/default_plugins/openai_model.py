@@ -335,7 +335,7 @@ class OpenAIModel:
             chunk = orjson.loads(data)  # a third of json.loads' time, once per token
         except ValueError:
             raise _BadStream("it sent a chunk that is not JSON") from None
-        if not isinstance(chunk, Mapping):
+        if not isinstance(chunk, dict):  # (a JSON object parses to a dict: no ABC check)
             raise _BadStream("it sent a chunk that is not a JSON object")
         if "error" in chunk and not chunk.get("choices"):
             raise _MidStreamError(upstream_message(data.encode(), self.redact))
@@ -346,7 +346,7 @@ class OpenAIModel:
 
     def _take_chunk(self, chunk: Mapping[str, Any], attempt: _Attempt) -> Delta | None:
         usage = chunk.get("usage")
-        if isinstance(usage, Mapping) and usage.get("completion_tokens") is not None:
+        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
             attempt.usage = Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                   completion_tokens=int(usage["completion_tokens"]))
         for choice in chunk.get("choices") or ():

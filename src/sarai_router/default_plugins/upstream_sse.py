@@ -105,11 +105,11 @@ def _collect_calls(pieces: Any, calls: dict[int, dict[str, str]]) -> bool:
     if not isinstance(pieces, list):
         return False
     for piece in pieces:
-        if not isinstance(piece, Mapping):
+        if not isinstance(piece, dict):
             continue
         index = piece.get("index") if isinstance(piece.get("index"), int) else len(calls)
         call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
-        function = piece.get("function") if isinstance(piece.get("function"), Mapping) else {}
+        function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
         if isinstance(piece.get("id"), str):
             call["id"] = piece["id"]
         for key in ("name", "arguments"):
@@ -120,7 +120,7 @@ def _collect_calls(pieces: Any, calls: dict[int, dict[str, str]]) -> bool:
 
 def _token_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
     """A chunk's ``logprobs.content`` as TokenLogprobs; () when absent or malformed."""
-    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(content, list):
         return ()
 
