@@ -21,12 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from sarai_router.bench import (  # noqa: E402
-    BUILTIN_QUERIES,
-    LONG_INPUT_CHARS,
-    measure_decisions,
-    percentile,
-)
+from sarai_router.bench import BUILTIN_QUERIES, measure_decisions, percentile  # noqa: E402
+from sarai_router.bench.settings import LONG_INPUT_CHARS  # noqa: E402
 from sarai_router.loading import load_config  # noqa: E402
 from sarai_router.router import Router  # noqa: E402
 from sarai_router.types import ChatRequest  # noqa: E402
