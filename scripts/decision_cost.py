@@ -71,7 +71,7 @@ def main() -> None:
                       "cpu_p99_us_each_round": [r["cpu_p99_us"] for r in rounds]}
     bench = measure_decisions(config, args.seconds)
     out["bench.measure_decisions"] = {k: {"p50_us": v["p50_us"], "p99_us": v["p99_us"]}
-                                      for k, v in bench.items() if k != "plugins"}
+                                      for k, v in bench.items() if isinstance(v, dict)}
     out["load_average_end"] = os.getloadavg()
     print(json.dumps(out, indent=1))
 

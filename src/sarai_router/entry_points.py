@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from .hookspecs import PROJECT_NAME
 
@@ -42,10 +41,13 @@ def entry_points(group: str = PROJECT_NAME) -> list[tuple[str, str]]:
                     continue
                 seen.add(dist)
                 try:
-                    text = Path(folder or ".", name, "entry_points.txt").read_text("utf-8")
+                    with open(os.path.join(folder or ".", name, "entry_points.txt"),
+                              encoding="utf-8") as file:
+                        text = file.read()
                 except OSError:
                     continue
-                found.extend(_entry_point_section(text, group))
+                if group in text:  # most files have no section of ours: no need to parse them
+                    found.extend(_entry_point_section(text, group))
         _ENTRY_POINTS[key] = found
     return _ENTRY_POINTS[key]
 

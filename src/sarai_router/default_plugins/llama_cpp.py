@@ -8,7 +8,6 @@ logprobs: see ``llama_cpp_features``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
@@ -398,6 +397,8 @@ class LlamaCppModel:
 
 def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
     """Attach CLI images to the last user message as OpenAI ``image_url`` data: URIs."""
+    import base64  # here: `route` imports this module for its settings only
+
     out = [dict(m) for m in messages]
     for message in reversed(out):
         if message.get("role") == "user":
