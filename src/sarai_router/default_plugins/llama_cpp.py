@@ -161,14 +161,9 @@ class LlamaCppModel:
         self.spec = spec
         self.llama = llama
 
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        params: GenerationParams,
-        *,
-        images: Sequence[ImageInput] = (),
-        audio: AudioInput | None = None,
-    ) -> Iterator[Delta]:
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
+             images: Sequence[ImageInput] = (),
+             audio: AudioInput | None = None) -> Iterator[Delta]:
         if audio is not None:
             raise BackendError(f"model {self.spec.name!r}: the llama_cpp backend cannot take audio input")
         messages = features.render_messages(
