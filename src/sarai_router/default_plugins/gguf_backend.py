@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import attrs
 
 from ..backend import Backend, Capabilities, Presence
-from ..config import PATH_SETTING, Config, ModelSpec
+from ..config import MODALITIES, PATH_SETTING, Config, ModelSpec
 
 
 def default_threads() -> int:
@@ -89,9 +89,8 @@ class GGUFBackend(Backend):
         if not check_files:
             return
         # What would fail at the first request, caught by `config check`.
-        for modality in spec.modalities:
-            if modality == "text":
-                continue
+        # (An unknown modality is the config's own check.)
+        for modality in (m for m in MODALITIES if m != "text" and m in spec.modalities):
             if modality not in self.projector_modalities:
                 yield "modalities", f"the {self.name} backend cannot take {modality} input"
             elif not settings.mmproj:
