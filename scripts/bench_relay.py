@@ -45,7 +45,7 @@ import psutil
 from bench_llama_server import add_load_arguments, run_load, write_fast_config
 from sarai_router.default_plugins.llama_server import server_argv
 from sarai_router.default_plugins.llama_server_process import ServerProcess, free_port
-from sarai_router.llama_server_install import build_llama_server
+from sarai_router.default_plugins.llama_server_install import build_llama_server
 from sarai_router.loading import load_config
 from sarai_router.testing import start_serve
 
