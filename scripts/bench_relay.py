@@ -32,12 +32,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -61,25 +58,12 @@ def write_config(folder: Path, name: str, model: dict, args: argparse.Namespace)
     return write_fast_config(folder / f"{name}.toml", model, args.requests)
 
 
-def load(base_url: str, args: argparse.Namespace, serve=None, profile: str = "") -> dict:
-    """The load against ``base_url``; with ``serve``, its CPU per relayed token (and with
-    ``profile``, py-spy's samples of it during the load, in that file)."""
+def load(base_url: str, args: argparse.Namespace, serve=None) -> dict:
+    """The load against ``base_url``; with ``serve``, its CPU per relayed token."""
     process = psutil.Process(serve.process.pid) if serve is not None else None
-    spy = None
-    if process is not None and profile:
-        spy = subprocess.Popen([args.py_spy, "record", "-p", str(process.pid), "-r", "250",
-                                "-f", "raw", "-o", profile, "-d", "3600"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # attached before the load starts
     before = process.cpu_times() if process else None
-    try:
-        figures = asyncio.run(run_load(base_url, "fast", requests=args.requests,
-                                       concurrency=args.concurrency,
-                                       max_tokens=args.max_tokens))
-    finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            spy.wait(60)
+    figures = asyncio.run(run_load(base_url, "fast", requests=args.requests,
+                                   concurrency=args.concurrency, max_tokens=args.max_tokens))
     if process is not None:
         after = process.cpu_times()
         cpu = (after.user + after.system) - (before.user + before.system)
@@ -114,45 +98,18 @@ def one_round(number: int, folder: Path, binary: str, args: argparse.Namespace,
             order = ("direct", "openai") if number % 2 else ("openai", "direct")
             for side in order:
                 figures[side] = (load(direct.base_url, args) if side == "direct"
-                                 else load(router.url, args, router,
-                                           profile_path(args, "openai", number)))
+                                 else load(router.url, args, router))
         finally:
             router.stop()
     finally:
         direct.stop()
     router = serve(folder / "managed.toml", env)
     try:
-        figures["managed"] = load(router.url, args, router,
-                                  profile_path(args, "managed", number))
+        figures["managed"] = load(router.url, args, router)
     finally:
         router.stop()
     figures["command"] = " ".join(Path(a).name if a.startswith("/") else a for a in argv)
     return figures
-
-
-def profile_path(args: argparse.Namespace, side: str, number: int) -> str:
-    return str(Path(args.profile) / f"{side}-{number}.txt") if args.profile else ""
-
-
-def top_frames(path: str, count: int = 15) -> list[tuple[float, str]]:
-    """The functions py-spy found on the CPU most often (their own time, not their callees'),
-    as (percent of the busy samples, function (file)); idle waits left out."""
-    own: dict[str, int] = {}
-    busy = 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        stack, _, samples = line.rpartition(" ")
-        if not stack:
-            continue
-        frame = stack.split(";")[-1]
-        if frame.startswith(("select (", "Condition.wait", "EpollSelector.select", "wait (")):
-            continue  # waiting, not working
-        name, _, where = frame.partition(" (")
-        where = where.rsplit(":", 1)[0].split("site-packages/")[-1]
-        key = f"{name} ({where})"
-        own[key] = own.get(key, 0) + int(samples)
-        busy += int(samples)
-    ranked = sorted(own.items(), key=lambda item: -item[1])[:count]
-    return [(round(100 * n / max(1, busy), 1), key) for key, n in ranked]
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -177,15 +134,8 @@ def summarize(rounds: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_load_arguments(parser, rounds=3)
-    parser.add_argument("--profile", default="",
-                        help="a folder: py-spy samples each router side's load (raw "
-                             "flamegraph files there) and the top entries are printed; its "
-                             "own cost then counts in the router's CPU")
-    parser.add_argument("--py-spy", default=str(Path(sys.executable).with_name("py-spy")))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
     if not args.model.is_file():
         parser.error(f"model file not found: {args.model} (run `sarai-router models pull`)")
     binary = str(build_llama_server(report=lambda m: print(m, file=sys.stderr)))
@@ -221,11 +171,6 @@ def main() -> int:
         print(f"{label:22}{row['aggregate_tok_s']:>8}{row.get('tok_s_ratio', 1):>8}"
               f"{row['ttft_p50_s']:>10}{row.get('ttft_p50_ratio', 1):>8}"
               f"{row.get('router_cpu_ms_per_token', '-'):>14}{summary['errors'][side]:>8}")
-    if args.profile:
-        for side in ("openai", "managed"):
-            print(f"\nwhere the router's CPU went, {side} (py-spy, own time, round 1):")
-            for share, frame in top_frames(profile_path(args, side, 1)):
-                print(f"{share:6.1f}%  {frame}")
     print("targets: tok/s ratio >= 0.98 (openai), >= 0.97 (llama_server); TTFT p50 ratio "
           "<= 1.1; router CPU <= 0.1 ms/token; 0 errors")
     return 0

@@ -171,6 +171,27 @@ async def main_async(args: argparse.Namespace) -> list[float]:
     return figures
 
 
+def top_frames(path: str, count: int = 15) -> list[tuple[float, str]]:
+    """The functions py-spy found on the CPU most often (their own time, not their callees'),
+    as (percent of the busy samples, function (file)); idle waits left out."""
+    own: dict[str, int] = {}
+    busy = 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack:
+            continue
+        frame = stack.split(";")[-1]
+        if frame.startswith(("select (", "Condition.wait", "EpollSelector.select", "wait (")):
+            continue  # waiting, not working
+        name, _, where = frame.partition(" (")
+        where = where.rsplit(":", 1)[0].split("site-packages/")[-1]
+        key = f"{name} ({where})"
+        own[key] = own.get(key, 0) + int(samples)
+        busy += int(samples)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:count]
+    return [(round(100 * n / max(1, busy), 1), key) for key, n in ranked]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -185,6 +206,11 @@ def main() -> int:
     print(f"router CPU per relayed token: {statistics.median(figures):.3f} ms (median of "
           f"{len(figures)} rounds; {args.concurrency} streams, {args.tokens} tokens each, "
           f"one every {args.interval:g} s)")
+    if args.profile:
+        print("where the serve process's CPU went in the last round (py-spy, own time; its "
+              "sampling counts in that round's figure):")
+        for share, frame in top_frames(args.profile):
+            print(f"{share:6.1f}%  {frame}")
     return 0
 
 
