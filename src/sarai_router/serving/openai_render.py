@@ -41,7 +41,8 @@ def tool_calls_json(calls: Sequence[ToolCall], *, indexed: bool = False) -> list
             for i, call in enumerate(calls)]
 
 
-#: stands for the text in a chunk's template: a string no model output is compared with
+#: stands for the text when a chunk's template is rendered (no id, model name or
+#: fingerprint holds it: NUL bytes)
 _MARKER = "\x00sarai-text\x00"
 
 
