@@ -112,6 +112,25 @@ def test_a_coroutine_cancelled_meanwhile_waits_for_the_caller_to_stop():
     assert order == ["iteration closed", "coroutine went on"]
 
 
+def test_a_coroutine_cancelled_before_the_caller_took_it_up_does_not_wait_for_it():
+    """Ctrl-C can stop the caller between the hand-over and its first item: the
+    coroutine must not wait for an iteration that will never run."""
+    began = []
+
+    def make():
+        began.append(True)
+        yield 1
+
+    order: list[str] = []
+    future, on_caller = start(make, after=order)
+    future.cancel()
+    deadline = time.monotonic() + 10
+    while order != ["coroutine went on"]:
+        assert time.monotonic() < deadline, "the coroutine waits for a caller that left"
+        time.sleep(0.01)
+    assert list(on_caller.items()) == [] and began == []
+
+
 ECHO = """
 [routing]
 default_model = "fast"

@@ -267,6 +267,10 @@ class OnCaller:
         # Set on the loop if the coroutine is cancelled meanwhile: the caller stops at the
         # next item (read without a lock: a bool, read once per item).
         self.stop = False
+        # Whether the caller began iterating, or never will (the coroutine was cancelled
+        # first: a caller stopped by Ctrl-C before it took this up).
+        self._lock = threading.Lock()
+        self._began = self._dropped = False
 
     async def run(self, hand: Callable[["OnCaller"], None]) -> None:
         """Hand this to the caller (``hand``) and wait until its iteration has ended. An
@@ -278,6 +282,10 @@ class OnCaller:
         except asyncio.CancelledError:
             if not self.ended.cancelled():
                 raise  # the iteration had ended
+            with self._lock:
+                self._dropped = not self._began
+            if self._dropped:
+                raise  # nothing began: nothing to wait for
             # Cancelled while the caller iterates: it stops at its next item. Wait for
             # that (the caller's end resolves whichever future ``ended`` is then).
             self.stop = True
@@ -294,6 +302,10 @@ class OnCaller:
         iteration goes back to the coroutine (which raises it on the async path, where the
         caller hears of it); the caller's own stop (GeneratorExit, KeyboardInterrupt) is
         raised here, once the iteration is closed."""
+        with self._lock:
+            if self._dropped:
+                return
+            self._began = True
         outcome: Any = None
         try:
             with closing(self.make()) as iterator:  # type: ignore[type-var]
