@@ -13,6 +13,7 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Itera
 import attrs
 
 from .errors import BackendError, ContextLengthError
+from .sampling import BUILTIN_SAMPLING, SAMPLING_KEYS, Sampling
 from .types import AudioInput, ChatRequest, ImageInput
 
 if TYPE_CHECKING:
@@ -23,21 +24,9 @@ __all__ = ["AsyncLoadedModel", "Backend", "BackendError", "BUILTIN_SAMPLING", "C
            "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "blocking_chat", "model_deltas",
            "model_sampling"]
 
-#: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                 "presence_penalty", "frequency_penalty")
-
-#: What an in-process backend uses for a setting that neither the request, the config nor
-#: the model file gives (llama-cpp-python's own defaults, except temperature, which it puts
-#: at 0.2). A remote backend sends only what is set and leaves the rest to its server.
-BUILTIN_SAMPLING: Mapping[str, float] = {
-    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0,
-}
-
 
 @attrs.frozen
-class GenerationParams:
+class GenerationParams(Sampling):
     """What one request asks of a generation.
 
     A sampling setting left ``None`` takes the model's default: ``Engine.stream`` fills in
@@ -52,15 +41,8 @@ class GenerationParams:
     """
 
     max_tokens: int | None = None  # None: the model's configured max_tokens
-    temperature: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
     #: "parameters"}}``; empty when the request offers none (or ``tool_choice`` is "none")
     tools: tuple[Mapping[str, Any], ...] = ()
