@@ -259,6 +259,20 @@ def test_pm_hook_called_directly_keeps_pluggys_behaviour(config):
     assert not router.hooks.errors
 
 
+class DefaultsRouter:
+    """An implementation that gives an argument a default: pluggy hands it what the call has."""
+
+    @hookimpl
+    def select_route(self, request, signals=None, nonsense="kept"):
+        return Route("quality", f"chars={signals['chars']} nonsense={nonsense}")
+
+
+def test_an_argument_with_a_default_gets_the_calls_value(config):
+    router = Router(config, build_plugins(config, extra=[("defaults", DefaultsRouter())]))
+    decision = route(router, "hola")
+    assert (decision.plugin, decision.reason) == ("defaults", "chars=4 nonsense=kept")
+
+
 class Refuses:
     @hookimpl
     def transcribe(self, audio):

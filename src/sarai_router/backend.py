@@ -14,14 +14,15 @@ import attrs
 
 from .errors import BackendError, ContextLengthError
 from .sampling import BUILTIN_SAMPLING, SAMPLING_KEYS, Sampling
-from .types import AudioInput, ImageInput
+from .types import AudioInput, ChatRequest, ImageInput
 
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
 __all__ = ["AsyncLoadedModel", "Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities",
            "ContextLengthError", "Delta", "GenerationParams", "LoadedModel", "Presence",
-           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "model_sampling"]
+           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "blocking_chat", "model_deltas",
+           "model_sampling"]
 
 
 @attrs.frozen
@@ -175,6 +176,31 @@ class AsyncLoadedModel(Protocol):
 
     def close(self) -> None:
         """Release the model's memory (or stop its process)."""
+
+
+def blocking_chat(model: Any, request: ChatRequest,
+                  params: GenerationParams) -> Callable[[], Iterator[Delta]] | None:
+    """What starts a loaded model's blocking ``chat`` (llama.cpp, a plugin's model); None
+    when it has ``achat`` (a remote endpoint: no thread). The one place a sync backend
+    meets the async path: its deltas come through :func:`model_deltas`, or for a sync
+    caller through :class:`runner.OnCaller`."""
+    if hasattr(model, "achat"):
+        return None
+    return lambda: model.chat(request.messages, params, images=request.images,
+                              audio=request.audio)
+
+
+def model_deltas(model: Any, request: ChatRequest, params: GenerationParams, *,
+                 name: str = "") -> AsyncIterator[Delta]:
+    """A loaded model's answer as an async iterator of Deltas: its ``achat`` when it has
+    one, else its blocking ``chat`` on a thread of its own."""
+    from . import runner  # asyncio: not for `route`, which imports this module too
+
+    start = blocking_chat(model, request, params)
+    if start is None:
+        return model.achat(request.messages, params, images=request.images,
+                           audio=request.audio)
+    return runner.iterate_in_thread(start, name=f"sarai-gen-{name}")
 
 
 class Backend:
