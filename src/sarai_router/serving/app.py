@@ -38,7 +38,7 @@ from ..streaming import Done, Failed, Generation, Piece
 from ..types import ChatRequest, RouteDecision
 from .audio import TranscriptionQueue, transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
-                    cors_middleware, guarded_h11_protocol, limit_body)
+                    cors_middleware, guarded_http_protocol, limit_body)
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (AUTO_MODEL, REQUEST_ID, ApiError, Limits, ParsedChat, _Meta,
                      _shutting_down, error_for, finish_reason, header_value, internal_error,
@@ -529,9 +529,8 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
         # per-token work is mostly the event loop's (docs/BENCHMARKS.md).
         loop="auto",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        http=guarded_h11_protocol(settings.header_timeout_seconds,
-                                  settings.body_timeout_seconds),
-        h11_max_incomplete_event_size=settings.max_header_bytes))
+        http=guarded_http_protocol(settings.header_timeout_seconds,
+                                   settings.body_timeout_seconds, settings.max_header_bytes)))
     # After its graceful shutdown uvicorn restores the handlers it found and raises the
     # signal again; SIGTERM's default handler would then kill the cleanly stopped process
     # (exit -15). Handled like Ctrl-C, it ends as a KeyboardInterrupt, caught below: exit 0.
