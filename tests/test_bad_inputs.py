@@ -374,3 +374,81 @@ def test_a_body_sent_in_time_keeps_the_connection_for_the_next_request(corpus_se
         sock.sendall(b"0123456789")  # the unread body, at once: nothing to hold against it
         sock.sendall(head + b"\r\n")  # the next request on the same connection
         assert one_answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while True:  # the server must end the connection; the socket timeout fails the test
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("piece", [b"X-Long: " + b"a" * 30000, b"X-Some: header\r\n"],
+                         ids=["one-unending-header", "many-headers"])
+def test_a_head_trickled_past_max_header_bytes_is_refused_before_its_deadline(
+        corpus_server, piece):
+    """The head grows over several reads and never ends: 431 as soon as it is over the
+    limit (the parser holds a header it has not finished, so this counts the bytes read)."""
+    from http_bad_inputs import HEADER_TIMEOUT
+
+    port, *_ = corpus_server
+    with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        started = time.monotonic()
+        try:
+            for _ in range(2000):  # far over the 16 KiB default, a piece at a time
+                for start in range(0, len(piece), 1000):
+                    sock.sendall(piece[start:start + 1000])
+                    time.sleep(0.0005)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed while we were still sending
+        data = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 431"), data[:200]
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+    assert time.monotonic() - started < HEADER_TIMEOUT + 10
+
+
+@pytest.mark.models
+def test_a_complete_head_over_max_header_bytes_in_one_read_is_refused(corpus_server):
+    port, *_ = corpus_server
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(200))  # ~21 KB
+    answer = exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+    assert answer.status == 431
+    assert json.loads(answer.body)["error"]["code"] == "headers_too_large"
+
+
+@pytest.mark.models
+def test_the_header_deadline_holds_for_the_next_request_on_a_kept_alive_connection(
+        corpus_server):
+    from http_bad_inputs import HEADER_TIMEOUT
+
+    port, *_ = corpus_server
+    head = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 20) as sock:
+        sock.sendall(head + b"\r\n")
+        data = b""
+        while b'"status"' not in data:
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        sock.sendall(head)  # the next request's head, never finished
+        data = _read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+
+
+@pytest.mark.models
+def test_pipelined_requests_are_answered_in_order(corpus_server):
+    port, *_ = corpus_server
+    one = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    last = f"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(one + one + last.encode())
+        data = _read_until_closed(sock)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", data)
+    assert statuses == [b"200", b"200", b"401"], data[:1000]  # the last asked without the key
