@@ -15,6 +15,7 @@ transcription stops between two 30 s windows of audio when its client has left
 
 from __future__ import annotations
 
+import contextvars
 import io
 import logging
 import os
@@ -22,7 +23,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import attrs
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..fetch import PluginModel
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 TABLE = "whisper"
 EXTRA_HINT = "pip install 'sarai-router[audio]'"
@@ -113,20 +116,35 @@ def transcribe(audio, language, config, cancel):
     loaded = load_model(settings, config)
     # From here: the model's load (once per process) is not the clip's time.
     budget = _Budget(settings.timeout_seconds, cancel)
-    samples = decode(audio.data, audio.source or "the audio", settings.max_seconds)
-    budget.check()
-    return loaded.transcribe(samples, audio.source or "the audio",
-                             language or (None if settings.language == "auto" else settings.language),
-                             budget=budget)
+    source = audio.source or "the audio"
+    language = language or (None if settings.language == "auto" else settings.language)
+
+    def work() -> Transcript:
+        samples = decode(audio.data, source, settings.max_seconds, check=budget.check)
+        budget.check()
+        return loaded.transcribe(samples, source, language, budget=budget)
+
+    return budget.run(work)
 
 
 class _Budget:
-    """One transcription's time and its client: ``check()`` raises when either is gone."""
+    """One transcription's time and its client: ``check()`` raises when either is gone.
+
+    :meth:`run` answers within the bound whatever the work is doing: the work runs on a
+    thread of its own and is abandoned at the bound (or when the client leaves); it then
+    stops at its next check, between two pieces that cannot be interrupted (a chunk of
+    decoded audio, one window's encoding, one decoding attempt of a window).
+    """
+
+    #: How often the waiting side looks at the clock and the client.
+    POLL_SECONDS = 0.1
 
     def __init__(self, seconds: float, cancel: threading.Event | None = None):
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.cancel = cancel
+        #: set once nobody waits for the work any more (its answer has been given)
+        self.abandoned = threading.Event()
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -134,10 +152,37 @@ class _Budget:
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("the transcription was cancelled: its client left")
-        if self.left() <= 0:
+        if self.left() <= 0 or self.abandoned.is_set():
             raise TranscriptionTimeout(
                 f"the transcription did not finish within {self.seconds:g} s "
                 "([plugins.whisper] timeout_seconds)")
+
+    def run(self, work: Callable[[], _T]) -> _T:
+        """``work()`` on a thread of its own; its result, or Cancelled / TranscriptionTimeout
+        as soon as the client leaves or the time is up (the work stops at its next check)."""
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting side
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        # In a copy of the caller's context: the request's id reaches the log and events.
+        threading.Thread(target=contextvars.copy_context().run, args=(target,),
+                         name="sarai-transcribe", daemon=True).start()
+        try:
+            while not done.wait(timeout=min(self.POLL_SECONDS, max(0.0, self.left()))):
+                self.check()
+        except BaseException:  # the bound, the client, or Ctrl-C: stop the work too
+            self.abandoned.set()
+            raise
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def acquire(self, lock: threading.Lock) -> None:
         """Take ``lock`` (the model's turn) unless the time is up or the client leaves."""
@@ -148,6 +193,36 @@ class _Budget:
         except BaseException:
             lock.release()
             raise
+
+
+class _Checked:
+    """The CTranslate2 model with the transcription's budget checked before each call: one
+    window's encoding, its language detection, or one decoding attempt of it (beam search,
+    then each temperature faster-whisper falls back to). None of them can be interrupted,
+    so these are the points where a transcription past its time or without its client
+    stops."""
+
+    def __init__(self, model: Any, owner: "LoadedWhisper"):
+        self._model = model
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def _checked(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        budget = self._owner.budget
+        if budget is not None:
+            budget.check()
+        return getattr(self._model, name)(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._checked("generate", *args, **kwargs)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self._checked("encode", *args, **kwargs)
+
+    def detect_language(self, *args: Any, **kwargs: Any) -> Any:
+        return self._checked("detect_language", *args, **kwargs)
 
 
 # -- the model --------------------------------------------------------------------------
@@ -165,6 +240,8 @@ class LoadedWhisper:
     primed: tuple[Any, Any] | None = None
     #: The load time, until the first transcription reports it.
     unreported_load: float = 0.0
+    #: The budget of the transcription that holds the model now (checked by ``_Checked``).
+    budget: "_Budget | None" = None
     _original_encode: Any = attrs.field(init=False, default=None)
 
     def transcribe(self, samples, source: str, language: str | None,
@@ -177,6 +254,7 @@ class LoadedWhisper:
         budget.acquire(self.lock)
         try:
             load_seconds, self.unreported_load = self.unreported_load, 0.0
+            self.budget = budget
             if language is not None and language not in model.supported_languages:
                 raise AudioError(f"language {language!r} is not one Whisper knows "
                                  f"(e.g. {', '.join(model.supported_languages[:8])}, ...)",
@@ -207,6 +285,7 @@ class LoadedWhisper:
             finally:
                 self.primed = None
         finally:
+            self.budget = None
             self.lock.release()
         if not text:
             raise AudioError(f"{source}: no speech was recognised in the clip "
@@ -233,6 +312,7 @@ class LoadedWhisper:
     def __attrs_post_init__(self) -> None:
         self._original_encode = self.model.encode
         self.model.encode = self._encode_once
+        self.model.model = _Checked(self.model.model, self)
 
 
 _models: dict[tuple[str, str, int], LoadedWhisper] = {}
@@ -286,9 +366,11 @@ def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
 # -- the audio --------------------------------------------------------------------------
 
 
-def decode(data: bytes, source: str, max_seconds: float):
+def decode(data: bytes, source: str, max_seconds: float,
+           check: Callable[[], None] = lambda: None):
     """``data`` (any format FFmpeg reads: wav, mp3, ogg, flac, m4a...) as 16 kHz mono
-    float32 samples. Raises AudioError naming ``source`` and what is wrong with it."""
+    float32 samples. Raises AudioError naming ``source`` and what is wrong with it.
+    ``check()`` runs between decoded frames (the transcription's time and client)."""
     import av
     import numpy as np
 
@@ -309,6 +391,7 @@ def decode(data: bytes, source: str, max_seconds: float):
                 raise AudioError(f"{too_long}: {float(stream.duration * stream.time_base):.1f} s")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
+                check()
                 for out in resampler.resample(frame):
                     array = out.to_ndarray().reshape(-1)
                     chunks.append(array)
