@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import attrs
@@ -60,7 +60,9 @@ class Engine:
     # -- the request path
 
     def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
-                on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
+                on_route: Callable[[RouteDecision], None] | None = None,
+                cancel: threading.Event | None = None,
+                queue_limit: int | None = None) -> RouteDecision:
         """Route ``request`` (or take ``model``), transcribing audio the model can't take,
         check the model can take it, make its files present, and start any pre-warms.
         Raises a ``SaraiError`` naming the problem.
@@ -68,9 +70,11 @@ class Engine:
         ``on_route`` hears the decision before any file is fetched (to say which model).
         A transcribed request's decision carries the ``transcript``; :meth:`stream` then
         gives the model the transcript instead of the audio (:meth:`model_request`).
+        ``cancel`` and ``queue_limit`` apply to that transcription as to any other
+        (:meth:`transcribe`).
         """
         begin_request()
-        decision = self.decide(request, model=model)
+        decision = self.decide(request, model=model, cancel=cancel, queue_limit=queue_limit)
         request = self.model_request(request, decision)
         decision = self.check_capabilities(decision, request)
         if on_route is not None:
@@ -108,7 +112,9 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
-    def decide(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+    def decide(self, request: ChatRequest, model: str | None = None, *,
+               cancel: threading.Event | None = None,
+               queue_limit: int | None = None) -> RouteDecision:
         """The routing decision for ``request``, its audio transcribed when needed.
 
         Audio goes to the model itself when the model takes it. Otherwise it is transcribed
@@ -133,25 +139,38 @@ class Engine:
                     return moved
             why = (f"model {decision.model!r} (routed by {decision.plugin}: {decision.reason}) "
                    "does not take audio")
-        transcript = self.transcribe(request.audio, request, why=why)
+        transcript = self.transcribe(request.audio, request, why=why, cancel=cancel,
+                                     queue_limit=queue_limit)
         decision = self.route(request.with_transcript(transcript), model=model)
         return attrs.evolve(decision, transcript=transcript)
 
     def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
                    language: str | None = None, why: str = "",
-                   cancel: threading.Event | None = None) -> Transcript:
+                   cancel: threading.Event | None = None,
+                   queue_limit: int | None = None) -> Transcript:
         """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
 
         Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
         transcribe (the message says why audio needed transcribing, and what to install).
         ``cancel``: set when nobody wants the transcript any more (the plugin then stops
-        and raises Cancelled).
+        and raises Cancelled). ``queue_limit``: how many transcriptions may wait for the
+        speech model besides the one it works on (:class:`QueueFull` past it; ``None``: no
+        limit), as for a chat model.
         """
         request = request or ChatRequest(messages=(), audio=audio)
+
+        @contextmanager
+        def hold(spec: ModelSpec, backend: Backend, *,
+                 cancel: threading.Event | None = cancel) -> Iterator[Any]:
+            # A transcribing plugin's own model, as a resident of this engine's pool.
+            self.pool.add_resident(spec, backend)
+            with self.pool.use(spec.name, queue_limit=queue_limit, cancel=cancel) as resident:
+                yield resident.model
+
         started = time.perf_counter()
         try:
             answer = self.hooks.transcribe(audio=audio, request=request, language=language,
-                                           cancel=cancel)
+                                           cancel=cancel, hold=hold)
         except TranscriptionUnavailable as exc:
             raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
         if answer is None:

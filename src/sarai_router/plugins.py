@@ -495,8 +495,8 @@ class Hooks:
         return bool(answer and answer.value)
 
     def transcribe(self, *, audio: AudioInput, request: ChatRequest | None,
-                   language: str | None = None,
-                   cancel: threading.Event | None = None) -> Answer | None:
+                   language: str | None = None, cancel: threading.Event | None = None,
+                   hold: Callable[..., Any] | None = None) -> Answer | None:
         """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
         a missing package) passes the word to the next; if none transcribes, the first
         such error is raised, since it says what is wrong. Other exceptions are plugin
@@ -505,7 +505,7 @@ class Hooks:
 
         refusal: SaraiError | None = None
         kwargs = dict(audio=audio, request=request, language=language, config=self.config,
-                      cancel=cancel)
+                      cancel=cancel, hold=hold)
         for impl in self._impls("transcribe"):
             try:
                 value = self._call(impl, "transcribe", kwargs)

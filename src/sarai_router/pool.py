@@ -248,8 +248,10 @@ class ModelPool:
         self.hooks = hooks
         self.clock = clock
         # The backend knows what its model costs (a GGUF header, a child process, nothing).
-        self.estimator = estimator or (
-            lambda spec: self.hooks.backend(spec.backend).estimate_ram_mb(spec))
+        self.estimator = estimator or (lambda spec: self.backend_for(spec).estimate_ram_mb(spec))
+        #: residents that are not the config's models (a plugin's, e.g. the speech model),
+        #: with the backend that loads each: see ``add_resident``
+        self._added: dict[str, tuple[ModelSpec, Any]] = {}
         self.wait_seconds = wait_seconds
         self._residents: dict[str, Resident] = {}
         #: taken out of ``_residents`` and being closed (outside the lock)
@@ -268,6 +270,36 @@ class ModelPool:
         #: who goes next when models can't all be resident ([cache] queue_order)
         self.load_queue = LoadQueue(config.cache.queue_order,
                                     config.cache.max_queue_wait_seconds)
+
+    # -- what it may hold ---------------------------------------------------------------
+
+    def add_resident(self, spec: ModelSpec, backend: Any) -> None:
+        """Hold ``spec`` like a configured model though it is none of the config's: a
+        plugin's own model (the speech model), loaded by ``backend``. It is held with
+        :meth:`use`, counted against ``[cache] ram_budget_mb``, evicted and expired (its
+        ``ttl_seconds``) like the others, and listed by :meth:`status`; it is not routed
+        to and does not count against ``[cache] max_loaded`` (a number of chat models).
+        Adding it again with another spec takes effect at its next load."""
+        if spec.name in self.config.models:
+            raise PoolError(f"cannot add {spec.name!r}: a configured model has that name")
+        with self._cond:
+            self._added[spec.name] = (spec, backend)
+
+    def spec_of(self, name: str) -> ModelSpec | None:
+        spec = self.config.models.get(name)
+        if spec is None and name in self._added:
+            spec = self._added[name][0]
+        return spec
+
+    def backend_for(self, spec: ModelSpec) -> Any:
+        added = self._added.get(spec.name)
+        if added is not None and spec.name not in self.config.models:
+            return added[1]
+        return self.hooks.backend(spec.backend)
+
+    def names(self) -> list[str]:
+        """The configured models, then the added residents."""
+        return [*self.config.models, *(n for n in self._added if n not in self.config.models)]
 
     # -- queries -----------------------------------------------------------------------
 
@@ -534,7 +566,7 @@ class ModelPool:
         ``request``: a generation that will lock the instance (counted in ``queued``, subject
         to ``queue_limit``); otherwise a load-only user such as a pre-warm.
         """
-        spec = self.config.models.get(name)
+        spec = self.spec_of(name)
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
@@ -652,7 +684,9 @@ class ModelPool:
                 return None
             ours = {id(victim) for victim, *_ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
-            over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
+            over_count = (spec.name not in self._added
+                          and self._counted(self._residents.values(), closing) + 1
+                          > self.config.cache.max_loaded)
             over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
                        + estimated - budget)
             if not over_count and over_mb <= 0:
@@ -661,7 +695,9 @@ class ModelPool:
                 raise PoolError(self._why_full(spec, estimated, over_count)
                                 .replace("no resident model can be evicted",
                                          "this load may not evict"))
-            candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
+            candidates = [r for r in self._residents.values() if r.idle and not r.pinned
+                          # over the count only: evicting an added resident frees no place
+                          and (over_mb > 0 or r.name not in self._added)]
             if ticket is not None:
                 self.load_queue.wait(ticket, "room")
             if candidates and self.load_queue.may_make_room(ticket):
@@ -695,7 +731,7 @@ class ModelPool:
                 raise PoolError(self._why_full(spec, estimated, over_count))
             # Every other model is busy (or still closing): wait for one rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))
-        concurrency = max(1, int(self.hooks.backend(spec.backend).concurrency(spec)))
+        concurrency = max(1, int(self.backend_for(spec).concurrency(spec)))
         resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated,
                             concurrency=concurrency)
         self._residents[spec.name] = resident
@@ -714,6 +750,10 @@ class ModelPool:
         return (f"cannot load model {spec.name!r} (~{estimated:.0f} MB): {limit} is reached and "
                 f"no resident model can be evicted (held: {held})")
 
+    def _counted(self, *groups) -> int:
+        """How many of these residents count against ``[cache] max_loaded``."""
+        return sum(1 for group in groups for r in group if r.name not in self._added)
+
     def _others_busy_locked(self) -> bool:
         return any(not r.pinned and not r.idle for r in self._residents.values())
 
@@ -726,7 +766,7 @@ class ModelPool:
         rss_before = process_rss_mb()
         started = time.perf_counter()
         try:
-            factory = self.hooks.backend(spec.backend)
+            factory = self.backend_for(spec)
             model = factory.load(spec)
         except BaseException as exc:
             with self._cond:
@@ -970,7 +1010,8 @@ class ModelPool:
         with self._cond:
             held = {**{r.name: r for r in self._closing.values()}, **self._residents}
             rows = []
-            for name, spec in self.config.models.items():
+            for name in self.names():
+                spec = self.spec_of(name)
                 resident = held.get(name)
                 ttl = None if spec.pinned else self.config.ttl_for(spec)
                 row: dict[str, Any] = {

