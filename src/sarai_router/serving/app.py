@@ -233,20 +233,12 @@ class SaraiServer:
                 media_type="text/event-stream",
                 headers={**self._headers(decision), "cache-control": "no-cache",
                          "x-accel-buffering": "no"})
-        pieces: list[str] = []
-        event = first
-        while not isinstance(event, (Done, Failed)):
-            pieces.append(event.text)
-            event = await self.wait_event(events, request, generation, decision)
-            if isinstance(event, Response):
-                return event
-        if isinstance(event, Failed):
-            return self._fail(error_for(event.error), event.error)
-        if event.cancelled:  # only shutdown cancels a generation whose client is there
-            return self._fail(_shutting_down())
-        completion = event.completion
+        collected = await self.collect(first, events, request, generation, decision)
+        if isinstance(collected, Response):
+            return collected
+        text, _, completion = collected
         return JSONResponse({
-            **meta.completion(completion, "".join(pieces)),
+            **meta.completion(completion, text),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
                       "stopped_by": completion.stopped_by,
                       "placement": completion.placement},
@@ -287,6 +279,25 @@ class SaraiServer:
             return self._fail(_shutting_down())
         self.metrics.request_started(decision)
         return generation, events, first, decision
+
+    async def collect(self, first: Any, events: asyncio.Queue, request: Request,
+                      generation: Generation, decision: RouteDecision):
+        """A whole answer for a client that asked for no stream: the answer to give instead
+        (a failure, shutdown, the client gone), or ``(text, token logprobs, completion)``."""
+        pieces: list[str] = []
+        tokens: list = []
+        event = first
+        while not isinstance(event, (Done, Failed)):
+            pieces.append(event.text)
+            tokens.extend(event.logprobs)
+            event = await self.wait_event(events, request, generation, decision)
+            if isinstance(event, Response):
+                return event
+        if isinstance(event, Failed):
+            return self._fail(error_for(event.error), event.error)
+        if event.cancelled:  # only shutdown cancels a generation whose client is there
+            return self._fail(_shutting_down())
+        return "".join(pieces), tokens, event.completion
 
     async def wait_event(self, events: asyncio.Queue, request: Request,
                          generation: Generation, decision: RouteDecision):
