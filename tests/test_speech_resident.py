@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
@@ -27,7 +25,7 @@ from sarai_router.engine import Engine
 from sarai_router.types import AudioInput
 
 from conftest import base_toml
-from test_audio import ENGLISH, SPANISH, wav_bytes, wav_samples
+from test_audio import ENGLISH, SPANISH, wav_bytes, wav_samples, whisper_dir  # noqa: F401 - a fixture
 from test_server import API_KEY, Server, launch, metric
 
 
@@ -93,20 +91,20 @@ def test_the_speech_model_is_budgeted_and_evicted_like_a_model(make_config, whis
 
 def test_a_model_named_like_the_speech_model_is_a_config_error(write_config):
     config = write_config('[models.whisper]\npath = "{models_dir}/x.gguf"\n')
-    result = CliRunner().invoke(cli, ["--config", str(config), "config", "check"])
+    result = CliRunner().invoke(cli, ["config", "check", str(config)])
     assert result.exit_code != 0
-    assert "[models.whisper] takes the name the speech model has" in result.output \
-        + (result.stderr if result.stderr_bytes is not None else "")
+    assert "plugins.whisper.model: [models.whisper] takes the name the speech model has" \
+        in result.output, result.output
 
 
 # -- the server ------------------------------------------------------------------------------
 
 #: Short enough for a test to see it expire; the reaper looks every half second.
 SPEECH_TTL = 3
-#: Every transcription's bound on this server (the model's load included): a short clip
-#: takes a few seconds on 2 cores, 10 s and more under a load average of 10; the long clip
-#: (~280 s of speech) far more.
-BOUND_SECONDS = 30
+#: Every transcription's bound on this server (the model's load included): far more than
+#: a short clip takes, 25 s measured under a load average of 12 on 2 cores. The tests here
+#: end long transcriptions by leaving, not by this bound (test_audio.py tests the bound).
+BOUND_SECONDS = 120
 
 
 @pytest.fixture(scope="module")
@@ -234,31 +232,54 @@ def test_whisper_is_not_a_chat_model(speech_server):
     assert RESIDENT_NAME not in [m["id"] for m in json.loads(body)["data"]]
 
 
+def _send(srv: Server, path: str, body: bytes, content_type: str) -> socket.socket:
+    """Send a whole request on a socket of its own and leave it open, unread: closing it
+    is the client leaving."""
+    sock = socket.create_connection(("127.0.0.1", urlsplit(srv.url).port))
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Authorization: Bearer {API_KEY}\r\nContent-Type: {content_type}\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    return sock
+
+
+def _multipart(clip: bytes) -> tuple[bytes, str]:
+    boundary = "sarai-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"long.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode() \
+        + clip + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
 @pytest.mark.models
 def test_audio_in_a_chat_waits_in_the_transcription_queue(speech_server, long_clip):
     """queue_size = 1: one long transcription runs, one waits; audio in a chat request is a
     third transcription, refused like one (429), on both dialects."""
     srv = speech_server
-    with ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(_transcribe, srv, long_clip) for _ in range(2)]
-        _wait_for(lambda: _admin_row(srv)["in_flight"] == 1 and _admin_row(srv)["queued"] == 1,
-                  60)
-        status, body = srv.post("/v1/chat/completions",
-                                json.dumps(_audio_chat(SPANISH.read_bytes())).encode())
-        assert status == 429 and body["error"]["code"] == "queue_full", body
-        assert RESIDENT_NAME in body["error"]["message"]
-        status, body = srv.post("/api/chat", json.dumps({
+    body, content_type = _multipart(long_clip)
+    held = [_send(srv, "/v1/audio/transcriptions", body, content_type) for _ in range(2)]
+    try:
+        _wait_for(lambda: (_admin_row(srv)["in_flight"], _admin_row(srv)["queued"]) == (1, 1),
+                  120)
+        status, answer = srv.post("/v1/chat/completions",
+                                  json.dumps(_audio_chat(SPANISH.read_bytes())).encode())
+        assert status == 429 and answer["error"]["code"] == "queue_full", answer
+        assert RESIDENT_NAME in answer["error"]["message"]
+        status, answer = srv.post("/api/chat", json.dumps({
             "model": "auto", "stream": False, "messages": [{
                 "role": "user", "content": "",
                 "images": [base64.b64encode(SPANISH.read_bytes()).decode()]}]}).encode())
-        assert status == 429, body
-        answers = [future.result() for future in running]
-    assert sorted(a.status_code for a in answers) == [504, 504]
+        assert status == 429, answer
+    finally:
+        for sock in held:  # the two clients leave: their work stops
+            sock.close()
+    _wait_for(lambda: (_admin_row(srv)["in_flight"], _admin_row(srv)["queued"]) == (0, 0), 60)
     # Its turn come, the same chat is transcribed and answered.
-    status, body = srv.post("/v1/chat/completions",
-                            json.dumps(_audio_chat(SPANISH.read_bytes())).encode())
-    assert status == 200, body
-    assert "triste" in body["sarai"]["route"]["transcript"]["text"].lower()
+    status, answer = srv.post("/v1/chat/completions",
+                              json.dumps(_audio_chat(SPANISH.read_bytes())).encode())
+    assert status == 200, answer
+    assert "triste" in answer["sarai"]["route"]["transcript"]["text"].lower()
 
 
 @pytest.mark.models
@@ -267,11 +288,8 @@ def test_audio_in_a_chat_whose_client_leaves_stops_its_transcription(speech_serv
     body = json.dumps(_audio_chat(long_clip)).encode()
     line = "client went away; stopped its transcription"
     seen = srv.log().count(line)
-    with socket.create_connection(("127.0.0.1", urlsplit(srv.url).port)) as sock:
-        sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                      f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        _wait_for(lambda: _admin_row(srv)["in_flight"] == 1, 60)  # transcribing
+    with _send(srv, "/v1/chat/completions", body, "application/json"):
+        _wait_for(lambda: _admin_row(srv)["in_flight"] == 1, 120)  # transcribing
     left = time.monotonic()
     _wait_for(lambda: srv.log().count(line) > seen, 30)
     answered = time.monotonic() - left
