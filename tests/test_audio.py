@@ -503,9 +503,10 @@ def test_bench_audio_only_needs_audio(run, write_config):
 
 # -- transcriptions are bounded like any other request ------------------------------------
 
-#: The bounded server's timeout_seconds: longer than one 30 s window takes (a few seconds
-#: on 2 busy cores), far shorter than ``long_clip`` (~280 s of speech, 10 windows) takes.
-BOUND_SECONDS = 12
+#: The bounded server's timeout_seconds: longer than one short clip takes (a few seconds on
+#: 2 idle cores, 25 s measured under a load average of 12), far shorter than
+#: ``bounded_clip`` (~840 s of speech, 28 windows, on one thread) takes.
+BOUND_SECONDS = 40
 
 
 @pytest.fixture(scope="module")
@@ -513,12 +514,17 @@ def long_clip() -> bytes:
     return wav_bytes(np.concatenate([wav_samples(ENGLISH)] * 85))
 
 
+@pytest.fixture(scope="module")
+def bounded_clip() -> bytes:
+    return wav_bytes(np.concatenate([wav_samples(ENGLISH)] * 255))
+
+
 def _start_audio_server(folder: Path, models_dir: Path, whisper_toml: str):
     """A server with ``queue_size = 1`` and ``[plugins.whisper]`` set to ``whisper_toml``;
     its speech model loaded (by one transcription, timed: ``srv.one_window``)."""
     config = folder / "sarai.toml"
     config.write_text(base_toml(models_dir, fast="n_threads = 1", quality="n_threads = 1")
-                      + "\n[server]\nqueue_size = 1\n"
+                      + f"\n[server]\nqueue_size = 1\nmax_body_bytes = {64 * 1024 * 1024}\n"
                       + f"\n[plugins.whisper]\n{whisper_toml}\n", encoding="utf-8")
     served = start_serve(config, env={**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1"},
                          echo=False, log_path=folder / "server.log", timeout=60)
@@ -544,8 +550,8 @@ def bounded_audio_server(tmp_path_factory, models_dir, whisper_dir):
     """One transcription at a time and one waiting (queue_size = 1), each at most
     BOUND_SECONDS."""
     srv = _start_audio_server(tmp_path_factory.mktemp("bounded-audio"), models_dir,
-                              f"max_seconds = 300\ntimeout_seconds = {BOUND_SECONDS}\n"
-                              "ttl_seconds = 3600")
+                              f"max_seconds = 900\ntimeout_seconds = {BOUND_SECONDS}\n"
+                              "ttl_seconds = 3600\nthreads = 1")
     yield srv
     _stop(srv)
 
@@ -567,9 +573,9 @@ def _transcribe(srv: Server, data: bytes, **fields: str) -> httpx.Response:
 
 @pytest.mark.models
 def test_a_transcription_that_runs_too_long_is_stopped_with_a_504(bounded_audio_server,
-                                                                  long_clip):
+                                                                  bounded_clip):
     started = time.monotonic()
-    answer = _transcribe(bounded_audio_server, long_clip)
+    answer = _transcribe(bounded_audio_server, bounded_clip)
     elapsed = time.monotonic() - started
     assert answer.status_code == 504, answer.text
     error = answer.json()["error"]
@@ -592,11 +598,11 @@ def test_a_transcription_that_runs_too_long_is_stopped_with_a_504(bounded_audio_
 
 
 @pytest.mark.models
-def test_transcriptions_past_the_queue_get_429(bounded_audio_server, long_clip):
+def test_transcriptions_past_the_queue_get_429(bounded_audio_server, bounded_clip):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda _: _transcribe(bounded_audio_server, long_clip),
+        answers = list(pool.map(lambda _: _transcribe(bounded_audio_server, bounded_clip),
                                 range(4)))
     statuses = sorted(a.status_code for a in answers)
     # One runs, one waits (queue_size = 1), two are refused at once; the admitted two end
