@@ -216,6 +216,15 @@ def test_ps_admin_metrics_and_events_show_the_speech_model_until_its_ttl(speech_
     print(f"speech model unloaded {waited:.1f} s after it was seen loaded "
           f"(ttl_seconds = {SPEECH_TTL}, reaper every 0.5 s)")
 
+    # The operator's load and unload (the /ui page's buttons, `models load/unload`).
+    status, body = srv.post("/admin/models/load", json.dumps({"model": RESIDENT_NAME}).encode())
+    assert status == 200 and body["loaded"], body
+    assert _admin_row(srv)["state"] == "loaded"
+    status, body = srv.post("/admin/models/unload",
+                            json.dumps({"model": RESIDENT_NAME}).encode())
+    assert status == 200 and body["unloaded"], body
+    assert _admin_row(srv)["state"] == "unloaded"
+
 
 @pytest.mark.models
 def test_whisper_is_not_a_chat_model(speech_server):

@@ -104,7 +104,9 @@ class Engine:
         """
         if self.pool.is_resident(name):
             return True
-        spec = self.config.models[name]
+        spec = self.config.models.get(name)
+        if spec is None:  # a resident a plugin added (the speech model) fetches its own
+            return True
         presence = self.hooks.backend(spec.backend).presence(spec)
         return ensure_present(spec, presence, source=self.config.source, report=self.report,
                               progressbar=self.progressbar)

@@ -220,6 +220,47 @@ class _Budget:
         return outcome["value"]
 
 
+class _Features:
+    """The model's feature extractor (log-mel spectrogram), computed 30 s of audio at a
+    time with the budget checked in between, once per clip: faster-whisper, which
+    computes the whole clip's features in one go (seconds for a long clip, that nothing
+    can interrupt), gets the ones already computed for the clip being transcribed.
+
+    Each 30 s piece is normalised on its own, as faster-whisper's batched pipeline does.
+    """
+
+    def __init__(self, extractor: Any):
+        self._extractor = extractor
+        #: (the clip's samples, their features) while the clip is transcribed
+        self.ready: tuple[Any, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._extractor, name)
+
+    def __call__(self, audio: Any, *args: Any, **kwargs: Any) -> Any:
+        ready = self.ready
+        if ready is not None and audio is ready[0] and not args \
+                and kwargs.get("chunk_length") is None:
+            return ready[1]
+        return self._extractor(audio, *args, **kwargs)
+
+    def of(self, samples: Any, check: Callable[[], None]) -> Any:
+        """``samples``' features, as the whole clip's would be shaped (one frame per hop,
+        plus one), kept for faster-whisper's call."""
+        import numpy as np
+
+        step = self._extractor.n_samples
+        parts = []
+        for start in range(0, len(samples), step):
+            check()
+            part = self._extractor(samples[start:start + step])
+            # Each piece ends with the frame the next one starts with.
+            parts.append(part if start + step >= len(samples) else part[..., :-1])
+        features = np.concatenate(parts, axis=-1)
+        self.ready = (samples, features)
+        return features
+
+
 class _Checked:
     """The CTranslate2 model with the transcription's budget checked before each call: one
     window's encoding, its language detection, or one decoding attempt of it (beam search,
@@ -266,6 +307,7 @@ class LoadedWhisper:
     unreported_load: float = 0.0
     #: The budget of the transcription that holds the model now (checked by ``_Checked``).
     budget: "_Budget | None" = None
+    features: "_Features" = attrs.field(init=False, default=None)
     _original_encode: Any = attrs.field(init=False, default=None)
 
     def transcribe(self, samples, source: str, language: str | None,
@@ -283,7 +325,7 @@ class LoadedWhisper:
                                  f"(e.g. {', '.join(model.supported_languages[:8])}, ...)",
                                  param="language")
             probability = None
-            features = model.feature_extractor(samples)
+            features = self.features.of(samples, budget.check)
             content = features.shape[-1] - 1
             first = pad_or_trim(features[:, :min(content, model.feature_extractor.nb_max_frames)])
             self.primed = (first, self._original_encode(first))
@@ -307,6 +349,7 @@ class LoadedWhisper:
                 text = " ".join(texts).strip()
             finally:
                 self.primed = None
+                self.features.ready = None
         finally:
             self.budget = None
         if not text:
@@ -335,6 +378,7 @@ class LoadedWhisper:
         self._original_encode = self.model.encode
         self.model.encode = self._encode_once
         self.model.model = _Checked(self.model.model, self)
+        self.features = self.model.feature_extractor = _Features(self.model.feature_extractor)
 
     def close(self) -> None:
         """Free the weights now (the pool unloads an idle speech model after its TTL)."""
@@ -487,6 +531,10 @@ def decode(data: bytes, source: str, max_seconds: float,
                          "without sound)")
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-    if not get_speech_timestamps(samples, VadOptions()):
-        raise AudioError(f"{source}: no speech in the clip ({total / SAMPLE_RATE:.1f} s)")
-    return samples
+    # Some speech anywhere will do: looked for 30 s at a time, up to the first found.
+    window = 30 * SAMPLE_RATE
+    for start in range(0, total, window):
+        check()
+        if get_speech_timestamps(samples[start:start + window], VadOptions()):
+            return samples
+    raise AudioError(f"{source}: no speech in the clip ({total / SAMPLE_RATE:.1f} s)")
