@@ -60,7 +60,7 @@ from sarai_router.config import default_models_dir
 from sarai_router.loading import load_config
 from sarai_router.default_plugins.llama_server import server_argv
 from sarai_router.default_plugins.llama_server_process import ServerProcess, free_port
-from sarai_router.llama_server_install import build_llama_server
+from sarai_router.default_plugins.llama_server_install import build_llama_server
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAR = str(Path(sys.executable).with_name("sarai-router"))

@@ -244,7 +244,7 @@ def _file_facts(spec, default_time: float) -> tuple[int, float]:
 def _gguf(spec):
     if spec.backend not in ("llama_cpp", "llama_server") or not spec.path:
         return None
-    from ..gguf_info import GGUFError, read_info
+    from ..default_plugins.gguf_info import GGUFError, read_info
 
     try:
         return read_info(spec.path)
