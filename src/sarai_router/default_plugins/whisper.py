@@ -167,8 +167,9 @@ class _Budget:
 
     :meth:`run` answers within the bound whatever the work is doing: the work runs on a
     thread of its own and is abandoned at the bound (or when the client leaves); it then
-    stops at its next check, between two pieces that cannot be interrupted (a chunk of
-    decoded audio, one window's encoding, one decoding attempt of a window).
+    stops at its next check, between two pieces that cannot be interrupted (a decoded
+    frame of audio, 30 s of speech detection or of features, one window's encoding, one
+    decoding attempt of a window).
     """
 
     #: How often the waiting side looks at the clock and the client.
