@@ -325,8 +325,7 @@ class SaraiServer:
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield meta.chunk({"content": event.text},
-                                     logprobs=event.logprobs if meta.logprobs else None)
+                    yield meta.content(event.text, event.logprobs)
                 elif isinstance(event, Done) and event.cancelled:
                     error = _shutting_down()
                     self.refused(error.status, error.code, error.message)
@@ -546,6 +545,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
     settings = engine.config.server
     server = Server(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
+        # uvloop when it is installed (a dependency on Linux and macOS): the relay's
+        # per-token work is mostly the event loop's (docs/BENCHMARKS.md).
+        loop="auto",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         http=guarded_h11_protocol(settings.header_timeout_seconds,
                                   settings.body_timeout_seconds),
