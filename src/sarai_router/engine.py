@@ -23,12 +23,13 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import attrs
 
 from . import runner
-from .backend import (Backend, Delta, GenerationParams, Usage, blocking_chat, model_deltas,
+from .backend import (Backend, GenerationParams, blocking_chat, model_deltas,
                       model_sampling)
 from .completion import Completion, Timings
 from .config import Config, ModelSpec
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
                      SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
+from .answer import Answer
 from .events import begin_request
 from .fetch import ensure_present
 from .plugins import PluginSet
@@ -285,14 +286,16 @@ class Engine:
     async def _attempt(self, request: ChatRequest, completion: Completion,
                        params: GenerationParams, queue_limit: int | None, *,
                        check_presence: bool) -> AsyncIterator[str]:
-        """One model's answer: its files, its slot, its deltas through :class:`_Answer`."""
+        """One model's answer: its files, its slot, its deltas through :class:`Answer`."""
         name = completion.decision.model
         if check_presence:
             try:
                 await runner.in_thread(lambda: self.ensure_present(name))
             except SaraiError as exc:
                 raise _LoadFailed(exc) from exc
-        answer = _Answer(self, completion)
+        spec = self.config.models[name]
+        answer = Answer(completion, hooks=self.hooks, sampling=self.sampling_for(name),
+                        guard=self.guard_for(spec), budget=self.budget_for(spec))
         params = answer.params(params)
         was_loaded = self.pool.is_loaded(name)
         async with AsyncExitStack() as stack:
@@ -310,7 +313,7 @@ class Engine:
             start = blocking_chat(resident.model, request, params)
             hand = runner.lent_thread(completion) if start is not None else None
             if hand is not None:  # Engine.stream: its caller's thread computes the tokens
-                await runner.OnCaller(start, answer.take, end=_Answer.END).run(hand)
+                await runner.OnCaller(start, answer.take, end=Answer.END).run(hand)
                 answer.end()
                 return
             deltas = model_deltas(resident.model, request, params, name=name)
@@ -318,7 +321,7 @@ class Engine:
             async with aclosing(deltas):
                 async for delta in deltas:
                     text = answer.take(delta)
-                    if text is _Answer.END:
+                    if text is Answer.END:
                         break
                     if text:
                         yield text
@@ -395,114 +398,6 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
-
-
-class _Answer:
-    """What one attempt's deltas do to ``completion``: text, timings, usage, logprobs and
-    tool calls, and the runaway guard that may stop it (the same for the sync and the
-    async paths)."""
-
-    #: returned by :meth:`take` when the stream must be closed now
-    END = object()
-    #: pieces a backend may still send after being told to stop, before it is closed
-    STOP_GRACE_PIECES = 8
-
-    def __init__(self, engine: "Engine", completion: Completion):
-        self.engine = engine
-        self.completion = completion
-        self.model = completion.decision.model
-        self.guard = engine.guard_for(engine.config.models[self.model])
-        self.budget = engine.budget_for(engine.config.models[self.model])
-        self.after_budget = 0
-        self.stop = threading.Event()
-        self.after_stop = 0
-        self.gen_started = 0.0
-        # An answer held to a shape (JSON, a tool call) is incomplete when cut early.
-        self.shaped = False
-
-    def params(self, params: GenerationParams) -> GenerationParams:
-        """``params`` with the model's sampling defaults, and the guard's stop request."""
-        self.shaped = bool(params.response_format is not None or params.tools)
-        params = params.with_defaults(self.engine.sampling_for(self.model))
-        checks: dict[str, Any] = {}
-        if self.guard is not None:
-            checks["stop_check"] = self.stop.is_set
-        if self.budget is not None:
-            checks["time_budget"] = self.budget
-        return attrs.evolve(params, **checks) if checks else params
-
-    def dropped(self) -> None:
-        self.completion.dropped = True
-        self.engine.hooks.emit("generation_dropped", self.model,
-                               request_id=self.completion.request_id)
-
-    def start(self, load_s: float) -> None:
-        self.engine.hooks.emit("generation_started", self.model,
-                               request_id=self.completion.request_id, load_s=load_s)
-        self.completion.timings = Timings(load_s=load_s)
-        self.gen_started = time.perf_counter()
-        if self.budget is not None:
-            self.budget.start()
-
-    def take(self, delta: Delta) -> Any:
-        """The text to yield for ``delta`` (None: nothing), or END."""
-        completion = self.completion
-        # Before the text is yielded: a consumer reads the new logprobs with it.
-        completion.logprobs.extend(delta.logprobs)
-        if delta.usage is not None:
-            completion.usage = delta.usage
-            completion.finish_reason = delta.finish_reason
-            completion.tool_calls = delta.tool_calls
-        if delta.placement is not None:
-            completion.placement = dict(delta.placement)
-        if self.budget is not None and delta.usage is None and self.budget.exceeded():
-            # Past the time bound: a backend that enforces it ends within a piece (its
-            # usage counted); one that goes on is closed a few pieces later.
-            self.after_budget += 1
-            if self.after_budget > self.STOP_GRACE_PIECES:
-                completion.usage = Usage(completion.usage.prompt_tokens,
-                                         len(completion.pieces))
-                return self.END
-        if not delta.text:
-            return None
-        if self.stop.is_set():
-            # Told to stop: what still comes is the tail of the loop. A backend that
-            # ignores stop_check is closed after a few pieces (usage: the pieces seen).
-            self.after_stop += 1
-            if self.after_stop > self.STOP_GRACE_PIECES:
-                completion.usage = Usage(completion.usage.prompt_tokens,
-                                         len(completion.pieces))
-                return self.END
-            return None
-        if completion.timings.first_token_s is None:
-            completion.timings.first_token_s = time.perf_counter() - self.gen_started
-        completion.pieces.append(delta.text)
-        if self.guard is not None and self.guard.feed(delta.text):
-            self.stop.set()
-        return delta.text
-
-    def end(self) -> None:
-        completion = self.completion
-        completion.timings.generation_s = time.perf_counter() - self.gen_started
-        completion.text = "".join(completion.pieces)
-        if self.budget is not None and self.budget.tripped:
-            # Cut before its end, as max_tokens would: "length" says so.
-            completion.stopped_by = "time_limit"
-            completion.finish_reason = "length"
-            log.warning("time limit stopped %s after %d tokens: %s", self.model,
-                        completion.usage.completion_tokens, self.budget.reason)
-            self.engine.hooks.emit("time_limit_stopped", self.model,
-                                   request_id=completion.request_id, reason=self.budget.reason)
-            return
-        if self.guard is not None and self.guard.tripped:
-            completion.stopped_by = "runaway_guard"
-            # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells
-            # the client not to parse it as complete, as when max_tokens cuts it.
-            completion.finish_reason = "length" if self.shaped else "stop"
-            log.info("runaway guard stopped %s after %d tokens: %s", self.model,
-                     completion.usage.completion_tokens, self.guard.reason)
-            self.engine.hooks.emit("runaway_stopped", self.model,
-                                   request_id=completion.request_id, reason=self.guard.reason)
 
 
 class _LoadFailed(Exception):
