@@ -338,10 +338,11 @@ def main() -> int:
             direct = run_direct(config_path, binary, args)
             router = run_router(config_path, args, folder / "serve.log")
             rounds.append({"direct": direct, "router": router})
-            if not args.json:
-                print(f"round {number}: direct {direct['aggregate_tok_s']} tok/s, TTFT p50 "
-                      f"{direct['ttft_p50_s']} s | router {router['aggregate_tok_s']} tok/s, "
-                      f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
+            # Each round as it ends, on stderr (--json too): a long run that is
+            # stopped early still shows what it measured.
+            print(f"round {number}: direct {direct['aggregate_tok_s']} tok/s, TTFT p50 "
+                  f"{direct['ttft_p50_s']} s | router {router['aggregate_tok_s']} tok/s, "
+                  f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
 
     def median(side: str, key: str) -> float:
         return round(statistics.median(r[side][key] for r in rounds), 3)

@@ -290,22 +290,22 @@ def main() -> int:
             for balance in order:
                 sides[balance] = run_side(write_config(folder, balance, args), args,
                                           folder / "serve.log")
-                if not args.json:
-                    s = sides[balance]
-                    print(f"round {number} {balance}: follow-up TTFT mean "
-                          f"{s['follow_up_ttft_mean_s']} s (stayed {s['follow_ups_stayed']}: "
-                          f"{s['follow_up_ttft_stayed_mean_s']} s, moved "
-                          f"{s['follow_ups_moved']}: {s['follow_up_ttft_moved_mean_s']} s), "
-                          f"first turn {s['first_turn_ttft_mean_s']} s, "
-                          f"{s['aggregate_tok_s']} tok/s, hit rate {s['prefix_hit_rate']}, "
-                          f"prompt tokens evaluated {s['prompt_tokens_evaluated']} in "
-                          f"{s['prompt_eval_s']} s, errors {s['errors']}", file=sys.stderr)
+                # Each round as it ends, on stderr (--json too): a long run that is
+                # stopped early still shows what it measured.
+                s = sides[balance]
+                print(f"round {number} {balance}: follow-up TTFT mean "
+                      f"{s['follow_up_ttft_mean_s']} s (stayed {s['follow_ups_stayed']}: "
+                      f"{s['follow_up_ttft_stayed_mean_s']} s, moved "
+                      f"{s['follow_ups_moved']}: {s['follow_up_ttft_moved_mean_s']} s), "
+                      f"first turn {s['first_turn_ttft_mean_s']} s, "
+                      f"{s['aggregate_tok_s']} tok/s, hit rate {s['prefix_hit_rate']}, "
+                      f"prompt tokens evaluated {s['prompt_tokens_evaluated']} in "
+                      f"{s['prompt_eval_s']} s, errors {s['errors']}", file=sys.stderr)
             sides["follow_up_ttft_ratio"] = round(
                 sides["prefix"]["follow_up_ttft_mean_s"]
                 / sides["least_busy"]["follow_up_ttft_mean_s"], 3)
-            if not args.json:
-                print(f"round {number}: prefix / least_busy follow-up TTFT mean "
-                      f"{sides['follow_up_ttft_ratio']}", file=sys.stderr)
+            print(f"round {number}: prefix / least_busy follow-up TTFT mean "
+                  f"{sides['follow_up_ttft_ratio']}", file=sys.stderr)
             rounds.append(sides)
 
     keys = ("follow_up_ttft_mean_s", "follow_up_ttft_p50_s", "first_turn_ttft_mean_s",
