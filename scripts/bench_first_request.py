@@ -27,7 +27,7 @@ from sarai_router.backend import GenerationParams
 from sarai_router.default_plugins.batching import plan
 from sarai_router.loading import load_config
 from sarai_router.engine import Engine
-from sarai_router.llama_server_install import build_llama_server
+from sarai_router.default_plugins.llama_server_install import build_llama_server
 from sarai_router.types import ChatRequest
 
 PROMPT = "Say hello to a new user in one sentence."

@@ -178,7 +178,7 @@ def main() -> int:
         if not (args.models_dir / name).is_file():
             parser.error(f"model file not found: {name} (run `sarai-router models pull`)")
     if args.backend == "llama_server":
-        from sarai_router.llama_server_install import build_llama_server
+        from sarai_router.default_plugins.llama_server_install import build_llama_server
 
         os.environ["SARAI_ROUTER_LLAMA_SERVER"] = str(
             build_llama_server(report=lambda m: print(m, file=sys.stderr)))

@@ -60,7 +60,7 @@ from sarai_router.config import default_models_dir
 from sarai_router.loading import load_config
 from sarai_router.default_plugins.llama_server import server_argv
 from sarai_router.default_plugins.llama_server_process import ServerProcess, free_port
-from sarai_router.llama_server_install import build_llama_server
+from sarai_router.default_plugins.llama_server_install import build_llama_server
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAR = str(Path(sys.executable).with_name("sarai-router"))
@@ -166,16 +166,33 @@ def write_config(folder: Path, args: argparse.Namespace) -> Path:
              "n_threads": args.threads, "pinned": True}
     if not args.allow_eos:
         model["server_args"] = ["--ignore-eos"]
+    return write_fast_config(folder / "sarai.toml", model, args.requests)
+
+
+def write_fast_config(path: Path, model: dict, requests: int) -> Path:
+    """A config whose only model, ``fast``, is ``model``, with room in the queue for
+    ``requests``."""
     config = {
         "routing": {"default_model": "fast"},
         "cache": {"max_loaded": 1, "ttl_seconds": 3600},
         "plugins": {"heuristic": {"conversation_model": "fast", "multimodal_model": "fast"}},
-        "server": {"queue_size": max(8, args.requests)},
+        "server": {"queue_size": max(8, requests)},
         "models": {"fast": model},
     }
-    path = folder / "sarai.toml"
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
     return path
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The load's and llama-server's options, shared with scripts/bench_relay.py."""
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n-ctx", type=int, default=512, help="context per slot")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--model", type=Path, default=default_models_dir() / FAST_FILE)
 
 
 def default_serve_spec():
@@ -294,14 +311,7 @@ def sweep_slots(binary: str, args: argparse.Namespace, choices: list[int]) -> in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--parallel", type=int, default=16, help="llama-server slots")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--n-ctx", type=int, default=512, help="context per slot")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model", type=Path, default=default_models_dir() / FAST_FILE)
+    add_load_arguments(parser, rounds=2)
     parser.add_argument("--allow-eos", action="store_true",
                         help="let answers end early (the two sides may then do unequal work)")
     parser.add_argument("--default-config", action="store_true",

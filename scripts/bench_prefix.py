@@ -47,7 +47,7 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from sarai_router.config import default_models_dir
-from sarai_router.llama_server_install import build_llama_server
+from sarai_router.default_plugins.llama_server_install import build_llama_server
 from sarai_router.testing import start_serve
 
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

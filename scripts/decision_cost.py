@@ -21,12 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from sarai_router.bench import (  # noqa: E402
-    BUILTIN_QUERIES,
-    LONG_INPUT_CHARS,
-    measure_decisions,
-    percentile,
-)
+from sarai_router.bench import BUILTIN_QUERIES, measure_decisions, percentile  # noqa: E402
+from sarai_router.bench.settings import LONG_INPUT_CHARS  # noqa: E402
 from sarai_router.loading import load_config  # noqa: E402
 from sarai_router.router import Router  # noqa: E402
 from sarai_router.types import ChatRequest  # noqa: E402
@@ -75,7 +71,7 @@ def main() -> None:
                       "cpu_p99_us_each_round": [r["cpu_p99_us"] for r in rounds]}
     bench = measure_decisions(config, args.seconds)
     out["bench.measure_decisions"] = {k: {"p50_us": v["p50_us"], "p99_us": v["p99_us"]}
-                                      for k, v in bench.items() if k != "plugins"}
+                                      for k, v in bench.items() if isinstance(v, dict)}
     out["load_average_end"] = os.getloadavg()
     print(json.dumps(out, indent=1))
 

@@ -14,8 +14,12 @@ driven through the engine in two ways:
 The figure is this process's CPU time (user + system) over the tokens: everything the
 router does per token (the thread handing a piece over, the engine's accounting, the
 runaway guard, the hand-over to the consumer), since the model itself costs next to
-nothing. Run it with ``PYTHONPATH`` pointing at another checkout's ``src`` to compare two
-versions on the same machine in the same minutes; the median over rounds is printed.
+nothing. The sync way is also split: the same requests with one token each give what a
+request costs apart from its tokens (``sync, per request``), and the difference what
+each further token costs (``sync, per further token``). Its letters never repeat in a
+period, so the runaway guard (on, for its cost) lets every token through. Run it with
+``PYTHONPATH`` pointing at another checkout's ``src`` to compare two versions on the
+same machine in the same minutes; the median over rounds is printed.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ PLUGIN = textwrap.dedent('''
     class PathModel:
         def chat(self, messages, params, *, images=(), audio=None):
             count = params.max_tokens or 1
-            for index in range(count):
-                yield Delta(text=chr(97 + index % 26))
+            state = 12345
+            for _ in range(count):
+                # Letters with no period the runaway guard would stop: every token counts.
+                state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+                yield Delta(text=chr(97 + (state >> 16) % 26))
             yield Delta(text="", finish_reason="length", usage=Usage(1, count))
 
         def close(self):
@@ -81,8 +88,11 @@ def cpu() -> float:
 
 
 def build_engine(folder: Path, tokens: int):
-    from sarai_router.loading import load_config
     from sarai_router.engine import Engine
+    try:
+        from sarai_router.loading import load_config
+    except ImportError:  # an older checkout, to compare with
+        from sarai_router.config import load_config
 
     plugins = folder / "plugins"
     plugins.mkdir()
@@ -167,10 +177,16 @@ def main() -> None:
         engine = build_engine(Path(folder), args.tokens)
         try:
             sync_round(engine, 2, args.tokens)  # warm up: imports, the load
-            figures: dict[str, list[float]] = {"sync": [], "server": []}
+            figures: dict[str, list[float]] = {"sync": [], "server": [], "sync_token": [],
+                                               "sync_request": []}
             for _ in range(args.rounds):
                 spent, produced = sync_round(engine, args.requests, args.tokens)
                 figures["sync"].append(1e6 * spent / produced)
+                # The same requests with one token each: what a request costs apart from
+                # its tokens, and so what each further token costs.
+                alone, few = sync_round(engine, args.requests, 1)
+                figures["sync_request"].append(1e6 * alone / args.requests)
+                figures["sync_token"].append(1e6 * (spent - alone) / (produced - few))
                 spent, produced = server_round(engine, args.requests, args.tokens,
                                                args.concurrency)
                 figures["server"].append(1e6 * spent / produced)
@@ -187,8 +203,12 @@ def main() -> None:
         json.dump(result, sys.stdout)
         print()
         return
+    labels = {"sync": "sync, per token", "server": "server, per token",
+              "sync_token": "sync, per further token", "sync_request": "sync, per request"}
     for way, value in result["cpu_us_per_token"].items():
-        print(f"{way:>6}: {value:8.2f} µs of CPU per token (median of {args.rounds} rounds)")
+        unit = "request" if way == "sync_request" else "token"
+        print(f"{labels[way]:>24}: {value:8.2f} µs of CPU per {unit} "
+              f"(median of {args.rounds} rounds)")
 
 
 if __name__ == "__main__":

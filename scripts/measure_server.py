@@ -37,7 +37,7 @@ from sarai_router.backend import GenerationParams
 from sarai_router.config import builtin_config_text
 from sarai_router.loading import load_config
 from sarai_router.engine import Completion, Engine
-from sarai_router.pool import process_rss_mb
+from sarai_router.memory import process_rss_mb
 from sarai_router.types import ChatRequest
 
 PROMPT = "Hola, ¿cómo estás?"

@@ -25,6 +25,9 @@ Behaviours (``BEHAVIOURS``):
 - ``midecho``: 200, one token, then an SSE error event whose message has the key
   straddling character 1000.
 - ``fine``: a correct, short stream (``Hola`` + finish reason + [DONE]).
+- ``hangup``: every other request (the 1st, 3rd, ...) is read and its connection closed
+  without a byte of answer, as llama-server closes a kept-alive connection unannounced;
+  the others get ``fine``'s stream.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import time
 
 TRICKLE_SECONDS = 0.3
 BEHAVIOURS = ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut", "trickle",
-              "keepalive", "silent", "echo300", "echo1000", "midecho", "fine")
+              "keepalive", "silent", "echo300", "echo1000", "midecho", "fine", "hangup")
 
 
 def _chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
@@ -116,6 +119,10 @@ class BadUpstream:
             behaviour = path.strip("/").split("/")[0]
             with self._lock:
                 self.requests[behaviour] = self.requests.get(behaviour, 0) + 1
+                if behaviour == "hangup":
+                    if self.requests[behaviour] % 2:
+                        return  # closed unanswered
+                    behaviour = "fine"
             key = headers.get("authorization", "").removeprefix("Bearer ").strip()
             try:
                 self._answer(conn, behaviour, key)

@@ -1,6 +1,6 @@
 """``python -m llama_cpp.server`` with llama.cpp's weight repacking decided as sarai-router's
 own GGUF backends decide it: off on CPUs with Intel AMX, whose kernels crash the process at
-the first decode (see ``default_plugins.llama_cpp.repack_weights``). llama_cpp.server has
+the first decode (see ``default_plugins.gguf_backend.repack_weights``). llama_cpp.server has
 no option for it, so the default model parameters are wrapped before it starts.
 
 Run as ``python tests/llama_cpp_server_launcher.py [llama_cpp.server arguments]``.
@@ -13,7 +13,7 @@ import sys
 
 import llama_cpp
 
-from sarai_router.default_plugins.llama_cpp import repack_weights
+from sarai_router.default_plugins.gguf_backend import repack_weights
 
 _defaults = llama_cpp.llama_cpp.llama_model_default_params
 

@@ -2,9 +2,11 @@
 
 * no import cycle between the package's modules, counting imports under TYPE_CHECKING and
   inside functions (a loop there still ties the modules together);
-* the core (everything outside ``cli/``, ``serving/``, ``bench/`` and ``default_plugins/``)
-  never imports a front end or a default plugin, compares a backend's name, or catches
-  ``SystemExit``;
+* the core (everything outside ``cli/``, ``serving/``, ``bench/``, ``testing/`` and
+  ``default_plugins/``) never imports a front end or a default plugin, compares a backend's
+  name, or catches ``SystemExit``;
+* backend-only code (the GGUF reader, the llama-server installer, the whisper bundle...)
+  lives in ``default_plugins/``: the core neither defines it nor names its modules;
 * nothing outside ``cli/`` exits the process.
 """
 
@@ -176,7 +178,49 @@ def test_only_the_cli_exits_the_process():
 
 
 #: Backend-only code: it lives in ``default_plugins/``, beside the backend that needs it.
-BACKEND_ONLY_NAMES = ("gguf_problems", "whisper_vocabulary", "BUNDLES")
+BACKEND_ONLY_NAMES = ("gguf_problems", "whisper_vocabulary", "BUNDLES", "read_info",
+                      "estimate_ram", "find_llama_server", "build_llama_server",
+                      "repack_weights", "cpu_has_amx")
+#: Backend-only modules: the GGUF reader, the llama-server installer, the GGUF backends' base.
+BACKEND_ONLY_MODULES = ("gguf_info", "llama_server_install", "gguf_backend")
+
+
+def _names_a_backend_only_module(tree: ast.AST) -> list[str]:
+    """Where ``tree`` names a backend-only module: an import of it, or a string that is
+    its name or dotted path (``importlib.import_module("...gguf_info")``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            texts = [node.module or ""] + [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            texts = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts = [node.value] if " " not in node.value else []
+        else:
+            continue
+        found += [f"line {node.lineno}: {text}" for text in texts
+                  if set(text.split(".")) & set(BACKEND_ONLY_MODULES)]
+    return found
+
+
+def test_backend_only_modules_are_not_in_the_core_nor_named_by_it():
+    for module, file in modules().items():
+        if _layer(module) != "core":
+            continue
+        assert module.rpartition(".")[2] not in BACKEND_ONLY_MODULES, (
+            f"{module} is backend-only: it belongs in default_plugins/")
+        wrong = _names_a_backend_only_module(ast.parse(file.read_text(encoding="utf-8")))
+        assert not wrong, f"{module} (core) names a backend-only module: {wrong}"
+
+
+def test_the_backend_only_module_finder_finds_each_way_of_naming_one():
+    tree = ast.parse("from .gguf_info import read_info\n"
+                     "import sarai_router.default_plugins.llama_server_install\n"
+                     "importlib.import_module('sarai_router.default_plugins.gguf_backend')\n"
+                     "from .default_plugins import gguf_info\n"
+                     "text = 'gguf_info is a word in a sentence'\n")
+    assert sorted(hit.split(":")[0] for hit in _names_a_backend_only_module(tree)) == [
+        "line 1", "line 2", "line 3", "line 4"]
 
 
 def test_backend_only_code_is_not_in_the_core():

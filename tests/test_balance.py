@@ -24,7 +24,7 @@ from sarai_router.default_plugins.balance import BalanceSettings, PrefixIndex, p
 from sarai_router.default_plugins.openai import ReplicaSet
 from sarai_router.serving.metrics import Metrics
 from sarai_router.types import ChatRequest
-from sarai_router.llama_server_install import BINARY_ENV
+from sarai_router.default_plugins.llama_server_install import BINARY_ENV
 from test_llama_server import (config_text, engine_for,  # noqa: F401 - fixtures
                                llama_server_binary, loaded_model)
 

@@ -20,7 +20,8 @@ import pytest
 from conftest import BATCHING_ENV
 from sarai_router.default_plugins.batching import INSTALL_COMMAND, plan
 from sarai_router.errors import ConfigError
-from sarai_router.llama_server_install import BINARY_ENV, CACHE_ENV, build_llama_server
+from sarai_router.default_plugins.llama_server_install import (BINARY_ENV, CACHE_ENV,
+                                                                build_llama_server)
 from sarai_router.testing import start_serve
 
 SAR = str(Path(sys.executable).with_name("sarai-router"))

@@ -18,6 +18,11 @@ TINY = ["--iterations", "1", "--queries", "2", "--max-tokens", "16", "--decision
         "--no-progress"]
 
 
+#: The first test to use ``bench_run`` pays for the whole tiny bench (both models, the
+#: overhead arms, the decision cost): a few minutes when both cores are busy elsewhere.
+BENCH_RUN_TIMEOUT = 900
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory, models_dir):
     """One tiny bench through the CLI, shared by the tests of its output."""
@@ -32,6 +37,7 @@ def bench_run(tmp_path_factory, models_dir):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_bench_reports_every_model_with_positive_rates(bench_run):
     report, _, _ = bench_run
     assert set(report["models"]) == {"fast", "quality"}
@@ -55,6 +61,7 @@ def test_bench_reports_every_model_with_positive_rates(bench_run):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_speedup_matches_the_per_model_means(bench_run):
     report, _, _ = bench_run
     means = {n: m["mean_tokens_per_second"] for n, m in report["models"].items()}
@@ -65,6 +72,7 @@ def test_speedup_matches_the_per_model_means(bench_run):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_dual_strategy_shares_sum_to_one(bench_run):
     dual = bench_run[0]["dual"]
     assert dual["baseline_model"] == min(bench_run[0]["models"],
@@ -82,6 +90,7 @@ def test_dual_strategy_shares_sum_to_one(bench_run):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_overhead_and_decision_cost_are_present(bench_run):
     report = bench_run[0]
     overhead = report["overhead"]
@@ -154,6 +163,7 @@ def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_kpis_are_judged_against_the_documented_default_targets(bench_run):
     report = bench_run[0]
     models, kpis = report["models"], {k["kpi"]: k for k in report["kpis"]}
@@ -179,6 +189,7 @@ def test_kpis_are_judged_against_the_documented_default_targets(bench_run):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_machine_and_files(bench_run):
     report, md, png = bench_run
     assert report["memory"]["peak_rss_mb"] >= max(
@@ -193,6 +204,7 @@ def test_machine_and_files(bench_run):
 
 
 @pytest.mark.models
+@pytest.mark.timeout(BENCH_RUN_TIMEOUT)
 def test_markdown_report_shows_the_measured_figures(bench_run):
     report, md, _ = bench_run
     tables = markdown_tables(md.read_text())

@@ -160,7 +160,7 @@ def test_bench_report_figures_replace_the_estimate(tmp_path):
     models = json.loads(result.stdout)["cost"]["models"]
     assert models["fast"]["tokens_per_second"] == 12.5
     assert models["fast"]["source"] == "measured (bench report)"
-    assert models["quality"]["source"] == "estimate (GGUF header)"
+    assert models["quality"]["source"] == "estimate (model file)"
 
 
 @pytest.mark.models

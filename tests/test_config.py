@@ -231,7 +231,7 @@ def _gguf_string(text: str) -> bytes:
 ])
 def test_a_junk_gguf_header_is_a_gguf_error(tmp_path, name, data):
     """A valid magic and a junk header: a clear GGUFError, never OverflowError & co."""
-    from sarai_router.gguf_info import GGUFError, read_info
+    from sarai_router.default_plugins.gguf_info import GGUFError, read_info
 
     path = tmp_path / "junk.gguf"
     path.write_bytes(data + b"\0" * 64)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from sarai_router.default_plugins import gguf_backend
 from sarai_router.default_plugins import llama_cpp as llama_cpp_backend
-from sarai_router.default_plugins.llama_cpp import cpu_has_amx, repack_weights
+from sarai_router.default_plugins.gguf_backend import cpu_has_amx, repack_weights
 from sarai_router.default_plugins.llama_server import server_argv
 
 AMX_FLAGS = "flags\t\t: fpu vme avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n"
@@ -24,9 +25,9 @@ def test_amx_is_read_from_the_cpu_flags(tmp_path):
 
 def test_repack_follows_the_setting_and_defaults_to_off_only_with_amx(monkeypatch):
     assert repack_weights(True) is True and repack_weights(False) is False
-    monkeypatch.setattr(llama_cpp_backend, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(gguf_backend, "cpu_has_amx", lambda: True)
     assert repack_weights(None) is False
-    monkeypatch.setattr(llama_cpp_backend, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(gguf_backend, "cpu_has_amx", lambda: False)
     assert repack_weights(None) is True
 
 

@@ -18,7 +18,8 @@ from sarai_router.engine import Engine
 from sarai_router.hookspecs import hookimpl
 from sarai_router.serving.metrics import Metrics
 from sarai_router.plugins import build_plugins
-from sarai_router.pool import QueueFull, process_rss_mb
+from sarai_router.memory import process_rss_mb
+from sarai_router.pool import QueueFull
 from sarai_router.types import ChatRequest
 
 TINY = GenerationParams(max_tokens=2, temperature=0)

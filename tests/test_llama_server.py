@@ -35,8 +35,8 @@ from sarai_router.backend import GenerationParams
 from sarai_router.loading import load_config
 from sarai_router.engine import Engine
 from sarai_router.errors import BackendError, ConfigError, InstanceDead
-from sarai_router.llama_server_install import (BINARY_ENV, CACHE_ENV, LlamaServerNotFound,
-                                               build_llama_server, find_llama_server)
+from sarai_router.default_plugins.llama_server_install import (
+    BINARY_ENV, CACHE_ENV, LlamaServerNotFound, build_llama_server, find_llama_server)
 from sarai_router.testing import start_serve
 from sarai_router.types import ChatRequest
 

@@ -1,4 +1,4 @@
-"""Finding and building llama.cpp's llama-server (sarai_router.llama_server_install).
+"""Finding and building llama.cpp's llama-server (``default_plugins.llama_server_install``).
 
 Tests that need the binary use the real build: the session fixture calls
 ``build_llama_server()``, which builds it from the llama-cpp-python sdist on first use (a
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from sarai_router import llama_server_install as lsi
-from sarai_router.default_plugins.llama_cpp import repack_weights
-from sarai_router.llama_server_install import (
+from sarai_router.default_plugins import llama_server_install as lsi
+from sarai_router.default_plugins.gguf_backend import repack_weights
+from sarai_router.default_plugins.llama_server_install import (
     BuildToolMissing,
     LlamaServerBuildError,
     LlamaServerNotFound,
@@ -365,8 +365,9 @@ def test_cmake_and_ninja_come_from_the_index_when_the_system_has_none(monkeypatc
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sarai_router.llama_server_install", *args],
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "sarai_router.default_plugins.llama_server_install", *args],
+        capture_output=True, text=True, env=env)
 
 
 def _env(**changes: str) -> dict[str, str]:

@@ -1039,5 +1039,6 @@ def test_bench_concurrency_through_serve_and_direct(remote_config):
         assert data[target]["errors"] == 0 and data[target]["tokens"] >= 4
         assert data[target]["ttft_s"]["p50"] is not None
     assert data["router"]["router_cpu_ms_per_request"] is not None
+    assert data["router"]["router_cpu_ms_per_token"] > 0
     assert data["overhead"]["pairs"] == 2 and data["overhead"]["errors"] == 0
     assert UPSTREAM_KEY not in result.stdout

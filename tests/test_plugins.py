@@ -7,12 +7,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import attrs
 import pytest
 
 from sarai_router import Route, hookimpl
-from sarai_router.plugins import DEFAULT_PLUGINS, build_plugins
+from sarai_router.errors import AudioError
+from sarai_router.plugins import DEFAULT_PLUGINS, Hooks, build_plugins
 from sarai_router.router import FALLBACK_PLUGIN, Router, RoutingError
-from sarai_router.types import ChatRequest
+from sarai_router.types import AudioInput, ChatRequest, Transcript
 
 SAD = "Me siento muy triste hoy"
 NEUTRAL = "What is the capital of France?"
@@ -214,6 +216,99 @@ def test_plugin_that_raises_is_logged_and_skipped(config, caplog):
     [error] = router.hooks.errors
     assert "'raiser'" in error and "select_route" in error and "RuntimeError: boom" in error
     assert "raiser" in caplog.text and "boom" in caplog.text
+
+
+class QualityRouter:
+    @hookimpl
+    def select_route(self, request):
+        return Route("quality", "asked for quality")
+
+
+def test_a_raising_plugin_is_skipped_inside_the_pm_hook_call_and_the_next_answers(config):
+    """Registered last, the raiser is asked first; the plugin after it answers, in the same
+    ``pm.hook.select_route`` call (pluggy's own call monitoring sees exactly one call, whose
+    result names the plugin that answered)."""
+    plugins = build_plugins(config, extra=[("quality", QualityRouter()),
+                                           ("raiser", RaisingRouter())])
+    router = Router(config, plugins)
+    seen = []
+    undo = plugins.pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: seen.append((hook, [i.plugin_name for i in impls])),
+        lambda outcome, hook, impls, kwargs: seen.append((hook, outcome.get_result())))
+    try:
+        decision = route(router, NEUTRAL)
+    finally:
+        undo()
+    assert (decision.model, decision.plugin) == ("quality", "quality")
+    assert decision.reason == "asked for quality"
+    calls = [entry for entry in seen if entry[0] == "select_route"]
+    assert calls == [("select_route", ["heuristic", "quality", "raiser"]),
+                     ("select_route", ("quality", Route("quality", "asked for quality")))]
+    [error] = router.hooks.errors
+    assert "'raiser' raised in select_route: RuntimeError: boom" in error
+
+
+def test_pm_hook_called_directly_keeps_pluggys_behaviour(config):
+    """Only the facade's calls isolate plugins: a direct ``pm.hook`` call raises as
+    pluggy does, and the facade records nothing for it."""
+    plugins = build_plugins(config, extra=[("raiser", RaisingRouter())])
+    router = Router(config, plugins)
+    with pytest.raises(RuntimeError, match="boom"):
+        plugins.pm.hook.select_route(request=ChatRequest.from_prompt(SAD), signals={},
+                                     models=config.models, config=config, residency={})
+    assert not router.hooks.errors
+
+
+class DefaultsRouter:
+    """An implementation that gives an argument a default: pluggy hands it what the call has."""
+
+    @hookimpl
+    def select_route(self, request, signals=None, nonsense="kept"):
+        return Route("quality", f"chars={signals['chars']} nonsense={nonsense}")
+
+
+def test_an_argument_with_a_default_gets_the_calls_value(config):
+    router = Router(config, build_plugins(config, extra=[("defaults", DefaultsRouter())]))
+    decision = route(router, "hola")
+    assert (decision.plugin, decision.reason) == ("defaults", "chars=4 nonsense=kept")
+
+
+class Refuses:
+    @hookimpl
+    def transcribe(self, audio):
+        raise AudioError("not audio (refused by the test plugin)")
+
+
+class AnswersNonsense:
+    @hookimpl
+    def transcribe(self, audio):
+        return "a bare string, not a Transcript"
+
+
+class Hears:
+    @hookimpl
+    def transcribe(self, audio):
+        return Transcript(text="hola", language="es", duration=1.0)
+
+
+def test_transcribe_passes_a_refusal_on_and_skips_a_wrong_answer(config):
+    """Asked last-registered first: a SaraiError passes the word on (not a failure), a
+    wrong type is skipped as a failure, and the next plugin's transcript is the answer."""
+    # whisper is blocked: the test plugins alone are asked
+    config = attrs.evolve(config, plugins=attrs.evolve(config.plugins, disable=["whisper"]))
+    clip = AudioInput(data=b"RIFF")
+    plugins = build_plugins(config, extra=[("hears", Hears()), ("nonsense", AnswersNonsense()),
+                                           ("refuses", Refuses())])
+    hooks = Hooks(plugins, config)
+    answer = hooks.transcribe(audio=clip, request=None)
+    assert (answer.plugin, answer.value.text) == ("hears", "hola")
+    [error] = hooks.errors
+    assert "'nonsense' raised in transcribe" in error and "expected a sarai_router" in error
+    # Nobody transcribes: the first refusal is what the caller hears.
+    alone = Hooks(build_plugins(config, extra=[("refuses", Refuses())]), config)
+    with pytest.raises(AudioError, match="refused by the test plugin"):
+        alone.transcribe(audio=clip, request=None)
+    assert not alone.errors
 
 
 class UnknownModelRouter:

@@ -16,7 +16,7 @@ from sarai_router.backend import BUILTIN_SAMPLING, GenerationParams
 from sarai_router.config import ConfigError
 from sarai_router.loading import load_config
 from sarai_router.engine import Engine
-from sarai_router.gguf_info import read_info
+from sarai_router.default_plugins.gguf_info import read_info
 from sarai_router.runaway import RunawayGuard
 from sarai_router.serving.metrics import Metrics
 from sarai_router.types import ChatRequest

@@ -647,7 +647,7 @@ def test_serve_on_a_port_in_use_fails_before_loading_anything(tmp_path, models_d
 
 
 def test_serve_shares_the_cores_between_models_unless_told(make_config):
-    from sarai_router.default_plugins.llama_cpp import default_threads
+    from sarai_router.default_plugins.gguf_backend import default_threads
     from sarai_router.engine import share_cores
 
     config = make_config(cache="max_loaded = 2", fast="pinned = true\nn_threads = 3")

@@ -44,7 +44,8 @@ max_tokens = 8
 timeout_seconds = 5
 total_timeout_seconds = 2
 """ for name in ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut",
-                 "trickle", "keepalive", "silent", "echo300", "echo1000", "midecho", "fine"))
+                 "trickle", "keepalive", "silent", "echo300", "echo1000", "midecho", "fine",
+                 "hangup"))
     return f"""\
 [paths]
 models_dir = "{models_dir.as_posix()}"
@@ -98,6 +99,16 @@ def run_async(engine: Engine, model: str, max_tokens: int = 8) -> Completion:
 
 
 RUNNERS = {"sync": run_sync, "async": run_async}
+
+
+@pytest.mark.parametrize("path", RUNNERS)
+def test_a_connection_closed_unanswered_is_sent_once_more(engine, upstream, path):
+    """An upstream that closes a connection without a byte of answer (llama-server does so
+    to a kept-alive one) never saw the request: it goes once more, and is answered."""
+    before = upstream.requests.get("hangup", 0)
+    completion = RUNNERS[path](engine, "hangup")
+    assert completion.text == "Hola" and completion.finish_reason == "stop"
+    assert upstream.requests["hangup"] - before == 2
 
 
 @pytest.mark.parametrize("path", RUNNERS)

@@ -13,30 +13,20 @@ from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Itera
 import attrs
 
 from .errors import BackendError, ContextLengthError
-from .types import AudioInput, ImageInput
+from .sampling import BUILTIN_SAMPLING, SAMPLING_KEYS, Sampling
+from .types import AudioInput, ChatRequest, ImageInput
 
 if TYPE_CHECKING:
     from .config import Config, ModelSpec
 
 __all__ = ["AsyncLoadedModel", "Backend", "BackendError", "BUILTIN_SAMPLING", "Capabilities",
            "ContextLengthError", "Delta", "GenerationParams", "LoadedModel", "Presence",
-           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "model_sampling"]
-
-#: The sampling settings a model may set in ``[models.NAME]`` and a request may override.
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                 "presence_penalty", "frequency_penalty")
-
-#: What an in-process backend uses for a setting that neither the request, the config nor
-#: the model file gives (llama-cpp-python's own defaults, except temperature, which it puts
-#: at 0.2). A remote backend sends only what is set and leaves the rest to its server.
-BUILTIN_SAMPLING: Mapping[str, float] = {
-    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0,
-}
+           "SAMPLING_KEYS", "TokenLogprob", "ToolCall", "Usage", "blocking_chat", "model_deltas",
+           "model_sampling"]
 
 
 @attrs.frozen
-class GenerationParams:
+class GenerationParams(Sampling):
     """What one request asks of a generation.
 
     A sampling setting left ``None`` takes the model's default: ``Engine.stream`` fills in
@@ -51,15 +41,8 @@ class GenerationParams:
     """
 
     max_tokens: int | None = None  # None: the model's configured max_tokens
-    temperature: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     #: OpenAI function tools: ``{"type": "function", "function": {"name", "description",
     #: "parameters"}}``; empty when the request offers none (or ``tool_choice`` is "none")
     tools: tuple[Mapping[str, Any], ...] = ()
@@ -193,6 +176,31 @@ class AsyncLoadedModel(Protocol):
 
     def close(self) -> None:
         """Release the model's memory (or stop its process)."""
+
+
+def blocking_chat(model: Any, request: ChatRequest,
+                  params: GenerationParams) -> Callable[[], Iterator[Delta]] | None:
+    """What starts a loaded model's blocking ``chat`` (llama.cpp, a plugin's model); None
+    when it has ``achat`` (a remote endpoint: no thread). The one place a sync backend
+    meets the async path: its deltas come through :func:`model_deltas`, or for a sync
+    caller through :class:`runner.OnCaller`."""
+    if hasattr(model, "achat"):
+        return None
+    return lambda: model.chat(request.messages, params, images=request.images,
+                              audio=request.audio)
+
+
+def model_deltas(model: Any, request: ChatRequest, params: GenerationParams, *,
+                 name: str = "") -> AsyncIterator[Delta]:
+    """A loaded model's answer as an async iterator of Deltas: its ``achat`` when it has
+    one, else its blocking ``chat`` on a thread of its own."""
+    from . import runner  # asyncio: not for `route`, which imports this module too
+
+    start = blocking_chat(model, request, params)
+    if start is None:
+        return model.achat(request.messages, params, images=request.images,
+                           audio=request.audio)
+    return runner.iterate_in_thread(start, name=f"sarai-gen-{name}")
 
 
 class Backend:

@@ -20,6 +20,7 @@ import cattrs
 # ConfigError too: callers catch it from here, where the config is.
 from .errors import ConfigError, not_configured  # noqa: F401
 from .load_queue import QUEUE_ORDERS
+from .sampling import SAMPLING_KEYS, Sampling, sampling_problems
 
 CONFIG_ENV = "SARAI_ROUTER_CONFIG"
 MODELS_DIR_ENV = "SARAI_ROUTER_MODELS_DIR"
@@ -145,8 +146,9 @@ class PathsConfig:
 
 
 @attrs.frozen
-class ModelSpec:
-    """One ``[models.NAME]`` table: the keys every backend shares, and ``settings``.
+class ModelSpec(Sampling):
+    """One ``[models.NAME]`` table: the keys every backend shares (the sampling defaults
+    among them, from :class:`~sarai_router.sampling.Sampling`), and ``settings``.
 
     ``settings`` holds the backend's own keys (``n_batch`` for ``llama_cpp``, ``base_url``
     for ``openai``...), structured by the settings class the backend declares; they read
@@ -166,15 +168,6 @@ class ModelSpec:
     #: models tried in order when this one fails before its first token (load failure,
     #: refused connection, 5xx, timeout)
     fallbacks: tuple[str, ...] = ()
-    # Sampling defaults for this model (None: the model file's recommendation, else the
-    # built-in one); a request's own values override them. See backend.SAMPLING_KEYS.
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     #: None: ``[generation] runaway_guard``
     runaway_guard: bool | None = None
     #: None: ``[generation] max_request_seconds`` / ``max_token_sampling_seconds``
@@ -452,24 +445,6 @@ def fallback_cycles(models: Mapping[str, ModelSpec]) -> list[list[str]]:
     return cycles
 
 
-#: The range of each sampling setting (the OpenAI API's where it has one).
-SAMPLING_RANGES: Mapping[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0), "top_k": (0, 1_000_000), "top_p": (0.0, 1.0),
-    "min_p": (0.0, 1.0), "repeat_penalty": (0.0, 10.0), "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-}
-
-
-def sampling_problems(values: Any) -> list[str]:
-    """``key: must be ...`` for each sampling setting of ``values`` out of its range."""
-    problems = []
-    for key, (low, high) in SAMPLING_RANGES.items():
-        value = getattr(values, key, None)
-        if value is not None and not low <= value <= high:
-            problems.append(f"{key}: must be between {low:g} and {high:g}, got {value}")
-    return problems
-
-
 def _non_finite_numbers(config: Config) -> list[str]:
     """TOML allows nan and inf; no setting here means anything with them."""
     problems = []
@@ -499,6 +474,10 @@ def to_dict(config: Config) -> dict[str, Any]:
     for name, spec in data["models"].items():
         spec.pop("name", None)
         spec.pop("backend_explicit", None)
+        # The sampling keys (a base class's, so first) after the table's own.
+        for key in SAMPLING_KEYS:
+            if key in spec:
+                spec[key] = spec.pop(key)
         keys = spec.pop("backend_keys", {})
         # Unbound (no plugin claims its backend here): the keys as written.
         spec.update(spec.pop("settings") or keys)

@@ -23,7 +23,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import attrs
 
 from . import runner
-from .backend import Backend, Delta, GenerationParams, Usage, model_sampling
+from .backend import (Backend, Delta, GenerationParams, Usage, blocking_chat, model_deltas,
+                      model_sampling)
 from .completion import Completion, Timings
 from .config import Config, ModelSpec
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
@@ -211,16 +212,16 @@ class Engine:
         started = time.perf_counter()
         attempt = _Attempts(self, request, decision)
         while True:
-            produced = False
             try:
                 async with aclosing(self._attempt(
                         request, completion, params, queue_limit,
                         check_presence=attempt.count > 0)) as pieces:
                     async for text in pieces:
-                        produced = True
                         yield text
             except Exception as exc:
-                if produced or not attempt.next(completion, exc):
+                # A piece went out (yielded here, or to a sync caller that computed the
+                # tokens itself): too late for another model.
+                if completion.pieces or not attempt.next(completion, exc):
                     raise _unwrap(exc) from None
                 continue
             completion.timings.total_s = time.perf_counter() - started
@@ -232,19 +233,25 @@ class Engine:
         completion: Completion | None = None, *, queue_limit: int | None = None,
     ) -> Iterator[str]:
         """:meth:`astream` for a caller without an event loop (the CLI, bench, eval): the
-        generation runs on the shared loop (:mod:`runner`) and its pieces come here. Closing
-        this iterator (or Ctrl-C while it waits) stops the generation and returns once it
-        has ended. A request cancelled while queued ends with no piece and
-        ``completion.dropped`` set."""
+        generation runs on the shared loop (:mod:`runner`) and its pieces come here; a
+        blocking model's tokens are computed on this thread itself. Closing this iterator
+        (or Ctrl-C) stops the generation and returns once it has ended. A request
+        cancelled while queued ends with no piece and ``completion.dropped`` set."""
         from .streaming import Done, Failed, Generation
 
         events: queue.SimpleQueue = queue.SimpleQueue()
         generation = Generation(self, request, decision, params, events.put,
                                 queue_limit=queue_limit, completion=completion)
-        generation.start(runner.loop())
+        # This thread waits anyway: a blocking model's tokens are computed here
+        # (runner.OnCaller), not handed over one by one from a thread of their own.
+        with runner.lending(generation.completion, events.put):
+            generation.start(runner.loop())
         try:
             while True:
                 event = events.get()
+                if isinstance(event, runner.OnCaller):
+                    yield from event.items()
+                    continue
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Done):
@@ -279,6 +286,12 @@ class Engine:
             except (BackendError, PoolError) as exc:
                 raise _LoadFailed(exc) from exc
             answer.start(0.0 if was_loaded else resident.load_seconds)
+            start = blocking_chat(resident.model, request, params)
+            hand = runner.lent_thread(completion) if start is not None else None
+            if hand is not None:  # Engine.stream: its caller's thread computes the tokens
+                await runner.OnCaller(start, answer.take, end=_Answer.END).run(hand)
+                answer.end()
+                return
             deltas = model_deltas(resident.model, request, params, name=name)
             # Closed on the way out, so a stopped generation ends before the slot is free.
             async with aclosing(deltas):
@@ -390,11 +403,12 @@ class _Answer:
         """``params`` with the model's sampling defaults, and the guard's stop request."""
         self.shaped = bool(params.response_format is not None or params.tools)
         params = params.with_defaults(self.engine.sampling_for(self.model))
+        checks: dict[str, Any] = {}
         if self.guard is not None:
-            params = attrs.evolve(params, stop_check=self.stop.is_set)
+            checks["stop_check"] = self.stop.is_set
         if self.budget is not None:
-            params = attrs.evolve(params, time_budget=self.budget)
-        return params
+            checks["time_budget"] = self.budget
+        return attrs.evolve(params, **checks) if checks else params
 
     def dropped(self) -> None:
         self.completion.dropped = True
@@ -553,20 +567,6 @@ class _Attempts:
         self.engine.hooks.emit("fallback", following, request_id=completion.request_id,
                                from_model=step.from_model, to_model=following, reason=reason)
         return True
-
-
-def model_deltas(model: Any, request: ChatRequest, params: GenerationParams, *,
-                 name: str = "") -> AsyncIterator[Delta]:
-    """A loaded model's answer as an async iterator of Deltas: its ``achat`` when it has
-    one (a remote endpoint: no thread), else its blocking ``chat`` (llama.cpp, a plugin's
-    model) on a thread of its own. The one place a sync backend meets the async path."""
-    if hasattr(model, "achat"):
-        return model.achat(request.messages, params, images=request.images,
-                           audio=request.audio)
-    return runner.iterate_in_thread(
-        lambda: model.chat(request.messages, params, images=request.images,
-                           audio=request.audio),
-        name=f"sarai-gen-{name}")
 
 
 def share_cores(config: Config) -> Config:

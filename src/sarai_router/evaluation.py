@@ -18,14 +18,15 @@ simulated pool (:class:`SimulatedPool`): routing sees which models that pool hol
 server's routing sees its own, and a conversation's turns see the models that answered its
 earlier turns. With the heuristic's ``borderline_margin`` and ``sticky_turns`` off (the
 default) routing reads neither, and the figures are what ``sarai-router route`` decides.
-Nothing here loads a model: the cost estimate reads only GGUF headers (see
-:func:`model_costs`).
+Nothing here loads a model: the cost estimate reads only the model files' sizes and what
+their backends estimate from them, e.g. a GGUF header (see :func:`model_costs`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter, defaultdict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -95,15 +96,16 @@ def evaluate(router, cases: Sequence[Case], *, config: Config | None = None,
         if case.expect not in config.models:
             raise CaseError(f"{case.source}:{case.line}: \"expect\": unknown model "
                             f"{case.expect!r} (configured: {', '.join(models)})")
+    hooks = Hooks(router.plugins, config)
     if costs is None:
-        costs = model_costs(config)
+        costs = model_costs(config, hooks=hooks)
     from .router import RoutingError
 
     confusion: dict[str, Counter] = defaultdict(Counter)
     groups: dict[str, dict[str, list[int]]] = {"by_kind": defaultdict(lambda: [0, 0]),
                                                 "by_lang": defaultdict(lambda: [0, 0])}
     misses, chosen_models = [], []
-    pool = SimulatedPool(config, costs, reply_tokens, Hooks(router.plugins, config))
+    pool = SimulatedPool(config, costs, reply_tokens, hooks)
     conversations: dict[str, list[str]] = defaultdict(list)
     heard = _Listener(config)
     try:
@@ -212,30 +214,30 @@ class ModelCost:
     tokens_per_second: float
     load_s: float
     ram_mb: float
-    source: str  # "estimate (GGUF header)" or "measured (bench report)"
+    source: str  # "estimate (model file)" or "measured (bench report)"
 
 
-def model_costs(config: Config, bench_report: Mapping[str, Any] | None = None
-                ) -> dict[str, ModelCost]:
+def model_costs(config: Config, bench_report: Mapping[str, Any] | None = None, *,
+                hooks: Hooks | None = None) -> dict[str, ModelCost]:
     """Per-model cost figures: measured from a ``sarai-router bench --json`` report where it
-    has the model, else estimated from the GGUF header (weights and ``estimate_ram``).
+    has the model, else estimated: RAM as the model's backend estimates it (a GGUF
+    backend reads the file's header), decode rate and load time from the size of the
+    model file (its weights, give or take a header of a few MB).
 
-    A model whose file can't be read and that the report lacks is left out.
+    A model whose backend can't estimate its RAM (a remote one, a file that can't be read)
+    and that the report lacks is left out.
     """
-    from .gguf_info import GGUFError, estimate_ram, read_info
-
+    hooks = hooks or Hooks(config.plugin_set or build_plugins(config), config)
     measured = (bench_report or {}).get("models") or {}
     out = {}
     for name, spec in config.models.items():
-        try:
-            info = read_info(spec.path)
-            ram = estimate_ram(info, spec.n_ctx, spec.n_batch)
-            weights_gb = info.tensor_bytes / 1e9
+        estimate = None
+        ram_mb = hooks.backend(spec.backend).estimate_ram_mb(spec)
+        if ram_mb > 0 and spec.path and os.path.isfile(spec.path):
+            weights_gb = os.path.getsize(spec.path) / 1e9
             estimate = ModelCost(tokens_per_second=EST_BANDWIDTH_GBPS / max(weights_gb, 1e-3),
-                                 load_s=weights_gb / EST_LOAD_GBPS, ram_mb=ram.total_mb,
-                                 source="estimate (GGUF header)")
-        except (GGUFError, OSError):
-            estimate = None
+                                 load_s=weights_gb / EST_LOAD_GBPS, ram_mb=ram_mb,
+                                 source="estimate (model file)")
         row = measured.get(name)
         if row and row.get("mean_tokens_per_second"):
             memory = row.get("memory") or {}

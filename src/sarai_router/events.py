@@ -23,6 +23,12 @@ __all__ = ["EVENT_KINDS", "Event", "REQUEST_ID", "SOURCE", "begin_request", "new
            "request_scope"]
 
 
+def _read_only(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` as a read-only mapping: a copy, unless it is one already (``Hooks.emit``
+    hands over a dict of its own, wrapped, so each event costs no copy)."""
+    return data if type(data) is MappingProxyType else MappingProxyType(dict(data))
+
+
 @attrs.frozen
 class Event:
     """One thing that happened.
@@ -35,7 +41,7 @@ class Event:
     kind: str
     model: str | None
     time: float
-    data: Mapping[str, Any] = attrs.field(converter=lambda d: MappingProxyType(dict(d)))
+    data: Mapping[str, Any] = attrs.field(converter=_read_only)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as plain JSON-ready data."""

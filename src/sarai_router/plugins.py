@@ -5,8 +5,9 @@ Order of registration: the default plugins (all ``trylast``), then entry points 
 blocked by name with ``[plugins] disable``. ``SARAI_ROUTER_NO_PLUGINS=1`` skips entry
 points and plugin dirs; ``SARAI_ROUTER_TRACE_PLUGINS=1`` logs every hook call.
 
-A plugin that raises is logged and skipped: the next plugin's answer is used. That is why
-``Hooks`` calls implementations one by one instead of through ``pm.hook``.
+``Hooks`` calls every hook through ``pm.hook``. A plugin that raises is logged and skipped,
+and the next plugin's answer is used: the plugin manager (:class:`IsolatingPluginManager`)
+runs a facade's call with a loop of its own that does this and notes which plugin answered.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import operator
 import os
 import sys
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 import attrs
 import pluggy
 
 from . import hookspecs
 from .errors import BackendError, PluginError, SaraiError
+from .entry_points import entry_points, load_entry_point
 from .events import REQUEST_ID, Event
 from .hookspecs import PROJECT_NAME
 
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 
     from .backend import BackendFactory
     from .config import CacheConfig, Config, ModelSpec
-    from .types import AudioInput, ChatRequest, Residency, ResidentInfo, RouteDecision
+    from .types import (AudioInput, ChatRequest, Residency, ResidentInfo, Route, RouteDecision,
+                        Transcript)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,112 @@ LAZY_BACKENDS = {
 #: defaults. Empty unless the testing kit (``sarai_router.testing``) puts its ``echo``
 #: backend here, in a test process or a server it starts for a test.
 PROCESS_PLUGINS: dict[str, object] = {}
+
+
+#: The keyword through which a facade's call reaches the plugin manager (see
+#: :class:`IsolatingPluginManager`); no implementation names it, so none receives it.
+CALL_KWARG = "_sarai_call"
+
+
+class _Call:
+    """How the facade wants a hook called: where failures go, which answers are unusable,
+    which exceptions only pass the word on. Calls that need nothing of their own share
+    their ``Hooks``'s one (``Hooks._plain``): the hot paths make none."""
+
+    #: ``check(answer)``: why an answer is unusable (None when it is fine); an unusable
+    #: answer is skipped like a failure, and the next plugin is asked
+    check: Callable[[Any], str | None] | None = None
+    #: exceptions that pass the word to the next plugin instead of counting as a failure;
+    #: the first is kept in ``refusal``
+    passes: type[Exception] | None = None
+    refusal: Exception | None = None
+    plugin = ""  # the plugin being called, for a collecting hook's ``register``
+
+    def __init__(self, hooks: "Hooks"):
+        self.hooks = hooks
+
+
+_GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, object]], tuple[Any, ...]]] = {}
+
+
+def _arguments(names: tuple[str, ...]) -> Callable[[Mapping[str, object]], tuple[Any, ...]]:
+    """What takes an implementation's arguments (two or more) out of a call's keywords:
+    ``operator.itemgetter``, one per argument list, made once (a comprehension per call
+    costs a hook call about a fifth of a microsecond)."""
+    getter = _GETTERS.get(names)
+    if getter is None:
+        getter = _GETTERS[names] = operator.itemgetter(*names)
+    return getter
+
+
+class IsolatingPluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager, except that a call that comes from the facade (it carries
+    ``CALL_KWARG``) runs each implementation on its own: one that raises, or answers
+    something the call's ``check`` refuses, is reported to the facade and skipped, and the
+    next is asked, where pluggy would stop the whole call at the first exception. Such a
+    call answers ``(plugin, answer)`` pairs, so the facade knows who answered: one pair (or
+    None) for a ``firstresult`` hook, else a list of them.
+
+    The rest is pluggy's: the hook specs and their argument checks, the call order
+    (``tryfirst``/``trylast``, last registered first), ``firstresult``, subset callers, call
+    monitoring and tracing, and every call made on ``pm.hook`` directly. The loop sits where
+    pluggy keeps its own (``_inner_hookexec``, the step its monitoring wraps).
+    """
+
+    def __init__(self, project_name: str):
+        super().__init__(project_name)
+        self._pluggy_loop = self._inner_hookexec
+        self._inner_hookexec = self._isolating_loop
+
+    def _isolating_loop(self, hook_name: str, hook_impls: Sequence[pluggy.HookImpl],
+                        caller_kwargs: Mapping[str, object], firstresult: bool) -> Any:
+        kwargs = caller_kwargs
+        call = kwargs.get(CALL_KWARG)
+        if not isinstance(call, _Call):
+            return self._pluggy_loop(hook_name, hook_impls, kwargs, firstresult)
+        results: list[Any] = []
+        trace = call.hooks.plugins.trace
+        for impl in reversed(hook_impls):  # pluggy's call order, as in its own loop
+            plugin = call.plugin = impl.plugin_name
+            try:
+                if impl.wrapper or impl.hookwrapper:
+                    # refused when discovered; this one was registered in code since
+                    raise PluginError("a hook wrapper; sarai-router does not support them")
+                names = impl.argnames
+                if trace:
+                    print(f"[trace] {hook_name} -> {plugin}({', '.join(names)})",
+                          file=sys.stderr)
+                if impl.kwargnames:  # arguments it gave defaults: those the call has
+                    result = impl.function(*[kwargs[name] for name in names],
+                                           **{name: kwargs[name] for name in impl.kwargnames
+                                              if name in kwargs})
+                elif len(names) == 1:  # observe(event), most often: the cheapest call
+                    result = impl.function(kwargs[names[0]])
+                elif names:
+                    result = impl.function(*_arguments(names)(kwargs))
+                else:
+                    result = impl.function()
+            except Exception as exc:
+                if call.passes is not None and isinstance(exc, call.passes):
+                    call.refusal = call.refusal or exc
+                else:
+                    call.hooks._failed(hook_name, plugin, exc, kwargs)
+                continue
+            if trace:
+                print(f"[trace] {hook_name} <- {plugin}: {result!r}", file=sys.stderr)
+            if result is None:
+                continue
+            if call.check is not None:
+                problem = call.check(result)
+                if problem is not None:
+                    call.hooks._failed(hook_name, plugin, ValueError(problem), kwargs)
+                    continue
+            results.append((plugin, result))
+            if firstresult:
+                break
+        if firstresult:
+            return results[0] if results else None
+        return results
 
 
 class LazyBackendPlugin:
@@ -121,7 +232,7 @@ def _env_flag(name: str) -> bool:
 
 def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) -> PluginSet:
     """Create the plugin manager for ``config``; ``extra`` plugins are registered last."""
-    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm = IsolatingPluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     plugins = PluginSet(pm=pm, blocked=tuple(config.plugins.disable))
     for name in config.plugins.disable:
@@ -148,7 +259,8 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
             plugins.sources[name] = "registered"
     _refuse_wrappers(plugins)
     _warn_unknown_hooks(plugins)
-    # Hooks calls implementations one by one, bypassing pm.hook (and pluggy's tracing).
+    # The facade's calls print each implementation's call and answer (pluggy's own tracing
+    # shows only the hook's).
     plugins.trace = _env_flag(TRACE_ENV)
     known = set(plugins.sources) | plugins.skipped | {f.name for f in plugins.failures}
     for name in config.plugins.disable:
@@ -158,8 +270,9 @@ def build_plugins(config: "Config", extra: Iterable[tuple[str, object]] = ()) ->
 
 
 def _refuse_wrappers(plugins: PluginSet) -> None:
-    """Hooks calls implementations one by one (to isolate failures), so a pluggy wrapper
-    (``wrapper=True`` / ``hookwrapper=True``) would never wrap anything: refuse its plugin."""
+    """A pluggy wrapper (``wrapper=True`` / ``hookwrapper=True``) runs around the other
+    plugins' calls, where its own failure could not be told from theirs and skipped:
+    refuse its plugin."""
     for name, plugin in list(plugins.pm.list_name_plugin()):
         if plugin is None:
             continue
@@ -171,8 +284,8 @@ def _refuse_wrappers(plugins: PluginSet) -> None:
         plugins.pm.unregister(plugin)
         source = plugins.sources.pop(name, "registered")
         _record_failure(plugins, name, source, PluginError(
-            f"implements {', '.join(wrappers)} as a hook wrapper; sarai-router calls each "
-            "plugin on its own and does not support wrappers: return a value instead"))
+            f"implements {', '.join(wrappers)} as a hook wrapper; sarai-router isolates each "
+            "plugin's call and does not support wrappers around them: return a value instead"))
 
 
 def _warn_unknown_hooks(plugins: PluginSet) -> None:
@@ -184,66 +297,6 @@ def _warn_unknown_hooks(plugins: PluginSet) -> None:
                        "sarai_router hook, so it is never called (a typo?)")
             log.warning("%s", message)
             plugins.warnings.append(message)
-
-
-#: the entry points found, by the ``sys.path`` they were looked for on: scanned once
-_ENTRY_POINTS: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-
-
-def entry_points(group: str = ENTRY_POINT_GROUP) -> list[tuple[str, str]]:
-    """``[(name, value), ...]`` of ``group`` in the distributions installed on ``sys.path``.
-
-    Reads each ``*.dist-info`` / ``*.egg-info`` folder's ``entry_points.txt`` once per
-    process (per ``sys.path``); the first distribution of a name on the path wins, as
-    with ``importlib.metadata``, whose import and scan alone cost ``route`` about 50 ms.
-    """
-    key = (group, *sys.path)
-    if key not in _ENTRY_POINTS:
-        found: list[tuple[str, str]] = []
-        seen: set[str] = set()
-        for folder in sys.path:
-            try:
-                names = sorted(os.listdir(folder or "."))
-            except OSError:  # a zip, a missing folder
-                continue
-            for name in names:
-                if not name.endswith((".dist-info", ".egg-info")):
-                    continue
-                dist = name.rsplit(".", 1)[0].split("-")[0].replace(".", "_").lower()
-                if dist in seen:
-                    continue
-                seen.add(dist)
-                try:
-                    text = Path(folder or ".", name, "entry_points.txt").read_text("utf-8")
-                except OSError:
-                    continue
-                found.extend(_entry_point_section(text, group))
-        _ENTRY_POINTS[key] = found
-    return _ENTRY_POINTS[key]
-
-
-def _entry_point_section(text: str, group: str) -> list[tuple[str, str]]:
-    """The ``name = value`` lines of ``[group]`` in an entry_points.txt (an INI file)."""
-    section, found = None, []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1].strip()
-        elif section == group and "=" in line:
-            name, _, value = line.partition("=")
-            found.append((name.strip(), value.strip()))
-    return found
-
-
-def load_entry_point(value: str) -> object:
-    """What ``module.sub:attr.attr [extra]`` names."""
-    module, _, attribute = value.split("[", 1)[0].strip().partition(":")
-    target: object = importlib.import_module(module.strip())
-    for part in filter(None, attribute.strip().split(".")):
-        target = getattr(target, part)
-    return target
 
 
 def _load_entry_points(plugins: PluginSet) -> None:
@@ -298,16 +351,33 @@ def _record_failure(plugins: PluginSet, name: str, source: str, exc: BaseExcepti
     plugins.failures.append(PluginFailure(name=name, source=source, error=message))
 
 
-@attrs.frozen
-class Answer:
-    """A firstresult hook's answer and the plugin that gave it."""
+T = TypeVar("T")
 
-    value: Any
-    plugin: str
+
+class Answer(Generic[T]):
+    """A firstresult hook's answer and the plugin that gave it. (A slotted class, not
+    attrs: one is made per routing decision, and this is the cheapest to make.)"""
+
+    __slots__ = ("value", "plugin")
+
+    def __init__(self, value: T, plugin: str):
+        self.value = value
+        self.plugin = plugin
+
+    def __repr__(self) -> str:
+        return f"Answer(value={self.value!r}, plugin={self.plugin!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Answer)
+                and (self.value, self.plugin) == (other.value, other.plugin))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class Hooks:
-    """Calls every hook with keyword arguments, isolating plugins that raise."""
+    """Calls every hook through ``pm.hook`` with keyword arguments, isolating plugins that
+    raise: each method has its hookspec's arguments (less those the facade fills in, such
+    as ``config``) and a typed result."""
 
     def __init__(self, plugins: PluginSet, config: "Config"):
         self.plugins = plugins
@@ -322,60 +392,33 @@ class Hooks:
         self._subscribers: list[tuple[str, Callable[[Event], Any]]] = []
         #: observers that raised, by name: ``sarai_observer_errors_total``
         self.observer_errors: Counter[str] = Counter()
+        #: how every call that needs nothing of its own is made (see ``_Call``)
+        self._plain = _Call(self)
 
-    def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
-        # pluggy calls the last-registered, non-trylast implementation first.
-        return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
-
-    def _call(self, impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:
-        args = {name: kwargs[name] for name in impl.argnames if name in kwargs}
-        if not self.plugins.trace:
-            return impl.function(**args)
-        print(f"[trace] {hook_name} -> {impl.plugin_name}({', '.join(args)})", file=sys.stderr)
-        result = impl.function(**args)
-        print(f"[trace] {hook_name} <- {impl.plugin_name}: {result!r}", file=sys.stderr)
-        return result
-
-    def _skip(self, impl: pluggy.HookImpl, hook_name: str, exc: Exception) -> None:
-        message = f"plugin {impl.plugin_name!r} raised in {hook_name}: {type(exc).__name__}: {exc}"
+    def _failed(self, hook: str, plugin: str, exc: Exception,
+                kwargs: Mapping[str, Any]) -> None:
+        """``plugin`` raised (or answered something unusable) in ``hook``: skipped."""
+        if hook == "observe":
+            self._observer_failed(plugin, kwargs["event"].kind, exc)
+            return
+        message = f"plugin {plugin!r} raised in {hook}: {type(exc).__name__}: {exc}"
         log.warning("%s; skipped it", message)
         self.errors.append(message)
 
-    def call_first(self, hook_name: str, *, _valid: Callable[[Any], bool] | None = None,
-                   **kwargs: Any) -> Answer | None:
-        """The first non-None answer; with ``_valid``, an answer it rejects is skipped too."""
-        for impl in self._impls(hook_name):
-            try:
-                value = self._call(impl, hook_name, kwargs)
-            except Exception as exc:
-                self._skip(impl, hook_name, exc)
-                continue
-            if value is None:
-                continue
-            if _valid is not None and not _valid(value):
-                self._skip(impl, hook_name, ValueError(f"invalid answer {value!r}"))
-                continue
-            return Answer(value=value, plugin=impl.plugin_name)
-        return None
+    @staticmethod
+    def _answer(pair: tuple[str, Any] | None) -> Answer[Any] | None:
+        return None if pair is None else Answer(pair[1], pair[0])
 
-    def call_each(self, hook_name: str, **kwargs: Any) -> None:
-        for impl in self._impls(hook_name):
-            try:
-                self._call(impl, hook_name, kwargs)
-            except Exception as exc:
-                self._skip(impl, hook_name, exc)
-
-    def _collect(self, hook_name: str) -> dict[str, tuple[str, Any]]:
+    def _collect(self, hook: pluggy.HookCaller) -> dict[str, tuple[str, Any]]:
+        """What a ``register(name, thing)`` hook's plugins register: ``{name: (plugin, thing)}``."""
         collected: dict[str, tuple[str, Any]] = {}
-        for impl in self._impls(hook_name):
-            def register(name: str, thing: Any, _plugin: str = impl.plugin_name) -> None:
-                # First registration wins: user plugins run before trylast defaults.
-                collected.setdefault(name, (_plugin, thing))
+        call = _Call(self)
 
-            try:
-                self._call(impl, hook_name, {"register": register, "config": self.config})
-            except Exception as exc:
-                self._skip(impl, hook_name, exc)
+        def register(name: str, thing: Any) -> None:
+            # First registration wins: user plugins run before trylast defaults.
+            collected.setdefault(name, (call.plugin, thing))
+
+        hook(register=register, config=self.config, _sarai_call=call)
         return collected
 
     # -- the event stream ------------------------------------------------------------
@@ -392,19 +435,17 @@ class Hooks:
         """Tell every observer that ``kind`` happened (see ``events.EVENT_KINDS``); the
         current request's id is added when one is set and ``data`` has none. Returns the
         event, or None when nobody observes (then nothing is built)."""
-        impls = self.pm.hook.observe.get_hookimpls()
-        if not impls and not self._subscribers:
+        observe = self.pm.hook.observe
+        # A server always has subscribers (its metrics): no need to ask pluggy there.
+        if not self._subscribers and not observe.get_hookimpls():
             return None
         if "request_id" not in data:
             request_id = REQUEST_ID.get()
             if request_id:
                 data["request_id"] = request_id
-        event = Event(kind=kind, model=model, time=time.time(), data=data)
-        for impl in reversed(impls):
-            try:
-                self._call(impl, "observe", {"event": event})
-            except Exception as exc:
-                self._observer_failed(impl.plugin_name, kind, exc)
+        # ``data`` is this call's own dict: read-only as it is, no copy needed
+        event = Event(kind, model, time.time(), MappingProxyType(data))
+        observe(event=event, _sarai_call=self._plain)
         for name, observer in self._subscribers:
             try:
                 observer(event)
@@ -421,38 +462,40 @@ class Hooks:
     # -- extending the command line and the server -------------------------------------
 
     def register_commands(self, cli: "click.Group") -> None:
-        self.call_each("register_commands", cli=cli)
+        self.pm.hook.register_commands(cli=cli, _sarai_call=self._plain)
 
     def routes(self) -> list[tuple[str, "BaseRoute"]]:
         """Every plugin's routes for ``serve``: ``[(plugin, route), ...]``."""
         from starlette.routing import BaseRoute
 
+        def not_a_list(value: Any) -> str | None:
+            if isinstance(value, (list, tuple)):
+                return None
+            return f"returned {type(value).__name__}; expected a list of starlette routes"
+
+        call = _Call(self)
+        call.check = not_a_list
         found: list[tuple[str, BaseRoute]] = []
-        for impl in self._impls("register_routes"):
-            try:
-                routes = self._call(impl, "register_routes", {})
-            except Exception as exc:
-                self._skip(impl, "register_routes", exc)
-                continue
-            for route in routes or ():
-                if not isinstance(route, BaseRoute):
-                    self._skip(impl, "register_routes", TypeError(
-                        f"returned {type(route).__name__}; expected starlette routes"))
-                    continue
-                found.append((impl.plugin_name, route))
+        for plugin, routes in self.pm.hook.register_routes(_sarai_call=call):
+            for route in routes:
+                if isinstance(route, BaseRoute):
+                    found.append((plugin, route))
+                else:
+                    self._failed("register_routes", plugin, TypeError(
+                        f"returned {type(route).__name__}; expected starlette routes"), {})
         return found
 
     def startup(self, engine: Any) -> None:
-        self.call_each("startup", engine=engine)
+        self.pm.hook.startup(engine=engine, _sarai_call=self._plain)
 
     def shutdown(self, engine: Any) -> None:
-        self.call_each("shutdown", engine=engine)
+        self.pm.hook.shutdown(engine=engine, _sarai_call=self._plain)
 
     # -- the typed surface the core uses ---------------------------------------------
 
     def signal_functions(self) -> dict[str, tuple[str, Callable[..., Any]]]:
         if self._signals is None:
-            self._signals = self._collect("register_signals")
+            self._signals = self._collect(self.pm.hook.register_signals)
         return self._signals
 
     def backends(self) -> dict[str, tuple[str, "BackendFactory"]]:
@@ -460,13 +503,14 @@ class Hooks:
             from .backend import as_backend
 
             self._backends = {kind: (plugin, as_backend(factory))
-                              for kind, (plugin, factory) in self._collect("register_backends").items()}
+                              for kind, (plugin, factory)
+                              in self._collect(self.pm.hook.register_backends).items()}
         return self._backends
 
     def config_tables(self) -> dict[str, tuple[str, type]]:
         """``[plugins.NAME]`` schemas by table name: ``{name: (plugin, attrs_class)}``."""
         if self._tables is None:
-            self._tables = self._collect("register_config_tables")
+            self._tables = self._collect(self.pm.hook.register_config_tables)
         return self._tables
 
     def backend(self, kind: str) -> "BackendFactory":
@@ -478,70 +522,64 @@ class Hooks:
         return found[1]
 
     def select_route(self, *, request: ChatRequest, signals: Mapping[str, Any],
-                     models: Mapping[str, ModelSpec], residency: Residency) -> Answer | None:
-        return self.call_first("select_route", request=request, signals=signals,
-                               models=models, config=self.config, residency=residency)
+                     models: Mapping[str, ModelSpec],
+                     residency: Residency) -> Answer[str | Route] | None:
+        return self._answer(self.pm.hook.select_route(
+            request=request, signals=signals, models=models, config=self.config,
+            residency=residency, _sarai_call=self._plain))
 
     def select_eviction(self, *, candidates: Sequence[ResidentInfo], needed_mb: float,
                         loading: ModelSpec) -> str | None:
         names = {resident.name for resident in candidates}
-        answer = self.call_first("select_eviction", candidates=candidates,
-                                 needed_mb=needed_mb, loading=loading,
-                                 _valid=lambda value: value in names)
-        return None if answer is None else answer.value
+
+        def not_a_candidate(value: Any) -> str | None:
+            return None if value in names else f"invalid answer {value!r}"
+
+        call = _Call(self)
+        call.check = not_a_candidate
+        pair = self.pm.hook.select_eviction(candidates=candidates, needed_mb=needed_mb,
+                                            loading=loading, _sarai_call=call)
+        return None if pair is None else pair[1]
 
     def model_expired(self, *, resident: ResidentInfo, now: float, cache: CacheConfig) -> bool:
-        answer = self.call_first("model_expired", resident=resident, now=now, cache=cache)
-        return bool(answer and answer.value)
+        pair = self.pm.hook.model_expired(resident=resident, now=now, cache=cache,
+                                          _sarai_call=self._plain)
+        return pair is not None and bool(pair[1])
 
     def transcribe(self, *, audio: AudioInput, request: ChatRequest | None,
                    language: str | None = None,
-                   cancel: threading.Event | None = None) -> Answer | None:
+                   cancel: threading.Event | None = None) -> Answer[Transcript] | None:
         """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
         a missing package) passes the word to the next; if none transcribes, the first
         such error is raised, since it says what is wrong. Other exceptions are plugin
         failures: logged and skipped like in every hook."""
         from .types import Transcript
 
-        refusal: SaraiError | None = None
-        kwargs = dict(audio=audio, request=request, language=language, config=self.config,
-                      cancel=cancel)
-        for impl in self._impls("transcribe"):
-            try:
-                value = self._call(impl, "transcribe", kwargs)
-            except SaraiError as exc:
-                refusal = refusal or exc
-                continue
-            except Exception as exc:
-                self._skip(impl, "transcribe", exc)
-                continue
-            if value is None:
-                continue
-            if not isinstance(value, Transcript) or not isinstance(value.text, str):
-                self._skip(impl, "transcribe", ValueError(
-                    f"returned {type(value).__name__}; expected a sarai_router.types.Transcript"))
-                continue
-            return Answer(value=value, plugin=impl.plugin_name)
-        if refusal is not None:
-            raise refusal
-        return None
+        def not_a_transcript(value: Any) -> str | None:
+            if isinstance(value, Transcript) and isinstance(value.text, str):
+                return None
+            return f"returned {type(value).__name__}; expected a sarai_router.types.Transcript"
+
+        call = _Call(self)
+        call.check, call.passes = not_a_transcript, SaraiError
+        pair = self.pm.hook.transcribe(audio=audio, request=request, language=language,
+                                       config=self.config, cancel=cancel, _sarai_call=call)
+        if pair is None and call.refusal is not None:
+            raise call.refusal
+        return self._answer(pair)
 
     def prewarm_models(self, *, request: ChatRequest, signals: Mapping[str, Any],
                        decision: RouteDecision, loaded: Iterable[str]) -> list[tuple[str, str]]:
         """Every plugin's pre-warm wishes, merged in call order: ``[(model, plugin), ...]``."""
+        pairs = self.pm.hook.prewarm_models(
+            request=request, signals=signals, decision=decision, loaded=frozenset(loaded),
+            models=self.config.models, config=self.config, _sarai_call=self._plain)
         wanted: dict[str, str] = {}
-        kwargs = dict(request=request, signals=signals, decision=decision,
-                      loaded=frozenset(loaded), models=self.config.models, config=self.config)
-        for impl in self._impls("prewarm_models"):
-            try:
-                names = self._call(impl, "prewarm_models", kwargs)
-            except Exception as exc:
-                self._skip(impl, "prewarm_models", exc)
-                continue
+        for plugin, names in pairs:
             if isinstance(names, str):  # a lone name is a common slip; take it
                 names = [names]
-            for name in names or ():
-                wanted.setdefault(name, impl.plugin_name)
+            for name in names:
+                wanted.setdefault(name, plugin)
         return list(wanted.items())
 
     def describe(self) -> list[dict[str, Any]]:

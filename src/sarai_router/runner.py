@@ -7,7 +7,11 @@ async and meet it here, and only here:
   coroutines on one event loop that lives on a daemon thread of its own, started the first
   time it is needed and shared by the whole process (:func:`run`, :func:`submit`);
 * **blocking work** that an async caller needs (a llama.cpp generation, a model load, a
-  download) runs on a thread of its own (:func:`in_thread`, :func:`iterate_in_thread`).
+  download) runs on a thread of its own (:func:`in_thread`, :func:`iterate_in_thread`);
+* a **blocking iteration for a sync caller** (a llama.cpp generation that ``query`` or
+  ``bench`` waits for) runs on that caller's own thread (:class:`OnCaller`): the caller
+  lends its thread while it waits (:func:`lending`), and what the iteration yields reaches
+  it with no hand-over between threads per item.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import collections
 import concurrent.futures
 import contextvars
 import threading
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from .errors import Cancelled
 
-__all__ = ["in_thread", "iterate_in_thread", "loop", "run", "submit"]
+__all__ = ["OnCaller", "in_thread", "iterate_in_thread", "lending", "lent_thread", "loop", "run",
+           "submit"]
 
 _T = TypeVar("_T")
 
@@ -210,3 +215,116 @@ async def _wait_uncancellable(future: Awaitable[Any]) -> None:
             return
         except asyncio.CancelledError:
             continue
+
+
+#: ``(owner, hand)`` while a sync caller lends its thread to the work it started for
+#: ``owner`` (see :func:`lending`).
+_lent: contextvars.ContextVar[tuple[object, Callable[["OnCaller"], None]] | None] = \
+    contextvars.ContextVar("sarai_lent_thread", default=None)
+
+
+@contextmanager
+def lending(owner: object, hand: Callable[["OnCaller"], None]) -> Iterator[None]:
+    """Tasks started in this block for ``owner`` may hand an :class:`OnCaller` to ``hand``:
+    the sync caller that started them, which waits on its own thread, runs it there.
+
+    A task keeps the context it was started in, so the tasks and threads it starts see the
+    loan too; ``owner`` (the work it was made for) keeps any other work they start from
+    taking it."""
+    token = _lent.set((owner, hand))
+    try:
+        yield
+    finally:
+        _lent.reset(token)
+
+
+def lent_thread(owner: object) -> Callable[["OnCaller"], None] | None:
+    """Where to hand an :class:`OnCaller` for ``owner``: its sync caller; None if none lent
+    its thread (the server, the chat REPL: the iteration then runs on a thread of its own)."""
+    lent = _lent.get()
+    return lent[1] if lent is not None and lent[0] is owner else None
+
+
+class OnCaller:
+    """A blocking iteration that the sync caller waiting for this coroutine runs on its own
+    thread, handing what it yields straight to that caller.
+
+    Handing items from a worker thread to the loop and from the loop to the caller costs
+    two thread switches per item (a llama.cpp token); here there are none: the coroutine
+    hands this to the caller once (:meth:`run`), the caller iterates (:meth:`items`), and
+    the coroutine goes on once the iteration has ended, so nothing it holds (a model's
+    slot) is let go before. ``take(item)`` maps an item to what the caller gets: a value,
+    None to pass over it, or ``end`` to stop.
+    """
+
+    _STOPPED = object()
+
+    def __init__(self, make: Callable[[], Iterator[Any]], take: Callable[[Any], Any], *,
+                 end: object):
+        self.make, self.take, self.end = make, take, end
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future = self.loop.create_future()
+        # Set on the loop if the coroutine is cancelled meanwhile: the caller stops at the
+        # next item (read without a lock: a bool, read once per item).
+        self.stop = False
+        # Whether the caller began iterating, or never will (the coroutine was cancelled
+        # first: a caller stopped by Ctrl-C before it took this up).
+        self._lock = threading.Lock()
+        self._began = self._dropped = False
+
+    async def run(self, hand: Callable[["OnCaller"], None]) -> None:
+        """Hand this to the caller (``hand``) and wait until its iteration has ended. An
+        error it raised is raised here; the caller's stopping (it closed its iterator,
+        Ctrl-C) ends this task as cancelled."""
+        hand(self)
+        try:
+            outcome = await self.ended
+        except asyncio.CancelledError:
+            if not self.ended.cancelled():
+                raise  # the iteration had ended
+            with self._lock:
+                self._dropped = not self._began
+            if self._dropped:
+                raise  # nothing began: nothing to wait for
+            # Cancelled while the caller iterates: it stops at its next item. Wait for
+            # that (the caller's end resolves whichever future ``ended`` is then).
+            self.stop = True
+            self.ended = self.loop.create_future()
+            await _wait_uncancellable(self.ended)
+            raise
+        if outcome is self._STOPPED:
+            raise asyncio.CancelledError
+        if outcome is not None:
+            raise outcome
+
+    def items(self) -> Iterator[Any]:
+        """On the caller's thread: iterate, yielding what ``take`` gives. An error of the
+        iteration goes back to the coroutine (which raises it on the async path, where the
+        caller hears of it); the caller's own stop (GeneratorExit, KeyboardInterrupt) is
+        raised here, once the iteration is closed."""
+        with self._lock:
+            if self._dropped:
+                return
+            self._began = True
+        outcome: Any = None
+        try:
+            with closing(self.make()) as iterator:  # type: ignore[type-var]
+                for item in iterator:
+                    if self.stop:
+                        break
+                    value = self.take(item)
+                    if value is self.end:
+                        break
+                    if value is not None:
+                        yield value
+        except Exception as exc:  # noqa: BLE001 - handed to the coroutine, never lost
+            outcome = exc
+        except BaseException:
+            outcome = self._STOPPED
+            raise
+        finally:
+            _call_soon(self.loop, self._settle, outcome)
+
+    def _settle(self, outcome: Any) -> None:
+        if not self.ended.done():
+            self.ended.set_result(outcome)

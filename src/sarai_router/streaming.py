@@ -79,6 +79,8 @@ class Generation:
         self.completion = completion if completion is not None else Completion(decision=decision)
         self._cancel = threading.Event()
         self._finished = threading.Event()
+        # The last event is being handed over: there is nothing left to stop.
+        self._ending = False
         self._sent_logprobs = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -93,17 +95,14 @@ class Generation:
         running = _running_loop()
         self._loop = loop or running or runner.loop()
         if self._loop is running:
-            self._task = self._loop.create_task(self._run())
+            self._create()
         else:
-            started = threading.Event()
-
-            def create() -> None:
-                self._task = self._loop.create_task(self._run())
-                started.set()
-
-            self._loop.call_soon_threadsafe(create)
-            started.wait()
+            # Not waited for: the loop runs it in order, before a later cancel() there.
+            self._loop.call_soon_threadsafe(self._create)
         return self
+
+    def _create(self) -> None:
+        self._task = self._loop.create_task(self._run())
 
     def cancel(self) -> None:
         """Stop after the current piece, or leave the queue now if the model has not started
@@ -111,7 +110,7 @@ class Generation:
         if self._cancel.is_set():
             return
         self._cancel.set()
-        if self._loop is None:
+        if self._loop is None or self._ending:
             return
         if _running_loop() is self._loop:
             self._cancel_task()
@@ -127,11 +126,11 @@ class Generation:
 
     @property
     def finished(self) -> bool:
-        return self._task is None or self._finished.is_set()
+        return self._loop is None or self._finished.is_set()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the task to end (from a thread other than its loop's)."""
-        if self._task is not None:
+        if self._loop is not None:
             self._finished.wait(timeout)
 
     def _piece(self, text: str) -> Piece:
@@ -159,6 +158,7 @@ class Generation:
             pass  # cancel(): the stream is closed; Done says so
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter, never lost
             final = Failed(exc, before_first_piece=not produced)
+        self._ending = True
         try:
             self.sink(final or Done(self.completion, cancelled=self._cancel.is_set()))
         finally:

@@ -4,8 +4,9 @@
 its CPU time is its own), sends N concurrent streamed requests through it with httpx, and,
 when the model is a remote endpoint, the same requests straight to that endpoint with the
 same client. It reports aggregate tok/s, TTFT percentiles, errors, the ratio, the router's
-CPU seconds per proxied request, and the proxy overhead: paired one-at-a-time requests,
-router and direct alternately, the median of their latency differences.
+CPU time per proxied request and per relayed token, and the proxy overhead: paired
+one-at-a-time requests, router and direct alternately, the median of their latency
+differences.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class StreamRun:
             "router_cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3),
             "router_cpu_ms_per_request": None if self.cpu_s is None or not done
             else round(1000 * self.cpu_s / done, 3),
+            # what the relay costs for each token it passes on (the figure regressions move)
+            "router_cpu_ms_per_token": None if self.cpu_s is None or not self.tokens
+            else round(1000 * self.cpu_s / self.tokens, 4),
         }
 
 
@@ -334,8 +338,10 @@ def format_concurrency(result: Mapping[str, Any]) -> str:
                      f"TTFT p50 x{ratio['ttft_p50']}")
     router = result["router"]
     if router.get("router_cpu_ms_per_request") is not None:
-        lines.append(f"router CPU: {router['router_cpu_ms_per_request']:.2f} ms per request "
-                     f"({router['router_cpu_s']:.2f} s over the run)")
+        per_token = router.get("router_cpu_ms_per_token")
+        lines.append(f"router CPU: {router['router_cpu_ms_per_request']:.2f} ms per request, "
+                     + ("" if per_token is None else f"{per_token:.3f} ms per token ")
+                     + f"({router['router_cpu_s']:.2f} s over the run)")
     overhead = result.get("overhead")
     if overhead:
         lines.append(f"proxy overhead (median of {overhead['pairs']} paired requests): "

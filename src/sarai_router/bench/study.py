@@ -163,7 +163,7 @@ def summarize_runs(runs: Sequence[Run], n_prompts: int) -> dict[str, Any]:
 def bench_model(engine, name: str, settings: BenchSettings, params: GenerationParams,
                 progress: Progress) -> dict[str, Any]:
     """Load ``name`` through the pool, warm it up, run the study, unload it; with RSS around each."""
-    from ..pool import process_rss_mb
+    from ..memory import process_rss_mb
 
     rss_before = process_rss_mb()
     resident = engine.pool.ensure_loaded(name)
@@ -189,7 +189,7 @@ def bench_model(engine, name: str, settings: BenchSettings, params: GenerationPa
 
 
 def unload_model(engine, name: str, memory: dict[str, Any]) -> None:
-    from ..pool import process_rss_mb
+    from ..memory import process_rss_mb
 
     engine.pool.unload(name)
     memory["rss_after_unload_mb"] = round(process_rss_mb(), 1)
@@ -507,7 +507,7 @@ def planned_steps(settings: BenchSettings) -> int:
 def run_bench(config: Config, settings: BenchSettings, targets: Targets,
               progress: Progress = lambda n: None) -> dict[str, Any]:
     from ..engine import Engine
-    from ..pool import process_rss_mb
+    from ..memory import process_rss_mb
 
     report: dict[str, Any] = {
         "command": settings.command,

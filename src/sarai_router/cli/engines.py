@@ -27,7 +27,8 @@ def install(force: bool, jobs: int | None) -> None:
     Looks at $SARAI_ROUTER_LLAMA_SERVER, PATH and the cache first; a build prints its
     progress and ends with the path of the binary on stdout.
     """
-    from ..llama_server_install import LlamaServerError, build_llama_server, find_llama_server
+    from ..default_plugins.llama_server_install import (LlamaServerError, build_llama_server,
+                                                        find_llama_server)
 
     def report(message: str) -> None:
         click.echo(dim(message), err=True)
@@ -47,7 +48,8 @@ def install(force: bool, jobs: int | None) -> None:
 def where() -> None:
     """Print the llama-server that `serve` would run (exit 1 if there is none)."""
     from ..default_plugins.batching import INSTALL_COMMAND
-    from ..llama_server_install import LlamaServerError, cache_dir, find_llama_server
+    from ..default_plugins.llama_server_install import (LlamaServerError, cache_dir,
+                                                        find_llama_server)
 
     try:
         found = find_llama_server()

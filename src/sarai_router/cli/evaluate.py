@@ -1,7 +1,8 @@
 """``eval``: measure routing on a labelled JSONL file, or choose the heuristic's thresholds.
 
 Loads no model: every case goes through the same Router as ``route``, and the cost estimate
-reads GGUF headers (or a ``bench --json`` report). See eval/README.md for the case format.
+reads the model files' sizes and headers (or a ``bench --json`` report). See eval/README.md
+for the case format.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .common import EXIT_USAGE, AppContext, CliError, cli_error, emit_json, json
                    "matplotlib: pip install 'sarai-router[bench]').")
 @click.option("--bench-report", "bench_file", type=click.Path(dir_okay=False),
               help="A `sarai-router bench --json` report: cost from its measured tok/s, load "
-                   "time and RAM instead of the GGUF-header estimate.")
+                   "time and RAM instead of the estimate from the model files.")
 @click.option("--reply-tokens", type=click.IntRange(min=1), default=100, show_default=True,
               help="Tokens each answer is assumed to have in the cost estimate.")
 @click.pass_obj

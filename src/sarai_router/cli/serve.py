@@ -46,7 +46,7 @@ def serve(app: AppContext, host: str | None, port: int | None, api_key: str | No
     import attrs
 
     from ..engine import Engine, share_cores
-    from ..pool import tune_malloc_for_serving
+    from ..memory import tune_malloc_for_serving
 
     # Before any thread starts: idle RSS must not creep up with the requests served.
     tune_malloc_for_serving()

@@ -63,7 +63,7 @@ def plan(config: Config, mode: str | None = None) -> Plan:
                   if not spec.backend_explicit and spec.backend == "llama_cpp"}
     if mode == "off" or not candidates:
         return Plan(config)
-    from ..llama_server_install import LlamaServerError, find_llama_server
+    from .llama_server_install import LlamaServerError, find_llama_server
     from ..plugins import Hooks, build_plugins
 
     plugin_set = config.plugin_set or build_plugins(config)

@@ -141,11 +141,14 @@ _WORD_SET = frozenset(_WORDS)
 #: The families a word's hit adds to directly (feeling words go through the negation check).
 _COUNTED = ("feeling", "negated", "event", "phrase", "gratitude", "first_person",
             "second_person", "intensifier", "task", "technical")
-_WORD_INFO = {
-    word: (bool(bits & _BITS["feeling"]), bool(bits & _BITS["positive"]),
+# Worked out once per distinct set of bits (a few dozen), not per word (thousands): this
+# runs at import, on every `route`.
+_INFO_OF_BITS = {
+    bits: (bool(bits & _BITS["feeling"]), bool(bits & _BITS["positive"]),
            tuple(f for f in _COUNTED[2:] if bits & _BITS[f]))
-    for word, bits in _WORDS.items()
+    for bits in set(_WORDS.values())
 }
+_WORD_INFO = {word: _INFO_OF_BITS[bits] for word, bits in _WORDS.items()}
 _NEGATOR_WORDS = frozenset(w for w, bits in _WORDS.items() if bits & _BITS["negator"])
 _ANCHORS = frozenset(_PHRASES)
 _QUESTION_START = frozenset(w for w, bits in _WORDS.items() if bits & _BITS["question"])

@@ -8,7 +8,6 @@ logprobs: see ``llama_cpp_features``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
@@ -21,14 +20,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
-from ..backend import (BUILTIN_SAMPLING, Backend, BackendError, Capabilities,
-                       ContextLengthError, Delta, GenerationParams, Presence, Usage)
-from ..config import PATH_SETTING, Config, ModelSpec
+from ..backend import (BUILTIN_SAMPLING, BackendError, ContextLengthError, Delta,
+                       GenerationParams, Usage)
+from ..config import ModelSpec
 from ..errors import InvalidRequest, ModelLoadError
 from ..hookspecs import hookimpl
 from ..time_budget import OverBudget, TimeBudget
 from ..types import AudioInput, ImageInput
 from . import llama_cpp_features as features
+from .gguf_backend import GGUFBackend, GGUFSettings, repack_weights
 
 
 # ggml's log levels (ggml.h): llama-cpp-python's own callback maps them as an older ggml
@@ -123,33 +123,6 @@ def _prints_to_log() -> Iterator[None]:
                     setattr(sys, name, stream.real)
 
 
-def default_threads() -> int:
-    # llama-cpp-python's own default is half the cores, which leaves a 2-core box at 1.
-    return max(1, os.cpu_count() or 1)
-
-
-def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has Intel AMX (Sapphire Rapids and later), read from its flags."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def repack_weights(setting: bool | None) -> bool:
-    """Whether llama.cpp may repack weights into its extra CPU buffer types (AMX, the
-    CPU_REPACK kernels). ``None`` (the default): everywhere but on CPUs with AMX, where
-    ggml's AMX matrix kernels crash the process in the first decode of a Q4_K model and
-    compute wrong results for Q4_0/Q4_1 (reported upstream against llama.cpp, unfixed in
-    the version llama-cpp-python 0.3.36 vendors). Seen here: both default models
-    segfaulted on an AMX machine and answered normally with repacking off."""
-    return (not cpu_has_amx()) if setting is None else setting
-
-
 _load_options = threading.local()
 
 
@@ -187,14 +160,9 @@ class LlamaCppModel:
         self.spec = spec
         self.llama = llama
 
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        params: GenerationParams,
-        *,
-        images: Sequence[ImageInput] = (),
-        audio: AudioInput | None = None,
-    ) -> Iterator[Delta]:
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: GenerationParams, *,
+             images: Sequence[ImageInput] = (),
+             audio: AudioInput | None = None) -> Iterator[Delta]:
         if audio is not None:
             raise BackendError(f"model {self.spec.name!r}: the llama_cpp backend cannot take audio input")
         messages = features.render_messages(
@@ -398,6 +366,8 @@ class LlamaCppModel:
 
 def _with_images(messages, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
     """Attach CLI images to the last user message as OpenAI ``image_url`` data: URIs."""
+    import base64  # here: `route` imports this module for its settings only
+
     out = [dict(m) for m in messages]
     for message in reversed(out):
         if message.get("role") == "user":
@@ -416,83 +386,43 @@ POOLING = ("mean", "cls", "last")
 
 
 @attrs.frozen
-class LlamaCppSettings:
-    """The ``llama_cpp`` backend's own keys in ``[models.NAME]``."""
+class LlamaCppSettings(GGUFSettings):
+    """The ``llama_cpp`` backend's own keys in ``[models.NAME]``, besides those of every
+    GGUF backend (``n_threads``, ``mmproj``, ``repack``)."""
 
     n_batch: int = 512
-    #: 0: every core for one model alone; `serve` gives each model its share.
-    n_threads: int = 0
     chat_format: str = ""
-    #: the vision projector GGUF that lets the model take images
-    mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
     #: how an embedding model (``embedding = true``) pools its hidden states into one
     #: vector per input: mean, cls or last
     pooling: str = "mean"
     #: extra keyword arguments for ``llama_cpp.Llama`` (``chat_handler`` names the image handler)
     options: dict[str, Any] = attrs.field(factory=dict)
-    #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
-    #: AMX, whose kernels crash in llama.cpp's current version (see ``repack_weights``)
-    repack: bool | None = None
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(GGUFBackend):
     settings_class = LlamaCppSettings
+    name = "llama_cpp"
 
-    def check(self, spec: ModelSpec, *, config: Config,
-              check_files: bool) -> Iterable[tuple[str, str]]:
+    def check_settings(self, spec: ModelSpec) -> Iterable[tuple[str, str]]:
         settings: LlamaCppSettings = spec.settings
-        yield from gguf_path_problems(spec, "the GGUF file to load", check_files=check_files)
         if settings.n_batch < 1:
             yield "n_batch", "must be >= 1"
-        if settings.n_threads < 0:
-            yield "n_threads", "must be >= 0 (0 = all cores)"
         if settings.pooling not in POOLING:
             yield "pooling", f"must be one of {', '.join(POOLING)}, got {settings.pooling!r}"
         if spec.embedding and settings.mmproj:
             yield "mmproj", "an embedding model (embedding = true) takes text only"
-        if not check_files:
-            return
-        # What would fail at the first request, caught by `config check`.
-        if "audio" in spec.modalities:
-            yield "modalities", "the llama_cpp backend cannot take audio input"
-        if "image" in spec.modalities and not settings.mmproj:
-            yield "mmproj", "a model that takes images needs its vision projector (mmproj)"
-        if settings.mmproj and not os.path.isfile(settings.mmproj):
-            yield "mmproj", f"file not found: {settings.mmproj}"
 
-    def uses_threads(self, spec: ModelSpec) -> bool:
-        return True
+    def ram_shape(self, spec: ModelSpec) -> tuple[int, int]:
+        return spec.n_ctx, spec.settings.n_batch
 
-    def with_threads(self, spec: ModelSpec, threads: int) -> ModelSpec:
-        if spec.settings.n_threads:
-            return spec
-        return attrs.evolve(spec, settings=attrs.evolve(spec.settings, n_threads=threads))
-
-    def estimate_ram_mb(self, spec: ModelSpec) -> float:
-        estimate = _ram_estimate(spec)
-        return 0.0 if estimate is None else estimate.total_mb
-
-    def describe(self, spec: ModelSpec) -> Mapping[str, Any]:
-        estimate = _ram_estimate(spec)
-        return {"estimated_ram": None if estimate is None else {
-            "weights_mb": round(estimate.weights_mb, 1),
-            "kv_cache_mb": round(estimate.kv_cache_mb, 1),
-            "compute_mb": round(estimate.compute_mb, 1),
-        }, "n_threads": spec.settings.n_threads or default_threads(),
-            "n_batch": spec.settings.n_batch, "chat_format": spec.settings.chat_format or None}
-
-    def presence(self, spec: ModelSpec) -> Presence:
-        return file_presence(spec)
-
-    def capabilities(self, spec: ModelSpec) -> Capabilities:
-        # Tools and JSON through llama.cpp grammars, logprobs from the logits: any GGUF model.
-        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx,
-                            tools=True, json_schema=True, logprobs=True)
+    def describe_settings(self, spec: ModelSpec) -> Mapping[str, Any]:
+        return {"n_batch": spec.settings.n_batch,
+                "chat_format": spec.settings.chat_format or None}
 
     def sampling_defaults(self, spec: ModelSpec) -> Mapping[str, float]:
         """The GGUF's ``general.sampling.*`` recommendation (what llama.cpp's own tools read),
         empty when the file has none or cannot be read."""
-        from ..gguf_info import GGUFError, read_info
+        from .gguf_info import GGUFError, read_info
 
         try:
             return read_info(spec.path).sampling
@@ -509,7 +439,7 @@ class LlamaCppBackend(Backend):
         except ImportError as exc:  # pragma: no cover - a broken install
             raise BackendError(f"llama-cpp-python is not importable: {exc}") from None
         route_llama_logs_to_logging(llama_cpp)
-        threads = settings.n_threads or default_threads()
+        threads = self.threads(spec)
         kwargs: dict[str, Any] = dict(
             model_path=spec.path,
             n_ctx=spec.n_ctx,
@@ -548,53 +478,6 @@ class LlamaCppBackend(Backend):
         # Loaded: from here on, verbose would only print per-request notes and timings.
         llama.verbose = False
         return LlamaCppModel(spec, llama)
-
-
-def _ram_estimate(spec: ModelSpec):
-    """Weights + KV cache for ``spec.n_ctx`` from the GGUF header; None when unreadable."""
-    from ..gguf_info import GGUFError, estimate_ram, read_info
-
-    try:
-        return estimate_ram(read_info(spec.path), spec.n_ctx, spec.settings.n_batch)
-    except GGUFError:
-        return None
-
-
-def gguf_problems(path: str) -> list[str]:
-    """Why ``path`` is not a readable GGUF file (empty when it is)."""
-    from ..gguf_info import GGUFError, read_info
-
-    try:
-        read_info(path)
-    except GGUFError as exc:
-        return [str(exc)]
-    return []
-
-
-def gguf_path_problems(spec: ModelSpec, role: str, *,
-                       check_files: bool) -> Iterator[tuple[str, str]]:
-    """``path`` problems of a model read from a GGUF file (``role`` says what it is for);
-    the file itself is looked at only by ``config check``."""
-    if not spec.path:
-        yield "path", f"must not be empty ({role})"
-    elif check_files and not os.path.isfile(spec.path):
-        hint = " (run `sarai-router models pull`)" if file_presence(spec).fetchable else ""
-        yield "path", f"model file not found: {spec.path}{hint}"
-    elif check_files:
-        for problem in gguf_problems(spec.path):
-            yield "path", problem
-
-
-def file_presence(spec: ModelSpec) -> Presence:
-    """A model read from ``spec.path``: present when the file is, fetchable when the
-    catalog of ``models pull`` knows it."""
-    from ..fetch import catalog_entry_for
-
-    if os.path.isfile(spec.path):
-        return Presence(present=True)
-    fetchable = catalog_entry_for(spec) is not None
-    return Presence(present=False, fetchable=fetchable,
-                    detail=f"file not found: {spec.path}")
 
 
 @hookimpl(trylast=True)

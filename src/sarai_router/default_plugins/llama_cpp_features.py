@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 import uuid
 from contextlib import contextmanager
@@ -313,6 +312,9 @@ _GRAMMAR_ERROR = re.compile(rb"[\w:]*: error parsing grammar: ([^\n]*)\n\n")
 def _stderr_caught() -> Iterator[list[bytes]]:
     """While inside, file descriptor 2 writes to a temporary file; the list yielded holds
     what was written once the block is left."""
+    import tempfile  # here: `route` imports this module (for the backend's settings) and
+    # tempfile's own imports (shutil, random, bz2, lzma) cost it milliseconds
+
     caught: list[bytes] = []
     with _stderr_lock, tempfile.TemporaryFile() as file:
         sys.stderr.flush()

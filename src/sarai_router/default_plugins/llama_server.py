@@ -24,15 +24,14 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Mapping, Sequenc
 
 import attrs
 
-from ..backend import (SAMPLING_KEYS, Backend, BackendError, Capabilities, Delta,
-                       GenerationParams, Presence)
-from ..config import PATH_SETTING, Config, ModelSpec
+from ..backend import SAMPLING_KEYS, BackendError, Delta, GenerationParams
+from ..config import PATH_SETTING, ModelSpec
 from ..errors import ContextLengthError, InstanceDead, ModelLoadError, UpstreamError
 from ..hookspecs import hookimpl
 from ..types import AudioInput, ImageInput
 from .balance import BalanceSettings, balance_fields, balance_problems
 from .grammar_limits import check_params
-from .llama_cpp import default_threads, file_presence, gguf_path_problems, repack_weights
+from .gguf_backend import GGUFBackend, GGUFSettings, default_threads, repack_weights
 from .openai import OpenAIModel, OpenAISettings
 
 if TYPE_CHECKING:
@@ -66,107 +65,73 @@ REQUEST_TIMEOUT_SECONDS = 600.0
 
 
 @attrs.frozen
-class LlamaServerSettings(BalanceSettings):
-    """The ``llama_server`` backend's own keys in ``[models.NAME]`` (and ``balance`` & co.
-    for ``replicas``)."""
+class LlamaServerSettings(BalanceSettings, GGUFSettings):
+    """The ``llama_server`` backend's own keys in ``[models.NAME]``, besides those of every
+    GGUF backend (``n_threads``, ``mmproj``, ``repack``: ``--no-repack`` where repacking
+    is off) and ``balance`` & co. for ``replicas``."""
 
     #: slots decoded together (continuous batching); each gets ``n_ctx`` tokens of context
     parallel: int = 4
     #: llama-server processes of the model, each with ``parallel`` slots; requests are
-    #: balanced across them (``balance``)
+    #: balanced across them (``balance``); they share ``n_threads``
     replicas: int = 1
-    #: 0: every core for one model alone (shared by its replicas); `serve` gives each
-    #: model its share
-    n_threads: int = 0
-    #: the multimodal projector GGUF that lets the model take images (or audio)
-    mmproj: str = attrs.field(default="", metadata=PATH_SETTING)
     #: the llama-server program; empty: $SARAI_ROUTER_LLAMA_SERVER, PATH, the cached build
     binary: str = attrs.field(default="", metadata=PATH_SETTING)
     #: more llama-server flags, e.g. ["--cache-ram", "256"]
     server_args: tuple[str, ...] = ()
     #: how long the model may take to load before the start is given up
     startup_timeout_seconds: float = 120.0
-    #: repack weights for llama.cpp's faster CPU kernels; unset: on, except on CPUs with
-    #: AMX, whose kernels crash in llama.cpp's current version (``--no-repack`` then)
-    repack: bool | None = None
 
 
-class LlamaServerBackend(Backend):
+class LlamaServerBackend(GGUFBackend):
     settings_class = LlamaServerSettings
+    name = "llama_server"
+    file_role = "the GGUF file to serve"
+    projector_modalities = ("image", "audio")
 
     # -- config -----------------------------------------------------------------------
 
-    def check(self, spec: ModelSpec, *, config: Config,
-              check_files: bool) -> Iterable[tuple[str, str]]:
+    def check_settings(self, spec: ModelSpec) -> Iterable[tuple[str, str]]:
         settings: LlamaServerSettings = spec.settings
-        yield from gguf_path_problems(spec, "the GGUF file to serve", check_files=check_files)
         if settings.parallel < 1:
             yield "parallel", "must be >= 1 (the number of requests the server decodes together)"
         if settings.replicas < 1:
             yield "replicas", "must be >= 1 (the number of llama-server processes)"
         yield from balance_problems(settings)
-        if settings.n_threads < 0:
-            yield "n_threads", "must be >= 0 (0 = all cores)"
         if not settings.startup_timeout_seconds > 0:
             yield "startup_timeout_seconds", "must be > 0"
         for flag in settings.server_args:
             name = flag.split("=", 1)[0]
             if name in MANAGED_FLAGS:
                 yield "server_args", f"{name!r} is managed by the router: {MANAGED_FLAGS[name]}"
-        if not check_files:
-            return
-        # What would fail at the first request, caught by `config check`.
-        for modality in ("image", "audio"):
-            if modality in spec.modalities and not settings.mmproj:
-                yield "mmproj", (f"a model that takes {modality} input needs its multimodal "
-                                 "projector (mmproj)")
-        if settings.mmproj and not os.path.isfile(settings.mmproj):
-            yield "mmproj", f"file not found: {settings.mmproj}"
-        problem = _binary_problem(settings.binary)
+
+    def check_runtime(self, spec: ModelSpec) -> Iterable[tuple[str, str]]:
+        problem = _binary_problem(spec.settings.binary)
         if problem:
             yield "binary", problem
 
     def concurrency(self, spec: ModelSpec) -> int:
         return max(1, spec.settings.parallel) * max(1, spec.settings.replicas)
 
-    def uses_threads(self, spec: ModelSpec) -> bool:
-        return True
+    def threads(self, spec: ModelSpec) -> int:
+        return child_threads(spec.settings)
 
-    def with_threads(self, spec: ModelSpec, threads: int) -> ModelSpec:
-        if spec.settings.n_threads:
-            return spec
-        return attrs.evolve(spec, settings=attrs.evolve(spec.settings, n_threads=threads))
+    def ram_shape(self, spec: ModelSpec) -> tuple[int, int]:
+        # llama-server splits its context across the slots.
+        return spec.n_ctx * max(1, spec.settings.parallel), SERVER_UBATCH
 
-    def estimate_ram_mb(self, spec: ModelSpec) -> float:
-        estimate = _ram_estimate(spec)
-        per_child = 0.0 if estimate is None else estimate.total_mb + _mmproj_mb(spec)
-        return per_child * max(1, spec.settings.replicas)
+    def instances(self, spec: ModelSpec) -> int:
+        return max(1, spec.settings.replicas)
 
-    def describe(self, spec: ModelSpec) -> Mapping[str, Any]:
+    def describe_settings(self, spec: ModelSpec) -> Mapping[str, Any]:
         settings: LlamaServerSettings = spec.settings
-        estimate = _ram_estimate(spec)
         try:
             binary = _find_binary(settings.binary)
         except BackendError:
             binary = None
-        return {"estimated_ram": None if estimate is None else {
-            "weights_mb": round(estimate.weights_mb, 1),
-            "kv_cache_mb": round(estimate.kv_cache_mb, 1),
-            "compute_mb": round(estimate.compute_mb, 1),
-            "mmproj_mb": round(_mmproj_mb(spec), 1),
-        }, "parallel": settings.parallel, "replicas": settings.replicas,
-            "balance": settings.balance,
-            "n_threads": child_threads(settings),
-            "binary": None if binary is None else str(binary)}
-
-    def presence(self, spec: ModelSpec) -> Presence:
-        return file_presence(spec)
-
-    def capabilities(self, spec: ModelSpec) -> Capabilities:
-        # llama-server takes tools (its jinja templates), response_format json_schema
-        # (grammar-constrained) and logprobs.
-        return Capabilities(modalities=tuple(spec.modalities), context_length=spec.n_ctx,
-                            tools=True, json_schema=True, logprobs=True)
+        return {"parallel": settings.parallel, "replicas": settings.replicas,
+                "balance": settings.balance,
+                "binary": None if binary is None else str(binary)}
 
     def async_chat(self, spec: ModelSpec) -> bool:
         return True
@@ -258,7 +223,7 @@ def server_argv(spec: ModelSpec, binary: str, port: int) -> list[str]:
 def _find_binary(explicit: str) -> Path | None:
     """The llama-server to run (None: none found); a configured one that leads nowhere
     raises BackendError naming it."""
-    from ..llama_server_install import LlamaServerError, find_llama_server
+    from .llama_server_install import LlamaServerError, find_llama_server
 
     try:
         return find_llama_server(explicit or None)
@@ -281,24 +246,6 @@ def _no_binary_message(name: str) -> str:
     return (f"model {name!r}: no llama-server found ([models.{name}] binary unset, "
             f"$SARAI_ROUTER_LLAMA_SERVER unset, none on PATH, no cached build); run "
             f"`{INSTALL_HINT}` to build one")
-
-
-def _ram_estimate(spec: ModelSpec):
-    """Weights + KV cache for every slot, from the GGUF header; None when unreadable."""
-    from ..gguf_info import GGUFError, estimate_ram, read_info
-
-    try:
-        return estimate_ram(read_info(spec.path), spec.n_ctx * max(1, spec.settings.parallel),
-                            SERVER_UBATCH)
-    except GGUFError:
-        return None
-
-
-def _mmproj_mb(spec: ModelSpec) -> float:
-    try:
-        return os.path.getsize(spec.settings.mmproj) / (1024 * 1024) if spec.settings.mmproj else 0.0
-    except OSError:
-        return 0.0
 
 
 class _ChildClient(OpenAIModel):

@@ -213,20 +213,12 @@ class SaraiServer:
                 media_type="text/event-stream",
                 headers={**self._headers(decision), "cache-control": "no-cache",
                          "x-accel-buffering": "no"})
-        pieces: list[str] = []
-        event = first
-        while not isinstance(event, (Done, Failed)):
-            pieces.append(event.text)
-            event = await self.wait_event(events, request, generation, decision)
-            if isinstance(event, Response):
-                return event
-        if isinstance(event, Failed):
-            return self._fail(error_for(event.error), event.error)
-        if event.cancelled:  # only shutdown cancels a generation whose client is there
-            return self._fail(_shutting_down())
-        completion = event.completion
+        collected = await self.collect(first, events, request, generation, decision)
+        if isinstance(collected, Response):
+            return collected
+        text, _, completion = collected
         return JSONResponse({
-            **meta.completion(completion, "".join(pieces)),
+            **meta.completion(completion, text),
             "sarai": {"route": decision.to_dict(), "timings": completion.to_dict()["timings"],
                       "stopped_by": completion.stopped_by,
                       "placement": completion.placement},
@@ -268,6 +260,25 @@ class SaraiServer:
         self.metrics.request_started(decision)
         return generation, events, first, decision
 
+    async def collect(self, first: Any, events: asyncio.Queue, request: Request,
+                      generation: Generation, decision: RouteDecision):
+        """A whole answer for a client that asked for no stream: the answer to give instead
+        (a failure, shutdown, the client gone), or ``(text, token logprobs, completion)``."""
+        pieces: list[str] = []
+        tokens: list = []
+        event = first
+        while not isinstance(event, (Done, Failed)):
+            pieces.append(event.text)
+            tokens.extend(event.logprobs)
+            event = await self.wait_event(events, request, generation, decision)
+            if isinstance(event, Response):
+                return event
+        if isinstance(event, Failed):
+            return self._fail(error_for(event.error), event.error)
+        if event.cancelled:  # only shutdown cancels a generation whose client is there
+            return self._fail(_shutting_down())
+        return "".join(pieces), tokens, event.completion
+
     async def wait_event(self, events: asyncio.Queue, request: Request,
                          generation: Generation, decision: RouteDecision):
         """The generation's next event, or the answer to give instead when nobody wants the
@@ -294,8 +305,7 @@ class SaraiServer:
             event = first
             while True:
                 if isinstance(event, Piece):
-                    yield meta.chunk({"content": event.text},
-                                     logprobs=event.logprobs if meta.logprobs else None)
+                    yield meta.content(event.text, event.logprobs)
                 elif isinstance(event, Done) and event.cancelled:
                     error = _shutting_down()
                     self.refused(error.status, error.code, error.message)
@@ -515,6 +525,9 @@ def serve(engine: Engine, *, host: str, port: int, api_key: str = "",
     settings = engine.config.server
     server = Server(uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
+        # uvloop when it is installed (a dependency on Linux and macOS): the relay's
+        # per-token work is mostly the event loop's (docs/BENCHMARKS.md).
+        loop="auto",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         http=guarded_h11_protocol(settings.header_timeout_seconds,
                                   settings.body_timeout_seconds),

@@ -15,13 +15,14 @@ the browser send requests to 127.0.0.1. Three things keep such pages out:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import re
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..events import request_scope
 from .openai import DIALECT, ApiError, internal_error
@@ -197,28 +198,29 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
     unread_body_timeout = header_timeout if body_timeout is None else body_timeout
 
     class GuardedH11Protocol(H11Protocol):
-        _head_deadline = None
-        _body_deadline = None
         _body_cycle = None  # the request whose unread body the deadline is for
 
         def connection_made(self, transport) -> None:
+            #: The timer of each deadline armed: "head" (the next request's headers) and
+            #: "body" (the unread body of a request already answered).
+            self._deadlines: dict[str, asyncio.TimerHandle] = {}
             super().connection_made(transport)
             self._arm_head_deadline()
 
         def connection_lost(self, exc) -> None:
-            self._cancel_head_deadline()
-            self._cancel_body_deadline()
+            for which in list(self._deadlines):
+                self._disarm(which)
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self._body_deadline is not None and (self.cycle is not self._body_cycle or
-                                                    self.conn.their_state is not h11.SEND_BODY):
-                self._cancel_body_deadline()  # the unread body is in
+            if "body" in self._deadlines and (self.cycle is not self._body_cycle or
+                                              self.conn.their_state is not h11.SEND_BODY):
+                self._disarm("body")  # the unread body is in
                 if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                     self._arm_head_deadline()  # the next request on this connection
             if self.conn.their_state is not h11.IDLE:  # the request's head is complete
-                self._cancel_head_deadline()
+                self._disarm("head")
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -227,34 +229,30 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
             if self.conn.their_state is h11.IDLE:
                 self._arm_head_deadline()  # the next request on this connection
             elif self.conn.their_state is h11.SEND_BODY:
-                self._cancel_body_deadline()
                 self._body_cycle = self.cycle
-                self._body_deadline = self.loop.call_later(unread_body_timeout,
-                                                           self._body_too_slow)
+                self._arm("body", unread_body_timeout, self._body_too_slow)
 
-        def _cancel_body_deadline(self) -> None:
-            if self._body_deadline is not None:
-                self._body_deadline.cancel()
-                self._body_deadline = None
+        def _arm(self, which: str, seconds: float, on_expiry: Callable[[], None]) -> None:
+            self._disarm(which)
+            self._deadlines[which] = self.loop.call_later(seconds, on_expiry)
+
+        def _disarm(self, which: str) -> None:
+            handle = self._deadlines.pop(which, None)
+            if handle is not None:
+                handle.cancel()
 
         def _body_too_slow(self) -> None:
-            self._body_deadline = None
+            self._deadlines.pop("body", None)
             if (not self.transport.is_closing() and self.cycle is self._body_cycle
                     and self.conn.their_state is h11.SEND_BODY):
                 # Answered already: nothing to say, and nothing more to read.
                 self.transport.close()
 
         def _arm_head_deadline(self) -> None:
-            self._cancel_head_deadline()
-            self._head_deadline = self.loop.call_later(header_timeout, self._head_too_slow)
-
-        def _cancel_head_deadline(self) -> None:
-            if self._head_deadline is not None:
-                self._head_deadline.cancel()
-                self._head_deadline = None
+            self._arm("head", header_timeout, self._head_too_slow)
 
         def _head_too_slow(self) -> None:
-            self._head_deadline = None
+            self._deadlines.pop("head", None)
             if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
                 return
             if self.conn.trailing_data[0]:  # a partial request: say why it ends
@@ -264,7 +262,7 @@ def guarded_h11_protocol(header_timeout: float, body_timeout: float | None = Non
             self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            self._cancel_head_deadline()
+            self._disarm("head")
             buffered = len(self.conn.trailing_data[0])
             if buffered > self.conn._max_incomplete_event_size:
                 error = ApiError(431, "the request's line and headers are larger than "

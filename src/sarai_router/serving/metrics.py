@@ -183,6 +183,13 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         r.register(PoolCollector(pool))
         r.register(ObserverErrorCollector(hooks))
+        #: Events that only add one to their model's count.
+        self._counted_per_model = {
+            "load_failed": self.load_failures, "unload_unverified": self.unverified,
+            "model_crashed": self.crashes, "queue_full": self.queue_full,
+            "generation_started": self.generations, "generation_dropped": self.dropped,
+            "runaway_stopped": self.runaway,
+        }
         self.hooks = hooks
         hooks.subscribe(self.observe, "metrics")
 
@@ -193,11 +200,12 @@ class Metrics:
     def observe(self, event: "Event") -> None:
         """Count one event of the stream (subscribed to the engine's hooks by the server)."""
         kind, model, data = event.kind, event.model, event.data
-        if kind == "model_loaded":
+        counter = self._counted_per_model.get(kind)
+        if counter is not None:
+            counter.labels(model).inc()
+        elif kind == "model_loaded":
             self.loads.labels(model).inc()
             self.load_seconds.labels(model).observe(data["load_s"])
-        elif kind == "load_failed":
-            self.load_failures.labels(model).inc()
         elif kind == "model_unloaded":
             # A shutdown's unloads count as plain unloads.
             reason = "expire" if data.get("reason") == "expire" else "unload"
@@ -205,18 +213,6 @@ class Metrics:
         elif kind == "model_evicted":
             self.unloads.labels(model, "evict").inc()
             self.evictions.labels(model).inc()
-        elif kind == "unload_unverified":
-            self.unverified.labels(model).inc()
-        elif kind == "model_crashed":
-            self.crashes.labels(model).inc()
-        elif kind == "queue_full":
-            self.queue_full.labels(model).inc()
-        elif kind == "generation_started":
-            self.generations.labels(model).inc()
-        elif kind == "generation_dropped":
-            self.dropped.labels(model).inc()
-        elif kind == "runaway_stopped":
-            self.runaway.labels(model).inc()
         elif kind.startswith("prewarm_"):
             self.prewarms.labels(model, kind.removeprefix("prewarm_")).inc()
         elif kind == "fallback":

@@ -112,19 +112,11 @@ async def _generate(state: Any, request: Request, asked: dialect.OllamaRequest,
         return StreamingResponse(answer.lines(first, events, generation), media_type=NDJSON,
                                  headers={**headers, "cache-control": "no-cache",
                                           "x-accel-buffering": "no"})
-    pieces, tokens = [], []
-    event = first
-    while isinstance(event, Piece):
-        pieces.append(event.text)
-        tokens.extend(event.logprobs)
-        event = await state.wait_event(events, request, generation, decision)
-        if isinstance(event, Response):
-            return event
-    if isinstance(event, Failed):
-        return state._fail(error_for(event.error), event.error)
-    if event.cancelled:
-        return state._fail(_shutting_down())
-    final = await answer.final(event.completion, "".join(pieces), tokens)
+    collected = await state.collect(first, events, request, generation, decision)
+    if isinstance(collected, Response):
+        return collected
+    text, tokens, completion = collected
+    final = await answer.final(completion, text, tokens)
     return JSONResponse(final, headers=headers)
 
 
@@ -250,7 +242,7 @@ def _file_facts(spec, default_time: float) -> tuple[int, float]:
 def _gguf(spec):
     if spec.backend not in ("llama_cpp", "llama_server") or not spec.path:
         return None
-    from ..gguf_info import GGUFError, read_info
+    from ..default_plugins.gguf_info import GGUFError, read_info
 
     try:
         return read_info(spec.path)
@@ -371,6 +363,17 @@ EMBED_FIELDS = ("model", "input", "truncate", "options", "keep_alive", "dimensio
 EMBEDDINGS_FIELDS = ("model", "prompt", "options", "keep_alive")
 
 
+def _embedding_target(state: Any, body: dict) -> tuple[RouteDecision, dialect.KeepAlive]:
+    """The embedding model a body names, checked against its ``options``, and its
+    ``keep_alive``: what both embedding endpoints read the same way."""
+    decision = embedding_model(state.config, body.get("model"))
+    options = dialect.parse_options(body.get("options"), state.limits, sampling=False)
+    dialect.check_num_ctx(options, state.config, decision.model)
+    keep = dialect.parse_keep_alive(body.get("keep_alive"),
+                                    state.config.server.keep_alive_max_seconds)
+    return decision, keep
+
+
 async def embed_endpoint(request: Request) -> Response:
     """``POST /api/embed``: a string or a list of strings; an empty input loads the model."""
     state = request.app.state.sarai
@@ -383,11 +386,7 @@ async def embed_endpoint(request: Request) -> Response:
         truncate = body.get("truncate", True)
         if not isinstance(truncate, bool):
             raise dialect.invalid("truncate must be true or false", "truncate")
-        decision = embedding_model(state.config, body.get("model"))
-        options = dialect.parse_options(body.get("options"), state.limits, sampling=False)
-        dialect.check_num_ctx(options, state.config, decision.model)
-        keep = dialect.parse_keep_alive(body.get("keep_alive"),
-                                        state.config.server.keep_alive_max_seconds)
+        decision, keep = _embedding_target(state, body)
         raw = body.get("input")
         if raw in (None, "", []):
             return await _embed_load(state, decision, keep, {"embeddings": []})
@@ -413,11 +412,7 @@ async def embeddings_legacy(request: Request) -> Response:
     try:
         body = dialect.check_body(await read_json(state, request))
         _check_keys(body, EMBEDDINGS_FIELDS, "body")
-        decision = embedding_model(state.config, body.get("model"))
-        options = dialect.parse_options(body.get("options"), state.limits, sampling=False)
-        dialect.check_num_ctx(options, state.config, decision.model)
-        keep = dialect.parse_keep_alive(body.get("keep_alive"),
-                                        state.config.server.keep_alive_max_seconds)
+        decision, keep = _embedding_target(state, body)
         prompt = body.get("prompt")
         if prompt in (None, ""):
             return await _embed_load(state, decision, keep, {"embedding": []})

@@ -20,8 +20,9 @@ from typing import Any, Mapping, Sequence
 import attrs
 
 from ..backend import GenerationParams, TokenLogprob, ToolCall
-from ..config import SAMPLING_RANGES, Config
+from ..config import Config
 from ..errors import not_configured
+from ..sampling import SAMPLING_RANGES
 from .openai import (AUTO_MODEL, ApiError, Limits, ParsedChat, _check_keys, _short, _type_name,
                      parse_chat_body)
 

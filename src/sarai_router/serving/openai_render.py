@@ -9,6 +9,8 @@ import uuid
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
+import orjson
+
 from .. import __version__
 from ..backend import TokenLogprob, ToolCall
 from ..types import RouteDecision
@@ -39,6 +41,20 @@ def tool_calls_json(calls: Sequence[ToolCall], *, indexed: bool = False) -> list
             for i, call in enumerate(calls)]
 
 
+#: stands for the text when a chunk's template is rendered (no id, model name or
+#: fingerprint holds it: NUL bytes)
+_MARKER = "\x00sarai-text\x00"
+
+
+def json_text(text: str) -> bytes:
+    """``text`` as a JSON string, UTF-8, as ``json.dumps(text, ensure_ascii=False)`` writes
+    it: orjson does it in a tenth of the time."""
+    try:
+        return orjson.dumps(text)
+    except orjson.JSONEncodeError:  # a lone surrogate, which UTF-8 can't carry: escaped
+        return json.dumps(text).encode()
+
+
 class _Meta:
     """What every chunk of one answer shares."""
 
@@ -49,6 +65,8 @@ class _Meta:
         self.model = decision.model
         self.include_usage = include_usage
         self.logprobs = logprobs
+        #: a content chunk's bytes before and after its text (see :meth:`content`)
+        self._content: tuple[bytes, bytes] | None = None
 
     def base(self) -> dict[str, Any]:
         base = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -59,6 +77,19 @@ class _Meta:
 
     def sse(self, data: Mapping[str, Any]) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def content(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> bytes:
+        """The chunk of one piece of text: the bytes :meth:`chunk` gives, made from a
+        template rendered once per answer, the text alone encoded per piece (it is most of
+        what the relay does per token)."""
+        if self.logprobs:
+            return self.chunk({"content": text}, logprobs=logprobs).encode()
+        if self._content is None:
+            marker = json.dumps(_MARKER)
+            head, _, tail = self.chunk({"content": _MARKER}).partition(marker)
+            self._content = (head.encode(), tail.encode())
+        head, tail = self._content
+        return head + json_text(text) + tail
 
     def chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None,
               logprobs: Sequence[TokenLogprob] | None = None) -> str:

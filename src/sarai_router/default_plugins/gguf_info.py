@@ -17,7 +17,7 @@ from typing import Mapping
 
 import attrs
 
-from .errors import SaraiError
+from ..errors import SaraiError
 
 MB = 1024 * 1024
 F16_BYTES = 2

