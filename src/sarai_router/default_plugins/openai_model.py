@@ -158,7 +158,7 @@ class OpenAIModel:
         self._lock = threading.Lock()
         #: for ``embed`` (a blocking call, not a stream)
         self._client: httpx.Client | None = None
-        #: event loop id -> (the loop, its httpx.AsyncClient)
+        #: event loop id -> (the loop, its RelayClient)
         self._aclients: dict[int, tuple[Any, Any]] = {}
         self._closed = False
 
@@ -186,19 +186,19 @@ class OpenAIModel:
             return self._client
 
     def aclient(self):
+        """This event loop's client of streamed answers (relay_transport.RelayClient)."""
         import asyncio
 
-        import httpx
-
-        from .relay_transport import streaming_transport
+        from .relay_transport import RelayClient
 
         loop = asyncio.get_running_loop()
         with self._lock:
             held = self._aclients.get(id(loop))
             if held is None:
-                held = self._aclients[id(loop)] = (loop, httpx.AsyncClient(
-                    transport=streaming_transport(limits=self._limits(), trust_env=False),
-                    timeout=self._timeout(), headers=self.headers, trust_env=False))
+                timeout = self._timeout()
+                held = self._aclients[id(loop)] = (loop, RelayClient(
+                    self.headers, connect_timeout=timeout.connect, read_timeout=timeout.read,
+                    keep_alive=self._limits().max_keepalive_connections or 0))
             return held[1]
 
     def close(self) -> None:
@@ -499,29 +499,28 @@ class OpenAIModel:
         silent upstream is cut at its deadline, not at the next read timeout."""
         import asyncio
 
+        import httpx
+
         lines = _SSELines()
-        chunks = response.aiter_bytes()
-        try:
-            while True:
-                left = self._check_time(attempt)
-                try:
-                    if left > self.settings.timeout_seconds:
-                        # httpx's read timeout (timeout_seconds) comes first: no timer task
-                        # for each chunk of a long answer.
-                        data = await chunks.__anext__()
-                    else:
-                        data = await asyncio.wait_for(chunks.__anext__(), timeout=left + 0.05)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    self._check_time(attempt)  # raises: the deadline has passed
-                    raise _FirstTokenTimeout() from None
-                for line in lines.feed(data):
-                    yield line
-            for line in lines.end():
+        read_timeout = self.settings.timeout_seconds
+        while True:
+            left = self._check_time(attempt)
+            # The read timeout (timeout_seconds) bounds each read; a deadline that comes
+            # sooner bounds it instead, and is checked when it passes.
+            deadline = left <= read_timeout
+            try:
+                data = await response.receive(left + 0.05 if deadline else read_timeout)
+            except httpx.ReadTimeout:
+                if not deadline:
+                    raise
+                self._check_time(attempt)  # raises: the deadline has passed
+                raise _FirstTokenTimeout() from None
+            if not data:
+                break
+            for line in lines.feed(data):
                 yield line
-        finally:
-            await chunks.aclose()
+        for line in lines.end():
+            yield line
 
 
 def _close_async_client(loop: Any, client: Any) -> None:
@@ -536,25 +535,23 @@ def _close_async_client(loop: Any, client: Any) -> None:
         pass
 
 
-#: what httpcore says when a connection closes before any byte of the answer
-_CLOSED_UNANSWERED = "Server disconnected without sending a response."
-
-
 @asynccontextmanager
 async def _stream(client: Any, url: str, body: Mapping[str, Any]) -> AsyncIterator[Any]:
-    """``client.stream("POST", url, json=body)``, sent once more when the connection closed
-    before any byte of the answer: a kept-alive connection the upstream had closed without
-    saying so (llama-server does, after a streamed answer; seen as 1 request in 64 failing
-    with a 502 under 16 streams), on which the request was never answered."""
+    """``body`` posted to ``url``, sent once more when the connection closed before any
+    byte of the answer: a kept-alive connection the upstream had closed without saying so
+    (llama-server does, after a streamed answer; seen as 1 request in 64 failing with a 502
+    under 16 streams), on which the request was never answered."""
     import httpx
 
-    request = client.build_request("POST", url, json=body)
+    from .relay_transport import CLOSED_UNANSWERED
+
+    raw = orjson.dumps(body)
     try:
-        response = await client.send(request, stream=True)
+        response = await client.post(url, raw)
     except httpx.RemoteProtocolError as exc:
-        if str(exc) != _CLOSED_UNANSWERED:
+        if str(exc) != CLOSED_UNANSWERED:
             raise
-        response = await client.send(request, stream=True)
+        response = await client.post(url, raw)
     try:
         yield response
     finally:
