@@ -7,8 +7,8 @@ import base64
 import logging
 import threading
 import time
-from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import attrs
 import orjson
@@ -405,19 +405,19 @@ class OpenAIModel:
             left = min(left, settings.timeout_seconds - elapsed)
         return max(0.0, left)
 
-    def _on_line(self, line: str, attempt: _Attempt) -> Delta | None:
-        """One SSE line of ``attempt``'s answer: a text Delta, or None (and the deadlines
-        checked)."""
-        delta = self._parse(line, attempt)
-        if delta is None:
-            self._check_time(attempt)
-            return None
-        attempt.replica.last_token_at = time.monotonic()
-        if not attempt.produced:
-            attempt.produced = True
-            self.replicas.succeeded(attempt.replica)
-        self._check_time(attempt)
-        return delta
+    def _on_lines(self, lines: list[str], attempt: _Attempt) -> Iterator[Delta]:
+        """The text Deltas in SSE ``lines`` of ``attempt``'s answer, up to where max_tokens
+        cuts it. (The deadlines are checked before each read: see _read.)"""
+        for line in lines:
+            delta = self._parse(line, attempt)
+            if attempt.cut:
+                return
+            if delta is not None:
+                attempt.replica.last_token_at = time.monotonic()
+                if not attempt.produced:
+                    attempt.produced = True
+                    self.replicas.succeeded(attempt.replica)
+                yield delta
 
     def _finish(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
         if not (attempt.cut or attempt.done or attempt.finish_reason):
@@ -480,12 +480,15 @@ class OpenAIModel:
                         failover.refused(attempt, response.status_code,
                                          await _aread_capped(response.aiter_bytes()))
                         continue
-                    async with aclosing(self._alines(response, attempt)) as lines:
-                        async for line in lines:
-                            if (delta := self._on_line(line, attempt)) is not None:
-                                yield delta
-                            if attempt.cut:
-                                break
+                    # No generator between the socket and here: each token costs one hop.
+                    lines = _SSELines()
+                    while not attempt.cut:
+                        data = await self._read(response, attempt)
+                        for delta in self._on_lines(lines.feed(data) if data else lines.end(),
+                                                    attempt):
+                            yield delta
+                        if not data:
+                            break
                 yield self._finish(attempt, messages)
                 return
             except Exception as exc:
@@ -494,33 +497,23 @@ class OpenAIModel:
                 self.replicas.release(attempt.replica)
         raise failover.exhausted()
 
-    async def _alines(self, response: Any, attempt: _Attempt) -> AsyncIterator[str]:
-        """``response``'s SSE lines, each read within the time ``attempt`` has left: a
-        silent upstream is cut at its deadline, not at the next read timeout."""
-        import asyncio
-
+    async def _read(self, response: Any, attempt: _Attempt) -> bytes:
+        """``response``'s next bytes (b"" at its end), read within the time ``attempt`` has
+        left: a silent upstream is cut at its deadline, not at the next read timeout."""
         import httpx
 
-        lines = _SSELines()
+        left = self._check_time(attempt)
+        # The read timeout (timeout_seconds) bounds each read; a deadline that comes sooner
+        # bounds it instead, and is checked when it passes.
         read_timeout = self.settings.timeout_seconds
-        while True:
-            left = self._check_time(attempt)
-            # The read timeout (timeout_seconds) bounds each read; a deadline that comes
-            # sooner bounds it instead, and is checked when it passes.
-            deadline = left <= read_timeout
-            try:
-                data = await response.receive(left + 0.05 if deadline else read_timeout)
-            except httpx.ReadTimeout:
-                if not deadline:
-                    raise
-                self._check_time(attempt)  # raises: the deadline has passed
-                raise _FirstTokenTimeout() from None
-            if not data:
-                break
-            for line in lines.feed(data):
-                yield line
-        for line in lines.end():
-            yield line
+        deadline = left <= read_timeout
+        try:
+            return await response.receive(left + 0.05 if deadline else read_timeout)
+        except httpx.ReadTimeout:
+            if not deadline:
+                raise
+            self._check_time(attempt)  # raises: the deadline has passed
+            raise _FirstTokenTimeout() from None
 
 
 def _close_async_client(loop: Any, client: Any) -> None:
