@@ -71,6 +71,8 @@ class _Connection(asyncio.Protocol):
         #: the body's end is marked (a length, or chunks), not the connection's close
         self.framed = False
         self.complete = False
+        #: the complete response allows another request on this connection
+        self.reusable = False
         self.received = False  # any byte of the current response
         self.error: BaseException | None = None
         self.chunks: list[bytes] = []
@@ -132,6 +134,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        # asked now: once this callback returns, llhttp says False for every message
+        self.reusable = self.parser.should_keep_alive()
         self.complete = True
         self._wake()
 
@@ -142,7 +146,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers_done, self.complete, self.received = 0, False, False, False
         self.framed = False
-        self.error, self.chunks, self.buffered = None, [], 0
+        self.error, self.chunks, self.buffered, self.reusable = None, [], 0, False
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
@@ -227,8 +231,8 @@ class RelayResponse:
         """Back to the pool when the answer was read to its end and may be kept; closed
         otherwise (a client that left mid-answer: the upstream sees the hang-up)."""
         connection = self._connection
-        if (connection.complete and not connection.closed and not connection.chunks
-                and connection.parser.should_keep_alive()):
+        if (connection.complete and connection.reusable and not connection.closed
+                and not connection.chunks):
             self._client._keep(connection)
         else:
             connection.drop()
