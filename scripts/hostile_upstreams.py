@@ -3,7 +3,7 @@
 misbehave, a client that trickles a body no endpoint reads, and (``--audio``)
 transcriptions that queue, run too long, or lose their client.
 
-    python scripts/hostile_upstreams.py [--audio] [--json FILE]
+    python scripts/hostile_upstreams.py [--audio | --audio-only] [--json FILE]
 
 The upstream is ``tests/bad_upstream.py``'s ``BadUpstream``: a real HTTP server on
 127.0.0.1 forced to misbehave (garbage, a 20 MB line, a web page, a cut stream, a token
@@ -17,6 +17,7 @@ The machine is shared: times from a busy machine are slow, not wrong.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -247,8 +248,17 @@ def audio_figures(bound: float) -> dict:
             results[f"{name}_short_clip_seconds"] = round(transcribe(short, "es")[1], 2)
             if name == "bounded":
                 status, seconds = transcribe(long_clip)
+                # The next clip waits for the abandoned work to stop at its next check.
+                next_status, next_seconds = transcribe(short, "es")
                 results["timeout"] = {"status": status, "seconds": round(seconds, 2),
-                                      "timeout_seconds": bound}
+                                      "timeout_seconds": bound, "next_status": next_status,
+                                      "next_clip_seconds": round(next_seconds, 2)}
+                started = time.monotonic()
+                chat = httpx.post(url + "/v1/chat/completions", timeout=900,
+                                  json=audio_chat(long_clip))
+                results["chat_audio_timeout"] = {
+                    "status": chat.status_code, "seconds": round(time.monotonic() - started, 2),
+                    "code": chat.json().get("error", {}).get("code")}
                 answers: list = []
                 threads = [threading.Thread(target=lambda: answers.append(transcribe(long_clip)))
                            for _ in range(4)]
@@ -259,32 +269,51 @@ def audio_figures(bound: float) -> dict:
                 results["four_at_once_queue_size_1"] = sorted(s for s, _ in answers)
             else:
                 results["cancel"] = cancel_figure(url, long_clip, log, transcribe, short)
+                results["chat_audio_cancel"] = cancel_figure(url, long_clip, log, transcribe,
+                                                             short, chat=True)
             print(json.dumps(results), flush=True)
         finally:
             stop(process)
     return results
 
 
-def cancel_figure(url: str, long_clip: bytes, log: Path, transcribe, short: bytes) -> dict:
+def audio_chat(clip: bytes) -> dict:
+    """A chat request whose audio (``input_audio``) is transcribed first."""
+    return {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(),
+                                                "format": "wav"}}]}]}
+
+
+def cancel_figure(url: str, long_clip: bytes, log: Path, transcribe, short: bytes,
+                  chat: bool = False) -> dict:
+    """A client that sends the long clip (to the transcription endpoint, or in a chat
+    request), leaves 1.5 s later: when the server answers it (the log line), and how long
+    the next short clip then takes (it waits for the abandoned work to stop)."""
     port = int(url.rsplit(":", 1)[1])
-    boundary = "hostile-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"language\"\r\n\r\nen\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"long.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode() \
-        + long_clip + f"\r\n--{boundary}--\r\n".encode()
+    if chat:
+        body = json.dumps(audio_chat(long_clip)).encode()
+        head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\n")
+    else:
+        boundary = "hostile-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+                f"whisper\r\n--{boundary}\r\nContent-Disposition: form-data; "
+                f"name=\"language\"\r\n\r\nen\r\n--{boundary}\r\nContent-Disposition: "
+                f"form-data; name=\"file\"; filename=\"long.wav\"\r\nContent-Type: "
+                f"audio/wav\r\n\r\n").encode() + long_clip + f"\r\n--{boundary}--\r\n".encode()
+        head = ("POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n")
+    line = "client went away; stopped its transcription"
+    seen = log.read_text().count(line)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         time.sleep(1.5)
     left = time.monotonic()
-    line = "client went away; stopped its transcription"
-    while line not in log.read_text() and time.monotonic() - left < 600:
-        time.sleep(0.1)
+    while log.read_text().count(line) <= seen and time.monotonic() - left < 600:
+        time.sleep(0.05)
     stopped = time.monotonic() - left
     status, seconds = transcribe(short, "es")
-    return {"stopped_seconds_after_the_client_left": round(stopped, 2),
+    return {"answered_seconds_after_the_client_left": round(stopped, 2),
             "next_status": status, "next_seconds": round(seconds, 2)}
 
 
@@ -296,7 +325,14 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="for a sarai-router without total_timeout_seconds (the figures "
                         "before the checks): no such key, 20 s per request")
+    parser.add_argument("--audio-only", action="store_true",
+                        help="only the transcription bounds (no upstream cases)")
     args = parser.parse_args()
+    if args.audio_only:
+        figures = {"audio": audio_figures(args.audio_timeout)}
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        return
     figures = upstream_figures(args.baseline)
     if args.audio:
         figures["audio"] = audio_figures(args.audio_timeout)

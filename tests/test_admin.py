@@ -339,7 +339,8 @@ def test_the_event_stream_carries_a_request_and_the_models_status(served):
     request_id = chat.headers["x-request-id"]
     reader.join(60)
     assert seen[0]["type"] == "status"
-    assert {row["name"] for row in seen[0]["models"]} == {"fast", "quality"}
+    # The configured models, and the speech model (a resident the whisper plugin adds).
+    assert {row["name"] for row in seen[0]["models"]} == {"fast", "quality", "whisper"}
     ours = [f for f in seen if f["type"] == "event" and f["data"].get("request_id") == request_id]
     kinds = [f["kind"] for f in ours]
     assert "routed" in kinds and kinds[-1] == "generation_finished", kinds

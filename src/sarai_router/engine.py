@@ -17,18 +17,19 @@ import os
 import queue
 import threading
 import time
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import attrs
 
 from . import runner
-from .backend import (Backend, Delta, GenerationParams, Usage, blocking_chat, model_deltas,
+from .backend import (Backend, GenerationParams, blocking_chat, model_deltas,
                       model_sampling)
 from .completion import Completion, Timings
 from .config import Config, ModelSpec
 from .errors import (BackendError, CapabilityError, InstanceDead, PoolError, QueueFull,
                      SaraiError, TranscriptionUnavailable, UpstreamUnavailable, not_configured)
+from .answer import Answer
 from .events import begin_request
 from .fetch import ensure_present
 from .plugins import PluginSet
@@ -61,7 +62,9 @@ class Engine:
     # -- the request path
 
     def prepare(self, request: ChatRequest, model: str | None = None, *, prewarm: bool = True,
-                on_route: Callable[[RouteDecision], None] | None = None) -> RouteDecision:
+                on_route: Callable[[RouteDecision], None] | None = None,
+                cancel: threading.Event | None = None,
+                queue_limit: int | None = None) -> RouteDecision:
         """Route ``request`` (or take ``model``), transcribing audio the model can't take,
         check the model can take it, make its files present, and start any pre-warms.
         Raises a ``SaraiError`` naming the problem.
@@ -69,9 +72,11 @@ class Engine:
         ``on_route`` hears the decision before any file is fetched (to say which model).
         A transcribed request's decision carries the ``transcript``; :meth:`stream` then
         gives the model the transcript instead of the audio (:meth:`model_request`).
+        ``cancel`` and ``queue_limit`` apply to that transcription as to any other
+        (:meth:`transcribe`).
         """
         begin_request()
-        decision = self.decide(request, model=model)
+        decision = self.decide(request, model=model, cancel=cancel, queue_limit=queue_limit)
         request = self.model_request(request, decision)
         decision = self.check_capabilities(decision, request)
         if on_route is not None:
@@ -101,7 +106,9 @@ class Engine:
         """
         if self.pool.is_resident(name):
             return True
-        spec = self.config.models[name]
+        spec = self.config.models.get(name)
+        if spec is None:  # a resident a plugin added (the speech model) fetches its own
+            return True
         presence = self.hooks.backend(spec.backend).presence(spec)
         return ensure_present(spec, presence, source=self.config.source, report=self.report,
                               progressbar=self.progressbar)
@@ -109,7 +116,9 @@ class Engine:
     def route(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
         return self.router.route(request, model=model)
 
-    def decide(self, request: ChatRequest, model: str | None = None) -> RouteDecision:
+    def decide(self, request: ChatRequest, model: str | None = None, *,
+               cancel: threading.Event | None = None,
+               queue_limit: int | None = None) -> RouteDecision:
         """The routing decision for ``request``, its audio transcribed when needed.
 
         Audio goes to the model itself when the model takes it. Otherwise it is transcribed
@@ -134,25 +143,38 @@ class Engine:
                     return moved
             why = (f"model {decision.model!r} (routed by {decision.plugin}: {decision.reason}) "
                    "does not take audio")
-        transcript = self.transcribe(request.audio, request, why=why)
+        transcript = self.transcribe(request.audio, request, why=why, cancel=cancel,
+                                     queue_limit=queue_limit)
         decision = self.route(request.with_transcript(transcript), model=model)
         return attrs.evolve(decision, transcript=transcript)
 
     def transcribe(self, audio: AudioInput, request: ChatRequest | None = None, *,
                    language: str | None = None, why: str = "",
-                   cancel: threading.Event | None = None) -> Transcript:
+                   cancel: threading.Event | None = None,
+                   queue_limit: int | None = None) -> Transcript:
         """Ask the ``transcribe`` plugins for ``audio``'s text; timed, with the plugin named.
 
         Raises AudioError for an unusable clip, TranscriptionUnavailable when nothing can
         transcribe (the message says why audio needed transcribing, and what to install).
         ``cancel``: set when nobody wants the transcript any more (the plugin then stops
-        and raises Cancelled).
+        and raises Cancelled). ``queue_limit``: how many transcriptions may wait for the
+        speech model besides the one it works on (:class:`QueueFull` past it; ``None``: no
+        limit), as for a chat model.
         """
         request = request or ChatRequest(messages=(), audio=audio)
+
+        @contextmanager
+        def hold(spec: ModelSpec, backend: Backend, *,
+                 cancel: threading.Event | None = cancel) -> Iterator[Any]:
+            # A transcribing plugin's own model, as a resident of this engine's pool.
+            self.pool.add_resident(spec, backend)
+            with self.pool.use(spec.name, queue_limit=queue_limit, cancel=cancel) as resident:
+                yield resident.model
+
         started = time.perf_counter()
         try:
             answer = self.hooks.transcribe(audio=audio, request=request, language=language,
-                                           cancel=cancel)
+                                           cancel=cancel, hold=hold)
         except TranscriptionUnavailable as exc:
             raise TranscriptionUnavailable(f"{why}, and {exc}" if why else str(exc)) from None
         if answer is None:
@@ -264,14 +286,16 @@ class Engine:
     async def _attempt(self, request: ChatRequest, completion: Completion,
                        params: GenerationParams, queue_limit: int | None, *,
                        check_presence: bool) -> AsyncIterator[str]:
-        """One model's answer: its files, its slot, its deltas through :class:`_Answer`."""
+        """One model's answer: its files, its slot, its deltas through :class:`Answer`."""
         name = completion.decision.model
         if check_presence:
             try:
                 await runner.in_thread(lambda: self.ensure_present(name))
             except SaraiError as exc:
                 raise _LoadFailed(exc) from exc
-        answer = _Answer(self, completion)
+        spec = self.config.models[name]
+        answer = Answer(completion, hooks=self.hooks, sampling=self.sampling_for(name),
+                        guard=self.guard_for(spec), budget=self.budget_for(spec))
         params = answer.params(params)
         was_loaded = self.pool.is_loaded(name)
         async with AsyncExitStack() as stack:
@@ -289,7 +313,7 @@ class Engine:
             start = blocking_chat(resident.model, request, params)
             hand = runner.lent_thread(completion) if start is not None else None
             if hand is not None:  # Engine.stream: its caller's thread computes the tokens
-                await runner.OnCaller(start, answer.take, end=_Answer.END).run(hand)
+                await runner.OnCaller(start, answer.take, end=Answer.END).run(hand)
                 answer.end()
                 return
             deltas = model_deltas(resident.model, request, params, name=name)
@@ -297,7 +321,7 @@ class Engine:
             async with aclosing(deltas):
                 async for delta in deltas:
                     text = answer.take(delta)
-                    if text is _Answer.END:
+                    if text is Answer.END:
                         break
                     if text:
                         yield text
@@ -374,114 +398,6 @@ class Engine:
 
     def close(self) -> None:
         self.pool.close()
-
-
-class _Answer:
-    """What one attempt's deltas do to ``completion``: text, timings, usage, logprobs and
-    tool calls, and the runaway guard that may stop it (the same for the sync and the
-    async paths)."""
-
-    #: returned by :meth:`take` when the stream must be closed now
-    END = object()
-    #: pieces a backend may still send after being told to stop, before it is closed
-    STOP_GRACE_PIECES = 8
-
-    def __init__(self, engine: "Engine", completion: Completion):
-        self.engine = engine
-        self.completion = completion
-        self.model = completion.decision.model
-        self.guard = engine.guard_for(engine.config.models[self.model])
-        self.budget = engine.budget_for(engine.config.models[self.model])
-        self.after_budget = 0
-        self.stop = threading.Event()
-        self.after_stop = 0
-        self.gen_started = 0.0
-        # An answer held to a shape (JSON, a tool call) is incomplete when cut early.
-        self.shaped = False
-
-    def params(self, params: GenerationParams) -> GenerationParams:
-        """``params`` with the model's sampling defaults, and the guard's stop request."""
-        self.shaped = bool(params.response_format is not None or params.tools)
-        params = params.with_defaults(self.engine.sampling_for(self.model))
-        checks: dict[str, Any] = {}
-        if self.guard is not None:
-            checks["stop_check"] = self.stop.is_set
-        if self.budget is not None:
-            checks["time_budget"] = self.budget
-        return attrs.evolve(params, **checks) if checks else params
-
-    def dropped(self) -> None:
-        self.completion.dropped = True
-        self.engine.hooks.emit("generation_dropped", self.model,
-                               request_id=self.completion.request_id)
-
-    def start(self, load_s: float) -> None:
-        self.engine.hooks.emit("generation_started", self.model,
-                               request_id=self.completion.request_id, load_s=load_s)
-        self.completion.timings = Timings(load_s=load_s)
-        self.gen_started = time.perf_counter()
-        if self.budget is not None:
-            self.budget.start()
-
-    def take(self, delta: Delta) -> Any:
-        """The text to yield for ``delta`` (None: nothing), or END."""
-        completion = self.completion
-        # Before the text is yielded: a consumer reads the new logprobs with it.
-        completion.logprobs.extend(delta.logprobs)
-        if delta.usage is not None:
-            completion.usage = delta.usage
-            completion.finish_reason = delta.finish_reason
-            completion.tool_calls = delta.tool_calls
-        if delta.placement is not None:
-            completion.placement = dict(delta.placement)
-        if self.budget is not None and delta.usage is None and self.budget.exceeded():
-            # Past the time bound: a backend that enforces it ends within a piece (its
-            # usage counted); one that goes on is closed a few pieces later.
-            self.after_budget += 1
-            if self.after_budget > self.STOP_GRACE_PIECES:
-                completion.usage = Usage(completion.usage.prompt_tokens,
-                                         len(completion.pieces))
-                return self.END
-        if not delta.text:
-            return None
-        if self.stop.is_set():
-            # Told to stop: what still comes is the tail of the loop. A backend that
-            # ignores stop_check is closed after a few pieces (usage: the pieces seen).
-            self.after_stop += 1
-            if self.after_stop > self.STOP_GRACE_PIECES:
-                completion.usage = Usage(completion.usage.prompt_tokens,
-                                         len(completion.pieces))
-                return self.END
-            return None
-        if completion.timings.first_token_s is None:
-            completion.timings.first_token_s = time.perf_counter() - self.gen_started
-        completion.pieces.append(delta.text)
-        if self.guard is not None and self.guard.feed(delta.text):
-            self.stop.set()
-        return delta.text
-
-    def end(self) -> None:
-        completion = self.completion
-        completion.timings.generation_s = time.perf_counter() - self.gen_started
-        completion.text = "".join(completion.pieces)
-        if self.budget is not None and self.budget.tripped:
-            # Cut before its end, as max_tokens would: "length" says so.
-            completion.stopped_by = "time_limit"
-            completion.finish_reason = "length"
-            log.warning("time limit stopped %s after %d tokens: %s", self.model,
-                        completion.usage.completion_tokens, self.budget.reason)
-            self.engine.hooks.emit("time_limit_stopped", self.model,
-                                   request_id=completion.request_id, reason=self.budget.reason)
-            return
-        if self.guard is not None and self.guard.tripped:
-            completion.stopped_by = "runaway_guard"
-            # A JSON or tool-call answer cut mid-way is not a finished one: "length" tells
-            # the client not to parse it as complete, as when max_tokens cuts it.
-            completion.finish_reason = "length" if self.shaped else "stop"
-            log.info("runaway guard stopped %s after %d tokens: %s", self.model,
-                     completion.usage.completion_tokens, self.guard.reason)
-            self.engine.hooks.emit("runaway_stopped", self.model,
-                                   request_id=completion.request_id, reason=self.guard.reason)
 
 
 class _LoadFailed(Exception):

@@ -22,7 +22,7 @@ first implementation that returns something other than ``None`` decides. Default
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
 import pluggy
 
@@ -65,7 +65,7 @@ def register_config_tables(register: Callable[[str, type], None]) -> None:
 @hookspec(firstresult=True)
 def transcribe(
     audio: "AudioInput", request: "ChatRequest", language: "str | None", config: "Config",
-    cancel: "threading.Event | None",
+    cancel: "threading.Event | None", hold: "Callable[..., ContextManager[Any]]",
 ) -> "Transcript | None":
     """Turn ``audio`` into text. Stops at first non-None result.
 
@@ -91,6 +91,15 @@ def transcribe(
     :param cancel: set when nobody wants the transcript any more (the HTTP client left);
         check it between pieces of work and raise :class:`sarai_router.errors.Cancelled`.
         ``None`` when nothing can cancel (the CLI).
+    :param hold: for a plugin that runs a model of its own in this process:
+        ``with hold(spec, backend, cancel=event) as model:`` makes it one of the engine's
+        pool residents (``spec``, a :class:`~sarai_router.config.ModelSpec` named for
+        ``models ps``; ``backend``, the :class:`~sarai_router.backend.Backend` that loads
+        it): loaded within ``[cache] ram_budget_mb`` if it is not, held for this
+        transcription (one at a time per instance; past the caller's queue limit,
+        :class:`~sarai_router.errors.QueueFull`), unloaded after ``spec.ttl_seconds``
+        idle, shown by ``models ps`` and the metrics, never routed to. ``cancel`` (default:
+        the request's) ends the wait for it.
     :returns: a :class:`sarai_router.types.Transcript` (``text``, ``language``,
         ``duration`` in seconds), or ``None`` to let the next plugin try.
     """

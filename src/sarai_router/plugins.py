@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import operator
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from .errors import BackendError, PluginError, SaraiError
 from .entry_points import entry_points, load_entry_point
 from .events import REQUEST_ID, Event
 from .hookspecs import PROJECT_NAME
+from .plugin_manager import FacadeCall, IsolatingPluginManager
 
 if TYPE_CHECKING:
     import threading
@@ -79,112 +79,6 @@ LAZY_BACKENDS = {
 #: defaults. Empty unless the testing kit (``sarai_router.testing``) puts its ``echo``
 #: backend here, in a test process or a server it starts for a test.
 PROCESS_PLUGINS: dict[str, object] = {}
-
-
-#: The keyword through which a facade's call reaches the plugin manager (see
-#: :class:`IsolatingPluginManager`); no implementation names it, so none receives it.
-CALL_KWARG = "_sarai_call"
-
-
-class _Call:
-    """How the facade wants a hook called: where failures go, which answers are unusable,
-    which exceptions only pass the word on. Calls that need nothing of their own share
-    their ``Hooks``'s one (``Hooks._plain``): the hot paths make none."""
-
-    #: ``check(answer)``: why an answer is unusable (None when it is fine); an unusable
-    #: answer is skipped like a failure, and the next plugin is asked
-    check: Callable[[Any], str | None] | None = None
-    #: exceptions that pass the word to the next plugin instead of counting as a failure;
-    #: the first is kept in ``refusal``
-    passes: type[Exception] | None = None
-    refusal: Exception | None = None
-    plugin = ""  # the plugin being called, for a collecting hook's ``register``
-
-    def __init__(self, hooks: "Hooks"):
-        self.hooks = hooks
-
-
-_GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, object]], tuple[Any, ...]]] = {}
-
-
-def _arguments(names: tuple[str, ...]) -> Callable[[Mapping[str, object]], tuple[Any, ...]]:
-    """What takes an implementation's arguments (two or more) out of a call's keywords:
-    ``operator.itemgetter``, one per argument list, made once (a comprehension per call
-    costs a hook call about a fifth of a microsecond)."""
-    getter = _GETTERS.get(names)
-    if getter is None:
-        getter = _GETTERS[names] = operator.itemgetter(*names)
-    return getter
-
-
-class IsolatingPluginManager(pluggy.PluginManager):
-    """pluggy's plugin manager, except that a call that comes from the facade (it carries
-    ``CALL_KWARG``) runs each implementation on its own: one that raises, or answers
-    something the call's ``check`` refuses, is reported to the facade and skipped, and the
-    next is asked, where pluggy would stop the whole call at the first exception. Such a
-    call answers ``(plugin, answer)`` pairs, so the facade knows who answered: one pair (or
-    None) for a ``firstresult`` hook, else a list of them.
-
-    The rest is pluggy's: the hook specs and their argument checks, the call order
-    (``tryfirst``/``trylast``, last registered first), ``firstresult``, subset callers, call
-    monitoring and tracing, and every call made on ``pm.hook`` directly. The loop sits where
-    pluggy keeps its own (``_inner_hookexec``, the step its monitoring wraps).
-    """
-
-    def __init__(self, project_name: str):
-        super().__init__(project_name)
-        self._pluggy_loop = self._inner_hookexec
-        self._inner_hookexec = self._isolating_loop
-
-    def _isolating_loop(self, hook_name: str, hook_impls: Sequence[pluggy.HookImpl],
-                        caller_kwargs: Mapping[str, object], firstresult: bool) -> Any:
-        kwargs = caller_kwargs
-        call = kwargs.get(CALL_KWARG)
-        if not isinstance(call, _Call):
-            return self._pluggy_loop(hook_name, hook_impls, kwargs, firstresult)
-        results: list[Any] = []
-        trace = call.hooks.plugins.trace
-        for impl in reversed(hook_impls):  # pluggy's call order, as in its own loop
-            plugin = call.plugin = impl.plugin_name
-            try:
-                if impl.wrapper or impl.hookwrapper:
-                    # refused when discovered; this one was registered in code since
-                    raise PluginError("a hook wrapper; sarai-router does not support them")
-                names = impl.argnames
-                if trace:
-                    print(f"[trace] {hook_name} -> {plugin}({', '.join(names)})",
-                          file=sys.stderr)
-                if impl.kwargnames:  # arguments it gave defaults: those the call has
-                    result = impl.function(*[kwargs[name] for name in names],
-                                           **{name: kwargs[name] for name in impl.kwargnames
-                                              if name in kwargs})
-                elif len(names) == 1:  # observe(event), most often: the cheapest call
-                    result = impl.function(kwargs[names[0]])
-                elif names:
-                    result = impl.function(*_arguments(names)(kwargs))
-                else:
-                    result = impl.function()
-            except Exception as exc:
-                if call.passes is not None and isinstance(exc, call.passes):
-                    call.refusal = call.refusal or exc
-                else:
-                    call.hooks._failed(hook_name, plugin, exc, kwargs)
-                continue
-            if trace:
-                print(f"[trace] {hook_name} <- {plugin}: {result!r}", file=sys.stderr)
-            if result is None:
-                continue
-            if call.check is not None:
-                problem = call.check(result)
-                if problem is not None:
-                    call.hooks._failed(hook_name, plugin, ValueError(problem), kwargs)
-                    continue
-            results.append((plugin, result))
-            if firstresult:
-                break
-        if firstresult:
-            return results[0] if results else None
-        return results
 
 
 class LazyBackendPlugin:
@@ -392,8 +286,8 @@ class Hooks:
         self._subscribers: list[tuple[str, Callable[[Event], Any]]] = []
         #: observers that raised, by name: ``sarai_observer_errors_total``
         self.observer_errors: Counter[str] = Counter()
-        #: how every call that needs nothing of its own is made (see ``_Call``)
-        self._plain = _Call(self)
+        #: how every call that needs nothing of its own is made (see ``FacadeCall``)
+        self._plain = FacadeCall(self)
 
     def _failed(self, hook: str, plugin: str, exc: Exception,
                 kwargs: Mapping[str, Any]) -> None:
@@ -412,7 +306,7 @@ class Hooks:
     def _collect(self, hook: pluggy.HookCaller) -> dict[str, tuple[str, Any]]:
         """What a ``register(name, thing)`` hook's plugins register: ``{name: (plugin, thing)}``."""
         collected: dict[str, tuple[str, Any]] = {}
-        call = _Call(self)
+        call = FacadeCall(self)
 
         def register(name: str, thing: Any) -> None:
             # First registration wins: user plugins run before trylast defaults.
@@ -473,7 +367,7 @@ class Hooks:
                 return None
             return f"returned {type(value).__name__}; expected a list of starlette routes"
 
-        call = _Call(self)
+        call = FacadeCall(self)
         call.check = not_a_list
         found: list[tuple[str, BaseRoute]] = []
         for plugin, routes in self.pm.hook.register_routes(_sarai_call=call):
@@ -535,7 +429,7 @@ class Hooks:
         def not_a_candidate(value: Any) -> str | None:
             return None if value in names else f"invalid answer {value!r}"
 
-        call = _Call(self)
+        call = FacadeCall(self)
         call.check = not_a_candidate
         pair = self.pm.hook.select_eviction(candidates=candidates, needed_mb=needed_mb,
                                             loading=loading, _sarai_call=call)
@@ -547,8 +441,8 @@ class Hooks:
         return pair is not None and bool(pair[1])
 
     def transcribe(self, *, audio: AudioInput, request: ChatRequest | None,
-                   language: str | None = None,
-                   cancel: threading.Event | None = None) -> Answer[Transcript] | None:
+                   language: str | None = None, cancel: threading.Event | None = None,
+                   hold: Callable[..., Any] | None = None) -> Answer[Transcript] | None:
         """The first plugin's transcript. A plugin that raises a ``SaraiError`` (bad audio,
         a missing package) passes the word to the next; if none transcribes, the first
         such error is raised, since it says what is wrong. Other exceptions are plugin
@@ -560,10 +454,11 @@ class Hooks:
                 return None
             return f"returned {type(value).__name__}; expected a sarai_router.types.Transcript"
 
-        call = _Call(self)
+        call = FacadeCall(self)
         call.check, call.passes = not_a_transcript, SaraiError
         pair = self.pm.hook.transcribe(audio=audio, request=request, language=language,
-                                       config=self.config, cancel=cancel, _sarai_call=call)
+                                       config=self.config, cancel=cancel, hold=hold,
+                                       _sarai_call=call)
         if pair is None and call.refusal is not None:
             raise call.refusal
         return self._answer(pair)

@@ -87,8 +87,9 @@ def _model_field(body: Any, server, allowed: tuple[str, ...]) -> str:
     if not isinstance(name, str) or not name:
         raise ApiError(400, "model is required: a configured model name", code="invalid_value",
                        param="model")
-    if name not in server.config.models:
-        raise ApiError(404, not_configured(name[:100], server.config.models),
+    pool = server.engine.pool
+    if pool.spec_of(name) is None:  # a configured model, or one a plugin added (whisper)
+        raise ApiError(404, not_configured(name[:100], pool.names()),
                        code="model_not_found", param="model")
     return name
 

@@ -94,7 +94,7 @@ class PoolLoading:
         ``request``: a generation that will lock the instance (counted in ``queued``, subject
         to ``queue_limit``); otherwise a load-only user such as a pre-warm.
         """
-        spec = self.config.models.get(name)
+        spec = self.spec_of(name)
         if spec is None:
             raise PoolError(f"cannot load {not_configured(name, self.config.models)}")
         prewarm_used = full = False
@@ -212,7 +212,9 @@ class PoolLoading:
                 return None
             ours = {id(victim) for victim, *_ in victims}
             closing = [r for r in self._closing.values() if id(r) not in ours]
-            over_count = len(self._residents) + len(closing) + 1 > self.config.cache.max_loaded
+            over_count = (spec.name not in self._added
+                          and self._counted(self._residents.values(), closing) + 1
+                          > self.config.cache.max_loaded)
             over_mb = (self._resident_mb_locked() + sum(r.ram_mb for r in closing)
                        + estimated - budget)
             if not over_count and over_mb <= 0:
@@ -221,7 +223,9 @@ class PoolLoading:
                 raise PoolError(self._why_full(spec, estimated, over_count)
                                 .replace("no resident model can be evicted",
                                          "this load may not evict"))
-            candidates = [r for r in self._residents.values() if r.idle and not r.pinned]
+            candidates = [r for r in self._residents.values() if r.idle and not r.pinned
+                          # over the count only: evicting an added resident frees no place
+                          and (over_mb > 0 or r.name not in self._added)]
             if ticket is not None:
                 self.load_queue.wait(ticket, "room")
             if candidates and self.load_queue.may_make_room(ticket):
@@ -255,7 +259,7 @@ class PoolLoading:
                 raise PoolError(self._why_full(spec, estimated, over_count))
             # Every other model is busy (or still closing): wait for one rather than fail.
             self._cond.wait(timeout=min(remaining, 1.0))
-        concurrency = max(1, int(self.hooks.backend(spec.backend).concurrency(spec)))
+        concurrency = max(1, int(self.backend_for(spec).concurrency(spec)))
         resident = Resident(name=spec.name, spec=spec, ram_mb=estimated, estimated_mb=estimated,
                             concurrency=concurrency)
         self._residents[spec.name] = resident
@@ -274,6 +278,11 @@ class PoolLoading:
         return (f"cannot load model {spec.name!r} (~{estimated:.0f} MB): {limit} is reached and "
                 f"no resident model can be evicted (held: {held})")
 
+    def _counted(self, *groups) -> int:
+        """How many of these residents count against ``[cache] max_loaded`` (the added
+        ones do not)."""
+        return sum(1 for group in groups for r in group if r.name not in self._added)
+
     def _others_busy_locked(self) -> bool:
         return any(not r.pinned and not r.idle for r in self._residents.values())
 
@@ -286,7 +295,7 @@ class PoolLoading:
         rss_before = process_rss_mb()
         started = time.perf_counter()
         try:
-            factory = self.hooks.backend(spec.backend)
+            factory = self.backend_for(spec)
             model = factory.load(spec)
         except BaseException as exc:
             with self._cond:

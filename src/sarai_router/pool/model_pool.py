@@ -37,6 +37,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import Config, ModelSpec
+from ..errors import PoolError
 from ..load_queue import LoadQueue
 from ..types import COLD_LOAD_MB_PER_S, Residency
 from .loading import PoolLoading
@@ -68,8 +69,10 @@ class ModelPool(PoolSlots, PoolLoading, PoolUnloading):
         self.hooks = hooks
         self.clock = clock
         # The backend knows what its model costs (a GGUF header, a child process, nothing).
-        self.estimator = estimator or (
-            lambda spec: self.hooks.backend(spec.backend).estimate_ram_mb(spec))
+        self.estimator = estimator or (lambda spec: self.backend_for(spec).estimate_ram_mb(spec))
+        #: residents that are none of the config's models (a plugin's, the speech model),
+        #: each with the backend that loads it: see ``add_resident``
+        self._added: dict[str, tuple[ModelSpec, Any]] = {}
         self.wait_seconds = wait_seconds
         self._residents: dict[str, Resident] = {}
         #: taken out of ``_residents`` and being closed (outside the lock)
@@ -88,6 +91,37 @@ class ModelPool(PoolSlots, PoolLoading, PoolUnloading):
         #: who goes next when models can't all be resident ([cache] queue_order)
         self.load_queue = LoadQueue(config.cache.queue_order,
                                     config.cache.max_queue_wait_seconds)
+
+    # -- what it may hold ---------------------------------------------------------------
+
+    def add_resident(self, spec: ModelSpec, backend: Any) -> None:
+        """Hold ``spec`` like a configured model though it is none of the config's: a
+        plugin's own model (the speech model), loaded by ``backend``. It is held with
+        :meth:`use`, counted against ``[cache] ram_budget_mb``, evicted and expired (its
+        ``ttl_seconds``) like the others, and listed by :meth:`status`; it is not routed
+        to and does not count against ``[cache] max_loaded`` (a number of chat models).
+        Adding it again with another spec takes effect at its next load."""
+        if spec.name in self.config.models:
+            raise PoolError(f"cannot add {spec.name!r}: a configured model has that name")
+        with self._cond:
+            self._added[spec.name] = (spec, backend)
+
+    def spec_of(self, name: str) -> ModelSpec | None:
+        """``name``'s spec: a configured model's, or an added resident's; None if neither."""
+        spec = self.config.models.get(name)
+        if spec is None and name in self._added:
+            spec = self._added[name][0]
+        return spec
+
+    def backend_for(self, spec: ModelSpec) -> Any:
+        added = self._added.get(spec.name)
+        if added is not None and spec.name not in self.config.models:
+            return added[1]
+        return self.hooks.backend(spec.backend)
+
+    def names(self) -> list[str]:
+        """The configured models, then the added residents."""
+        return [*self.config.models, *(n for n in self._added if n not in self.config.models)]
 
     # -- queries -----------------------------------------------------------------------
 
@@ -174,7 +208,8 @@ class ModelPool(PoolSlots, PoolLoading, PoolUnloading):
         with self._cond:
             held = {**{r.name: r for r in self._closing.values()}, **self._residents}
             rows = []
-            for name, spec in self.config.models.items():
+            for name in self.names():
+                spec = self.spec_of(name)
                 resident = held.get(name)
                 ttl = None if spec.pinned else self.config.ttl_for(spec)
                 row: dict[str, Any] = {

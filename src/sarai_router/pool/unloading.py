@@ -180,9 +180,9 @@ class PoolUnloading:
         :class:`ModelBusy` if it is still in use after ``timeout`` seconds (default: the
         pool's ``wait_seconds``) or ``cancel`` is set.
         """
-        spec = self.config.models.get(name)
+        spec = self.spec_of(name)
         if spec is None:
-            raise PoolError(f"cannot unload {not_configured(name, self.config.models)}")
+            raise PoolError(f"cannot unload {not_configured(name, self.names())}")
         if spec.pinned:
             raise ModelPinned(f"model {name!r} is pinned ([models.{name}] pinned = true): it "
                               "stays loaded while the server runs; unpin it in the config "

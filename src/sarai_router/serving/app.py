@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -33,10 +34,10 @@ from starlette.routing import BaseRoute, Route
 from ..backend import GenerationParams
 from ..config import Config
 from ..engine import Engine, share_cores
-from ..errors import not_configured
+from ..errors import Cancelled, not_configured
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import ChatRequest, RouteDecision
-from .audio import TranscriptionQueue, transcriptions
+from .audio import cancel_when_gone, transcriptions
 from .guard import (OPEN_PATHS, ApiKeyMiddleware, HostGuard, RequestIdMiddleware,
                     cors_middleware, guarded_h11_protocol, limit_body)
 from .metrics import CONTENT_TYPE, Metrics
@@ -103,7 +104,6 @@ class SaraiServer:
         self.limits = Limits(max_tokens_cap=server.max_tokens_cap,
                              max_prompt_chars=server.max_prompt_chars)
         self.shutting_down = False
-        self.transcriptions = TranscriptionQueue(server.queue_size)
         self.stop_deadline = float("inf")
         #: generations still running when the grace ran out (serve() then exits at once)
         self.unfinished = 0
@@ -151,11 +151,28 @@ class SaraiServer:
 
     # -- helpers
 
-    def _prepare(self, parsed: ParsedChat) -> RouteDecision:
-        explicit = None if parsed.model == AUTO_MODEL else parsed.model
-        # A model that cannot honour tools, a JSON response_format or logprobs is refused
-        # here (Router.ensure_capable: 400 unsupported_parameter naming the field).
-        return self.engine.prepare(parsed.request, model=explicit)
+    async def prepare(self, request: Request, chat: ChatRequest,
+                      model: str | None) -> RouteDecision:
+        """``Engine.prepare`` on a worker thread, for every dialect. Audio it transcribes
+        is a transcription like any other: it waits its turn on the speech model (at most
+        ``[server] queue_size`` wait: 429 past that) and stops when the client leaves
+        (:class:`Cancelled`: answer with :meth:`client_left`)."""
+        cancel = threading.Event()
+        watcher = asyncio.get_running_loop().create_task(cancel_when_gone(request, cancel))
+        try:
+            # A model that cannot honour tools, a JSON response_format or logprobs is
+            # refused here (Router.ensure_capable: 400 unsupported_parameter naming it).
+            return await anyio.to_thread.run_sync(lambda: self.engine.prepare(
+                chat, model=model, cancel=cancel, queue_limit=self.config.server.queue_size))
+        finally:
+            cancel.set()  # a cancelled wait (shutdown) stops the thread's work too
+            watcher.cancel()
+
+    def client_left(self, what: str) -> Response:
+        """The answer to a request whose client left while it was prepared."""
+        log.info("client went away; stopped %s", what)
+        self.refused(499, "client_closed_request", "the client went away")
+        return Response(status_code=499)  # nginx's code; nobody reads it
 
     def _headers(self, decision: RouteDecision) -> dict[str, str]:
         return {"x-sarai-model": header_value(decision.model),
@@ -197,7 +214,10 @@ class SaraiServer:
                 raise ApiError(404, not_configured(parsed.model[:100],
                                                    [AUTO_MODEL, *self.config.models]),
                                code="model_not_found", param="model")
-            decision = await anyio.to_thread.run_sync(self._prepare, parsed)
+            decision = await self.prepare(
+                request, parsed.request, None if parsed.model == AUTO_MODEL else parsed.model)
+        except Cancelled:
+            return self.client_left("its transcription")
         except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
             return self._fail(error_for(exc), exc)
 

@@ -5,10 +5,10 @@ file=...)`` sends it. ``model`` is ``whisper-1`` (OpenAI's name, so existing cli
 or ``whisper``; the configured ``transcribe`` plugins answer either way. Fields we can't
 honour are refused by name; bad audio is a 400 naming the problem.
 
-Transcriptions are requests like the others: one runs on the speech model at a time and
-at most ``[server] queue_size`` wait (429 past that); a client that leaves stops its
-transcription between two windows of audio; ``[plugins.whisper] timeout_seconds`` bounds
-each (504).
+Transcriptions are requests like the others, here and for audio in a chat request: one
+runs on the speech model (a resident of the engine's pool) at a time and at most
+``[server] queue_size`` wait (429 past that); a client that leaves stops its
+transcription; ``[plugins.whisper] timeout_seconds`` bounds each (504).
 """
 
 from __future__ import annotations
@@ -182,51 +182,36 @@ class AudioState(Protocol):
 
     config: Config
     engine: Engine
-    transcriptions: "TranscriptionQueue"
     metrics: Any
 
     def _fail(self, error: ApiError) -> Response: ...
 
-
-class TranscriptionQueue:
-    """Transcriptions admitted at once: the one the speech model works on and at most
-    ``waiting`` more (``[server] queue_size``), as for a chat model. Touched on the event
-    loop only."""
-
-    def __init__(self, waiting: int):
-        self.limit = 1 + max(0, waiting)
-        self.admitted = 0
-
-    def enter(self) -> None:
-        if self.admitted >= self.limit:
-            raise ApiError(429, f"{self.admitted} transcriptions are already running or "
-                           f"waiting ([server] queue_size = {self.limit - 1}); try again "
-                           "shortly", code="queue_full", type="rate_limit_error",
-                           headers={"retry-after": "1"})
-        self.admitted += 1
-
-    def leave(self) -> None:
-        self.admitted -= 1
+    def client_left(self, what: str) -> Response: ...
 
 
-async def _cancel_when_gone(request: Request, cancel: threading.Event) -> None:
-    """Set ``cancel`` when the client disconnects (its body has been read: the next
-    message the server gets for this request is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            cancel.set()
-            return
+#: How often a request being prepared (or transcribed) looks whether its client is there.
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def cancel_when_gone(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects. For a request whose body has been read:
+    the next message the server gets for it is the disconnect, which
+    ``is_disconnected()`` keeps, so the handler that goes on sees it too."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    cancel.set()
 
 
 async def transcribe_for(state: "AudioState", request: Request,
                          parsed: ParsedTranscription) -> Transcript:
-    """Run the transcription on a worker thread, stopped if the client leaves."""
+    """Run the transcription on a worker thread: it waits its turn on the speech model (at
+    most ``[server] queue_size`` wait: QueueFull past that) and stops if the client leaves."""
     cancel = threading.Event()
-    watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request, cancel))
+    watcher = asyncio.get_running_loop().create_task(cancel_when_gone(request, cancel))
     try:
         return await anyio.to_thread.run_sync(lambda: state.engine.transcribe(
-            parsed.audio, language=parsed.language, cancel=cancel))
+            parsed.audio, language=parsed.language, cancel=cancel,
+            queue_limit=state.config.server.queue_size))
     finally:
         cancel.set()  # a cancelled wait (shutdown) stops the thread too
         watcher.cancel()
@@ -235,7 +220,6 @@ async def transcribe_for(state: "AudioState", request: Request,
 async def transcriptions(state: AudioState, request: Request) -> Response:
     """``POST /v1/audio/transcriptions``."""
     server = state.config.server
-    queue: TranscriptionQueue = state.transcriptions
     try:
         check_origin(request, tuple(server.cors_origins))
         form = await read_form(request, server.max_body_bytes, server.body_timeout_seconds)
@@ -243,15 +227,9 @@ async def transcriptions(state: AudioState, request: Request) -> Response:
             parsed = await parse_transcription_form(form)
         finally:
             await form.close()
-        queue.enter()
-        try:
-            transcript = await transcribe_for(state, request, parsed)
-        finally:
-            queue.leave()
+        transcript = await transcribe_for(state, request, parsed)
     except Cancelled:
-        log.info("client went away; stopped its transcription")
-        state.metrics.request_failed(499, "client_closed_request")
-        return Response(status_code=499)  # nginx's code; nobody reads it
+        return state.client_left("its transcription")
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
         return state._fail(transcription_error(exc))
     return _render(transcript, parsed.response_format)

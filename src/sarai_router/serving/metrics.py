@@ -73,7 +73,7 @@ class PoolCollector:
         queued = GaugeMetricFamily("sarai_model_queued_requests",
                                    "requests generating with or waiting for the model",
                                    labels=["model"])
-        for name in self.pool.config.models:
+        for name in self.pool.names():
             row = residents.get(name)
             loaded.add_metric([name], 1.0 if row and row["state"] == "loaded" else 0.0)
             queued.add_metric([name], float(row["queued"]) if row else 0.0)

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
+from ..errors import Cancelled
 from ..streaming import Done, Failed, Generation, Piece
 from ..types import RouteDecision
 from . import ollama_dialect as dialect
@@ -65,9 +66,10 @@ async def _answer(request: Request, kind: str) -> Response:
         if asked.parsed is None:
             return await _load_or_unload(state, asked, kind)
         explicit = None if asked.model == AUTO_MODEL else asked.model
-        decision = await anyio.to_thread.run_sync(
-            lambda: state.engine.prepare(asked.parsed.request, model=explicit))
+        decision = await state.prepare(request, asked.parsed.request, explicit)
         dialect.check_num_ctx(asked.options, state.config, decision.model)
+    except Cancelled:
+        return state.client_left("its transcription")
     except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
         return state._fail(error_for(exc), exc)
     return await _generate(state, request, asked, decision, kind)
