@@ -226,7 +226,17 @@ def run_direct(config_path: Path | None, binary: str, args: argparse.Namespace,
     finally:
         server.stop()
     figures["command"] = " ".join(Path(a).name if a.startswith("/") else a for a in argv)
+    figures["flags"] = _flags(argv)
     return figures
+
+
+def _flags(argv: list[str]) -> str:
+    """A llama-server command line without the program's path and the port."""
+    words = [Path(a).name if a.startswith("/") else a for a in argv[1:]]
+    if "--port" in words:
+        at = words.index("--port")
+        del words[at:at + 2]
+    return " ".join(words)
 
 
 def run_router(config_path: Path | None, args: argparse.Namespace, log: Path) -> dict:
@@ -265,6 +275,10 @@ def run_router(config_path: Path | None, args: argparse.Namespace, log: Path) ->
         # the warm-up request is inside the measured window too
         figures["router_cpu_ms_per_request"] = round(1000 * cpu / (args.requests + 1), 2)
         figures["children"] = [c.name() for c in router.children()]
+        # The child's command line without its port: compared with the direct side's, it
+        # shows the two ran the same llama-server the same way.
+        figures["child_command"] = [_flags(c.cmdline()) for c in router.children()
+                                    if "llama-server" in c.name()]
     finally:
         process.terminate()
         try:
@@ -334,10 +348,11 @@ def main() -> int:
             direct = run_direct(config_path, binary, args)
             router = run_router(config_path, args, folder / "serve.log")
             rounds.append({"direct": direct, "router": router})
-            if not args.json:
-                print(f"round {number}: direct {direct['aggregate_tok_s']} tok/s, TTFT p50 "
-                      f"{direct['ttft_p50_s']} s | router {router['aggregate_tok_s']} tok/s, "
-                      f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
+            # Each round as it ends, on stderr (--json too): a long run that is
+            # stopped early still shows what it measured.
+            print(f"round {number}: direct {direct['aggregate_tok_s']} tok/s, TTFT p50 "
+                  f"{direct['ttft_p50_s']} s | router {router['aggregate_tok_s']} tok/s, "
+                  f"TTFT p50 {router['ttft_p50_s']} s", file=sys.stderr)
 
     def median(side: str, key: str) -> float:
         return round(statistics.median(r[side][key] for r in rounds), 3)
@@ -356,9 +371,15 @@ def main() -> int:
                                                     "ttft_p90_s", "latency_p50_s",
                                                     "router_cpu_ms_per_request")},
         "errors": sum(r[s]["errors"] for r in rounds for s in ("direct", "router")),
+        "same_command_line": all(r["router"]["child_command"] == [r["direct"]["flags"]]
+                                 for r in rounds),
     }
     summary["tok_s_ratio"] = round(summary["router"]["aggregate_tok_s"]
                                    / summary["direct"]["aggregate_tok_s"], 3)
+    summary["round_tok_s_ratios"] = [
+        round(r["router"]["aggregate_tok_s"] / r["direct"]["aggregate_tok_s"], 3)
+        for r in rounds]
+    summary["median_round_tok_s_ratio"] = statistics.median(summary["round_tok_s_ratios"])
     summary["ttft_p50_ratio"] = round(summary["router"]["ttft_p50_s"]
                                       / summary["direct"]["ttft_p50_s"], 3)
     summary["targets"] = {"tok_s_ratio >= 0.95": summary["tok_s_ratio"] >= 0.95,
@@ -377,6 +398,11 @@ def main() -> int:
           f"{d['ttft_p90_s']:>10}{d['latency_p50_s']:>13}")
     print(f"{'router -> llama_server':28}{r['aggregate_tok_s']:>16}{r['ttft_p50_s']:>10}"
           f"{r['ttft_p90_s']:>10}{r['latency_p50_s']:>13}")
+    print(f"rounds' tok/s ratios: {summary['round_tok_s_ratios']} (median "
+          f"{summary['median_round_tok_s_ratio']}); the router's child ran the direct side's command line: "
+        + ("yes" if summary["same_command_line"] else
+           f"NO (direct: {rounds[0]['direct']['flags']}; child: "
+           f"{rounds[0]['router']['child_command']})"))
     print(f"ratio: tok/s {summary['tok_s_ratio']} (target >= 0.95), TTFT p50 "
           f"{summary['ttft_p50_ratio']} (target <= 1.2); router CPU "
           f"{r['router_cpu_ms_per_request']} ms/request; errors {summary['errors']}")

@@ -25,6 +25,8 @@ Behaviours (``BEHAVIOURS``):
 - ``midecho``: 200, one token, then an SSE error event whose message has the key
   straddling character 1000.
 - ``fine``: a correct, short stream (``Hola`` + finish reason + [DONE]).
+- ``kept``: ``fine``'s stream in chunked framing, the connection kept open for the next
+  request (``connections`` counts the connections it was asked on).
 - ``hangup``: every other request (the 1st, 3rd, ...) is read and its connection closed
   without a byte of answer, as llama-server closes a kept-alive connection unannounced;
   the others get ``fine``'s stream.
@@ -40,7 +42,7 @@ import time
 
 TRICKLE_SECONDS = 0.3
 BEHAVIOURS = ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut", "trickle",
-              "keepalive", "silent", "echo300", "echo1000", "midecho", "fine", "hangup")
+              "keepalive", "silent", "echo300", "echo1000", "midecho", "fine", "hangup", "kept")
 
 
 def _chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> bytes:
@@ -89,6 +91,8 @@ class BadUpstream:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests: dict[str, int] = {}
         self.closed: dict[str, int] = {}
+        #: connections per behaviour (``kept`` serves many requests on one)
+        self.connections: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="bad-upstream", daemon=True).start()
@@ -112,23 +116,38 @@ class BadUpstream:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30)
-            try:
-                path, headers = self._read_request(conn)
-            except (OSError, ValueError):
-                return
-            behaviour = path.strip("/").split("/")[0]
+            first = True
+            while self._serve_one(conn, first):
+                first = False
+
+    def _serve_one(self, conn: socket.socket, first: bool) -> bool:
+        """One request on ``conn``; whether the connection stays open for another."""
+        try:
+            path, headers = self._read_request(conn)
+        except (OSError, ValueError):
+            return False
+        behaviour = path.strip("/").split("/")[0]
+        with self._lock:
+            self.requests[behaviour] = self.requests.get(behaviour, 0) + 1
+            if first:
+                self.connections[behaviour] = self.connections.get(behaviour, 0) + 1
+            if behaviour == "hangup":
+                if self.requests[behaviour] % 2:
+                    return False  # closed unanswered
+                behaviour = "fine"
+        if behaviour == "kept":
+            events = _chunk("Hola", role=True) + _chunk(finish="stop") + b"data: [DONE]\n\n"
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                         % (len(events), events))
+            return True
+        key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        try:
+            self._answer(conn, behaviour, key)
+        except OSError:  # the client hung up: what a router that stops reading does
             with self._lock:
-                self.requests[behaviour] = self.requests.get(behaviour, 0) + 1
-                if behaviour == "hangup":
-                    if self.requests[behaviour] % 2:
-                        return  # closed unanswered
-                    behaviour = "fine"
-            key = headers.get("authorization", "").removeprefix("Bearer ").strip()
-            try:
-                self._answer(conn, behaviour, key)
-            except OSError:  # the client hung up: what a router that stops reading does
-                with self._lock:
-                    self.closed[behaviour] = self.closed.get(behaviour, 0) + 1
+                self.closed[behaviour] = self.closed.get(behaviour, 0) + 1
+        return False
 
     @staticmethod
     def _read_request(conn: socket.socket) -> tuple[str, dict[str, str]]:

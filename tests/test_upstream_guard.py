@@ -45,7 +45,7 @@ timeout_seconds = 5
 total_timeout_seconds = 2
 """ for name in ("garbage", "longline", "html", "notjson", "empty", "cutearly", "cut",
                  "trickle", "keepalive", "silent", "echo300", "echo1000", "midecho", "fine",
-                 "hangup"))
+                 "hangup", "kept"))
     return f"""\
 [paths]
 models_dir = "{models_dir.as_posix()}"
@@ -109,6 +109,15 @@ def test_a_connection_closed_unanswered_is_sent_once_more(engine, upstream, path
     completion = RUNNERS[path](engine, "hangup")
     assert completion.text == "Hola" and completion.finish_reason == "stop"
     assert upstream.requests["hangup"] - before == 2
+
+
+def test_answers_in_turn_share_one_kept_alive_connection(engine, upstream):
+    """A complete answer's connection serves the next request (one client per event loop;
+    the sync path's requests run on one shared loop, as the server's do on its own)."""
+    before = upstream.connections.get("kept", 0)
+    completions = [run_sync(engine, "kept") for _ in range(2)]
+    assert [c.text for c in completions] == ["Hola", "Hola"]
+    assert upstream.requests["kept"] >= 2 and upstream.connections["kept"] - before == 1
 
 
 @pytest.mark.parametrize("path", RUNNERS)

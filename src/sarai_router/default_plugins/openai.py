@@ -1,5 +1,6 @@
 """Default backend ``openai``: any OpenAI-compatible endpoint (llama-server, vLLM, Ollama,
-LM Studio, llama-cpp-python's server, a hosted API), streamed through httpx.
+LM Studio, llama-cpp-python's server, a hosted API), streamed over HTTP/1.1 parsed by llhttp
+(``relay_transport.py``); embeddings and health checks through httpx.
 
 A model of this backend is "loaded" when its HTTP clients exist; nothing runs in the
 router's process but the proxying. Requests stream from ``POST {base_url}/chat/completions``
@@ -15,7 +16,7 @@ most ``max_cooldown_seconds``) and is tried again by the first request after its
 Nothing here puts a credential in an error or a log line: URLs are shown without userinfo
 and query, and the API key's value is removed from any upstream message.
 
-``httpx`` is imported on the first load only, so ``route`` and ``--help`` stay instant.
+``httpx`` and ``httptools`` are imported on the first load only, so ``route`` and ``--help`` stay instant.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import base64
 import logging
 import threading
 import time
-from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import attrs
 import orjson
@@ -158,7 +158,7 @@ class OpenAIModel:
         self._lock = threading.Lock()
         #: for ``embed`` (a blocking call, not a stream)
         self._client: httpx.Client | None = None
-        #: event loop id -> (the loop, its httpx.AsyncClient)
+        #: event loop id -> (the loop, its RelayClient)
         self._aclients: dict[int, tuple[Any, Any]] = {}
         self._closed = False
 
@@ -186,19 +186,19 @@ class OpenAIModel:
             return self._client
 
     def aclient(self):
+        """This event loop's client of streamed answers (relay_transport.RelayClient)."""
         import asyncio
 
-        import httpx
-
-        from .relay_transport import streaming_transport
+        from .relay_transport import RelayClient
 
         loop = asyncio.get_running_loop()
         with self._lock:
             held = self._aclients.get(id(loop))
             if held is None:
-                held = self._aclients[id(loop)] = (loop, httpx.AsyncClient(
-                    transport=streaming_transport(limits=self._limits(), trust_env=False),
-                    timeout=self._timeout(), headers=self.headers, trust_env=False))
+                timeout = self._timeout()
+                held = self._aclients[id(loop)] = (loop, RelayClient(
+                    self.headers, connect_timeout=timeout.connect, read_timeout=timeout.read,
+                    keep_alive=self._limits().max_keepalive_connections or 0))
             return held[1]
 
     def close(self) -> None:
@@ -405,19 +405,19 @@ class OpenAIModel:
             left = min(left, settings.timeout_seconds - elapsed)
         return max(0.0, left)
 
-    def _on_line(self, line: str, attempt: _Attempt) -> Delta | None:
-        """One SSE line of ``attempt``'s answer: a text Delta, or None (and the deadlines
-        checked)."""
-        delta = self._parse(line, attempt)
-        if delta is None:
-            self._check_time(attempt)
-            return None
-        attempt.replica.last_token_at = time.monotonic()
-        if not attempt.produced:
-            attempt.produced = True
-            self.replicas.succeeded(attempt.replica)
-        self._check_time(attempt)
-        return delta
+    def _on_lines(self, lines: list[str], attempt: _Attempt) -> Iterator[Delta]:
+        """The text Deltas in SSE ``lines`` of ``attempt``'s answer, up to where max_tokens
+        cuts it. (The deadlines are checked before each read: see _read.)"""
+        for line in lines:
+            delta = self._parse(line, attempt)
+            if attempt.cut:
+                return
+            if delta is not None:
+                attempt.replica.last_token_at = time.monotonic()
+                if not attempt.produced:
+                    attempt.produced = True
+                    self.replicas.succeeded(attempt.replica)
+                yield delta
 
     def _finish(self, attempt: _Attempt, messages: Sequence[Mapping[str, Any]]) -> Delta:
         if not (attempt.cut or attempt.done or attempt.finish_reason):
@@ -480,12 +480,15 @@ class OpenAIModel:
                         failover.refused(attempt, response.status_code,
                                          await _aread_capped(response.aiter_bytes()))
                         continue
-                    async with aclosing(self._alines(response, attempt)) as lines:
-                        async for line in lines:
-                            if (delta := self._on_line(line, attempt)) is not None:
-                                yield delta
-                            if attempt.cut:
-                                break
+                    # No generator between the socket and here: each token costs one hop.
+                    lines = _SSELines()
+                    while not attempt.cut:
+                        data = await self._read(response, attempt)
+                        for delta in self._on_lines(lines.feed(data) if data else lines.end(),
+                                                    attempt):
+                            yield delta
+                        if not data:
+                            break
                 yield self._finish(attempt, messages)
                 return
             except Exception as exc:
@@ -494,34 +497,23 @@ class OpenAIModel:
                 self.replicas.release(attempt.replica)
         raise failover.exhausted()
 
-    async def _alines(self, response: Any, attempt: _Attempt) -> AsyncIterator[str]:
-        """``response``'s SSE lines, each read within the time ``attempt`` has left: a
-        silent upstream is cut at its deadline, not at the next read timeout."""
-        import asyncio
+    async def _read(self, response: Any, attempt: _Attempt) -> bytes:
+        """``response``'s next bytes (b"" at its end), read within the time ``attempt`` has
+        left: a silent upstream is cut at its deadline, not at the next read timeout."""
+        import httpx
 
-        lines = _SSELines()
-        chunks = response.aiter_bytes()
+        left = self._check_time(attempt)
+        # The read timeout (timeout_seconds) bounds each read; a deadline that comes sooner
+        # bounds it instead, and is checked when it passes.
+        read_timeout = self.settings.timeout_seconds
+        deadline = left <= read_timeout
         try:
-            while True:
-                left = self._check_time(attempt)
-                try:
-                    if left > self.settings.timeout_seconds:
-                        # httpx's read timeout (timeout_seconds) comes first: no timer task
-                        # for each chunk of a long answer.
-                        data = await chunks.__anext__()
-                    else:
-                        data = await asyncio.wait_for(chunks.__anext__(), timeout=left + 0.05)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    self._check_time(attempt)  # raises: the deadline has passed
-                    raise _FirstTokenTimeout() from None
-                for line in lines.feed(data):
-                    yield line
-            for line in lines.end():
-                yield line
-        finally:
-            await chunks.aclose()
+            return await response.receive(left + 0.05 if deadline else read_timeout)
+        except httpx.ReadTimeout:
+            if not deadline:
+                raise
+            self._check_time(attempt)  # raises: the deadline has passed
+            raise _FirstTokenTimeout() from None
 
 
 def _close_async_client(loop: Any, client: Any) -> None:
@@ -536,25 +528,23 @@ def _close_async_client(loop: Any, client: Any) -> None:
         pass
 
 
-#: what httpcore says when a connection closes before any byte of the answer
-_CLOSED_UNANSWERED = "Server disconnected without sending a response."
-
-
 @asynccontextmanager
 async def _stream(client: Any, url: str, body: Mapping[str, Any]) -> AsyncIterator[Any]:
-    """``client.stream("POST", url, json=body)``, sent once more when the connection closed
-    before any byte of the answer: a kept-alive connection the upstream had closed without
-    saying so (llama-server does, after a streamed answer; seen as 1 request in 64 failing
-    with a 502 under 16 streams), on which the request was never answered."""
+    """``body`` posted to ``url``, sent once more when the connection closed before any
+    byte of the answer: a kept-alive connection the upstream had closed without saying so
+    (llama-server does, after a streamed answer; seen as 1 request in 64 failing with a 502
+    under 16 streams), on which the request was never answered."""
     import httpx
 
-    request = client.build_request("POST", url, json=body)
+    from .relay_transport import CLOSED_UNANSWERED
+
+    raw = orjson.dumps(body)
     try:
-        response = await client.send(request, stream=True)
+        response = await client.post(url, raw)
     except httpx.RemoteProtocolError as exc:
-        if str(exc) != _CLOSED_UNANSWERED:
+        if str(exc) != CLOSED_UNANSWERED:
             raise
-        response = await client.send(request, stream=True)
+        response = await client.post(url, raw)
     try:
         yield response
     finally:
