@@ -319,6 +319,29 @@ backend = "openai"
     assert "models.c.base_url: required" in out
 
 
+def test_config_check_refuses_a_header_that_would_split_the_request(tmp_path):
+    """The relay writes configured headers as they are: a line break in a value would
+    start a header of its own (or a second request), so config check refuses it."""
+    path = tmp_path / "headers.toml"
+    path.write_text("""
+[routing]
+default_model = "a"
+[plugins.heuristic]
+conversation_model = "a"
+multimodal_model = "a"
+[models.a]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+headers = { "x-team" = "blue\\r\\nx-injected: 1", "bad name" = "v", "x-fine" = "ok" }
+""", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "models.a.headers.x-team: the value must not contain a line break or NUL" in out
+    assert "models.a.headers.bad name: is not a valid HTTP header name" in out
+    assert "x-fine" not in out
+
+
 @pytest.mark.models
 def test_an_unset_api_key_env_fails_the_load_not_the_config(tmp_path, monkeypatch,
                                                             llama_cpp_server):

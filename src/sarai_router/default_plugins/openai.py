@@ -43,6 +43,8 @@ __all__ = ["FEATURES", "MAX_SSE_LINE_BYTES", "OpenAIBackend", "OpenAIModel", "Op
 #: kept under its former name for callers that import it from here
 _upstream_message = upstream_message
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: RFC 9110's token: the characters a header name may have
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 
@@ -81,9 +83,14 @@ class OpenAIBackend(Backend):
         if unknown:
             yield "capabilities", (f"unknown capability {', '.join(map(repr, unknown))} "
                                    f"(known: {', '.join(FEATURES)})")
-        for name in settings.headers:
+        for name, value in settings.headers.items():
             if name.lower() == "authorization" and settings.api_key_env:
                 yield f"headers.{name}", "api_key_env already sets Authorization"
+            if not _HEADER_NAME.fullmatch(name):
+                yield f"headers.{name}", "is not a valid HTTP header name"
+            elif any(char in value for char in "\r\n\0"):
+                # The relay writes headers as they are: a line break would start a new one.
+                yield f"headers.{name}", "the value must not contain a line break or NUL"
         yield from balance_problems(settings)
 
     def concurrency(self, spec: ModelSpec) -> int:
