@@ -1061,7 +1061,9 @@ def test_bench_concurrency_through_serve_and_direct(remote_config):
     for target in ("router", "direct"):
         assert data[target]["errors"] == 0 and data[target]["tokens"] >= 4
         assert data[target]["ttft_s"]["p50"] is not None
-    assert data["router"]["router_cpu_ms_per_request"] is not None
-    assert data["router"]["router_cpu_ms_per_token"] > 0
+    # Reported, not judged: 8 short answers can cost the router less than one tick of
+    # the kernel's CPU accounting (10 ms), so 0 is a possible reading.
+    assert data["router"]["router_cpu_ms_per_request"] >= 0
+    assert data["router"]["router_cpu_ms_per_token"] >= 0
     assert data["overhead"]["pairs"] == 2 and data["overhead"]["errors"] == 0
     assert UPSTREAM_KEY not in result.stdout
