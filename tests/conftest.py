@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import tempfile
 import textwrap
 from pathlib import Path
@@ -273,3 +274,14 @@ def llama_cpp_server(models_dir: Path, tmp_path_factory):
 def dead_url() -> str:
     """An OpenAI base URL on a free port where nothing listens: a real refused connection."""
     return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test sends Ctrl-C: SIGINT back to its default.
+
+    A suite started in the background by a non-interactive shell (``cmd &``, ``nohup``)
+    inherits SIGINT ignored, and so would every child it starts; Python then installs no
+    KeyboardInterrupt handler, and the test would see its Ctrl-C ignored, whatever the code
+    does with one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

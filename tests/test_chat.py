@@ -15,6 +15,8 @@ from sarai_router.cli.chat import PROMPT, ChatSession
 from sarai_router.engine import Engine
 from sarai_router.testing import SARAI_ROUTER as SAR
 
+from conftest import ctrl_c_as_at_a_terminal
+
 
 # One thread: robust on a busy 2-core machine (ggml's threads spin-wait when starved).
 ONE_THREAD_PINNED = "pinned = true\nn_threads = 1"
@@ -23,7 +25,8 @@ ONE_THREAD_PINNED = "pinned = true\nn_threads = 1"
 def spawn_chat(config_path: Path, *args: str) -> pexpect.spawn:
     env = {**os.environ, "SARAI_ROUTER_NO_PLUGINS": "1", "TERM": "dumb"}
     child = pexpect.spawn(SAR, ["--config", str(config_path), "chat", *args], env=env,
-                          encoding="utf-8", timeout=90, dimensions=(50, 200))
+                          encoding="utf-8", timeout=90, dimensions=(50, 200),
+                          preexec_fn=ctrl_c_as_at_a_terminal)
     child.expect_exact(PROMPT)
     return child
 

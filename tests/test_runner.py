@@ -20,6 +20,8 @@ from sarai_router.streaming import Done, Generation
 from sarai_router.testing import config_from_toml
 from sarai_router.types import ChatRequest
 
+from conftest import ctrl_c_as_at_a_terminal
+
 END = object()
 
 
@@ -219,7 +221,7 @@ def test_ctrl_c_in_query_while_this_thread_computes_the_tokens(tmp_path):
                       + f'\n[plugins]\ndirs = ["{plugins}"]\n', encoding="utf-8")
     process = subprocess.Popen(
         [SARAI_ROUTER, "--config", str(config), "query", " ".join(["word"] * 40)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_as_at_a_terminal)
     try:
         assert process.stdout.read(5) == b"word "  # answering, on the main thread
         process.send_signal(signal.SIGINT)
