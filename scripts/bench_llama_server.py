@@ -239,6 +239,24 @@ def _flags(argv: list[str]) -> str:
     return " ".join(words)
 
 
+def wait_until_loaded(base: str, process: subprocess.Popen, failure: str,
+                      model: str = "fast", timeout: float = 300) -> None:
+    """Wait until ``serve`` at ``base`` reports ``model`` loaded; exit with ``failure`` if
+    the process ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            row = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=5)
+                   .json()["data"]}[model]
+            if row["loaded"]:
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(failure)
+        time.sleep(0.2)
+
+
 def run_router(config_path: Path | None, args: argparse.Namespace, log: Path) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -253,18 +271,7 @@ def run_router(config_path: Path | None, args: argparse.Namespace, log: Path) ->
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    cwd=log.parent)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                row = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=5)
-                       .json()["data"]}["fast"]
-                if row["loaded"]:
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve did not start; see {log}")
-            time.sleep(0.2)
+        wait_until_loaded(base, process, f"serve did not start; see {log}")
         router = psutil.Process(process.pid)
         cpu_before = router.cpu_times()
         figures = asyncio.run(run_load(base, "fast", requests=args.requests,

@@ -50,6 +50,8 @@ from sarai_router.config import default_models_dir
 from sarai_router.default_plugins.llama_server_install import build_llama_server
 from sarai_router.testing import start_serve
 
+from bench_llama_server import wait_until_loaded
+
 FAST_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BALANCES = ("least_busy", "prefix")
 WORDS = (
@@ -202,18 +204,7 @@ def run_side(config_path: Path, args: argparse.Namespace, log: Path) -> dict:
                          timeout=300)
     base, process = server.url, server.process
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                row = {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=5)
-                       .json()["data"]}["fast"]
-                if row["loaded"]:
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve did not load its model; see {server.log_path}")
-            time.sleep(0.2)
+        wait_until_loaded(base, process, f"serve did not load its model; see {server.log_path}")
         rows, wall = asyncio.run(run_conversations(base, args))
         counts = prefix_counts(base)
         work = child_prompt_work(base)
